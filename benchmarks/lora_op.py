@@ -1,0 +1,301 @@
+"""Benchmark of the batched LoRA operator (forward + backward) against the obvious alternatives.
+
+For n adapters (rank 16) sharing 2048 tokens split into segments of mixed lengths, fp32, it times:
+
+* base      - the frozen base GEMM alone (forward + input grad): the floor every variant pays;
+* ours-loop / ours-grouped - `BatchedLoRALinear` with each path;
+* naive     - the same shared base plus a Python loop of per-adapter deltas under ordinary autograd
+              (`F.dropout`, slicing, `torch.cat`), the straightforward implementation;
+* separate  - each adapter's base + delta run on its own rows, as if every job trained alone.
+
+All variants run once per round, in a shuffled order, for warm-up and then timed rounds (machines
+are noisy); totals are medians over rounds. A variant's delta (its time minus base) is the median of
+its per-round differences to the base timed in the same round, which cancels slow drifts of the
+machine. Targets, checked at 8 adapters for the path `auto` picks: (i) ours' delta is at most
+1.5 * 3r/d of base (3r/d is the LoRA share of the FLOPs), (ii) naive's delta is at least twice ours.
+The naive and separate variants use `F.dropout` (torch's RNG); ours uses its hashed mask.
+
+    python -m benchmarks.lora_op [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlora_pp.lora import BatchedLoRALinear, LoRABatch, LoRAContext, LoRASegment
+
+RANK = 16
+ALPHA = 32.0
+TOKENS = 2048
+SEQ = 32
+VARIANTS = ("base", "ours-loop", "ours-grouped", "naive", "separate")
+RESULTS = Path(__file__).resolve().parent / "results" / "lora_op.json"
+
+
+@dataclass
+class Case:
+    d: int
+    adapters: int
+    dropout: float
+
+
+def _segment_rows(n: int, rows: int, seed: int) -> list[int]:
+    """Split `rows` into n mixed, non-empty lengths (deterministic)."""
+    rng = random.Random(seed)
+    weights = [rng.uniform(0.3, 1.7) for _ in range(n)]
+    sizes = [max(1, int(rows * w / sum(weights))) for w in weights]
+    sizes[-1] += rows - sum(sizes)
+    while sizes[-1] < 1:  # rounding pushed the last one under 1: take from the largest
+        big = max(range(n - 1), key=lambda i: sizes[i])
+        sizes[big] -= 1
+        sizes[-1] += 1
+    return sizes
+
+
+def _build(case: Case) -> dict[str, Callable[[], None]]:
+    """One closure per variant, each running forward + backward once."""
+    d, n, p = case.d, case.adapters, case.dropout
+    gen = torch.Generator().manual_seed(0)
+    rows = TOKENS // SEQ
+    base = nn.Linear(d, d, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(d, d, generator=gen) / d**0.5)
+    x = torch.randn(rows, SEQ, d, generator=gen).requires_grad_(True)
+    dy = torch.randn(rows, SEQ, d, generator=gen)
+    sizes = _segment_rows(n, rows, seed=n)
+    bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(n)]
+    names = [f"job{i}" for i in range(n)]
+    segments = tuple(
+        LoRASegment(name, a, b, tuple(range(a, b))) for name, (a, b) in zip(names, bounds)
+    )
+    batch = LoRABatch(segments, seq_len=SEQ, training=True)
+
+    modules = {}
+    for path in ("loop", "grouped"):
+        ctx = LoRAContext()
+        ctx.batch = batch
+        m = BatchedLoRALinear(base, d, d, module_id=3, context=ctx, path=path)
+        for i, name in enumerate(names):
+            m.add_adapter(name, RANK, ALPHA, p, init_seed=i)
+            with torch.no_grad():
+                m.lora_B[name].normal_(generator=gen).mul_(0.01)
+        modules[path] = m
+    # Plain tensors for the naive and separate variants, same values as ours.
+    As = [modules["loop"].lora_A[nm].detach().clone().requires_grad_(True) for nm in names]
+    Bs = [modules["loop"].lora_B[nm].detach().clone().requires_grad_(True) for nm in names]
+    scale = ALPHA / RANK
+    xs_sep = [x[a:b].detach().clone().requires_grad_(True) for a, b in bounds]
+
+    def clear(params) -> None:
+        x.grad = None
+        for t in params:
+            t.grad = None
+
+    def run_base() -> None:
+        clear(())
+        base(x).backward(dy)
+
+    def run_ours(m: BatchedLoRALinear) -> Callable[[], None]:
+        params = list(m.lora_A.values()) + list(m.lora_B.values())
+
+        def run() -> None:
+            clear(params)
+            m(x).backward(dy)
+
+        return run
+
+    def run_naive() -> None:
+        clear(As + Bs)
+        y = base(x)
+        deltas = []
+        for (a, b), A, B in zip(bounds, As, Bs):
+            xi = F.dropout(x[a:b], p, training=True) if p > 0 else x[a:b]
+            deltas.append((xi @ A.t() @ B.t()) * scale)
+        (y + torch.cat(deltas)).backward(dy)
+
+    def run_separate() -> None:
+        for (a, b), xi, A, B in zip(bounds, xs_sep, As, Bs):
+            xi.grad = None
+            A.grad = B.grad = None
+            xd = F.dropout(xi, p, training=True) if p > 0 else xi
+            (base(xi) + (xd @ A.t() @ B.t()) * scale).backward(dy[a:b])
+
+    return {
+        "base": run_base,
+        "ours-loop": run_ours(modules["loop"]),
+        "ours-grouped": run_ours(modules["grouped"]),
+        "naive": run_naive,
+        "separate": run_separate,
+    }
+
+
+def _time_case(case: Case, warmup: int, repeats: int, seed: int) -> dict[str, list[float]]:
+    runs = _build(case)
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    times: dict[str, list[float]] = {v: [] for v in runs}
+    order = list(runs)
+    rng = random.Random(seed)
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for v in order:
+            t0 = time.perf_counter()
+            runs[v]()
+            times[v].append(time.perf_counter() - t0)
+    return times
+
+
+def _auto_path() -> str:
+    """The path `auto` resolves to for the benchmark's fp32 CPU input."""
+    m = BatchedLoRALinear(nn.Linear(512, 512), 512, 512, module_id=0, context=LoRAContext())
+    return m.resolve_path(torch.zeros(1, 1, 512))
+
+
+def _table(rows: list[dict], title: str) -> None:
+    headers = ["adapters", *VARIANTS, "ours delta", "ours delta/base", "naive/ours delta"]
+    body = [
+        [
+            str(r["adapters"]),
+            *(f"{r['median_ms'][v]:.2f}" for v in VARIANTS),
+            f"{r['delta_ms']['ours-' + r['ours_path']]:.2f}",
+            f"{r['ours_extra_over_base']:.1%}",
+            f"{r['naive_over_ours_delta']:.2f}x",
+        ]
+        for r in rows
+    ]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for h in headers:
+            table.add_column(h, justify="right")
+        for line in body:
+            table.add_row(*line)
+        Console(width=max(120, Console().width)).print(table)
+    except ImportError:
+        print(title)
+        widths = [max(len(h), *(len(line[i]) for line in body)) for i, h in enumerate(headers)]
+        print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+        for line in body:
+            print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer cases and repeats (under a minute)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    dims = (512, 2048)
+    counts = (8,) if args.quick else (1, 4, 8, 16)
+    dropouts = (0.0, 0.05)
+    warmup, repeats = (1, 5) if args.quick else (3, 15)
+    ours_path = _auto_path()
+    ours_key = f"ours-{ours_path}"
+
+    results: list[dict] = []
+    checks: list[dict] = []
+    for d in dims:
+        for p in dropouts:
+            rows = []
+            for n in counts:
+                case = Case(d, n, p)
+                times = _time_case(case, warmup, repeats, seed=d + n)
+                med = {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
+                delta = {
+                    v: statistics.median(t - b for t, b in zip(ts, times["base"])) * 1e3
+                    for v, ts in times.items()
+                    if v != "base"
+                }
+                base_ms = med["base"]
+                extra = delta[ours_key] / base_ms
+                ours_delta, naive_delta = delta[ours_key], delta["naive"]
+                ratio = naive_delta / ours_delta if ours_delta > 0 else float("inf")
+                row = {
+                    "d": d,
+                    "adapters": n,
+                    "dropout": p,
+                    "rank": RANK,
+                    "tokens": TOKENS,
+                    "median_ms": med,
+                    "delta_ms": delta,
+                    "all_ms": {v: [t * 1e3 for t in ts] for v, ts in times.items()},
+                    "ours_path": ours_path,
+                    "ours_extra_over_base": extra,
+                    "naive_over_ours_delta": ratio,
+                }
+                rows.append(row)
+                results.append(row)
+                if n == 8:
+                    limit = 1.5 * 3 * RANK / d
+                    checks.append(
+                        {
+                            "d": d,
+                            "dropout": p,
+                            "path": ours_path,
+                            "extra_over_base": extra,
+                            "extra_limit": limit,
+                            "extra_pass": extra <= limit,
+                            "naive_over_ours_delta": ratio,
+                            "ratio_limit": 2.0,
+                            "ratio_pass": ratio >= 2.0,
+                        }
+                    )
+            _table(rows, f"d={d}, dropout={p}, rank={RANK}, {TOKENS} tokens, fp32, ms (median of {repeats})")
+
+    print(f"targets at 8 adapters, ours = auto path ({ours_path}):")
+    for c in checks:
+        print(
+            f"  d={c['d']:<5} dropout={c['dropout']:<5} "
+            f"(i) extra/base {c['extra_over_base']:.1%} <= {c['extra_limit']:.1%}: "
+            f"{'PASS' if c['extra_pass'] else 'FAIL'}   "
+            f"(ii) naive/ours delta {c['naive_over_ours_delta']:.2f}x >= 2: {'PASS' if c['ratio_pass'] else 'FAIL'}"
+        )
+
+    report = {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+        },
+        "settings": {
+            "quick": args.quick,
+            "rank": RANK,
+            "alpha": ALPHA,
+            "tokens": TOKENS,
+            "seq_len": SEQ,
+            "dtype": "float32",
+            "device": "cpu",
+            "warmup": warmup,
+            "repeats": repeats,
+            "naive_and_separate_dropout": "torch.nn.functional.dropout",
+        },
+        "results": results,
+        "checks": checks,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""`python -m launcher CONFIG.yaml` / `torchrun -m launcher CONFIG.yaml`."""

@@ -1,0 +1,42 @@
+"""Entry point: ``torchrun --nproc-per-node 1 -m launcher CONFIG.yaml`` or ``python -m launcher CONFIG.yaml``.
+
+Bad input ends with one line naming the file and field, exit code 2, no traceback (``--debug``
+shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mlora_pp.config import ConfigError, load_config
+from mlora_pp.data import DataError
+from mlora_pp.model import ModelError
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launcher", description="Train many LoRA adapters at once.")
+    parser.add_argument("config", help="run config (YAML)")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    parser.add_argument("--no-live", action="store_true", help="plain log lines instead of the live table")
+    args = parser.parse_args(argv)
+    try:
+        from mlora_pp.training import train
+
+        cfg = load_config(args.config)
+        result = train(cfg, progress=False if args.no_live else None)
+    except (ConfigError, DataError, ModelError) as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for name, path in result.adapters.items():
+        print(f"{name}: {result.steps[name]} steps, final loss {result.final_loss.get(name, float('nan')):.4f} -> {path}")
+    print(f"done in {result.wall_s:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""mlora_pp: many LoRA adapters, one frozen base model, pipelined across ranks."""

@@ -1,0 +1,294 @@
+"""Run configuration: dataclasses for the model, the pipeline and each adapter job, read from YAML.
+
+Every error is a `ConfigError` whose message names the file and the field (``jobs[1].rank``), so a
+user sees one clear line instead of a traceback. Relative paths in the file are resolved against
+the current working directory, the way a user types them on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SCHEDULES: tuple[str, ...] = ("lora", "1f1b", "gpipe")
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+QUANTIZE: tuple[str, ...] = ("none", "nf4", "int8")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+LORA_PATHS: tuple[str, ...] = ("auto", "loop", "grouped")
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the file and the field."""
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base model: a Hugging Face directory with safetensors weights."""
+
+    path: Path
+    dtype: str = "float32"
+    quantize: str = "none"
+
+
+@dataclass
+class PipelineConfig:
+    """How stages are cut and how micro-batches are scheduled."""
+
+    schedule: str = "lora"
+    balance: str | list[int] = "auto"
+    timeout_s: float = 300.0
+    fuse: bool = True
+    """Fuse micro-batches of different jobs into one (the batched LoRA operator runs them together)."""
+    lora_path: str = "auto"
+    """Batched LoRA operator path: grouped (torch._grouped_mm), loop, or auto."""
+
+
+@dataclass
+class JobConfig:
+    """One adapter: its data, LoRA shape and optimisation settings."""
+
+    name: str
+    data: Path
+    template: str = "alpaca"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lr: float = 3.0e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    micro_batch_size: int = 2
+    micro_batch_tokens: int | None = None
+    epochs: int = 1
+    max_steps: int | None = None
+    max_seq_len: int = 256
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def grad_accumulation(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+@dataclass
+class RunConfig:
+    """A whole run: one base model, one pipeline, many jobs."""
+
+    model: ModelConfig
+    jobs: list[JobConfig]
+    output_dir: Path = Path("runs/out")
+    seed: int = 0
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    log_every: int = 1
+    source: Path | None = None
+    """The YAML file this came from (not a YAML field)."""
+
+    def job(self, name: str) -> JobConfig:
+        for job in self.jobs:
+            if job.name == name:
+                return job
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Generic dataclass reading with precise error locations.
+
+
+def _type_name(tp: Any) -> str:
+    if tp is Path:
+        return "a path"
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    origin = typing.get_origin(tp)
+    if origin in (list, typing.List):
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner).removeprefix('a ').removeprefix('an ')}s"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) if a is not type(None) else "null" for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return str(tp)
+
+
+def _convert(value: Any, tp: Any, where: str, err: typing.Callable[[str, str], ConfigError]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where, err)
+            except ConfigError:
+                continue
+        raise err(where, f"expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise err(where, f"expected a mapping, got {value!r}")
+        return _read_dataclass(value, tp, where, err)
+    if origin in (list, typing.List):
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise err(where, f"expected {_type_name(tp)}, got {value!r}")
+        return [_convert(v, inner, f"{where}[{i}]", err) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise err(where, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise err(where, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise err(where, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise err(where, f"expected a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise err(where, f"expected a path, got {value!r}")
+        return Path(value)
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _read_dataclass(raw: dict, cls: type, where: str, err: typing.Callable[[str, str], ConfigError]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs: dict[str, Any] = {}
+    prefix = f"{where}." if where else ""
+    for key, value in raw.items():
+        if key not in fields:
+            guess = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{guess[0]}'?)" if guess else f" (known fields: {', '.join(fields)})"
+            raise err(f"{prefix}{key}", f"unknown field{hint}")
+        kwargs[key] = _convert(value, hints[key], f"{prefix}{key}", err)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise err(f"{prefix}{name}", "missing required field")
+    return cls(**kwargs)
+
+
+def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> None:
+    def choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
+        if value not in allowed:
+            guess = difflib.get_close_matches(value, allowed, n=1)
+            hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+            raise err(where, f"must be one of {', '.join(allowed)}; got {value!r}{hint}")
+
+    choice("model.dtype", cfg.model.dtype, DTYPES)
+    choice("model.quantize", cfg.model.quantize, QUANTIZE)
+    choice("pipeline.schedule", cfg.pipeline.schedule, SCHEDULES)
+    choice("pipeline.lora_path", cfg.pipeline.lora_path, LORA_PATHS)
+    if isinstance(cfg.pipeline.balance, str) and cfg.pipeline.balance != "auto":
+        raise err("pipeline.balance", f"must be 'auto' or a list of layer counts; got {cfg.pipeline.balance!r}")
+    if isinstance(cfg.pipeline.balance, list) and any(n < 1 for n in cfg.pipeline.balance):
+        raise err("pipeline.balance", "every stage needs at least one layer")
+    if cfg.pipeline.timeout_s <= 0:
+        raise err("pipeline.timeout_s", "must be positive")
+    if cfg.log_every < 1:
+        raise err("log_every", "must be at least 1")
+    if not cfg.jobs:
+        raise err("jobs", "needs at least one job")
+    seen: set[str] = set()
+    for i, job in enumerate(cfg.jobs):
+        at = f"jobs[{i}]"
+        if not _JOB_NAME.match(job.name):
+            raise err(f"{at}.name", f"{job.name!r} must be letters, digits, '_', '-' or '.', starting with a letter or digit")
+        if job.name in seen:
+            raise err(f"{at}.name", f"duplicate job name {job.name!r}")
+        seen.add(job.name)
+        if job.rank < 1:
+            raise err(f"{at}.rank", f"must be a positive integer; got {job.rank}")
+        if job.alpha <= 0:
+            raise err(f"{at}.alpha", f"must be positive; got {job.alpha}")
+        if not 0.0 <= job.dropout < 1.0:
+            raise err(f"{at}.dropout", f"must be in [0, 1); got {job.dropout}")
+        if not job.target_modules:
+            raise err(f"{at}.target_modules", "needs at least one module")
+        for k, module in enumerate(job.target_modules):
+            choice(f"{at}.target_modules[{k}]", module, LORA_TARGETS)
+        if len(set(job.target_modules)) != len(job.target_modules):
+            raise err(f"{at}.target_modules", "lists a module twice")
+        if job.lr <= 0:
+            raise err(f"{at}.lr", f"must be positive; got {job.lr}")
+        choice(f"{at}.lr_schedule", job.lr_schedule, LR_SCHEDULES)
+        if job.warmup_steps < 0:
+            raise err(f"{at}.warmup_steps", "must be >= 0")
+        if job.weight_decay < 0:
+            raise err(f"{at}.weight_decay", "must be >= 0")
+        if job.batch_size < 1:
+            raise err(f"{at}.batch_size", f"must be a positive integer; got {job.batch_size}")
+        if job.micro_batch_size < 1:
+            raise err(f"{at}.micro_batch_size", f"must be a positive integer; got {job.micro_batch_size}")
+        if job.batch_size % job.micro_batch_size:
+            raise err(
+                f"{at}.micro_batch_size",
+                f"{job.micro_batch_size} does not divide batch_size {job.batch_size}",
+            )
+        if job.micro_batch_tokens is not None and job.micro_batch_tokens < 1:
+            raise err(f"{at}.micro_batch_tokens", "must be positive")
+        if job.epochs < 1:
+            raise err(f"{at}.epochs", f"must be at least 1; got {job.epochs}")
+        if job.max_steps is not None and job.max_steps < 1:
+            raise err(f"{at}.max_steps", f"must be at least 1 or null; got {job.max_steps}")
+        if job.max_seq_len < 2:
+            raise err(f"{at}.max_seq_len", f"must be at least 2; got {job.max_seq_len}")
+
+
+def parse_config(raw: Any, source: str | Path = "<config>") -> RunConfig:
+    """Build and validate a `RunConfig` from already-parsed YAML."""
+    source_name = str(source)
+
+    def err(where: str, message: str) -> ConfigError:
+        return ConfigError(f"{source_name}: {where}: {message}" if where else f"{source_name}: {message}")
+
+    if not isinstance(raw, dict):
+        raise err("", "the file must be a mapping with model, jobs, ... at the top level")
+    cfg = _read_dataclass(raw, RunConfig, "", err)
+    cfg.source = Path(source) if source_name != "<config>" else None
+    _validate(cfg, err)
+    return cfg
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML run config; raises `ConfigError` naming the file and field on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: {where}YAML syntax error: {problem}") from None
+    return parse_config(raw, path)

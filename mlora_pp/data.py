@@ -1,0 +1,502 @@
+"""Datasets of one job: records, prompt templates, tokenization with loss masks, and step plans.
+
+A job's data file (JSONL or JSON) becomes a list of `Example`s: token ids plus labels that are
+`IGNORE_INDEX` everywhere the model must not be trained (bos, the prompt, padding). `plan_steps`
+then fixes, for every optimizer step of the job, which examples go into which micro-batch. The
+plan depends only on the data, the job's settings, the run seed and the job name, so every rank
+and every restart computes the same one without talking to each other.
+
+Every problem with user data raises `DataError` whose message names the file and the line
+(1-based) or record, so the user can fix the data without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mlora_pp.seeding import stable_seed
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Label of a position that carries no loss (PyTorch's cross-entropy default ``ignore_index``)."""
+
+
+class DataError(ValueError):
+    """Bad data: the message names the file and the line number (1-based) or record."""
+
+
+# --------------------------------------------------------------------------------------------
+# Templates.
+
+_ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+_ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+BUILTIN_TEMPLATES: tuple[str, ...] = ("alpaca", "plain")
+_TEMPLATE_FILE_KEYS: tuple[str, ...] = ("prompt", "response", "name")
+
+
+@dataclass(frozen=True)
+class Template:
+    """Turns a record into (prompt, response) text; the loss covers only the response.
+
+    ``kind`` is ``"alpaca"``, ``"plain"`` or ``"format"`` (``prompt_format`` / ``response_format``
+    are `str.format` strings filled from the record's fields).
+    """
+
+    name: str
+    required: tuple[str, ...]
+    kind: str = "format"
+    prompt_format: str = ""
+    response_format: str = ""
+
+    def missing_fields(self, record: dict) -> tuple[str, ...]:
+        """Required fields that the record lacks (absent or null)."""
+        return tuple(f for f in self.required if record.get(f) is None)
+
+    def render(self, record: dict) -> tuple[str, str]:
+        """(prompt, response) of one record; raises `DataError` (without a location) if it cannot."""
+        missing = self.missing_fields(record)
+        if missing:
+            raise DataError(self._missing_message(missing))
+        if self.kind == "alpaca":
+            instruction = _text(record, "instruction")
+            extra = record.get("input")
+            extra = "" if extra is None else _text(record, "input")
+            if extra.strip():
+                prompt = _ALPACA_WITH_INPUT.format(instruction=instruction, input=extra)
+            else:
+                prompt = _ALPACA_NO_INPUT.format(instruction=instruction)
+            return prompt, _text(record, "output")
+        if self.kind == "plain":
+            return "", _text(record, "text")
+        try:
+            return self.prompt_format.format_map(record), self.response_format.format_map(record)
+        except (KeyError, IndexError, AttributeError, TypeError, ValueError) as exc:
+            raise DataError(f"template {self.name} cannot be filled: {exc.__class__.__name__}: {exc}") from None
+
+    def _missing_message(self, missing: tuple[str, ...]) -> str:
+        what = "field" if len(missing) == 1 else "fields"
+        names = ", ".join(f"'{m}'" for m in missing)
+        return f"missing {what} {names} (template {self.name} needs {', '.join(self.required)})"
+
+
+def _text(record: dict, field: str) -> str:
+    """A record field as text: strings as they are, numbers and booleans via `str`."""
+    value = record[field]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float, bool)):
+        return str(value)
+    raise DataError(f"field '{field}' must be a string, got {type(value).__name__}")
+
+
+def _placeholders(fmt: str, where: str) -> list[str]:
+    """Root field names used by a `str.format` string, in order of first use."""
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(fmt))
+    except ValueError as exc:
+        raise DataError(f"{where}: bad format string: {exc}") from None
+    for _, field, spec, _ in parsed:
+        if field is None:
+            continue
+        root = field.split(".", 1)[0].split("[", 1)[0]
+        if root == "" or root.isdigit():
+            raise DataError(f"{where}: positional placeholder {{{field}}} is not allowed; name a record field")
+        if root not in names:
+            names.append(root)
+        if spec:  # a nested placeholder inside a format spec, e.g. {x:{width}}
+            names.extend(n for n in _placeholders(spec, where) if n not in names)
+    return names
+
+
+def load_template(spec: str, base_dir: Path | None = None) -> Template:
+    """``"alpaca"``, ``"plain"``, or a YAML/JSON template file (relative paths against ``base_dir``)."""
+    if spec == "alpaca":
+        return Template(name="alpaca", required=("instruction", "output"), kind="alpaca")
+    if spec == "plain":
+        return Template(name="plain", required=("text",), kind="plain")
+    path = Path(spec)
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    if not path.is_file():
+        raise DataError(
+            f"unknown template {spec!r}: not a built-in ({', '.join(BUILTIN_TEMPLATES)}) "
+            f"and no template file at {path}"
+        )
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read template file ({exc.__class__.__name__})") from None
+    try:
+        raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DataError(f"{path}{where}: invalid YAML ({problem})") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: a template file must be a mapping with 'prompt' and 'response'")
+    unknown = [k for k in raw if k not in _TEMPLATE_FILE_KEYS]
+    if unknown:
+        raise DataError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(_TEMPLATE_FILE_KEYS)})")
+    for key in ("prompt", "response"):
+        if not isinstance(raw.get(key), str):
+            raise DataError(f"{path}: '{key}' must be a string")
+    required = _placeholders(raw["prompt"], f"{path}: prompt")
+    required += [n for n in _placeholders(raw["response"], f"{path}: response") if n not in required]
+    name = raw.get("name", spec)
+    if not isinstance(name, str):
+        raise DataError(f"{path}: 'name' must be a string")
+    return Template(
+        name=name,
+        required=tuple(required),
+        kind="format",
+        prompt_format=raw["prompt"],
+        response_format=raw["response"],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Records.
+
+
+def _read_located(path: Path) -> list[tuple[str, dict]]:
+    """Records of a data file, each with where it came from (``"line 7"`` or ``"record 3"``)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: data file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".json"):
+        raise DataError(f"{path}: unsupported data file type {suffix or '(none)'!r}; use .jsonl or .json")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read data file ({exc.strerror or exc.__class__.__name__})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not valid UTF-8") from None
+
+    located: list[tuple[str, dict]] = []
+    if suffix == ".json":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
+        if isinstance(raw, dict) and isinstance(raw.get("data"), list):
+            raw = raw["data"]
+        if not isinstance(raw, list):
+            raise DataError(f'{path}: expected a list of objects or {{"data": [...]}}')
+        for i, record in enumerate(raw, 1):
+            if not isinstance(record, dict):
+                raise DataError(f"{path} record {i}: expected a JSON object, got {_json_type(record)}")
+            located.append((f"record {i}", record))
+    else:
+        # Split on "\n" only: str.splitlines would also split on U+2028 etc., legal inside JSON strings.
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path} line {lineno}: expected a JSON object, got {_json_type(record)}")
+            located.append((f"line {lineno}", record))
+    if not located:
+        raise DataError(f"{path} has no records")
+    return located
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def load_records(path: Path) -> list[dict]:
+    """Records of a ``.jsonl`` (one object per non-blank line) or ``.json`` (list or ``{"data": [...]}``) file."""
+    return [record for _, record in _read_located(path)]
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization.
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized training row.
+
+    ``labels`` has the length of ``input_ids`` and is `IGNORE_INDEX` where there is no loss. HF
+    convention: the model predicts ``labels[t + 1]`` from positions ``<= t``, so the loss pairs
+    ``logits[:, :-1]`` with ``labels[:, 1:]`` and ``labels[0]`` never counts.
+    """
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) != len(self.labels):
+            raise ValueError(f"input_ids ({len(self.input_ids)}) and labels ({len(self.labels)}) differ in length")
+
+    @property
+    def loss_tokens(self) -> int:
+        """Number of positions that carry loss (``labels[1:] != IGNORE_INDEX``)."""
+        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens (one batched call: fast tokenizers parallelise)."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _assemble(
+    prompt_ids: list[int], response_ids: list[int], bos: int | None, eos: int | None, max_seq_len: int
+) -> Example | None:
+    """bos + prompt + response + eos, truncated to ``max_seq_len``; None if no loss token is left.
+
+    Over-long rows lose prompt tokens from the left first (bos stays), then response tokens (and
+    eos) from the right, so the row keeps the tokens closest to the prompt/response boundary.
+    """
+    head = [bos] if bos is not None else []
+    tail = list(response_ids) + ([eos] if eos is not None else [])
+    overflow = len(head) + len(prompt_ids) + len(tail) - max_seq_len
+    prompt = list(prompt_ids)
+    if overflow > 0:
+        cut = min(overflow, len(prompt))
+        prompt = prompt[cut:]
+        overflow -= cut
+    if overflow > 0:
+        head = head[:max_seq_len]
+        tail = tail[: max_seq_len - len(head)]
+    ids = head + prompt + tail
+    labels = [IGNORE_INDEX] * (len(head) + len(prompt)) + tail
+    if labels:
+        labels[0] = IGNORE_INDEX  # position 0 is never predicted
+    example = Example(tuple(ids), tuple(labels))
+    return example if example.loss_tokens > 0 else None
+
+
+def _special_ids(tokenizer: Any) -> tuple[int | None, int | None]:
+    return getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+
+
+def tokenize_record(tokenizer: Any, template: Template, record: dict, max_seq_len: int) -> Example | None:
+    """One record as an `Example`, or None if truncation to ``max_seq_len`` leaves no loss token.
+
+    Prompt and response are tokenized separately (``add_special_tokens=False``) and concatenated,
+    so the loss mask boundary is exact; bos/eos come from the tokenizer and are skipped if absent.
+    """
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+    prompt, response = template.render(record)
+    prompt_ids, response_ids = _encode(tokenizer, [prompt, response])
+    return _assemble(prompt_ids, response_ids, *_special_ids(tokenizer), max_seq_len)
+
+
+def load_examples(path: Path, template: Template, tokenizer: Any, max_seq_len: int) -> list[Example]:
+    """All usable examples of a data file; raises `DataError` on bad records or if none is usable.
+
+    Records left without a loss token after truncation are skipped; the count is logged.
+    """
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+    path = Path(path)
+    located = _read_located(path)
+    prompts: list[str] = []
+    responses: list[str] = []
+    for where, record in located:
+        missing = template.missing_fields(record)
+        if missing:
+            raise DataError(f"{path} {where}: {template._missing_message(missing)}")
+        try:
+            prompt, response = template.render(record)
+        except DataError as exc:
+            raise DataError(f"{path} {where}: {exc}") from None
+        prompts.append(prompt)
+        responses.append(response)
+    bos, eos = _special_ids(tokenizer)
+    examples: list[Example] = []
+    for prompt_ids, response_ids in zip(_encode(tokenizer, prompts), _encode(tokenizer, responses)):
+        example = _assemble(prompt_ids, response_ids, bos, eos, max_seq_len)
+        if example is not None:
+            examples.append(example)
+    skipped = len(located) - len(examples)
+    if not examples:
+        raise DataError(
+            f"{path}: no usable examples: all {len(located)} records are left without a loss token "
+            f"at max_seq_len={max_seq_len}"
+        )
+    if skipped:
+        log.warning("%s: skipped %d of %d records left without a loss token at max_seq_len=%d",
+                    path, skipped, len(located), max_seq_len)
+    return examples
+
+
+# --------------------------------------------------------------------------------------------
+# Order and step plans.
+
+
+def epoch_order(n: int, seed: int, job: str, epoch: int) -> list[int]:
+    """A permutation of ``range(n)`` that depends only on (seed, job, epoch): same on every rank and run."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(stable_seed("mlora_pp.data.epoch_order", seed, job, epoch))
+    return torch.randperm(n, generator=generator).tolist()
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One optimizer step of one job."""
+
+    step: int
+    """0-based optimizer step index of the job."""
+    epoch: int
+    micro_batches: tuple[tuple[int, ...], ...]
+    """Example indices per micro-batch."""
+    loss_tokens: int
+    """Total loss tokens of the step: the loss is the summed cross-entropy over the step divided by this."""
+
+    @property
+    def rows(self) -> int:
+        """Number of examples in the step."""
+        return sum(len(mb) for mb in self.micro_batches)
+
+
+def _cut_micro_batches(
+    rows: list[int], lengths: Sequence[int], micro_batch_size: int, micro_batch_tokens: int | None
+) -> tuple[tuple[int, ...], ...]:
+    """Cut rows (already in order, longest first when sorted) into micro-batches."""
+    batches: list[tuple[int, ...]] = []
+    current: list[int] = []
+    longest = 0
+    for row in rows:
+        grown_longest = max(longest, lengths[row])
+        fits = len(current) < micro_batch_size and (
+            micro_batch_tokens is None or (len(current) + 1) * grown_longest <= micro_batch_tokens
+        )
+        if current and not fits:
+            batches.append(tuple(current))
+            current, grown_longest = [], lengths[row]
+        current.append(row)
+        longest = grown_longest
+    if current:
+        batches.append(tuple(current))
+    return tuple(batches)
+
+
+def plan_steps(
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    micro_batch_size: int,
+    epochs: int,
+    max_steps: int | None,
+    seed: int,
+    job: str,
+    micro_batch_tokens: int | None = None,
+    sort_by_length: bool = True,
+) -> list[StepPlan]:
+    """Every optimizer step of a job: which examples, in which micro-batches.
+
+    Each epoch shuffles with `epoch_order` and cuts consecutive chunks of ``batch_size`` (the last
+    chunk may be smaller). Within a step rows are sorted longest first (ties by index) and cut into
+    micro-batches of ``micro_batch_size`` rows, or, with ``micro_batch_tokens``, greedily so that
+    rows * longest row <= the budget (one row at least). Sorting keeps similar lengths together, so
+    little padding is wasted; ``sort_by_length=False`` keeps shuffle order (for comparisons).
+    Stops after ``max_steps`` steps in total if given.
+    """
+    if not examples:
+        raise ValueError("plan_steps needs at least one example")
+    for name, value in (("batch_size", batch_size), ("micro_batch_size", micro_batch_size), ("epochs", epochs)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if max_steps is not None and max_steps < 0:
+        raise ValueError(f"max_steps must be >= 0 or None, got {max_steps}")
+    if micro_batch_tokens is not None and micro_batch_tokens < 1:
+        raise ValueError(f"micro_batch_tokens must be positive, got {micro_batch_tokens}")
+    lengths = [len(ex.input_ids) for ex in examples]
+    loss_tokens = [ex.loss_tokens for ex in examples]
+    plans: list[StepPlan] = []
+    for epoch in range(epochs):
+        order = epoch_order(len(examples), seed, job, epoch)
+        for start in range(0, len(order), batch_size):
+            if max_steps is not None and len(plans) >= max_steps:
+                return plans
+            rows = order[start : start + batch_size]
+            if sort_by_length:
+                rows = sorted(rows, key=lambda i: (-lengths[i], i))
+            plans.append(
+                StepPlan(
+                    step=len(plans),
+                    epoch=epoch,
+                    micro_batches=_cut_micro_batches(rows, lengths, micro_batch_size, micro_batch_tokens),
+                    loss_tokens=sum(loss_tokens[i] for i in rows),
+                )
+            )
+    return plans
+
+
+# --------------------------------------------------------------------------------------------
+# Batching.
+
+
+def collate(examples: Sequence[Example], pad_id: int, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) int64 ``[rows, L]``, right-padded with ``pad_id`` / `IGNORE_INDEX`.
+
+    ``L`` is the longest row, or ``pad_to`` (must be >= it). With right padding and causal
+    attention, real tokens never attend to padding, so no attention mask is needed for them.
+    """
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    longest = max(len(ex.input_ids) for ex in examples)
+    width = longest if pad_to is None else pad_to
+    if width < longest:
+        raise ValueError(f"pad_to={pad_to} is shorter than the longest row ({longest})")
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        if n:
+            input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
+            labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
+    return input_ids, labels
+
+
+def padding_waste(plans: Sequence[StepPlan], examples: Sequence[Example]) -> float:
+    """Fraction of padded slots over all micro-batches, each padded to its longest row (0.0 if none)."""
+    slots = 0
+    real = 0
+    for plan in plans:
+        for mb in plan.micro_batches:
+            if not mb:
+                continue
+            lengths = [len(examples[i].input_ids) for i in mb]
+            slots += len(mb) * max(lengths)
+            real += sum(lengths)
+    return (slots - real) / slots if slots else 0.0

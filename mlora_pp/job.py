@@ -1,0 +1,124 @@
+"""One adapter job at run time: its examples, its step plan, its optimizer and learning-rate schedule.
+
+Everything a stage needs to run a job's micro-batches and steps, and nothing about other jobs:
+adapters never share parameters, so each job has its own AdamW over its own LoRA matrices on
+this stage, and one job's optimizer step never waits for another's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mlora_pp.config import JobConfig
+from mlora_pp.data import Example, StepPlan, load_examples, load_template, plan_steps
+from mlora_pp.schedule import JobSteps
+from mlora_pp.seeding import stable_seed
+
+
+def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> float:
+    """Multiplier of the base learning rate for optimizer step `step` (0-based).
+
+    Linear warm-up reaches the full rate after `warmup_steps` steps; ``cosine`` then decays to 0
+    at `total_steps`; ``constant`` stays flat. A pure function of the step, so resuming needs no
+    scheduler state.
+    """
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class StepStats:
+    """What a job's current step has seen so far (summed over its micro-batches)."""
+
+    loss_sum: float = 0.0
+    loss_tokens: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class AdapterJob:
+    config: JobConfig
+    examples: list[Example]
+    plans: list[StepPlan]
+    seed: int
+    optimizer: torch.optim.Optimizer | None = None
+    steps_done: int = 0
+    stats: StepStats = field(default_factory=StepStats)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.plans)
+
+    def rows(self, step: int, micro: int) -> list[Example]:
+        return [self.examples[i] for i in self.plans[step].micro_batches[micro]]
+
+    def row_offset(self, step: int, micro: int) -> int:
+        """Index, within its step, of the first row of micro-batch `micro`."""
+        return sum(len(m) for m in self.plans[step].micro_batches[:micro])
+
+    def dropout_keys(self, step: int, micro: int) -> tuple[int, ...]:
+        """One key per row: (run seed, job, step, row within the step). Fusion and order never enter."""
+        first = self.row_offset(step, micro)
+        count = len(self.plans[step].micro_batches[micro])
+        return tuple(stable_seed("dropout", self.seed, self.name, step, first + k) for k in range(count))
+
+    def job_steps(self) -> JobSteps:
+        """Rows and padded tokens of every micro-batch, for the scheduler."""
+        micro_batches = []
+        for plan in self.plans:
+            micros = []
+            for ids in plan.micro_batches:
+                longest = max(len(self.examples[i].input_ids) for i in ids)
+                micros.append((len(ids), longest * len(ids)))
+            micro_batches.append(tuple(micros))
+        return JobSteps(self.name, tuple(micro_batches))
+
+    def make_optimizer(self, params: list[torch.nn.Parameter]) -> None:
+        """AdamW over this job's LoRA parameters on this stage (fp32 master weights)."""
+        self.optimizer = torch.optim.AdamW(
+            params, lr=self.config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=self.config.weight_decay
+        )
+
+    def current_lr(self) -> float:
+        factor = lr_factor(self.steps_done, self.total_steps, self.config.lr_schedule, self.config.warmup_steps)
+        return self.config.lr * factor
+
+    def optimizer_step(self) -> float:
+        """Apply the accumulated gradients of the current step; returns the learning rate used."""
+        assert self.optimizer is not None, "make_optimizer first"
+        lr = self.current_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        return lr
+
+
+def load_job(config: JobConfig, tokenizer, seed: int, base_dir: Path | None = None) -> AdapterJob:
+    """Read and tokenize a job's data and plan all its steps."""
+    template = load_template(config.template, base_dir)
+    examples = load_examples(Path(config.data), template, tokenizer, config.max_seq_len)
+    plans = plan_steps(
+        examples,
+        batch_size=config.batch_size,
+        micro_batch_size=config.micro_batch_size,
+        epochs=config.epochs,
+        max_steps=config.max_steps,
+        seed=seed,
+        job=config.name,
+        micro_batch_tokens=config.micro_batch_tokens,
+    )
+    return AdapterJob(config=config, examples=examples, plans=plans, seed=seed)

@@ -1,0 +1,715 @@
+"""The batched LoRA operator: one frozen base projection, many adapters, one pass.
+
+A micro-batch's rows are grouped contiguously by adapter (job). `BatchedLoRALinear` runs the frozen
+base projection once over all rows and adds each adapter's low-rank delta
+``scale_i * dropout_i(x_i) @ A_i^T @ B_i^T`` to that adapter's rows only.
+
+The delta is a custom autograd Function so that it keeps only ``x`` and the small ``S_i =
+dropout(x_i) @ A_i^T`` for backward: the dropout mask is a pure hash of (row key, module, position,
+feature) and is recomputed in backward instead of being stored. The same hash makes the mask
+independent of how rows are fused, ordered or padded, so a job trained alone or fused with others
+sees the same dropout.
+
+Two implementations give the same results: ``loop`` (plain matmuls per segment) and ``grouped``
+(``torch._grouped_mm`` over all segments at once). In the grouped path, rows of segments whose
+adapter is not on this module are cut off when they lie before the first or after the last
+participating segment, and otherwise form a group with zero weights whose results are never read.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LoRASegment", "LoRABatch", "LoRAContext", "dropout_keep_mask", "BatchedLoRALinear", "PATHS"]
+
+PATHS: tuple[str, ...] = ("auto", "loop", "grouped")
+_KEY_LIMIT = 1 << 62
+_MODULE_LIMIT = 1 << 31
+
+# ----------------------------------------------------------------------------------------- batch
+
+
+@dataclass(frozen=True)
+class LoRASegment:
+    """Rows [row_start, row_end) of a micro-batch that belong to one adapter (job)."""
+
+    adapter: str
+    row_start: int
+    row_end: int
+    dropout_keys: tuple[int, ...]
+    """One non-negative int (< 2**62) per row: the row's stable identity for dropout masks."""
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.row_start <= self.row_end):
+            raise ValueError(f"segment {self.adapter!r}: bad rows [{self.row_start}, {self.row_end})")
+        if len(self.dropout_keys) != self.row_end - self.row_start:
+            raise ValueError(
+                f"segment {self.adapter!r}: {len(self.dropout_keys)} dropout keys for "
+                f"{self.row_end - self.row_start} rows"
+            )
+        for key in self.dropout_keys:
+            if not (isinstance(key, int) and 0 <= key < _KEY_LIMIT):
+                raise ValueError(f"segment {self.adapter!r}: dropout key {key!r} is not an int in [0, 2**62)")
+
+
+@dataclass(frozen=True)
+class LoRABatch:
+    """How a micro-batch's rows map to adapters; segments are ordered, disjoint and cover every row."""
+
+    segments: tuple[LoRASegment, ...]
+    seq_len: int
+    training: bool
+    """Dropout is active only when True."""
+
+    def __post_init__(self) -> None:
+        if self.seq_len <= 0:
+            raise ValueError(f"seq_len must be positive, got {self.seq_len}")
+        expected = 0
+        for seg in self.segments:
+            if seg.row_start != expected:
+                raise ValueError(
+                    f"segments must be ordered, disjoint and cover rows from 0: segment {seg.adapter!r} "
+                    f"starts at row {seg.row_start}, expected {expected}"
+                )
+            expected = seg.row_end
+
+    @property
+    def rows(self) -> int:
+        return self.segments[-1].row_end if self.segments else 0
+
+
+class LoRAContext:
+    """Shared by all `BatchedLoRALinear` of one stage: the runner sets `.batch` before each forward."""
+
+    def __init__(self) -> None:
+        self._batch: LoRABatch | None = None
+        self._seeds: dict[torch.device, Tensor] = {}
+
+    @property
+    def batch(self) -> LoRABatch | None:
+        return self._batch
+
+    @batch.setter
+    def batch(self, batch: LoRABatch | None) -> None:
+        self._batch = batch
+        self._seeds = {}
+
+    def key_seeds(self, device: torch.device) -> Tensor:
+        """Module-independent dropout seeds [rows * seq_len] of the batch, built once per batch and device."""
+        seeds = self._seeds.get(device)
+        if seeds is None:
+            assert self._batch is not None
+            flat = [k for seg in self._batch.segments for k in seg.dropout_keys]
+            keys = torch.tensor(flat, dtype=torch.int64).to(device)
+            seeds = self._seeds[device] = _key_seeds(keys, self._batch.seq_len)
+        return seeds
+
+
+# -------------------------------------------------------------------------------- dropout hash
+# Everything is int64 holding values < 2**32, multiplied only by constants < 2**31, so no
+# intermediate overflows and CPU and CUDA agree bit for bit.
+
+_M32 = 0xFFFFFFFF
+_C1 = 0x21F0AAAD
+_C2 = 0x735A2D97
+_GOLD = 0x61C88647
+# Mask elements hashed at a time: small on CPU so the int64 temporaries stay in cache, large on
+# accelerators where every chunk costs kernel launches.
+_ELEMENTS_PER_CHUNK = 1 << 17
+_ELEMENTS_PER_CHUNK_ACCEL = 1 << 23
+_IntLike = TypeVar("_IntLike", Tensor, int)
+
+
+def _mix32(h: _IntLike) -> _IntLike:
+    """A lowbias32-style avalanche of 32-bit values held in int64 (tensors or Python ints)."""
+    h = h ^ (h >> 16)
+    h = (h * _C1) & _M32
+    h = h ^ (h >> 15)
+    h = (h * _C2) & _M32
+    return h ^ (h >> 15)
+
+
+def _key_seeds(row_keys: Tensor, seq_len: int) -> Tensor:
+    """int64 [rows * seq_len] seeds, one per (row key, position); shared by all modules."""
+    keys = row_keys.to(torch.int64).reshape(-1)
+    row = _mix32(_mix32((keys >> 32) ^ 0x3C6EF372) ^ (keys & _M32))
+    pos = _mix32((torch.arange(seq_len, dtype=torch.int64, device=keys.device) * _GOLD + 0x27D4EB2F) & _M32)
+    return _mix32(row[:, None] ^ pos[None, :]).reshape(-1)
+
+
+def _module_seed(module_id: int) -> int:
+    return int(_mix32((module_id * _GOLD + 0x1B873593) & _M32))  # _mix32 works on Python ints too
+
+
+def _position_seeds(key_seeds: Tensor, module_id: int) -> Tensor:
+    """int64 [rows * seq_len] seeds, one per (row key, module, position)."""
+    return _mix32(key_seeds ^ _module_seed(module_id))
+
+
+def _feature_seeds(features: int, device: torch.device | str | None) -> Tensor:
+    """int64 [features] seeds, one per feature index."""
+    f = torch.arange(features, dtype=torch.int64, device=device)
+    return _mix32((f * _C2 + 0x165667B1) & _M32)
+
+
+def _element_hash(pos_seeds: Tensor, feat_seeds: Tensor) -> Tensor:
+    """int64 [len(pos_seeds), len(feat_seeds)] 32-bit hashes; two in-place multiply rounds per element."""
+    h = pos_seeds[:, None] ^ feat_seeds[None, :]
+    h.mul_(_C1).bitwise_and_(_M32)
+    h.bitwise_xor_(h >> 15)
+    return h.mul_(_C2).bitwise_and_(_M32)
+
+
+def _threshold(p: float) -> int:
+    """keep = hash / 2**32 >= p  <=>  hash >= ceil(p * 2**32)."""
+    return math.ceil(p * 2.0**32)
+
+
+def dropout_keep_mask(
+    row_keys: Tensor,
+    module_id: int,
+    seq_len: int,
+    features: int,
+    p: float,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Bool mask [len(row_keys) * seq_len, features]: True = keep.
+
+    A pure function of (row key, module_id, position t, feature f): it never depends on how rows are
+    fused, ordered or padded, so a row padded to a longer seq_len gets the same mask on its first
+    positions. keep = hash / 2**32 >= p.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    device = row_keys.device if device is None else torch.device(device)
+    rows = row_keys.numel()
+    if p == 0.0:
+        return torch.ones(rows * seq_len, features, dtype=torch.bool, device=device)
+    pos = _position_seeds(_key_seeds(row_keys.to(device), seq_len), module_id)
+    return _element_hash(pos, _feature_seeds(features, device)) >= _threshold(p)
+
+
+def _chunk_rows(features: int, device: torch.device) -> int:
+    per_chunk = _ELEMENTS_PER_CHUNK if device.type == "cpu" else _ELEMENTS_PER_CHUNK_ACCEL
+    return max(1, per_chunk // max(features, 1))
+
+
+def _apply_drop(x: Tensor, pos: Tensor, feat: Tensor, thresh: int, out: Tensor) -> None:
+    """out = x with dropped elements zeroed (no 1/(1-p) scaling); chunked so the hash stays in cache."""
+    step = _chunk_rows(x.shape[1], x.device)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    for s in range(0, x.shape[0], step):
+        drop = _element_hash(pos[s : s + step], feat) < thresh
+        torch.where(drop, zero, x[s : s + step], out=out[s : s + step])
+
+
+def _drop_mask(pos: Tensor, feat: Tensor, thresh: int) -> Tensor:
+    step = _chunk_rows(feat.numel(), feat.device)
+    return torch.cat([_element_hash(pos[s : s + step], feat) < thresh for s in range(0, pos.numel(), step)])
+
+
+# --------------------------------------------------------------------------- grouped_mm support
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_works(device_type: str, device_index: int | None, dtype: torch.dtype) -> bool:
+    """Probe once per (device, dtype) whether the grouped_mm forms we use run and give right results.
+
+    Uneven group sizes on purpose: segments are arbitrary multiples of seq_len.
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(21, 16, generator=g).to(device, dtype)
+        b = torch.randn(2, 16, 8, generator=g).to(device, dtype)
+        c = torch.randn(21, 8, generator=g).to(device, dtype)
+        offs = torch.tensor([5, 21], dtype=torch.int32, device=device)
+        y3 = torch._grouped_mm(a, b, offs=offs).float().cpu()
+        y2 = torch._grouped_mm(c.t(), a, offs=offs).float().cpu()
+        a, b, c = a.float().cpu(), b.float().cpu(), c.float().cpu()
+        ref3 = torch.cat([a[:5] @ b[0], a[5:] @ b[1]])
+        ref2 = torch.stack([c[:5].t() @ a[:5], c[5:].t() @ a[5:]])
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        return torch.allclose(y3, ref3, rtol=tol, atol=tol * 16) and torch.allclose(y2, ref2, rtol=tol, atol=tol * 16)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+
+
+def grouped_applies(x: Tensor, in_features: int, out_features: int) -> bool:
+    """Whether the grouped path can run for x: grouped_mm works for its device and dtype, rows are 16-byte aligned."""
+    align = max(1, 16 // x.element_size())
+    if in_features % align or out_features % align:
+        return False
+    return _grouped_mm_works(x.device.type, x.device.index, x.dtype)
+
+
+# ------------------------------------------------------------------------------- the Function
+
+
+@dataclass
+class _Group:
+    """Flat rows [start, end) of x [T, in] computed with participating adapter `slot` (-1: a gap)."""
+
+    start: int
+    end: int
+    slot: int
+    pos_seeds: Tensor | None = None
+    """Dropout seeds per flat row, only when this group's dropout is active."""
+
+
+@dataclass
+class _Plan:
+    """Everything about one call that is not a tensor autograd must track."""
+
+    path: str
+    groups: list[_Group]
+    ranks: list[int]
+    scales: list[float]
+    dropouts: list[float]
+    feat_seeds: Tensor | None
+    offs: Tensor | None = None
+    """grouped path: int32 cumulative group ends, relative to the first group's start."""
+
+    def active_p(self, g: _Group) -> float:
+        return self.dropouts[g.slot] if g.pos_seeds is not None else 0.0
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.groups[0].start, self.groups[-1].end
+
+    @property
+    def has_gaps(self) -> bool:
+        return any(g.slot < 0 for g in self.groups)
+
+    @property
+    def rpad(self) -> int:
+        """Largest rank rounded up to a multiple of 8 (bf16 grouped_mm on GPU needs aligned sizes)."""
+        return -(-max(self.ranks) // 8) * 8
+
+
+class _LoRADelta(torch.autograd.Function):
+    """Adds every participating adapter's delta to the base output in place.
+
+    Inputs: plan, x [T, in], base_out [T, out] (modified in place and returned), A_1..A_n, B_1..B_n.
+    Saves x, the S's and the weights; the dropout mask is recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, plan: _Plan, x: Tensor, base_out: Tensor, *weights: Tensor) -> Tensor:  # type: ignore[override]
+        n = len(plan.ranks)
+        As = [w.to(x.dtype) for w in weights[:n]]
+        Bs = [w.to(x.dtype) for w in weights[n:]]
+        if plan.path == "grouped":
+            saved = _grouped_forward(plan, x, base_out, As, Bs)
+        else:
+            saved = _loop_forward(plan, x, base_out, As, Bs)
+        ctx.mark_dirty(base_out)
+        ctx.plan = plan
+        ctx.save_for_backward(x, *saved, *weights)
+        ctx.n_saved = len(saved)
+        return base_out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        plan: _Plan = ctx.plan
+        n = len(plan.ranks)
+        x, *rest = ctx.saved_tensors
+        saved, weights = rest[: ctx.n_saved], rest[ctx.n_saved :]
+        need = ctx.needs_input_grad
+        need_x, need_a, need_b = need[1], any(need[3 : 3 + n]), any(need[3 + n :])
+        dy = grad_out.contiguous()
+        As = [w.to(x.dtype) for w in weights[:n]]
+        Bs = [w.to(x.dtype) for w in weights[n:]]
+        backward = _grouped_backward if plan.path == "grouped" else _loop_backward
+        dx, dA, dB = backward(plan, x, saved, dy.to(x.dtype), As, Bs, need_x, need_a, need_b)
+        grads_a = [None if g is None else g.to(w.dtype) for g, w in zip(dA, weights[:n])]
+        grads_b = [None if g is None else g.to(w.dtype) for g, w in zip(dB, weights[n:])]
+        return (None, dx, dy if need[2] else None, *grads_a, *grads_b)
+
+
+def _accumulate(store: list[Tensor | None], slot: int, value: Tensor) -> None:
+    """Sum per-slot gradients (an adapter may own several segments)."""
+    store[slot] = value if store[slot] is None else store[slot] + value
+
+
+def _add_rows(out: Tensor, start: int, delta: Tensor) -> None:
+    out[start : start + delta.shape[0]].add_(delta)
+
+
+def _zeros_outside(dx: Tensor, groups: list[_Group]) -> None:
+    """Zero the rows of dx that no participating group writes (groups are ordered)."""
+    covered = 0
+    for g in groups:
+        if g.slot >= 0:
+            dx[covered : g.start].zero_()
+            covered = g.end
+    dx[covered:].zero_()
+
+
+# loop path: plain matmuls on each segment's rows.
+
+
+def _loop_forward(plan: _Plan, x: Tensor, out: Tensor, As: list[Tensor], Bs: list[Tensor]) -> list[Tensor]:
+    saved = []
+    for g in plan.groups:
+        xs = x[g.start : g.end]
+        a_t = As[g.slot].t()
+        if g.pos_seeds is not None:
+            # Mask and shrink chunk by chunk: the dropped copy of x never exists in full.
+            assert plan.feat_seeds is not None
+            p = plan.dropouts[g.slot]
+            thresh, step = _threshold(p), _chunk_rows(xs.shape[1], xs.device)
+            zero = torch.zeros((), dtype=x.dtype, device=x.device)
+            s = torch.empty(xs.shape[0], a_t.shape[1], dtype=x.dtype, device=x.device)
+            for c in range(0, xs.shape[0], step):
+                drop = _element_hash(g.pos_seeds[c : c + step], plan.feat_seeds) < thresh
+                torch.mm(torch.where(drop, zero, xs[c : c + step]), a_t, out=s[c : c + step])
+            s.mul_(1.0 / (1.0 - p))
+        else:
+            s = xs @ a_t
+        b_t, scale = Bs[g.slot].t(), plan.scales[g.slot]
+        if out.dtype == x.dtype:
+            out[g.start : g.end].addmm_(s, b_t, alpha=scale)
+        else:
+            _add_rows(out, g.start, (s @ b_t).mul_(scale))
+        saved.append(s)
+    return saved
+
+
+def _loop_backward(plan, x, saved, dy, As, Bs, need_x, need_a, need_b):
+    n = len(plan.ranks)
+    dA: list[Tensor | None] = [None] * n
+    dB: list[Tensor | None] = [None] * n
+    dx = None
+    if need_x:
+        dx = torch.empty_like(x)
+        _zeros_outside(dx, plan.groups)
+    for g, s in zip(plan.groups, saved):
+        dys = dy[g.start : g.end]
+        scale, p = plan.scales[g.slot], plan.active_p(g)
+        if need_b:  # (S^T dY)^T: about twice as fast as dY^T S for a skinny S
+            _accumulate(dB, g.slot, torch.mm(s.t(), dys).mul_(scale).t())
+        if not (need_a or need_x):
+            continue
+        dsq = torch.mm(dys, Bs[g.slot]).mul_(scale / (1.0 - p))  # dS / (1 - p)
+        xs = x[g.start : g.end]
+        if g.pos_seeds is None:
+            if need_a:
+                _accumulate(dA, g.slot, torch.mm(dsq.t(), xs))
+            if dx is not None:
+                torch.mm(dsq, As[g.slot], out=dx[g.start : g.end])
+            continue
+        assert plan.feat_seeds is not None
+        thresh, step = _threshold(p), _chunk_rows(xs.shape[1], xs.device)
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        da = torch.zeros_like(As[g.slot]) if need_a else None
+        for c in range(0, xs.shape[0], step):
+            drop = _element_hash(g.pos_seeds[c : c + step], plan.feat_seeds) < thresh
+            dsc = dsq[c : c + step]
+            if da is not None:
+                da.addmm_(dsc.t(), torch.where(drop, zero, xs[c : c + step]))
+            if dx is not None:
+                dxc = dx[g.start + c : g.start + c + dsc.shape[0]]
+                torch.mm(dsc, As[g.slot], out=dxc)
+                dxc.masked_fill_(drop, 0)
+        if da is not None:
+            _accumulate(dA, g.slot, da)
+    return dx, dA, dB
+
+
+# grouped path: torch._grouped_mm over the span from the first to the last participating row.
+
+
+def _stack(plan: _Plan, mats: list[Tensor], rank_dim: int, scaled: bool) -> Tensor:
+    """[groups, ...] contiguous stack of each group's matrix, rank dim zero-padded to rpad; zeros for gaps."""
+    rpad = plan.rpad
+    other = mats[0].shape[1 - rank_dim]
+    shape = (len(plan.groups), rpad, other) if rank_dim == 0 else (len(plan.groups), other, rpad)
+    out = torch.zeros(shape, dtype=mats[0].dtype, device=mats[0].device)
+    for i, g in enumerate(plan.groups):
+        if g.slot < 0:
+            continue
+        m = mats[g.slot] * plan.scales[g.slot] if scaled else mats[g.slot]
+        r = plan.ranks[g.slot]
+        if rank_dim == 0:
+            out[i, :r].copy_(m)
+        else:
+            out[i, :, :r].copy_(m)
+    return out
+
+
+def _grouped_dropped_x(plan: _Plan, x: Tensor, want_masks: bool) -> tuple[Tensor, list[tuple[_Group, Tensor]]]:
+    """x over the span with dropout applied per group (no 1/(1-p)), gaps zeroed; optionally the drop masks."""
+    lo, hi = plan.span
+    if not plan.has_gaps and all(g.pos_seeds is None for g in plan.groups):
+        return x[lo:hi], []
+    xd = torch.empty(hi - lo, x.shape[1], dtype=x.dtype, device=x.device)
+    masks = []
+    for g in plan.groups:
+        dst, src = xd[g.start - lo : g.end - lo], x[g.start : g.end]
+        if g.slot < 0:
+            dst.zero_()
+        elif g.pos_seeds is None:
+            dst.copy_(src)
+        elif want_masks:
+            assert plan.feat_seeds is not None
+            drop = _drop_mask(g.pos_seeds, plan.feat_seeds, _threshold(plan.dropouts[g.slot]))
+            torch.where(drop, torch.zeros((), dtype=x.dtype, device=x.device), src, out=dst)
+            masks.append((g, drop))
+        else:
+            assert plan.feat_seeds is not None
+            _apply_drop(src, g.pos_seeds, plan.feat_seeds, _threshold(plan.dropouts[g.slot]), dst)
+    return xd, masks
+
+
+def _scale_rows(t: Tensor, plan: _Plan, factor) -> None:
+    """Multiply each group's rows of t (a span-sized tensor) by factor(group), skipping factors of 1."""
+    lo = plan.span[0]
+    for g in plan.groups:
+        f = factor(g)
+        if f != 1.0:
+            t[g.start - lo : g.end - lo].mul_(f)
+
+
+def _grouped_forward(plan: _Plan, x: Tensor, out: Tensor, As: list[Tensor], Bs: list[Tensor]) -> list[Tensor]:
+    lo, hi = plan.span
+    plan.offs = torch.tensor([g.end - lo for g in plan.groups], dtype=torch.int32).to(x.device)
+    xd, _ = _grouped_dropped_x(plan, x, want_masks=False)
+    s = torch._grouped_mm(xd, _stack(plan, [a.t() for a in As], 1, False), offs=plan.offs)  # [span, rpad]
+    _scale_rows(s, plan, lambda g: 1.0 / (1.0 - plan.active_p(g)))
+    # The scale is folded into the stacked B^T [groups, rpad, out].
+    delta = torch._grouped_mm(s, _stack(plan, [b.t() for b in Bs], 0, True), offs=plan.offs)
+    if not plan.has_gaps:
+        _add_rows(out, lo, delta.to(out.dtype))
+    else:
+        for g in plan.groups:
+            if g.slot >= 0:
+                _add_rows(out, g.start, delta[g.start - lo : g.end - lo].to(out.dtype))
+    return [s]
+
+
+def _grouped_backward(plan, x, saved, dy, As, Bs, need_x, need_a, need_b):
+    n = len(plan.ranks)
+    (s,) = saved
+    lo, hi = plan.span
+    offs = plan.offs
+    dys = dy[lo:hi]
+    dA: list[Tensor | None] = [None] * n
+    dB: list[Tensor | None] = [None] * n
+
+    def collect(store: list[Tensor | None], per_group: Tensor, factor) -> None:
+        """per_group [groups, rpad, k] -> each slot's [rank, k] block, times factor(group), summed."""
+        for i, g in enumerate(plan.groups):
+            if g.slot >= 0:
+                m = per_group[i, : plan.ranks[g.slot]]
+                f = factor(g)
+                _accumulate(store, g.slot, m * f if f != 1.0 else m)
+
+    if need_b:  # (S^T dY)^T per group, as in the loop path
+        collect(dB, torch._grouped_mm(s.t(), dys, offs=offs), lambda g: plan.scales[g.slot])
+        dB = [None if d is None else d.t() for d in dB]
+    dx = None
+    if need_a or need_x:
+        dsq = torch._grouped_mm(dys, _stack(plan, Bs, 1, True), offs=offs)  # s * dY B, [span, rpad]
+        _scale_rows(dsq, plan, lambda g: 1.0 / (1.0 - plan.active_p(g)))
+        xd, masks = _grouped_dropped_x(plan, x, want_masks=need_x)
+        if need_a:
+            collect(dA, torch._grouped_mm(dsq.t(), xd, offs=offs), lambda g: 1.0)
+        if need_x:
+            dxs = torch._grouped_mm(dsq, _stack(plan, As, 0, False), offs=offs)  # [span, in]
+            for g, drop in masks:
+                dxs[g.start - lo : g.end - lo].masked_fill_(drop, 0)
+            if lo == 0 and hi == x.shape[0] and not plan.has_gaps:
+                dx = dxs
+            else:
+                dx = torch.empty_like(x)
+                dx[lo:hi].copy_(dxs)
+                _zeros_outside(dx, plan.groups)
+    return dx, dA, dB
+
+
+# --------------------------------------------------------------------------------- the module
+
+
+@dataclass(frozen=True)
+class _AdapterSpec:
+    rank: int
+    alpha: float
+    dropout: float
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class BatchedLoRALinear(nn.Module):
+    """A frozen base projection plus any number of LoRA adapters, each applied to its own rows."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        in_features: int,
+        out_features: int,
+        module_id: int,
+        context: LoRAContext,
+        path: str = "auto",
+    ):
+        super().__init__()
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if not 0 <= module_id < _MODULE_LIMIT:
+            raise ValueError(f"module_id must be in [0, 2**31), got {module_id}")
+        self.base = base
+        self.in_features = in_features
+        self.out_features = out_features
+        self.module_id = module_id
+        self.path = path
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self._specs: dict[str, _AdapterSpec] = {}
+        self._feat_seeds: dict[torch.device, Tensor] = {}
+        self._warned_fallback = False
+        self.context = context  # shared by the stage; a plain object, so not a submodule
+
+    def _device(self) -> torch.device:
+        for t in list(self.base.parameters()) + list(self.base.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float, init_seed: int) -> None:
+        """Add adapter `name`: A [rank, in] kaiming-uniform (as peft) from `init_seed`, B [out, rank] zeros, fp32."""
+        if name in self._specs:
+            raise ValueError(f"adapter {name!r} already exists")
+        if not name or "." in name:
+            raise ValueError(f"adapter name {name!r} must be non-empty and contain no '.' (parameter key)")
+        if rank <= 0:
+            raise ValueError(f"rank must be positive, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        gen = torch.Generator().manual_seed(init_seed)
+        a = torch.empty(rank, self.in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+        device = self._device()
+        self.lora_A[name] = nn.Parameter(a.to(device))
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, dtype=torch.float32, device=device))
+        self._specs[name] = _AdapterSpec(rank, float(alpha), float(dropout))
+
+    def remove_adapter(self, name: str) -> None:
+        if name not in self._specs:
+            raise KeyError(f"adapter {name!r} is not on this module")
+        del self._specs[name]
+        del self.lora_A[name]
+        del self.lora_B[name]
+
+    def adapters(self) -> list[str]:
+        return list(self._specs)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, module_id={self.module_id}, adapters={self.adapters()}"
+
+    def _feature_seeds(self, device: torch.device) -> Tensor:
+        seeds = self._feat_seeds.get(device)
+        if seeds is None:
+            seeds = self._feat_seeds[device] = _feature_seeds(self.in_features, device)
+        return seeds
+
+    def resolve_path(self, x: Tensor) -> str:
+        """The path used for input x. "auto": grouped on CUDA where grouped_mm applies, else loop.
+
+        On CPU, torch's grouped_mm is itself a loop of matmuls, so it only adds the cost of
+        stacking the weights (measured in benchmarks/lora_op.py); "auto" uses the loop path there.
+        An explicit "grouped" where grouped_mm cannot run falls back to loop with a warning.
+        """
+        if self.path == "loop":
+            return "loop"
+        applies = grouped_applies(x, self.in_features, self.out_features)
+        if self.path == "grouped":
+            if not applies and not self._warned_fallback:
+                self._warned_fallback = True
+                warnings.warn(
+                    f"torch._grouped_mm cannot run for {x.dtype} on {x.device} with in={self.in_features}, "
+                    f"out={self.out_features}; using the loop path",
+                    stacklevel=2,
+                )
+            return "grouped" if applies else "loop"
+        return "grouped" if applies and x.device.type == "cuda" else "loop"
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch = self.context.batch
+        if batch is None or not any(seg.adapter in self._specs for seg in batch.segments):
+            return self.base(x)
+        if x.dim() != 3 or x.shape[0] != batch.rows or x.shape[1] != batch.seq_len:
+            raise ValueError(
+                f"input {tuple(x.shape)} does not match the batch: {batch.rows} rows of {batch.seq_len} tokens"
+            )
+        plan, names = self._plan(batch, x)
+        x2d = x.reshape(-1, self.in_features).contiguous()
+        out = self.base(x2d)
+        weights = [self.lora_A[n] for n in names] + [self.lora_B[n] for n in names]
+        out = _LoRADelta.apply(plan, x2d, out, *weights)
+        return out.view(x.shape[0], x.shape[1], -1)
+
+    def _plan(self, batch: LoRABatch, x: Tensor) -> tuple[_Plan, list[str]]:
+        seq = batch.seq_len
+        names: list[str] = []
+        slot_of: dict[str, int] = {}
+        groups: list[_Group] = []
+        pos_all: Tensor | None = None
+        for seg in batch.segments:
+            if seg.row_end == seg.row_start:
+                continue
+            spec = self._specs.get(seg.adapter)
+            if spec is None:
+                groups.append(_Group(seg.row_start * seq, seg.row_end * seq, -1))
+                continue
+            slot = slot_of.get(seg.adapter)
+            if slot is None:
+                slot = slot_of[seg.adapter] = len(names)
+                names.append(seg.adapter)
+            start, end = seg.row_start * seq, seg.row_end * seq
+            pos = None
+            if batch.training and spec.dropout > 0.0:
+                if pos_all is None:
+                    pos_all = _position_seeds(self.context.key_seeds(x.device), self.module_id)
+                pos = pos_all[start:end]
+            groups.append(_Group(start, end, slot, pos))
+        # Gaps before the first and after the last participating segment are simply left out.
+        while groups and groups[0].slot < 0:
+            groups.pop(0)
+        while groups and groups[-1].slot < 0:
+            groups.pop()
+        specs = [self._specs[n] for n in names]
+        path = self.resolve_path(x)
+        if path == "loop":
+            groups = [g for g in groups if g.slot >= 0]
+        else:
+            groups = _merge_gaps(groups)
+        has_dropout = any(g.pos_seeds is not None for g in groups)
+        plan = _Plan(
+            path=path,
+            groups=groups,
+            ranks=[s.rank for s in specs],
+            scales=[s.scale for s in specs],
+            dropouts=[s.dropout for s in specs],
+            feat_seeds=self._feature_seeds(x.device) if has_dropout else None,
+        )
+        return plan, names
+
+
+def _merge_gaps(groups: list[_Group]) -> list[_Group]:
+    merged: list[_Group] = []
+    for g in groups:
+        if merged and g.slot < 0 and merged[-1].slot < 0:
+            merged[-1] = _Group(merged[-1].start, g.end, -1)
+        else:
+            merged.append(g)
+    return merged

@@ -1,0 +1,125 @@
+"""What a run reports: a JSONL metrics file and a live per-job progress table.
+
+`metrics.jsonl` gets one object per optimizer step of each job (job, step, loss, tokens, lr, time).
+The progress board is a rich live table, one row per job (step/total, loss, tokens/s, ETA), when
+stdout is a terminal, and plain log lines otherwise (CI logs, pipes, files).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+
+class MetricsLog:
+    """Append-only JSONL; each record is flushed so a crash loses at most the line being written."""
+
+    def __init__(self, path: Path, append: bool = False):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = path.open("a" if append else "w")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class JobProgress:
+    name: str
+    total_steps: int
+    step: int = 0
+    loss: float | None = None
+    tokens: int = 0
+    started: float = 0.0
+    state: str = "running"
+
+    def tokens_per_s(self, now: float) -> float:
+        return self.tokens / max(now - self.started, 1e-9)
+
+    def eta_s(self, now: float) -> float | None:
+        if self.step == 0 or self.step >= self.total_steps:
+            return None
+        return (now - self.started) / self.step * (self.total_steps - self.step)
+
+
+def _fmt_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{sec:02d}" if hours else f"{minutes}:{sec:02d}"
+
+
+class ProgressBoard:
+    """Per-job progress: a rich live table on a terminal, plain lines elsewhere."""
+
+    def __init__(self, jobs: dict[str, int], log_every: int = 1, stream: TextIO | None = None, live: bool | None = None):
+        self.stream = stream or sys.stdout
+        now = time.perf_counter()
+        self.jobs = {name: JobProgress(name, total, started=now) for name, total in jobs.items()}
+        self.log_every = log_every
+        self.live = self.stream.isatty() if live is None else live
+        self._live = None
+        if self.live:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live(self._table(), console=Console(file=self.stream), refresh_per_second=4, transient=False)
+            self._live.start()
+
+    def _table(self):
+        from rich.table import Table
+
+        now = time.perf_counter()
+        table = Table(title="mlora_pp training", expand=False)
+        for column in ("job", "step", "loss", "tokens/s", "ETA", "state"):
+            table.add_column(column, justify="left" if column in ("job", "state") else "right")
+        for job in self.jobs.values():
+            table.add_row(
+                job.name,
+                f"{job.step}/{job.total_steps}",
+                "-" if job.loss is None else f"{job.loss:.4f}",
+                f"{job.tokens_per_s(now):.0f}",
+                _fmt_eta(job.eta_s(now)),
+                job.state,
+            )
+        return table
+
+    def update(self, job: str, step: int, loss: float, tokens: int) -> None:
+        """Record that `job` finished optimizer step `step` (1-based count) with `loss`."""
+        progress = self.jobs[job]
+        progress.step, progress.loss = step, loss
+        progress.tokens += tokens
+        if step >= progress.total_steps:
+            progress.state = "done"
+        if self._live is not None:
+            self._live.update(self._table())
+        elif step % self.log_every == 0 or step >= progress.total_steps:
+            now = time.perf_counter()
+            print(
+                f"[{job}] step {step}/{progress.total_steps} loss {loss:.4f} "
+                f"tokens/s {progress.tokens_per_s(now):.0f} eta {_fmt_eta(progress.eta_s(now))}",
+                file=self.stream,
+                flush=True,
+            )
+
+    def mark(self, job: str, state: str) -> None:
+        self.jobs[job].state = state
+        if self._live is not None:
+            self._live.update(self._table())
+        else:
+            print(f"[{job}] {state}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.update(self._table())
+            self._live.stop()
+            self._live = None

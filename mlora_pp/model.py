@@ -1,0 +1,321 @@
+"""One pipeline stage of a Hugging Face LLaMA-family model (Llama, Mistral, Qwen2 shapes).
+
+A stage is: optional token embedding, decoder layers [first, last), optional final norm + lm_head.
+One stage holding everything is the single-rank case; the pipeline only moves `first` and `last`.
+The stage reads only its own tensors from the safetensors files (`safe_open`, sharded checkpoints
+through `model.safetensors.index.json`) and never unpickles anything. Decoder layers, RoPE and
+attention are transformers' own; every projection an adapter may target is wrapped in a
+`BatchedLoRALinear`, so the frozen base GEMM runs once for the rows of all adapters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from mlora_pp.config import LORA_TARGETS
+from mlora_pp.lora import BatchedLoRALinear, LoRABatch, LoRAContext
+from mlora_pp.seeding import stable_seed
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ATTN: dict[str, str] = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
+
+
+class ModelError(ValueError):
+    """A model directory we cannot use; the message names the directory and what is wrong."""
+
+
+def _arch_classes(model_type: str) -> tuple[type, type, type]:
+    """(DecoderLayer, RMSNorm, RotaryEmbedding) of a supported architecture."""
+    if model_type == "llama":
+        from transformers.models.llama import modeling_llama as m
+
+        return m.LlamaDecoderLayer, m.LlamaRMSNorm, m.LlamaRotaryEmbedding
+    if model_type == "mistral":
+        from transformers.models.mistral import modeling_mistral as m
+
+        return m.MistralDecoderLayer, m.MistralRMSNorm, m.MistralRotaryEmbedding
+    if model_type == "qwen2":
+        from transformers.models.qwen2 import modeling_qwen2 as m
+
+        return m.Qwen2DecoderLayer, m.Qwen2RMSNorm, m.Qwen2RotaryEmbedding
+    raise ModelError(f"model_type {model_type!r} is not supported (supported: llama, mistral, qwen2)")
+
+
+def module_path(layer: int, target: str) -> str:
+    """The PEFT-style path of a targetable projection, e.g. ``layers.3.self_attn.q_proj``."""
+    return f"layers.{layer}.{_ATTN.get(target, 'mlp')}.{target}"
+
+
+def module_id(layer: int, target: str) -> int:
+    """A small stable integer per (layer, projection); it keys the dropout masks."""
+    return layer * len(LORA_TARGETS) + LORA_TARGETS.index(target)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Which part of the model one stage holds."""
+
+    first_layer: int
+    last_layer: int  # exclusive
+    has_embedding: bool
+    has_head: bool
+
+    @staticmethod
+    def whole(num_layers: int) -> "StageSpec":
+        return StageSpec(0, num_layers, True, True)
+
+
+def read_model_config(model_dir: Path) -> PretrainedConfig:
+    """The Hugging Face config of a local model directory (no remote code, no hub)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
+    _arch_classes(config.model_type)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+class SafetensorsIndex:
+    """Where each tensor of a (possibly sharded) safetensors checkpoint lives."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        index = self.model_dir / "model.safetensors.index.json"
+        single = self.model_dir / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.model_dir / fname for name, fname in weight_map.items()}
+        elif single.is_file():
+            with safetensors.safe_open(str(single), framework="pt") as f:
+                self.files = {name: single for name in f.keys()}
+        else:
+            raise ModelError(
+                f"{self.model_dir}: no model.safetensors or model.safetensors.index.json "
+                "(only safetensors checkpoints are read; .bin files are never unpickled)"
+            )
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read exactly `names`, opening each shard once."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self.files:
+                raise ModelError(f"{self.model_dir}: tensor {name!r} is missing from the checkpoint")
+            by_file.setdefault(self.files[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for path, wanted in by_file.items():
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                for name in wanted:
+                    out[name] = f.get_tensor(name)
+        return out
+
+
+class StageModel(nn.Module):
+    """Embedding? + decoder layers [first, last) + norm/lm_head?, with batched LoRA on every projection."""
+
+    def __init__(self, config: PretrainedConfig, spec: StageSpec, dtype: torch.dtype, lora_path: str = "auto"):
+        super().__init__()
+        layer_cls, norm_cls, rotary_cls = _arch_classes(config.model_type)
+        self.config = config
+        self.spec = spec
+        self.dtype = dtype
+        self.context = LoRAContext()
+        with torch.device("meta"):
+            self.embed_tokens = (
+                nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype) if spec.has_embedding else None
+            )
+            self.layers = nn.ModuleDict(
+                {str(i): layer_cls(config, i).to(dtype) for i in range(spec.first_layer, spec.last_layer)}
+            )
+            self.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps).to(dtype) if spec.has_head else None
+            self.lm_head = (
+                nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype) if spec.has_head else None
+            )
+        self.rotary_emb = rotary_cls(config=config)
+        self._lora_path = lora_path
+        self._sliding = self._sliding_layers()
+
+    def _sliding_layers(self) -> set[int]:
+        layer_types = getattr(self.config, "layer_types", None)
+        if layer_types:
+            return {i for i in self.layers_range() if layer_types[i] == "sliding_attention"}
+        if getattr(self.config, "sliding_window", None) is not None and self.config.model_type == "mistral":
+            return set(self.layers_range())
+        return set()
+
+    def layers_range(self) -> range:
+        return range(self.spec.first_layer, self.spec.last_layer)
+
+    # ------------------------------------------------------------------ weights
+    def tensor_names(self) -> dict[str, str]:
+        """Checkpoint tensor name -> our parameter name, for this stage only."""
+        names: dict[str, str] = {}
+        meta = dict(self.named_parameters())
+        for ours in meta:
+            if ours.startswith("embed_tokens."):
+                names["model." + ours] = ours
+            elif ours.startswith("layers.") or ours.startswith("norm."):
+                names["model." + ours] = ours
+            elif ours.startswith("lm_head."):
+                names[ours] = ours
+        return names
+
+    def load_base(self, index: SafetensorsIndex) -> None:
+        """Read this stage's frozen base tensors (and only those), then wrap the projections."""
+        names = self.tensor_names()
+        wanted = list(names)
+        tied = self.spec.has_head and "lm_head.weight" not in index.files
+        if tied:
+            if not getattr(self.config, "tie_word_embeddings", False):
+                raise ModelError(f"{index.model_dir}: lm_head.weight is missing and embeddings are not tied")
+            wanted = [n for n in wanted if n != "lm_head.weight"] + ["model.embed_tokens.weight"]
+        tensors = index.read(sorted(set(wanted)))
+        state: dict[str, torch.Tensor] = {}
+        for ckpt_name, ours in names.items():
+            source = "model.embed_tokens.weight" if (tied and ckpt_name == "lm_head.weight") else ckpt_name
+            state[ours] = tensors[source].to(self.dtype)
+        missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
+        missing = [m for m in missing if not m.startswith("rotary_emb.")]
+        if missing or unexpected:
+            raise ModelError(f"{index.model_dir}: stage weights mismatch: missing {missing}, unexpected {unexpected}")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self._wrap_projections()
+
+    def _wrap_projections(self) -> None:
+        for i in self.layers_range():
+            layer = self.layers[str(i)]
+            for target in LORA_TARGETS:
+                parent = getattr(layer, _ATTN.get(target, "mlp"))
+                base = getattr(parent, target)
+                wrapped = BatchedLoRALinear(
+                    base,
+                    in_features=base.in_features,
+                    out_features=base.out_features,
+                    module_id=module_id(i, target),
+                    context=self.context,
+                    path=self._lora_path,
+                )
+                setattr(parent, target, wrapped)
+
+    # ------------------------------------------------------------------ adapters
+    def lora_modules(self, targets: list[str] | None = None) -> dict[str, BatchedLoRALinear]:
+        """PEFT-style module path -> wrapped projection, for this stage's layers."""
+        out: dict[str, BatchedLoRALinear] = {}
+        for i in self.layers_range():
+            for target in targets or LORA_TARGETS:
+                parent = getattr(self.layers[str(i)], _ATTN.get(target, "mlp"))
+                out[module_path(i, target)] = getattr(parent, target)
+        return out
+
+    def add_adapter(
+        self, name: str, rank: int, alpha: float, dropout: float, target_modules: list[str], seed: int
+    ) -> None:
+        """Add adapter `name` on every targeted projection of this stage.
+
+        Each module's A is initialised from a seed of (seed, name, module path), so the weights do not
+        depend on how the model is cut into stages or which other adapters exist.
+        """
+        for path, module in self.lora_modules(target_modules).items():
+            module.add_adapter(name, rank, alpha, dropout, init_seed=stable_seed(seed, name, path))
+
+    def remove_adapter(self, name: str) -> None:
+        for module in self.lora_modules().values():
+            if name in module.adapters():
+                module.remove_adapter(name)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params: list[nn.Parameter] = []
+        for module in self.lora_modules().values():
+            if name in module.adapters():
+                params += [module.lora_A[name], module.lora_B[name]]
+        return params
+
+    def adapter_state(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Module path -> (lora_A [r, in], lora_B [out, r]) of this stage's slice of adapter `name`."""
+        return {
+            path: (m.lora_A[name].detach(), m.lora_B[name].detach())
+            for path, m in self.lora_modules().items()
+            if name in m.adapters()
+        }
+
+    @torch.no_grad()
+    def load_adapter_state(self, name: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy saved weights into adapter `name` (keys outside this stage are ignored)."""
+        ours = self.lora_modules()
+        for path, (a, b) in weights.items():
+            if path not in ours:
+                continue
+            module = ours[path]
+            if name not in module.adapters():
+                raise ModelError(f"adapter {name!r} has weights for {path} but does not target it")
+            module.lora_A[name].copy_(a)
+            module.lora_B[name].copy_(b)
+
+    # ------------------------------------------------------------------ forward
+    def _masks(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids)
+        masks: dict[str, torch.Tensor | None] = {"full": create_causal_mask(**kwargs)}
+        if self._sliding:
+            masks["sliding"] = create_sliding_window_causal_mask(**kwargs)
+        return masks
+
+    def forward(self, inputs: torch.Tensor, batch: LoRABatch | None) -> torch.Tensor:
+        """Token ids [rows, L] (first stage) or hidden states [rows, L, d] -> hidden states or fp32 logits.
+
+        Rows are right-padded: with causal attention real tokens never attend to padding, so no
+        padding mask is needed and a row's result does not depend on how long its micro-batch is.
+        """
+        self.context.batch = batch
+        try:
+            hidden = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs
+            seq_len = hidden.shape[1]
+            position_ids = torch.arange(seq_len, device=hidden.device).unsqueeze(0)
+            position_embeddings = self.rotary_emb(hidden, position_ids)
+            masks = self._masks(hidden, position_ids)
+            for i in self.layers_range():
+                hidden = self.layers[str(i)](
+                    hidden,
+                    attention_mask=masks["sliding" if i in self._sliding else "full"],
+                    position_ids=position_ids,
+                    position_embeddings=position_embeddings,
+                )
+            if self.lm_head is not None:
+                hidden = self.lm_head(self.norm(hidden)).float()
+            return hidden
+        finally:
+            self.context.batch = None
+
+
+def build_stage(
+    model_dir: str | Path,
+    spec: StageSpec | None = None,
+    *,
+    dtype: str = "float32",
+    quantize: str = "none",
+    lora_path: str = "auto",
+    device: str | torch.device = "cpu",
+) -> StageModel:
+    """Build one stage from a local Hugging Face directory, reading only this stage's tensors."""
+    model_dir = Path(model_dir)
+    config = read_model_config(model_dir)
+    if spec is None:
+        spec = StageSpec.whole(config.num_hidden_layers)
+    if not 0 <= spec.first_layer < spec.last_layer <= config.num_hidden_layers:
+        raise ModelError(
+            f"{model_dir}: stage layers [{spec.first_layer}, {spec.last_layer}) outside the model's "
+            f"{config.num_hidden_layers} layers"
+        )
+    if quantize != "none":
+        raise ModelError(f"model.quantize: {quantize!r} is not available yet; use 'none'")
+    stage = StageModel(config, spec, DTYPES[dtype], lora_path=lora_path)
+    stage.load_base(SafetensorsIndex(model_dir))
+    return stage.to(device)

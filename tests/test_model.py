@@ -1,0 +1,166 @@
+"""The stage model against independent references: transformers' own model and peft."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import safetensors
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from mlora_pp.lora import LoRABatch, LoRASegment
+from mlora_pp.model import StageSpec, build_stage
+from mlora_pp.peft_format import AdapterSpec, save_adapter
+from mlora_pp.tiny import make_tiny_model
+
+ADAPTERS = [  # name, rank, alpha, targets
+    ("a", 4, 8.0, ["q_proj", "v_proj"]),
+    ("b", 8, 32.0, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    ("c", 12, 6.0, ["o_proj", "down_proj", "up_proj"]),
+]
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+def model_dir(request, tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp(request.param) / "m", arch=request.param, seed=3)
+
+
+def randomize(stage, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in stage.lora_modules().values():
+            for name in module.adapters():
+                module.lora_A[name].copy_(torch.randn(module.lora_A[name].shape, generator=gen) * 0.2)
+                module.lora_B[name].copy_(torch.randn(module.lora_B[name].shape, generator=gen) * 0.2)
+
+
+def hf_model(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return model.eval()
+
+
+def peft_with_weights(model_dir, stage, name, rank, alpha, targets):
+    """A peft model on transformers' own LlamaForCausalLM carrying our adapter's weights."""
+    model = get_peft_model(
+        hf_model(model_dir), LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+    )
+    ours = stage.adapter_state(name)
+    loaded = 0
+    with torch.no_grad():
+        for path, (a, b) in ours.items():
+            module = model.base_model.model.model.get_submodule(path)
+            module.lora_A["default"].weight.copy_(a)
+            module.lora_B["default"].weight.copy_(b)
+            loaded += 1
+    assert loaded == len(targets) * model.base_model.model.config.num_hidden_layers
+    return model.eval()
+
+
+def test_stage_without_adapters_equals_transformers(model_dir):
+    stage = build_stage(model_dir)
+    ids = torch.randint(3, stage.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        ours = stage(ids, None)
+        ref = hf_model(model_dir)(input_ids=ids).logits
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_three_fused_adapters_equal_three_peft_models(model_dir):
+    stage = build_stage(model_dir)
+    for name, rank, alpha, targets in ADAPTERS:
+        stage.add_adapter(name, rank, alpha, 0.0, targets, seed=1)
+    randomize(stage)
+    gen = torch.Generator().manual_seed(5)
+    lengths = {"a": [9, 5], "b": [12, 12, 3], "c": [7]}
+    rows, segments, start = [], [], 0
+    for name, *_ in ADAPTERS:
+        for n in lengths[name]:
+            rows.append(torch.randint(3, stage.config.vocab_size, (n,), generator=gen))
+        segments.append(LoRASegment(name, start, start + len(lengths[name]), tuple(range(len(lengths[name])))))
+        start += len(lengths[name])
+    longest = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    with torch.no_grad():
+        fused = stage(ids, LoRABatch(tuple(segments), longest, training=False))
+    for (name, rank, alpha, targets), seg in zip(ADAPTERS, segments):
+        ref_model = peft_with_weights(model_dir, stage, name, rank, alpha, targets)
+        for row in range(seg.row_start, seg.row_end):
+            n = len(rows[row])
+            with torch.no_grad():
+                ref = ref_model(input_ids=rows[row][None], labels=rows[row][None])
+            torch.testing.assert_close(fused[row, :n], ref.logits[0], rtol=1e-5, atol=1e-5)
+            ours_loss = torch.nn.functional.cross_entropy(fused[row, : n - 1], rows[row][1:])
+            torch.testing.assert_close(ours_loss, ref.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_saved_adapter_loads_in_peft_and_reproduces_logits(model_dir, tmp_path):
+    stage = build_stage(model_dir)
+    name, rank, alpha, targets = ADAPTERS[1]
+    stage.add_adapter(name, rank, alpha, 0.1, targets, seed=2)
+    randomize(stage, seed=9)
+    spec = AdapterSpec(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.1,
+                       base_model_name_or_path=str(model_dir))
+    save_adapter(tmp_path / name, spec, stage.adapter_state(name))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(hf_model(model_dir), str(tmp_path / name)).eval()
+        load = peft_model.load_adapter(str(tmp_path / name), adapter_name="again")
+    key_warnings = [str(w.message) for w in caught if "key" in str(w.message).lower()]
+    assert not key_warnings, key_warnings  # peft warns about missing adapter keys
+    assert not load.missing_keys or all("lora" not in k for k in load.missing_keys)
+    assert not load.unexpected_keys, load.unexpected_keys
+    ids = torch.randint(3, stage.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        ours = stage(ids, LoRABatch((LoRASegment(name, 0, 2, (0, 1)),), 10, training=False))
+        ref = peft_model(input_ids=ids).logits
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_stage_reads_only_its_own_tensors(tmp_path, monkeypatch):
+    model_dir = make_tiny_model(tmp_path / "sharded", layers=4, seed=1, shard_size="300KB")
+    assert (model_dir / "model.safetensors.index.json").is_file()
+    read: list[str] = []
+    real_open = safetensors.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self._f = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self._inner = self._f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._f.__exit__(*exc)
+
+        def keys(self):
+            return self._inner.keys()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self._inner.get_tensor(name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    stage = build_stage(model_dir, StageSpec(2, 4, has_embedding=False, has_head=False))
+    assert read, "nothing was read"
+    assert all(n.startswith(("model.layers.2.", "model.layers.3.")) for n in read), read
+    assert len(read) == sum(1 for _ in stage.parameters())
+    # the last stage: layers 2..3 + norm + lm_head, still no embedding and no other layer
+    read.clear()
+    build_stage(model_dir, StageSpec(2, 4, has_embedding=False, has_head=True))
+    assert set(read) - {n for n in read if n.startswith(("model.layers.2.", "model.layers.3."))} == {
+        "model.norm.weight", "lm_head.weight"}
+
+
+def test_two_stages_compose_to_the_whole_model(tmp_path):
+    model_dir = make_tiny_model(tmp_path / "m", layers=4, seed=4)
+    whole = build_stage(model_dir)
+    first = build_stage(model_dir, StageSpec(0, 2, True, False))
+    last = build_stage(model_dir, StageSpec(2, 4, False, True))
+    ids = torch.randint(3, whole.config.vocab_size, (3, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(last(first(ids, None), None), whole(ids, None), rtol=1e-6, atol=1e-6)

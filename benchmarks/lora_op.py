@@ -43,6 +43,7 @@ TOKENS = 2048
 SEQ = 32
 VARIANTS = ("base", "ours-loop", "ours-grouped", "naive", "separate")
 RESULTS = Path(__file__).resolve().parent / "results" / "lora_op.json"
+QUICK_RESULTS = RESULTS.with_name("lora_op_quick.json")
 
 
 @dataclass
@@ -159,6 +160,18 @@ def _time_case(case: Case, warmup: int, repeats: int, seed: int) -> dict[str, li
     return times
 
 
+def _reference_gemm_ms() -> float:
+    """Median time of one 2048^3 fp32 matmul: a yardstick for how loaded the machine was."""
+    a = torch.randn(2048, 2048)
+    a @ a
+    ts = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        a @ a
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
 def _auto_path() -> str:
     """The path `auto` resolves to for the benchmark's fp32 CPU input."""
     m = BatchedLoRALinear(nn.Linear(512, 512), 512, 512, module_id=0, context=LoRAContext())
@@ -198,8 +211,9 @@ def _table(rows: list[dict], title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer cases and repeats (under a minute)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help=f"default {RESULTS} ({QUICK_RESULTS.name} with --quick)")
     args = parser.parse_args(argv)
+    out_path = args.out or (QUICK_RESULTS if args.quick else RESULTS)
 
     dims = (512, 2048)
     counts = (8,) if args.quick else (1, 4, 8, 16)
@@ -207,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup, repeats = (1, 5) if args.quick else (3, 15)
     ours_path = _auto_path()
     ours_key = f"ours-{ours_path}"
+    gemm_before = _reference_gemm_ms()
 
     results: list[dict] = []
     checks: list[dict] = []
@@ -267,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(ii) naive/ours delta {c['naive_over_ours_delta']:.2f}x >= 2: {'PASS' if c['ratio_pass'] else 'FAIL'}"
         )
 
+    gemm_after = _reference_gemm_ms()
+    print(f"reference 2048^3 fp32 matmul: {gemm_before:.1f} ms before, {gemm_after:.1f} ms after (machine load)")
     report = {
         "machine": {
             "cpu_count": os.cpu_count(),
@@ -275,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "platform": platform.platform(),
             "processor": platform.processor(),
+            "reference_gemm_ms_before": gemm_before,
+            "reference_gemm_ms_after": gemm_after,
         },
         "settings": {
             "quick": args.quick,
@@ -287,13 +306,14 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": warmup,
             "repeats": repeats,
             "naive_and_separate_dropout": "torch.nn.functional.dropout",
+            "delta": "median over rounds of (variant - base timed in the same round)",
         },
         "results": results,
         "checks": checks,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out_path}")
     return 0
 
 

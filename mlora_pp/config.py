@@ -24,7 +24,7 @@ DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 QUANTIZE: tuple[str, ...] = ("none", "nf4", "int8")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 LORA_PATHS: tuple[str, ...] = ("auto", "loop", "grouped")
-_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no '.': names key parameters and directories
 
 
 class ConfigError(ValueError):
@@ -218,7 +218,7 @@ def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> 
     for i, job in enumerate(cfg.jobs):
         at = f"jobs[{i}]"
         if not _JOB_NAME.match(job.name):
-            raise err(f"{at}.name", f"{job.name!r} must be letters, digits, '_', '-' or '.', starting with a letter or digit")
+            raise err(f"{at}.name", f"{job.name!r} must be letters, digits, '_' or '-', starting with a letter or digit")
         if job.name in seen:
             raise err(f"{at}.name", f"duplicate job name {job.name!r}")
         seen.add(job.name)

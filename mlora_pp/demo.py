@@ -14,13 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 
 from mlora_pp.config import load_config
 
 DEMO_CONFIG = Path("configs/demo.yaml")
 HELDOUT = Path("configs/data/heldout.json")
-TINY_ARGS = ["--layers", "4", "--hidden", "256", "--heads", "8", "--kv-heads", "4", "--intermediate", "512"]
+TINY_ARGS = ["--layers", "4", "--hidden", "256", "--heads", "8", "--kv-heads", "4", "--intermediate", "512", "--init-std", "0.06"]
 
 
 def ensure_model(model_dir: Path) -> None:
@@ -111,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     for job, (start, end) in loss_summary(cfg.output_dir / "metrics.jsonl").items():
         print(f"{job}: loss {start:.3f} -> {end:.3f}")
     show_generations(args.config, args.heldout)
-    print(f"adapters (PEFT format) are in {cfg.output_dir}/<job>/; try:\n"
-          f"  python -m mlora_pp.generate --model {cfg.model.path} --adapter {cfg.output_dir}/{cfg.jobs[0].name} "
-          f"--template alpaca \"Uppercase the words.\" --input \"hello world\"")
+    first = cfg.jobs[0]
+    print(f"adapters (PEFT format) are in {cfg.output_dir}/<job>/; try one yourself:\n"
+          f"  python -m mlora_pp.generate --model {cfg.model.path} --adapter {cfg.output_dir}/{first.name} "
+          f"--template {first.template} \"Uppercase the words.\" --input \"it is the\"")
     return 0
 
 

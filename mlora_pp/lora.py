@@ -13,7 +13,9 @@ sees the same dropout.
 Two implementations give the same results: ``loop`` (plain matmuls per segment) and ``grouped``
 (``torch._grouped_mm`` over all segments at once). In the grouped path, rows of segments whose
 adapter is not on this module are cut off when they lie before the first or after the last
-participating segment, and otherwise form a group with zero weights whose results are never read.
+participating segment, and otherwise form a group with zero weights whose results are never read
+(no gather/scatter copies of x). ``auto`` picks grouped on CUDA and loop on CPU, where grouped_mm
+is itself a loop of matmuls.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -385,7 +387,13 @@ def _loop_forward(plan: _Plan, x: Tensor, out: Tensor, As: list[Tensor], Bs: lis
     return saved
 
 
-def _loop_backward(plan, x, saved, dy, As, Bs, need_x, need_a, need_b):
+_Grads = tuple[Tensor | None, list[Tensor | None], list[Tensor | None]]
+
+
+def _loop_backward(
+    plan: _Plan, x: Tensor, saved: list[Tensor], dy: Tensor, As: list[Tensor], Bs: list[Tensor],
+    need_x: bool, need_a: bool, need_b: bool,
+) -> _Grads:
     n = len(plan.ranks)
     dA: list[Tensor | None] = [None] * n
     dB: list[Tensor | None] = [None] * n
@@ -471,7 +479,7 @@ def _grouped_dropped_x(plan: _Plan, x: Tensor, want_masks: bool) -> tuple[Tensor
     return xd, masks
 
 
-def _scale_rows(t: Tensor, plan: _Plan, factor) -> None:
+def _scale_rows(t: Tensor, plan: _Plan, factor: Callable[[_Group], float]) -> None:
     """Multiply each group's rows of t (a span-sized tensor) by factor(group), skipping factors of 1."""
     lo = plan.span[0]
     for g in plan.groups:
@@ -497,7 +505,10 @@ def _grouped_forward(plan: _Plan, x: Tensor, out: Tensor, As: list[Tensor], Bs: 
     return [s]
 
 
-def _grouped_backward(plan, x, saved, dy, As, Bs, need_x, need_a, need_b):
+def _grouped_backward(
+    plan: _Plan, x: Tensor, saved: list[Tensor], dy: Tensor, As: list[Tensor], Bs: list[Tensor],
+    need_x: bool, need_a: bool, need_b: bool,
+) -> _Grads:
     n = len(plan.ranks)
     (s,) = saved
     lo, hi = plan.span
@@ -506,7 +517,7 @@ def _grouped_backward(plan, x, saved, dy, As, Bs, need_x, need_a, need_b):
     dA: list[Tensor | None] = [None] * n
     dB: list[Tensor | None] = [None] * n
 
-    def collect(store: list[Tensor | None], per_group: Tensor, factor) -> None:
+    def collect(store: list[Tensor | None], per_group: Tensor, factor: Callable[[_Group], float]) -> None:
         """per_group [groups, rpad, k] -> each slot's [rank, k] block, times factor(group), summed."""
         for i, g in enumerate(plan.groups):
             if g.slot >= 0:
@@ -652,6 +663,8 @@ class BatchedLoRALinear(nn.Module):
                 f"input {tuple(x.shape)} does not match the batch: {batch.rows} rows of {batch.seq_len} tokens"
             )
         plan, names = self._plan(batch, x)
+        if not plan.groups:  # the participating segments are all empty
+            return self.base(x)
         x2d = x.reshape(-1, self.in_features).contiguous()
         out = self.base(x2d)
         weights = [self.lora_A[n] for n in names] + [self.lora_B[n] for n in names]

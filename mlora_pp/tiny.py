@@ -121,6 +121,7 @@ def build_config(
     vocab: int | None = None,
     arch: str = "llama",
     max_positions: int = 512,
+    init_std: float = 0.02,
 ) -> PreTrainedConfig:
     """Model config for ``arch`` whose vocabulary and special ids match ``tokenizer``."""
     if arch not in _CONFIG_CLASSES:
@@ -138,7 +139,7 @@ def build_config(
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=max_positions,
-        initializer_range=0.02,
+        initializer_range=init_std,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -164,12 +165,16 @@ def make_tiny_model(
     arch: str = "llama",
     max_positions: int = 512,
     shard_size: str | None = None,
+    init_std: float = 0.02,
 ) -> Path:
     """Write a random float32 model + tokenizer to ``out_dir`` and return the path.
 
     ``vocab`` defaults to the tokenizer's size; a larger value pads the
     embedding (as real checkpoints often do). ``shard_size`` (e.g. ``"200KB"``)
     produces a sharded checkpoint with ``model.safetensors.index.json``.
+    ``init_std`` is the weights' normal std: with RMSNorm bounding the final hidden
+    norm to sqrt(hidden), it caps the largest logit at about init_std * hidden, so a
+    model meant to be fine-tuned (the demo) needs more than the default 0.02.
     """
     out = Path(out_dir)
     tokenizer = build_tokenizer()
@@ -183,6 +188,7 @@ def make_tiny_model(
         vocab=vocab,
         arch=arch,
         max_positions=max_positions,
+        init_std=init_std,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -210,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arch", choices=sorted(_CONFIG_CLASSES), default="llama")
     p.add_argument("--max-positions", type=int, default=512)
+    p.add_argument("--init-std", type=float, default=0.02, help="std of the random weights")
     p.add_argument("--shard-size", default=None, help='e.g. "200KB" to write a sharded checkpoint')
     a = p.parse_args(argv)
     out = make_tiny_model(
@@ -224,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         arch=a.arch,
         max_positions=a.max_positions,
         shard_size=a.shard_size,
+        init_std=a.init_std,
     )
     print(out)
 

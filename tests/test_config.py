@@ -65,6 +65,12 @@ def test_bad_field_names_file_and_field(tmp_path, old, new, expected):
     assert expected in str(info.value)
 
 
+def test_job_name_with_dot_is_refused(tmp_path):
+    path = write(tmp_path, GOOD.replace("name: upper", "name: up.per"))
+    with pytest.raises(ConfigError, match=r"jobs\[0\].name: 'up.per' must be letters, digits"):
+        load_config(path)
+
+
 def test_duplicate_job_names(tmp_path):
     job = GOOD[GOOD.index("  - name: upper"):]
     path = write(tmp_path, GOOD + job)

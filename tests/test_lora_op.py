@@ -181,6 +181,30 @@ def test_no_batch_or_no_participant_is_base_only(path):
 
 
 @pytest.mark.parametrize("path", ["loop", "grouped"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_forward_without_autograd(path, mode):
+    base = _base(True)
+    module = _module(path, base)
+    batch = _batch(LAYOUTS["gap_at_ends"])
+    x = torch.randn(batch.rows, SEQ, IN, generator=_gen(1))
+    module.context.batch = batch
+    with getattr(torch, mode)():
+        y = module(x)
+    y_ref, *_ = _reference(base, module, batch, x, torch.zeros(batch.rows, SEQ, OUT))
+    _close(y, y_ref)
+
+
+def test_empty_participating_segment_is_base_only():
+    base = _base(True)
+    module = _module("loop", base)
+    x = torch.randn(2, SEQ, IN, generator=_gen(4))
+    module.context.batch = LoRABatch(
+        (LoRASegment("a", 0, 0, ()), LoRASegment("ghost", 0, 2, (1, 2))), seq_len=SEQ, training=True
+    )
+    assert torch.equal(module(x), base(x))
+
+
+@pytest.mark.parametrize("path", ["loop", "grouped"])
 def test_bf16_input_with_fp32_weights(path):
     base = _base(True, torch.bfloat16)
     module = _module(path, base)

@@ -1,6 +1,6 @@
 """Generate the demo fine-tuning data: three tiny Alpaca-style tasks.
 
-Writes ``upper.jsonl``, ``reverse.jsonl``, ``add.jsonl`` (one
+Writes ``upper.jsonl``, ``reverse.jsonl``, ``increment.jsonl`` (one
 ``{"instruction", "input", "output"}`` record per line) and ``heldout.json``
 (task -> 4 records whose inputs appear in no training file) next to this
 script, or into ``--out``. Deterministic: a fixed seed, so re-running
@@ -22,12 +22,17 @@ from mlora_pp.tiny import WORDS
 SEED = 1234
 N_TRAIN = 400
 N_HELDOUT = 4
+# Each task draws from its own small vocabulary. The demo's base model is random: its frozen
+# embedding and lm_head share no structure, so copying a word means learning an embed->unembed map
+# for every word, and a rank-16 adapter can learn that for about a dozen words, not for hundreds.
+UPPER_WORDS = WORDS[0:12]
+REVERSE_WORDS = WORDS[12:24]
 
 Record = dict[str, str]
 
 
 def _upper(rng: random.Random) -> Record:
-    words = rng.sample(WORDS, rng.randint(2, 4))
+    words = [rng.choice(UPPER_WORDS) for _ in range(3)]
     return {
         "instruction": "Uppercase the words.",
         "input": " ".join(words),
@@ -36,7 +41,7 @@ def _upper(rng: random.Random) -> Record:
 
 
 def _reverse(rng: random.Random) -> Record:
-    words = rng.sample(WORDS, rng.randint(3, 4))
+    words = rng.sample(REVERSE_WORDS, 3)
     return {
         "instruction": "Reverse the order of the words.",
         "input": " ".join(words),
@@ -44,25 +49,39 @@ def _reverse(rng: random.Random) -> Record:
     }
 
 
-def _add(rng: random.Random) -> Record:
-    a, b = rng.randint(0, 49), rng.randint(0, 49)
-    return {"instruction": "Add the two numbers.", "input": f"{a} + {b}", "output": str(a + b)}
+def _increment(rng: random.Random) -> Record:
+    digits = [rng.randint(0, 9) for _ in range(3)]
+    return {
+        "instruction": "Add one to each digit.",
+        "input": " ".join(str(d) for d in digits),
+        "output": " ".join(str((d + 1) % 10) for d in digits),
+    }
 
 
-TASKS: dict[str, Callable[[random.Random], Record]] = {"upper": _upper, "reverse": _reverse, "add": _add}
+# Two-digit addition was tried first: on this random base it plateaus at the loss of guessing the
+# answer's distribution and only sometimes learns within the demo's budget. Each task here is a
+# copy at a fixed offset plus a per-token map, which a rank-16 adapter learns in about 100 steps.
+TASKS: dict[str, Callable[[random.Random], Record]] = {"upper": _upper, "reverse": _reverse, "increment": _increment}
 
 
 def make_task(name: str, n_train: int = N_TRAIN, n_heldout: int = N_HELDOUT) -> tuple[list[Record], list[Record]]:
-    """Distinct records for one task: (train, heldout), no input shared between them."""
+    """(train, heldout) records of one task: held-out inputs are distinct and never in training.
+
+    Training records may repeat an input (a task such as single-digit addition has only 100).
+    """
     rng = random.Random(f"{SEED}-{name}")
-    seen: set[str] = set()
-    records: list[Record] = []
-    while len(records) < n_train + n_heldout:
+    heldout: list[Record] = []
+    while len(heldout) < n_heldout:
         rec = TASKS[name](rng)
-        if rec["input"] not in seen:
-            seen.add(rec["input"])
-            records.append(rec)
-    return records[:n_train], records[n_train:]
+        if rec["input"] not in {r["input"] for r in heldout}:
+            heldout.append(rec)
+    held_inputs = {r["input"] for r in heldout}
+    train: list[Record] = []
+    while len(train) < n_train:
+        rec = TASKS[name](rng)
+        if rec["input"] not in held_inputs:
+            train.append(rec)
+    return train, heldout
 
 
 def write_all(out_dir: Path, n_train: int = N_TRAIN) -> None:

@@ -1,0 +1,77 @@
+"""The demo and the public entry points, end to end through torchrun, at a small size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from mlora_pp.tiny import make_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_demo_config(tmp_path: Path, steps: int = 3) -> Path:
+    """configs/demo.yaml, pointed at a small model in tmp_path and capped at a few steps."""
+    raw = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
+    raw["model"]["path"] = str(make_tiny_model(tmp_path / "model", layers=2, init_std=0.06))
+    raw["output_dir"] = str(tmp_path / "out")
+    for job in raw["jobs"]:
+        job["data"] = str(ROOT / job["data"])
+        if job["template"].endswith((".yaml", ".json")):
+            job["template"] = str(ROOT / job["template"])
+        job["max_steps"] = steps
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    config = small_demo_config(tmp_path)
+    proc = run(["-m", "mlora_pp.demo", "--config", str(config), "--heldout", str(ROOT / "configs/data/heldout.json")],
+               cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    names = [job["name"] for job in yaml.safe_load(config.read_text())["jobs"]]
+    for name in names:
+        assert (out / name / "adapter_config.json").is_file()
+        assert (out / name / "adapter_model.safetensors").is_file()
+        assert f"task '{name}'" in proc.stdout  # the generations table of each task was printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({(r["job"], r["step"]) for r in records}) == sorted((n, s) for n in names for s in (1, 2, 3))
+
+
+def test_generate_cli_with_adapter_and_base(tmp_path):
+    config = small_demo_config(tmp_path, steps=1)
+    assert run(["-m", "launcher", str(config), "--no-live"], cwd=ROOT).returncode == 0
+    model = yaml.safe_load(config.read_text())["model"]["path"]
+    proc = run(["-m", "mlora_pp.generate", "--model", model, "--adapter", str(tmp_path / "out/upper"),
+                "--template", "alpaca", "--max-new-tokens", "4", "Uppercase the words.", "--input", "the of"], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("[upper]") == 1 and proc.stdout.count("[(base)]") == 1
+
+
+def test_bad_config_is_one_line_exit_2(tmp_path):
+    config = small_demo_config(tmp_path)
+    config.write_text(config.read_text().replace("rank: 16", "rank: -1", 1))
+    proc = run(["-m", "launcher", str(config)], cwd=ROOT)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "jobs[0].rank" in lines[0] and str(config) in lines[0]
+
+
+def test_missing_data_file_is_one_line_exit_2(tmp_path):
+    config = small_demo_config(tmp_path)
+    config.write_text(config.read_text().replace("upper.jsonl", "nope.jsonl"))
+    proc = run(["-m", "launcher", str(config)], cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "nope.jsonl" in proc.stderr

@@ -12,8 +12,10 @@ import sys
 from mlora_pp.config import ConfigError, load_config
 from mlora_pp.data import DataError
 from mlora_pp.model import ModelError
+from mlora_pp.transport import PipelineError
 
 EXIT_BAD_INPUT = 2
+EXIT_PIPELINE_FAILED = 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except PipelineError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_PIPELINE_FAILED
     for name, path in result.adapters.items():
         print(f"{name}: {result.steps[name]} steps, final loss {result.final_loss.get(name, float('nan')):.4f} -> {path}")
     print(f"done in {result.wall_s:.1f}s")

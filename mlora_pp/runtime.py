@@ -1,6 +1,9 @@
 """Executes one stage's action list: forwards, backwards and per-job optimizer steps.
 
-The schedule decides the order; the worker only runs it. A micro-batch's rows are laid out part
+The schedule decides the order; the worker only runs it. On a stage that is not the first, a
+forward first receives its input activation from the previous rank; on one that is not the last,
+it sends its output on, and the backward receives the output's gradient from the next rank and
+sends the input's gradient back. Only the last stage computes losses. A micro-batch's rows are laid out part
 by part (each part is one job's rows), right-padded to the longest row, and carried to the
 batched LoRA operator as `LoRASegment`s. The loss of each part is its summed token cross-entropy
 divided by the number of loss tokens of that job's whole step, so gradient accumulation and
@@ -21,6 +24,7 @@ from mlora_pp.job import AdapterJob
 from mlora_pp.lora import LoRABatch, LoRASegment
 from mlora_pp.model import StageModel
 from mlora_pp.schedule import Action, MicroBatch, Schedule
+from mlora_pp.transport import ACTIVATION, GRADIENT, StageTransport
 
 
 @dataclass
@@ -43,11 +47,14 @@ class TraceEvent:
     kind: str
     start: float
     end: float
+    wait: float = 0.0
+    """Seconds of [start, end) spent blocked on a peer rather than computing."""
 
 
 @dataclass
 class _InFlight:
-    loss: torch.Tensor
+    output: torch.Tensor  # loss (last stage) or output activation
+    input: torch.Tensor | None  # received activation (requires grad) on non-first stages
     part_losses: list[tuple[str, torch.Tensor, int, int]]  # job, CE sum, loss tokens, tokens
 
 
@@ -58,10 +65,25 @@ class StageWorker:
     stage: StageModel
     jobs: dict[str, AdapterJob]
     schedule: Schedule
+    stage_index: int = 0
+    transport: StageTransport | None = None
     device: torch.device = torch.device("cpu")
     on_step: Callable[[StepRecord], None] | None = None
+    after_action: Callable[[], None] | None = None
     trace: list[TraceEvent] = field(default_factory=list)
     _in_flight: dict[int, _InFlight] = field(default_factory=dict)
+
+    @property
+    def num_stages(self) -> int:
+        return self.schedule.num_stages
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_index == self.num_stages - 1
 
     def inputs(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, LoRABatch]:
         """Token ids and labels [rows, L] of a micro-batch, and its LoRA row layout."""
@@ -79,14 +101,27 @@ class StageWorker:
 
     def forward(self, mb: MicroBatch) -> None:
         input_ids, labels, batch = self.inputs(mb)
-        logits = self.stage(input_ids, batch)
-        total = logits.new_zeros(())
+        received = None
+        if self.is_first:
+            x = input_ids
+        else:
+            assert self.transport is not None
+            shape = (input_ids.shape[0], input_ids.shape[1], self.stage.config.hidden_size)
+            received = self.transport.recv(self.stage_index - 1, ACTIVATION, mb.id, shape).requires_grad_(True)
+            x = received
+        out = self.stage(x, batch)
+        if not self.is_last:
+            assert self.transport is not None
+            self.transport.send(out, self.stage_index + 1, ACTIVATION, mb.id)
+            self._in_flight[mb.id] = _InFlight(out, received, [])
+            return
+        total = out.new_zeros(())
         part_losses = []
         for segment, part in zip(batch.segments, mb.parts):
             job = self.jobs[part.job]
             plan = job.plans[part.step]
             rows = slice(segment.row_start, segment.row_end)
-            part_logits = logits[rows, :-1]
+            part_logits = out[rows, :-1]
             part_labels = labels[rows, 1:]
             ce = F.cross_entropy(
                 part_logits.reshape(-1, part_logits.shape[-1]),
@@ -98,11 +133,19 @@ class StageWorker:
             tokens = sum(len(ex.input_ids) for ex in job.rows(part.step, part.micro))
             loss_tokens = int((part_labels != IGNORE_INDEX).sum())
             part_losses.append((part.job, ce.detach(), loss_tokens, tokens))
-        self._in_flight[mb.id] = _InFlight(total, part_losses)
+        self._in_flight[mb.id] = _InFlight(total, received, part_losses)
 
     def backward(self, mb: MicroBatch) -> None:
         flight = self._in_flight.pop(mb.id)
-        flight.loss.backward()
+        if self.is_last:
+            flight.output.backward()
+        else:
+            assert self.transport is not None
+            grad = self.transport.recv(self.stage_index + 1, GRADIENT, mb.id, tuple(flight.output.shape))
+            torch.autograd.backward(flight.output, grad)
+        if not self.is_first:
+            assert self.transport is not None and flight.input is not None and flight.input.grad is not None
+            self.transport.send(flight.input.grad, self.stage_index - 1, GRADIENT, mb.id)
         for job_name, ce, loss_tokens, tokens in flight.part_losses:
             stats = self.jobs[job_name].stats
             stats.loss_sum += float(ce)
@@ -114,19 +157,21 @@ class StageWorker:
         assert job.steps_done == step, f"{job_name}: step {step} out of order (done {job.steps_done})"
         lr = job.optimizer_step()
         stats = job.stats
-        record = StepRecord(
-            job=job_name,
-            step=job.steps_done,
-            loss=stats.loss_sum / max(stats.loss_tokens, 1),
-            loss_tokens=stats.loss_tokens,
-            tokens=stats.tokens,
-            lr=lr,
-        )
         job.stats = type(stats)()
-        if self.on_step is not None:
-            self.on_step(record)
+        if self.is_last and self.on_step is not None:
+            self.on_step(
+                StepRecord(
+                    job=job_name,
+                    step=job.steps_done,
+                    loss=stats.loss_sum / max(stats.loss_tokens, 1),
+                    loss_tokens=stats.loss_tokens,
+                    tokens=stats.tokens,
+                    lr=lr,
+                )
+            )
 
     def run_action(self, action: Action) -> None:
+        waited = self.transport.waited_s if self.transport is not None else 0.0
         start = time.perf_counter()
         if action.kind == "F":
             mb = self.schedule.micro_batches[action.micro_batch]
@@ -139,8 +184,13 @@ class StageWorker:
         else:
             self.optimizer_step(action.job, action.step)
             name = f"S {action.job}:{action.step}"
-        self.trace.append(TraceEvent(name, action.kind, start, time.perf_counter()))
+        wait = (self.transport.waited_s - waited) if self.transport is not None else 0.0
+        self.trace.append(TraceEvent(name, action.kind, start, time.perf_counter(), wait))
+        if self.after_action is not None:
+            self.after_action()
 
-    def run(self, stage_index: int = 0) -> None:
-        for action in self.schedule.stages[stage_index]:
+    def run(self) -> None:
+        for action in self.schedule.stages[self.stage_index]:
             self.run_action(action)
+        if self.transport is not None:
+            self.transport.flush()

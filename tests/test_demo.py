@@ -47,7 +47,12 @@ def test_demo_runs_end_to_end(tmp_path):
         assert (out / name / "adapter_model.safetensors").is_file()
         assert f"task '{name}'" in proc.stdout  # the generations table of each task was printed
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert sorted({(r["job"], r["step"]) for r in records}) == sorted((n, s) for n in names for s in (1, 2, 3))
+    steps = [r for r in records if "job" in r]
+    assert sorted({(r["job"], r["step"]) for r in steps}) == sorted((n, s) for n in names for s in (1, 2, 3))
+    stages = [r for r in records if r.get("event") == "stage"]
+    assert [r["rank"] for r in stages] == [0] and 0 < stages[0]["utilization"] <= 1
+    trace = json.loads((out / "trace.json").read_text())["traceEvents"]
+    assert {e["cat"] for e in trace if e["ph"] == "X"} >= {"F", "B", "S"}
 
 
 def test_generate_cli_with_adapter_and_base(tmp_path):

@@ -1,0 +1,121 @@
+"""Point-to-point tensors between neighbouring stages, with headers and timeouts.
+
+Every tensor is preceded by a fixed-size header (kind, micro-batch id, shape, dtype), so a receiver
+checks what it got instead of reading garbage or hanging on a size mismatch. Messages between two
+ranks are matched in issue order (as NCCL does), which the schedule guarantees. Every wait has a
+timeout; a lost or silent peer becomes a `PipelineError` that names this rank, the peer and what
+was awaited.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+ACTIVATION = 0
+GRADIENT = 1
+METRICS = 2
+_KIND_NAMES = {ACTIVATION: "activation", GRADIENT: "gradient", METRICS: "metrics"}
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+_HEADER_LEN = 8
+
+
+class PipelineError(RuntimeError):
+    """A distributed wait that failed or timed out; the message says who waited for what."""
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: int
+    micro_batch: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def encode(self) -> torch.Tensor:
+        if len(self.shape) > _HEADER_LEN - 3:
+            raise ValueError(f"tensor rank {len(self.shape)} too high for the header")
+        values = [self.kind, self.micro_batch, _DTYPES.index(self.dtype), *self.shape]
+        values += [-1] * (_HEADER_LEN - len(values))
+        return torch.tensor(values, dtype=torch.int64)
+
+    @staticmethod
+    def decode(t: torch.Tensor) -> "Header":
+        values = t.tolist()
+        shape = tuple(v for v in values[3:] if v >= 0)
+        return Header(int(values[0]), int(values[1]), shape, _DTYPES[int(values[2])])
+
+
+def describe(kind: int, micro_batch: int) -> str:
+    return f"the {_KIND_NAMES.get(kind, kind)} of micro-batch {micro_batch}"
+
+
+class StageTransport:
+    """Sends to and receives from neighbour ranks; tensors travel on `device`, headers on the CPU group."""
+
+    def __init__(self, rank: int, timeout_s: float, device: torch.device, group: Any = None, header_group: Any = None):
+        self.rank = rank
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.timeout_s = timeout_s
+        self.device = device
+        self.group = group
+        self.header_group = header_group
+        self._pending_sends: list[tuple[Any, str, int, torch.Tensor]] = []
+        self.waited_s = 0.0
+        """Total time spent blocked on peers (not computing)."""
+
+    def _wait(self, work: Any, peer: int, what: str) -> None:
+        start = time.perf_counter()
+        try:
+            ok = work.wait(self.timeout)
+        except RuntimeError as exc:
+            text = str(exc).lower()
+            if "timeout" in text or "timed out" in text:
+                raise PipelineError(
+                    f"rank {self.rank}: timed out after {self.timeout_s:.0f}s waiting for {what} "
+                    f"(peer rank {peer} stopped answering)"
+                ) from None
+            raise PipelineError(f"rank {self.rank}: lost rank {peer} while waiting for {what} ({exc})") from None
+        finally:
+            self.waited_s += time.perf_counter() - start
+        if ok is False:
+            raise PipelineError(f"rank {self.rank}: timed out after {self.timeout_s:.0f}s waiting for {what} from rank {peer}")
+
+    def send(self, tensor: torch.Tensor, peer: int, kind: int, micro_batch: int) -> None:
+        """Post the header and the tensor; completion is checked later (`flush`) so compute overlaps."""
+        tensor = tensor.detach().contiguous()
+        header = Header(kind, micro_batch, tuple(tensor.shape), tensor.dtype).encode()
+        what = f"sending {describe(kind, micro_batch)} to rank {peer}"
+        self._pending_sends.append((dist.isend(header, peer, group=self.header_group), what, peer, header))
+        self._pending_sends.append((dist.isend(tensor, peer, group=self.group), what, peer, tensor))
+        self._reap()
+
+    def _reap(self) -> None:
+        """Drop completed sends so their buffers can be freed."""
+        while self._pending_sends and self._pending_sends[0][0].is_completed():
+            self._pending_sends.pop(0)
+
+    def recv(self, peer: int, kind: int, micro_batch: int, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Receive the next message from `peer`; it must be `kind` for `micro_batch` (and `shape` if given)."""
+        what = describe(kind, micro_batch)
+        raw = torch.empty(_HEADER_LEN, dtype=torch.int64)
+        self._wait(dist.irecv(raw, peer, group=self.header_group), peer, f"{what} from rank {peer}")
+        header = Header.decode(raw)
+        if header.kind != kind or header.micro_batch != micro_batch or (shape is not None and header.shape != tuple(shape)):
+            raise PipelineError(
+                f"rank {self.rank}: expected {what} {tuple(shape) if shape else ''} from rank {peer}, "
+                f"got {describe(header.kind, header.micro_batch)} {header.shape}: the ranks run different schedules"
+            )
+        out = torch.empty(header.shape, dtype=header.dtype, device=self.device)
+        self._wait(dist.irecv(out, peer, group=self.group), peer, f"{what} from rank {peer}")
+        return out
+
+    def flush(self) -> None:
+        """Wait for every posted send."""
+        for work, what, peer, _ in self._pending_sends:
+            self._wait(work, peer, what)
+        self._pending_sends.clear()

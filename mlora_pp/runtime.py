@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mlora_pp.data import IGNORE_INDEX, collate
+from mlora_pp.faults import Fault
 from mlora_pp.job import AdapterJob
 from mlora_pp.lora import LoRABatch, LoRASegment
 from mlora_pp.model import StageModel
@@ -99,6 +100,28 @@ class StageWorker:
         batch = LoRABatch(tuple(segments), seq_len=input_ids.shape[1], training=True)
         return input_ids.to(self.device), labels.to(self.device), batch
 
+    def activation_shape(self, mb: MicroBatch) -> tuple[int, int, int]:
+        """[rows, padded length, hidden] of the activations of `mb`: known on every rank from the data plan."""
+        rows = [ex for part in mb.parts for ex in self.jobs[part.job].rows(part.step, part.micro)]
+        return (len(rows), max(len(ex.input_ids) for ex in rows), self.stage.config.hidden_size)
+
+    def prefetch(self, actions: list[Action], index: int, depth: int = 2) -> None:
+        """Post the receives of the next `depth` forwards and backwards from `index` on."""
+        if self.transport is None:
+            return
+        want_f, want_b = (0 if self.is_first else depth), (0 if self.is_last else depth)
+        for action in actions[index:]:
+            if want_f == 0 and want_b == 0:
+                break
+            if action.kind == "F" and want_f:
+                mb = self.schedule.micro_batches[action.micro_batch]
+                self.transport.post(self.stage_index - 1, ACTIVATION, mb.id, self.activation_shape(mb), self.stage.dtype)
+                want_f -= 1
+            elif action.kind == "B" and want_b:
+                mb = self.schedule.micro_batches[action.micro_batch]
+                self.transport.post(self.stage_index + 1, GRADIENT, mb.id, self.activation_shape(mb), self.stage.dtype)
+                want_b -= 1
+
     def forward(self, mb: MicroBatch) -> None:
         input_ids, labels, batch = self.inputs(mb)
         received = None
@@ -106,9 +129,9 @@ class StageWorker:
             x = input_ids
         else:
             assert self.transport is not None
-            shape = (input_ids.shape[0], input_ids.shape[1], self.stage.config.hidden_size)
-            received = self.transport.recv(self.stage_index - 1, ACTIVATION, mb.id, shape).requires_grad_(True)
-            x = received
+            shape = self.activation_shape(mb)
+            received = self.transport.recv(self.stage_index - 1, ACTIVATION, mb.id, shape, self.stage.dtype)
+            x = received.requires_grad_(True)
         out = self.stage(x, batch)
         if not self.is_last:
             assert self.transport is not None
@@ -141,7 +164,7 @@ class StageWorker:
             flight.output.backward()
         else:
             assert self.transport is not None
-            grad = self.transport.recv(self.stage_index + 1, GRADIENT, mb.id, tuple(flight.output.shape))
+            grad = self.transport.recv(self.stage_index + 1, GRADIENT, mb.id, tuple(flight.output.shape), flight.output.dtype)
             torch.autograd.backward(flight.output, grad)
         if not self.is_first:
             assert self.transport is not None and flight.input is not None and flight.input.grad is not None
@@ -190,7 +213,12 @@ class StageWorker:
             self.after_action()
 
     def run(self) -> None:
-        for action in self.schedule.stages[self.stage_index]:
+        fault = Fault.from_environ()
+        actions = list(self.schedule.stages[self.stage_index])
+        for index, action in enumerate(actions):
+            if fault is not None:
+                fault.maybe_fire(self.stage_index, index)
+            self.prefetch(actions, index)
             self.run_action(action)
         if self.transport is not None:
             self.transport.flush()

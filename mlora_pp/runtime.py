@@ -153,8 +153,9 @@ class StageWorker:
                 reduction="sum",
             )
             total = total + ce / plan.loss_tokens
-            tokens = sum(len(ex.input_ids) for ex in job.rows(part.step, part.micro))
-            loss_tokens = int((part_labels != IGNORE_INDEX).sum())
+            rows_of_part = job.rows(part.step, part.micro)  # counts come from the data plan: no device sync
+            tokens = sum(len(ex.input_ids) for ex in rows_of_part)
+            loss_tokens = sum(ex.loss_tokens for ex in rows_of_part)
             part_losses.append((part.job, ce.detach(), loss_tokens, tokens))
         self._in_flight[mb.id] = _InFlight(total, received, part_losses)
 
@@ -171,7 +172,7 @@ class StageWorker:
             self.transport.send(flight.input.grad, self.stage_index - 1, GRADIENT, mb.id)
         for job_name, ce, loss_tokens, tokens in flight.part_losses:
             stats = self.jobs[job_name].stats
-            stats.loss_sum += float(ce)
+            stats.loss_sum = stats.loss_sum + ce  # stays on the device until the job's step
             stats.loss_tokens += loss_tokens
             stats.tokens += tokens
 
@@ -186,7 +187,7 @@ class StageWorker:
                 StepRecord(
                     job=job_name,
                     step=job.steps_done,
-                    loss=stats.loss_sum / max(stats.loss_tokens, 1),
+                    loss=float(stats.loss_sum) / max(stats.loss_tokens, 1),
                     loss_tokens=stats.loss_tokens,
                     tokens=stats.tokens,
                     lr=lr,

@@ -85,6 +85,20 @@ def check_jobs_fit_model(cfg: RunConfig, model_dir: Path) -> None:
             )
 
 
+def check_output_dir(cfg: RunConfig) -> None:
+    """Fail before any heavy work if the results could not be written."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{cfg.source}: output_dir: {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{cfg.source}: output_dir: cannot write to {out} ({exc.strerror or exc})") from None
+
+
 def attach_adapters(stage: StageModel, jobs: dict[str, AdapterJob], seed: int) -> None:
     for job in jobs.values():
         c = job.config
@@ -151,6 +165,8 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> TrainResult:
 
 def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | None) -> TrainResult:
     torch.manual_seed(cfg.seed)
+    if env.rank == 0:
+        check_output_dir(cfg)
     model_dir = Path(cfg.model.path)
     check_jobs_fit_model(cfg, model_dir)
     hf_config = read_model_config(model_dir)

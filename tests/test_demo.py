@@ -80,3 +80,11 @@ def test_missing_data_file_is_one_line_exit_2(tmp_path):
     config.write_text(config.read_text().replace("upper.jsonl", "nope.jsonl"))
     proc = run(["-m", "launcher", str(config)], cwd=ROOT)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "nope.jsonl" in proc.stderr
+
+
+def test_output_dir_that_is_a_file_is_one_line_exit_2(tmp_path):
+    config = small_demo_config(tmp_path)
+    (tmp_path / "out").write_text("not a directory")
+    proc = run(["-m", "launcher", str(config)], cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "output_dir:" in proc.stderr and "is not a directory" in proc.stderr

@@ -6,6 +6,10 @@ The stage reads only its own tensors from the safetensors files (`safe_open`, sh
 through `model.safetensors.index.json`) and never unpickles anything. Decoder layers, RoPE and
 attention are transformers' own; every projection an adapter may target is wrapped in a
 `BatchedLoRALinear`, so the frozen base GEMM runs once for the rows of all adapters.
+
+With ``quantize: nf4 | int8`` those projections are bitsandbytes modules (`mlora_pp.quantize`);
+tensors are then read and quantized one decoder layer at a time, so the full-precision weights of
+at most one layer are alive at once. Embedding, norms and lm_head stay in the model dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from mlora_pp.config import LORA_TARGETS
 from mlora_pp.lora import BatchedLoRALinear, LoRABatch, LoRAContext
+from mlora_pp.quantize import MODES as QUANTIZE_MODES
+from mlora_pp.quantize import QuantizeError, quantize_linear, release_freed_memory
 from mlora_pp.seeding import stable_seed
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,6 +53,12 @@ def _arch_classes(model_type: str) -> tuple[type, type, type]:
 
         return m.Qwen2DecoderLayer, m.Qwen2RMSNorm, m.Qwen2RotaryEmbedding
     raise ModelError(f"model_type {model_type!r} is not supported (supported: llama, mistral, qwen2)")
+
+
+def _is_projection(param_name: str) -> bool:
+    """Whether a stage parameter (``layers.3.self_attn.q_proj.weight``) belongs to a targetable projection."""
+    parts = param_name.split(".")
+    return len(parts) >= 4 and parts[0] == "layers" and parts[3] in LORA_TARGETS
 
 
 def module_path(layer: int, target: str) -> str:
@@ -121,8 +133,14 @@ class SafetensorsIndex:
 class StageModel(nn.Module):
     """Embedding? + decoder layers [first, last) + norm/lm_head?, with batched LoRA on every projection."""
 
-    def __init__(self, config: PretrainedConfig, spec: StageSpec, dtype: torch.dtype, lora_path: str = "auto"):
+    def __init__(
+        self, config: PretrainedConfig, spec: StageSpec, dtype: torch.dtype, lora_path: str = "auto",
+        quantize: str = "none",
+    ):
         super().__init__()
+        if quantize not in QUANTIZE_MODES:
+            raise ModelError(f"model.quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+        self.quantize = quantize
         layer_cls, norm_cls, rotary_cls = _arch_classes(config.model_type)
         self.config = config
         self.spec = spec
@@ -168,27 +186,61 @@ class StageModel(nn.Module):
                 names[ours] = ours
         return names
 
-    def load_base(self, index: SafetensorsIndex) -> None:
-        """Read this stage's frozen base tensors (and only those), then wrap the projections."""
+    def load_base(self, index: SafetensorsIndex, device: str | torch.device = "cpu") -> None:
+        """Read this stage's frozen base tensors (and only those), then wrap the projections.
+
+        Tensors are read one decoder layer at a time (embedding, norm and lm_head as one more
+        group); with quantization each layer's targeted projections are quantized on `device`
+        right after its tensors are read, before the next layer is read.
+        """
         names = self.tensor_names()
-        wanted = list(names)
         tied = self.spec.has_head and "lm_head.weight" not in index.files
-        if tied:
-            if not getattr(self.config, "tie_word_embeddings", False):
-                raise ModelError(f"{index.model_dir}: lm_head.weight is missing and embeddings are not tied")
-            wanted = [n for n in wanted if n != "lm_head.weight"] + ["model.embed_tokens.weight"]
-        tensors = index.read(sorted(set(wanted)))
-        state: dict[str, torch.Tensor] = {}
+        if tied and not getattr(self.config, "tie_word_embeddings", False):
+            raise ModelError(f"{index.model_dir}: lm_head.weight is missing and embeddings are not tied")
+        groups: dict[int | None, dict[str, str]] = {}
         for ckpt_name, ours in names.items():
-            source = "model.embed_tokens.weight" if (tied and ckpt_name == "lm_head.weight") else ckpt_name
-            state[ours] = tensors[source].to(self.dtype)
-        missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
-        missing = [m for m in missing if not m.startswith("rotary_emb.")]
-        if missing or unexpected:
-            raise ModelError(f"{index.model_dir}: stage weights mismatch: missing {missing}, unexpected {unexpected}")
+            layer = int(ours.split(".")[1]) if ours.startswith("layers.") else None
+            groups.setdefault(layer, {})[ckpt_name] = ours
+        expected = set(self.state_dict(keep_vars=True))
+        loaded: set[str] = set()
+
+        def source(ckpt_name: str) -> str:
+            return "model.embed_tokens.weight" if (tied and ckpt_name == "lm_head.weight") else ckpt_name
+
+        for layer, group in sorted(groups.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+            tensors = index.read(sorted({source(n) for n in group}))
+            state = {ours: tensors[source(ckpt)].to(self.dtype) for ckpt, ours in group.items()}
+            if self.quantize != "none":
+                # safetensors may hand out views of one memory map of the file; tensors we keep in
+                # full precision get their own storage so that the map, and the quantized layers'
+                # full-precision pages it keeps resident, go away once a layer is quantized.
+                state = {k: (v if _is_projection(k) else v.clone()) for k, v in state.items()}
+            del tensors
+            _, unexpected = self.load_state_dict(state, strict=False, assign=True)
+            if unexpected:
+                raise ModelError(f"{index.model_dir}: stage weights mismatch: unexpected {unexpected}")
+            loaded |= set(state)
+            del state
+            if layer is not None and self.quantize != "none":
+                self._quantize_layer(layer, device)
+                release_freed_memory()
+        missing = sorted(m for m in expected - loaded if not m.startswith("rotary_emb."))
+        if missing:
+            raise ModelError(f"{index.model_dir}: stage weights mismatch: missing {missing}, unexpected []")
         for p in self.parameters():
             p.requires_grad_(False)
         self._wrap_projections()
+
+    def _quantize_layer(self, layer: int, device: str | torch.device) -> None:
+        """Replace layer `layer`'s targetable projections by frozen bitsandbytes modules."""
+        parent_layer = self.layers[str(layer)]
+        for target in LORA_TARGETS:
+            parent = getattr(parent_layer, _ATTN.get(target, "mlp"))
+            try:
+                quantized = quantize_linear(getattr(parent, target), self.quantize, self.dtype, device)
+            except QuantizeError as exc:
+                raise ModelError(f"model.quantize: {exc}") from None
+            setattr(parent, target, quantized)  # drops the full-precision nn.Linear
 
     def _wrap_projections(self) -> None:
         for i in self.layers_range():
@@ -314,8 +366,6 @@ def build_stage(
             f"{model_dir}: stage layers [{spec.first_layer}, {spec.last_layer}) outside the model's "
             f"{config.num_hidden_layers} layers"
         )
-    if quantize != "none":
-        raise ModelError(f"model.quantize: {quantize!r} is not available yet; use 'none'")
-    stage = StageModel(config, spec, DTYPES[dtype], lora_path=lora_path)
-    stage.load_base(SafetensorsIndex(model_dir))
+    stage = StageModel(config, spec, DTYPES[dtype], lora_path=lora_path, quantize=quantize)
+    stage.load_base(SafetensorsIndex(model_dir), device=device)
     return stage.to(device)

@@ -46,10 +46,10 @@ def workspace(tmp_path_factory):
     return root, model, data
 
 
-def write_config(workspace, out: str, timeout_s: float = 60, **pipeline) -> Path:
+def write_config(workspace, out: str, timeout_s: float = 60, quantize: str = "none", **pipeline) -> Path:
     root, model, data = workspace
     raw = {
-        "model": {"path": str(model)},
+        "model": {"path": str(model), "quantize": quantize},
         "output_dir": str(root / out),
         "seed": 11,
         "pipeline": {"schedule": "lora", "timeout_s": timeout_s, **pipeline},
@@ -82,6 +82,16 @@ def test_pipeline_equals_single_rank(workspace, single_rank, stages, policy):
     assert {(r["job"], r["step"]) for r in records if "job" in r} == {
         ("alpha", s) for s in (1, 2, 3)} | {("beta", s) for s in (1, 2)} | {("gamma", s) for s in (1, 2, 3, 4)}
     assert (workspace[0] / out / "trace.json").is_file()
+
+
+def test_nf4_pipeline_equals_single_rank(workspace):
+    """QLoRA: each stage quantizes its own layers; 2 stages give the 1-rank nf4 adapters."""
+    single = write_config(workspace, "nf4-single", quantize="nf4")
+    train(parse_config(yaml.safe_load(single.read_text()), single), progress=False)
+    proc = torchrun(2, write_config(workspace, "nf4-two", quantize="nf4"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for job in JOBS:
+        assert_adapters_equal(adapter(workspace[0] / "nf4-two", job["name"]), adapter(workspace[0] / "nf4-single", job["name"]))
 
 
 def test_two_torchrun_agents_multi_node(workspace, single_rank):

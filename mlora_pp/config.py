@@ -51,6 +51,8 @@ class PipelineConfig:
     """Fuse micro-batches of different jobs into one (the batched LoRA operator runs them together)."""
     lora_path: str = "auto"
     """Batched LoRA operator path: grouped (torch._grouped_mm), loop, or auto."""
+    recompute: bool = False
+    """Recompute each stage's forward in backward instead of keeping its activations."""
 
 
 @dataclass

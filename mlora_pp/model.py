@@ -20,6 +20,7 @@ from pathlib import Path
 
 import safetensors
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -158,6 +159,9 @@ class StageModel(nn.Module):
                 nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype) if spec.has_head else None
             )
         self.rotary_emb = rotary_cls(config=config)
+        self.recompute = False
+        """Activation checkpointing: keep each decoder layer's input only and recompute the layer in
+        backward. Exact, because dropout masks are pure functions of the batch, not of RNG state."""
         self._lora_path = lora_path
         self._sliding = self._sliding_layers()
 
@@ -320,6 +324,16 @@ class StageModel(nn.Module):
             masks["sliding"] = create_sliding_window_causal_mask(**kwargs)
         return masks
 
+    def _run_layer(self, index: int, hidden: torch.Tensor, batch: LoRABatch | None, **kwargs) -> torch.Tensor:
+        """One decoder layer with its LoRA batch set: checkpointing replays this in backward, after
+        the forward has already cleared the batch."""
+        previous = self.context.batch
+        self.context.batch = batch
+        try:
+            return self.layers[str(index)](hidden, **kwargs)
+        finally:
+            self.context.batch = previous
+
     def forward(self, inputs: torch.Tensor, batch: LoRABatch | None) -> torch.Tensor:
         """Token ids [rows, L] (first stage) or hidden states [rows, L, d] -> hidden states or fp32 logits.
 
@@ -334,12 +348,17 @@ class StageModel(nn.Module):
             position_embeddings = self.rotary_emb(hidden, position_ids)
             masks = self._masks(hidden, position_ids)
             for i in self.layers_range():
-                hidden = self.layers[str(i)](
-                    hidden,
+                kwargs = dict(
                     attention_mask=masks["sliding" if i in self._sliding else "full"],
                     position_ids=position_ids,
                     position_embeddings=position_embeddings,
                 )
+                if self.recompute and torch.is_grad_enabled():
+                    hidden = torch.utils.checkpoint.checkpoint(
+                        self._run_layer, i, hidden, batch, use_reentrant=False, **kwargs
+                    )
+                else:
+                    hidden = self.layers[str(i)](hidden, **kwargs)
             if self.lm_head is not None:
                 hidden = self.lm_head(self.norm(hidden)).float()
             return hidden

@@ -132,12 +132,19 @@ class StageWorker:
             shape = self.activation_shape(mb)
             received = self.transport.recv(self.stage_index - 1, ACTIVATION, mb.id, shape, self.stage.dtype)
             x = received.requires_grad_(True)
-        out = self.stage(x, batch)
+        out, total, part_losses = self._compute(mb, x, labels, batch)
         if not self.is_last:
             assert self.transport is not None
             self.transport.send(out, self.stage_index + 1, ACTIVATION, mb.id)
-            self._in_flight[mb.id] = _InFlight(out, received, [])
-            return
+        self._in_flight[mb.id] = _InFlight(total if self.is_last else out, received, part_losses)
+
+    def _compute(
+        self, mb: MicroBatch, x: torch.Tensor, labels: torch.Tensor, batch: LoRABatch
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[str, torch.Tensor, int, int]]]:
+        """The stage's forward; on the last stage also each part's loss over its job's step tokens."""
+        out = self.stage(x, batch)
+        if not self.is_last:
+            return out, None, []
         total = out.new_zeros(())
         part_losses = []
         for segment, part in zip(batch.segments, mb.parts):
@@ -157,16 +164,17 @@ class StageWorker:
             tokens = sum(len(ex.input_ids) for ex in rows_of_part)
             loss_tokens = sum(ex.loss_tokens for ex in rows_of_part)
             part_losses.append((part.job, ce.detach(), loss_tokens, tokens))
-        self._in_flight[mb.id] = _InFlight(total, received, part_losses)
+        return out, total, part_losses
 
     def backward(self, mb: MicroBatch) -> None:
         flight = self._in_flight.pop(mb.id)
+        output = flight.output
         if self.is_last:
-            flight.output.backward()
+            output.backward()
         else:
             assert self.transport is not None
-            grad = self.transport.recv(self.stage_index + 1, GRADIENT, mb.id, tuple(flight.output.shape), flight.output.dtype)
-            torch.autograd.backward(flight.output, grad)
+            grad = self.transport.recv(self.stage_index + 1, GRADIENT, mb.id, tuple(output.shape), output.dtype)
+            torch.autograd.backward(output, grad)
         if not self.is_first:
             assert self.transport is not None and flight.input is not None and flight.input.grad is not None
             self.transport.send(flight.input.grad, self.stage_index - 1, GRADIENT, mb.id)

@@ -180,6 +180,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
 
     stage = build_stage(model_dir, specs[env.rank], dtype=cfg.model.dtype, quantize=cfg.model.quantize,
                         lora_path=cfg.pipeline.lora_path, device=device)
+    stage.recompute = cfg.pipeline.recompute
     attach_adapters(stage, jobs, cfg.seed)
 
     is_rank0, last = env.rank == 0, env.world - 1

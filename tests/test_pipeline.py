@@ -84,6 +84,13 @@ def test_pipeline_equals_single_rank(workspace, single_rank, stages, policy):
     assert (workspace[0] / out / "trace.json").is_file()
 
 
+def test_recompute_pipeline_equals_single_rank(workspace, single_rank):
+    proc = torchrun(2, write_config(workspace, "recompute-two", recompute=True))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for job in JOBS:
+        assert_adapters_equal(adapter(workspace[0] / "recompute-two", job["name"]), adapter(single_rank, job["name"]))
+
+
 def test_nf4_pipeline_equals_single_rank(workspace):
     """QLoRA: each stage quantizes its own layers; 2 stages give the 1-rank nf4 adapters."""
     single = write_config(workspace, "nf4-single", quantize="nf4")

@@ -1,0 +1,20 @@
+"""Benchmark scripts stay runnable: their smoke modes run the same code path at a tiny size."""
+
+from benchmarks import gpu
+
+
+def test_gpu_benchmark_smoke_runs_on_any_device(capsys):
+    assert gpu.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "1 jobs:" in out and "2 jobs:" in out and "tokens/s" in out
+
+
+def test_flops_formula_counts_frozen_base_as_4n():
+    from mlora_pp.tiny import build_config, build_tokenizer
+
+    config = build_config(build_tokenizer(), layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256)
+    f = gpu.flops_per_token(config, rank=8, seq=32)
+    n_lin = 2 * (128 * 128 * 2 + 128 * 64 * 2 + 3 * 128 * 256) + 128 * config.vocab_size
+    assert f["base"] == 4 * n_lin
+    assert f["lora_per_job_token"] == 2 * 6 * 8 * ((128 + 128) * 2 + (128 + 64) * 2 + (128 + 256) * 2 + (256 + 128))
+    assert f["attn"] == 6 * 2 * 32 * 128

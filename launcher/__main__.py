@@ -7,6 +7,8 @@ shows it).
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 from mlora_pp.config import ConfigError, load_config
@@ -24,6 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     parser.add_argument("--no-live", action="store_true", help="plain log lines instead of the live table")
     args = parser.parse_args(argv)
+
+    def stopped_by_launcher(signum, frame):
+        # torchrun sends SIGTERM to every rank once one rank has failed; its own report names that rank.
+        raise PipelineError(
+            f"rank {os.environ.get('RANK', '0')}: stopped by the launcher because another rank failed "
+            "(the launcher's failure report names it)"
+        )
+
+    signal.signal(signal.SIGTERM, stopped_by_launcher)
     try:
         from mlora_pp.training import train
 

@@ -27,15 +27,22 @@ def _encode(record: StepRecord) -> torch.Tensor:
 class RecordSender:
     """On the last stage: ship each finished step's record to rank 0."""
 
-    def __init__(self, job_index: dict[str, int], group: Any, dst: int = 0):
+    def __init__(self, job_index: dict[str, int], group: Any, rank: int, dst: int = 0):
         self.job_index = job_index
+        self.rank = rank
         self.group = group
         self.dst = dst
         self._pending: list[tuple[Any, torch.Tensor]] = []
 
     def __call__(self, record: StepRecord) -> None:
         payload = _encode(record)
-        self._pending.append((dist.isend(payload, self.dst, group=self.group, tag=self.job_index[record.job]), payload))
+        try:
+            work = dist.isend(payload, self.dst, group=self.group, tag=self.job_index[record.job])
+        except RuntimeError as exc:
+            raise PipelineError(
+                f"rank {self.rank}: lost rank {self.dst} while sending the step records of {record.job!r} ({exc})"
+            ) from None
+        self._pending.append((work, payload))
 
     def flush(self, timeout_s: float, rank: int) -> None:
         for work, _ in self._pending:
@@ -62,7 +69,11 @@ class RecordInbox:
     def _post(self, name: str) -> None:
         if self.remaining[name] > 0:
             buf = torch.empty(_FIELDS, dtype=torch.float64)
-            self._posted[name] = (dist.irecv(buf, self.src, group=self.group, tag=self.names.index(name)), buf)
+            try:
+                work = dist.irecv(buf, self.src, group=self.group, tag=self.names.index(name))
+            except RuntimeError as exc:
+                raise PipelineError(f"rank 0: lost rank {self.src} while waiting for the step records of {name!r} ({exc})") from None
+            self._posted[name] = (work, buf)
 
     def _take(self, name: str) -> None:
         _, buf = self._posted.pop(name)

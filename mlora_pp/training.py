@@ -213,7 +213,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     if env.world == 1:
         on_step = deliver
     elif env.rank == last:
-        on_step = sender = RecordSender(job_index, records)
+        on_step = sender = RecordSender(job_index, records, env.rank)
     else:
         on_step = None
     if env.world > 1 and is_rank0:

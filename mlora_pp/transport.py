@@ -69,6 +69,13 @@ class StageTransport:
         self.waited_s = 0.0
         """Total time spent blocked on peers (not computing)."""
 
+    def _post(self, op: Any, tensor: torch.Tensor, peer: int, group: Any, what: str) -> Any:
+        """Issue an isend/irecv; a peer already gone fails here, not only in the wait."""
+        try:
+            return op(tensor, peer, group=group)
+        except RuntimeError as exc:
+            raise PipelineError(f"rank {self.rank}: lost rank {peer} while {what} ({exc})") from None
+
     def _wait(self, work: Any, peer: int, what: str) -> None:
         start = time.perf_counter()
         try:
@@ -91,14 +98,15 @@ class StageTransport:
         tensor = tensor.detach().contiguous()
         header = Header(kind, micro_batch, tuple(tensor.shape), tensor.dtype).encode()
         what = f"sending {describe(kind, micro_batch)} to rank {peer}"
-        self._pending_sends.append((dist.isend(header, peer, group=self.header_group), what, peer, header))
-        self._pending_sends.append((dist.isend(tensor, peer, group=self.group), what, peer, tensor))
+        self._pending_sends.append((self._post(dist.isend, header, peer, self.header_group, what), what, peer, header))
+        self._pending_sends.append((self._post(dist.isend, tensor, peer, self.group, what), what, peer, tensor))
         self._reap()
 
     def _reap(self) -> None:
-        """Drop completed sends so their buffers can be freed."""
+        """Drop completed sends so their buffers can be freed (a failed one raises in its wait)."""
         while self._pending_sends and self._pending_sends[0][0].is_completed():
-            self._pending_sends.pop(0)
+            work, what, peer, _ = self._pending_sends.pop(0)
+            self._wait(work, peer, what)
 
     def post(self, peer: int, kind: int, micro_batch: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """Post the receives of an expected message now, so it lands while this rank computes.
@@ -111,8 +119,9 @@ class StageTransport:
             return
         raw = torch.empty(_HEADER_LEN, dtype=torch.int64)
         out = torch.empty(shape, dtype=dtype, device=self.device)
-        header_work = dist.irecv(raw, peer, group=self.header_group)
-        tensor_work = dist.irecv(out, peer, group=self.group)
+        what = f"posting the receive of {describe(kind, micro_batch)} from rank {peer}"
+        header_work = self._post(dist.irecv, raw, peer, self.header_group, what)
+        tensor_work = self._post(dist.irecv, out, peer, self.group, what)
         self._posted[key] = (header_work, raw, tensor_work, out)
 
     def recv(self, peer: int, kind: int, micro_batch: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -28,11 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def stopped_by_launcher(signum, frame):
-        # torchrun sends SIGTERM to every rank once one rank has failed; its own report names that rank.
-        raise PipelineError(
-            f"rank {os.environ.get('RANK', '0')}: stopped by the launcher because another rank failed "
-            "(the launcher's failure report names it)"
-        )
+        rank = os.environ.get("RANK", "0")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # torchrun sends SIGTERM to every rank once one rank has failed; its own report names that rank.
+            raise PipelineError(
+                f"rank {rank}: stopped by the launcher because another rank failed "
+                "(the launcher's failure report names it)"
+            )
+        raise PipelineError(f"rank {rank}: stopped by SIGTERM")
 
     signal.signal(signal.SIGTERM, stopped_by_launcher)
     try:

@@ -88,3 +88,20 @@ def test_output_dir_that_is_a_file_is_one_line_exit_2(tmp_path):
     proc = run(["-m", "launcher", str(config)], cwd=ROOT)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "output_dir:" in proc.stderr and "is not a directory" in proc.stderr
+
+
+def test_sigterm_ends_a_single_rank_run_with_one_line(tmp_path):
+    import signal
+    import time
+
+    config = small_demo_config(tmp_path, steps=500)
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", str(config), "--no-live"], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "out" / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # wait until training has started
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "error: rank 0: stopped by SIGTERM"

@@ -12,6 +12,8 @@ Every problem with user data raises `DataError` whose message names the file and
 
 from __future__ import annotations
 
+import functools
+
 import json
 import logging
 import string
@@ -261,9 +263,9 @@ class Example:
         if len(self.input_ids) != len(self.labels):
             raise ValueError(f"input_ids ({len(self.input_ids)}) and labels ({len(self.labels)}) differ in length")
 
-    @property
+    @functools.cached_property
     def loss_tokens(self) -> int:
-        """Number of positions that carry loss (``labels[1:] != IGNORE_INDEX``)."""
+        """Number of positions that carry loss (``labels[1:] != IGNORE_INDEX``); computed once."""
         return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
 
 

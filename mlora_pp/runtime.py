@@ -105,22 +105,17 @@ class StageWorker:
         rows = [ex for part in mb.parts for ex in self.jobs[part.job].rows(part.step, part.micro)]
         return (len(rows), max(len(ex.input_ids) for ex in rows), self.stage.config.hidden_size)
 
-    def prefetch(self, actions: list[Action], index: int, depth: int = 2) -> None:
-        """Post the receives of the next `depth` forwards and backwards from `index` on."""
-        if self.transport is None:
-            return
-        want_f, want_b = (0 if self.is_first else depth), (0 if self.is_last else depth)
-        for action in actions[index:]:
-            if want_f == 0 and want_b == 0:
-                break
-            if action.kind == "F" and want_f:
-                mb = self.schedule.micro_batches[action.micro_batch]
-                self.transport.post(self.stage_index - 1, ACTIVATION, mb.id, self.activation_shape(mb), self.stage.dtype)
-                want_f -= 1
-            elif action.kind == "B" and want_b:
-                mb = self.schedule.micro_batches[action.micro_batch]
-                self.transport.post(self.stage_index + 1, GRADIENT, mb.id, self.activation_shape(mb), self.stage.dtype)
-                want_b -= 1
+    def prefetch(self, expected: list[tuple[int, int, int]], done: int, posted: int, depth: int = 2) -> int:
+        """Post receives of `expected` ((peer, kind, micro-batch), in schedule order) until `depth`
+        are outstanding beyond the `done` already consumed; returns the new count posted. Each
+        receive is posted exactly once, in the order the peer sends."""
+        assert self.transport is not None
+        while posted < min(len(expected), done + depth):
+            peer, kind, mb_id = expected[posted]
+            mb = self.schedule.micro_batches[mb_id]
+            self.transport.post(peer, kind, mb_id, self.activation_shape(mb), self.stage.dtype)
+            posted += 1
+        return posted
 
     def forward(self, mb: MicroBatch) -> None:
         input_ids, labels, batch = self.inputs(mb)
@@ -224,10 +219,23 @@ class StageWorker:
     def run(self) -> None:
         fault = Fault.from_environ()
         actions = list(self.schedule.stages[self.stage_index])
+        streams: list[list[tuple[int, int, int]]] = []  # expected receives: activations, gradients
+        if self.transport is not None:
+            if not self.is_first:
+                streams.append([(self.stage_index - 1, ACTIVATION, a.micro_batch) for a in actions if a.kind == "F"])
+            if not self.is_last:
+                streams.append([(self.stage_index + 1, GRADIENT, a.micro_batch) for a in actions if a.kind == "B"])
+        kind_of = {ACTIVATION: "F", GRADIENT: "B"}
+        done = [0] * len(streams)
+        posted = [0] * len(streams)
         for index, action in enumerate(actions):
             if fault is not None:
                 fault.maybe_fire(self.stage_index, index)
-            self.prefetch(actions, index)
+            for k, stream in enumerate(streams):
+                posted[k] = self.prefetch(stream, done[k], posted[k])
             self.run_action(action)
+            for k, stream in enumerate(streams):
+                if done[k] < len(stream) and action.kind == kind_of[stream[done[k]][1]]:
+                    done[k] += 1
         if self.transport is not None:
             self.transport.flush()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_training import JOBS, adapter, assert_adapters_equal, write_dataset
+from test_training import JOBS, adapter, assert_adapters_equal, make_raw, write_dataset
 
 from mlora_pp.config import parse_config
 from mlora_pp.tiny import make_tiny_model
@@ -48,15 +48,9 @@ def workspace(tmp_path_factory):
 
 
 def write_config(workspace, out: str, timeout_s: float = 60, quantize: str = "none", **pipeline) -> Path:
-    root, model, data = workspace
-    raw = {
-        "model": {"path": str(model), "quantize": quantize},
-        "output_dir": str(root / out),
-        "seed": 11,
-        "pipeline": {"schedule": "lora", "timeout_s": timeout_s, **pipeline},
-        "jobs": [dict(job, data=str(data[job["name"]]), max_seq_len=64) for job in JOBS],
-    }
-    path = root / f"{out}.yaml"
+    raw = make_raw(workspace, JOBS, out, model={"quantize": quantize},
+                   **{"schedule": "lora", "timeout_s": timeout_s, **pipeline})
+    path = workspace[0] / f"{out}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 

@@ -47,16 +47,20 @@ def workspace(tmp_path_factory):
     return root, model, data
 
 
-def make_cfg(workspace, jobs, out: str, **pipeline):
-    root, model, data = workspace
-    raw = {
-        "model": {"path": str(model)},
+def make_raw(workspace, jobs, out: str, model: dict | None = None, **pipeline) -> dict:
+    """The YAML mapping of a test run (shared with the multi-process tests)."""
+    root, model_dir, data = workspace
+    return {
+        "model": {"path": str(model_dir), **(model or {})},
         "output_dir": str(root / out),
         "seed": 11,
         "pipeline": pipeline or {"schedule": "lora"},
         "jobs": [dict(job, data=str(data[job["name"]]), max_seq_len=64) for job in jobs],
     }
-    return parse_config(raw, "test.yaml")
+
+
+def make_cfg(workspace, jobs, out: str, **pipeline):
+    return parse_config(make_raw(workspace, jobs, out, **pipeline), "test.yaml")
 
 
 def adapter(out_dir: Path, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -16,6 +16,9 @@ machine. Targets, checked at 8 adapters for the path `auto` picks: (i) ours' del
 The naive and separate variants use `F.dropout` (torch's RNG); ours uses its hashed mask.
 
     python -m benchmarks.lora_op [--quick]
+    python -m benchmarks.lora_op --device cuda --dtype bfloat16 --tokens 8192 --dims 2048 4096
+
+On CUDA every variant is followed by a device synchronize inside its timed region.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class Case:
     d: int
     adapters: int
     dropout: float
+    tokens: int = TOKENS
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
 
 
 def _segment_rows(n: int, rows: int, seed: int) -> list[int]:
@@ -70,12 +76,14 @@ def _build(case: Case) -> dict[str, Callable[[], None]]:
     """One closure per variant, each running forward + backward once."""
     d, n, p = case.d, case.adapters, case.dropout
     gen = torch.Generator().manual_seed(0)
-    rows = TOKENS // SEQ
+    rows = case.tokens // SEQ
+    dev, dt = case.device, case.dtype
     base = nn.Linear(d, d, bias=False).requires_grad_(False)
     with torch.no_grad():
         base.weight.copy_(torch.randn(d, d, generator=gen) / d**0.5)
-    x = torch.randn(rows, SEQ, d, generator=gen).requires_grad_(True)
-    dy = torch.randn(rows, SEQ, d, generator=gen)
+    base = base.to(dev, dt)
+    x = torch.randn(rows, SEQ, d, generator=gen).to(dev, dt).requires_grad_(True)
+    dy = torch.randn(rows, SEQ, d, generator=gen).to(dev, dt)
     sizes = _segment_rows(n, rows, seed=n)
     bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(n)]
     names = [f"job{i}" for i in range(n)]
@@ -92,11 +100,11 @@ def _build(case: Case) -> dict[str, Callable[[], None]]:
         for i, name in enumerate(names):
             m.add_adapter(name, RANK, ALPHA, p, init_seed=i)
             with torch.no_grad():
-                m.lora_B[name].normal_(generator=gen).mul_(0.01)
-        modules[path] = m
+                m.lora_B[name].copy_(torch.randn(m.lora_B[name].shape, generator=gen) * 0.01)
+        modules[path] = m.to(dev)
     # Plain tensors for the naive and separate variants, same values as ours.
-    As = [modules["loop"].lora_A[nm].detach().clone().requires_grad_(True) for nm in names]
-    Bs = [modules["loop"].lora_B[nm].detach().clone().requires_grad_(True) for nm in names]
+    As = [modules["loop"].lora_A[nm].detach().to(dt).requires_grad_(True) for nm in names]
+    Bs = [modules["loop"].lora_B[nm].detach().to(dt).requires_grad_(True) for nm in names]
     scale = ALPHA / RANK
     xs_sep = [x[a:b].detach().clone().requires_grad_(True) for a, b in bounds]
 
@@ -145,9 +153,11 @@ def _build(case: Case) -> dict[str, Callable[[], None]]:
 
 def _time_case(case: Case, warmup: int, repeats: int, seed: int) -> dict[str, list[float]]:
     runs = _build(case)
+    sync = torch.cuda.synchronize if case.device == "cuda" else (lambda: None)
     for _ in range(warmup):
         for fn in runs.values():
             fn()
+    sync()
     times: dict[str, list[float]] = {v: [] for v in runs}
     order = list(runs)
     rng = random.Random(seed)
@@ -156,26 +166,30 @@ def _time_case(case: Case, warmup: int, repeats: int, seed: int) -> dict[str, li
         for v in order:
             t0 = time.perf_counter()
             runs[v]()
+            sync()
             times[v].append(time.perf_counter() - t0)
     return times
 
 
-def _reference_gemm_ms() -> float:
-    """Median time of one 2048^3 fp32 matmul: a yardstick for how loaded the machine was."""
-    a = torch.randn(2048, 2048)
+def _reference_gemm_ms(device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Median time of one 2048^3 matmul: a yardstick for how loaded the machine was."""
+    a = torch.randn(2048, 2048).to(device, dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     a @ a
+    sync()
     ts = []
     for _ in range(7):
         t0 = time.perf_counter()
         a @ a
+        sync()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts) * 1e3
 
 
-def _auto_path() -> str:
-    """The path `auto` resolves to for the benchmark's fp32 CPU input."""
+def _auto_path(device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+    """The path `auto` resolves to for the benchmark's input."""
     m = BatchedLoRALinear(nn.Linear(512, 512), 512, 512, module_id=0, context=LoRAContext())
-    return m.resolve_path(torch.zeros(1, 1, 512))
+    return m.resolve_path(torch.zeros(1, 1, 512, device=device, dtype=dtype))
 
 
 def _table(rows: list[dict], title: str) -> None:
@@ -212,16 +226,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer cases and repeats (under a minute)")
     parser.add_argument("--out", type=Path, default=None, help=f"default {RESULTS} ({QUICK_RESULTS.name} with --quick)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--tokens", type=int, default=TOKENS, help="tokens per call (multiple of 32)")
+    parser.add_argument("--dims", type=int, nargs="+", default=[512, 2048], help="layer widths d (d x d base)")
     args = parser.parse_args(argv)
-    out_path = args.out or (QUICK_RESULTS if args.quick else RESULTS)
+    dtype = getattr(torch, args.dtype)
+    default_out = QUICK_RESULTS if args.quick else RESULTS
+    if args.device != "cpu":
+        name = torch.cuda.get_device_name().replace(" ", "_") if args.device == "cuda" else args.device
+        default_out = default_out.with_name(f"{default_out.stem}-{name}-{args.dtype}.json")
+    out_path = args.out or default_out
 
-    dims = (512, 2048)
+    dims = tuple(args.dims)
     counts = (8,) if args.quick else (1, 4, 8, 16)
     dropouts = (0.0, 0.05)
     warmup, repeats = (1, 5) if args.quick else (3, 15)
-    ours_path = _auto_path()
+    ours_path = _auto_path(args.device, dtype)
     ours_key = f"ours-{ours_path}"
-    gemm_before = _reference_gemm_ms()
+    gemm_before = _reference_gemm_ms(args.device, dtype)
 
     results: list[dict] = []
     checks: list[dict] = []
@@ -229,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in dropouts:
             rows = []
             for n in counts:
-                case = Case(d, n, p)
+                case = Case(d, n, p, args.tokens, args.device, dtype)
                 times = _time_case(case, warmup, repeats, seed=d + n)
                 med = {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
                 delta = {
@@ -246,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                     "adapters": n,
                     "dropout": p,
                     "rank": RANK,
-                    "tokens": TOKENS,
+                    "tokens": args.tokens,
                     "median_ms": med,
                     "delta_ms": delta,
                     "all_ms": {v: [t * 1e3 for t in ts] for v, ts in times.items()},
@@ -271,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                             "ratio_pass": ratio >= 2.0,
                         }
                     )
-            _table(rows, f"d={d}, dropout={p}, rank={RANK}, {TOKENS} tokens, fp32, ms (median of {repeats})")
+            _table(rows, f"d={d}, dropout={p}, rank={RANK}, {args.tokens} tokens, {args.dtype} on {args.device}, "
+                         f"ms (median of {repeats})")
 
     print(f"targets at 8 adapters, ours = auto path ({ours_path}):")
     for c in checks:
@@ -282,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(ii) naive/ours delta {c['naive_over_ours_delta']:.2f}x >= 2: {'PASS' if c['ratio_pass'] else 'FAIL'}"
         )
 
-    gemm_after = _reference_gemm_ms()
-    print(f"reference 2048^3 fp32 matmul: {gemm_before:.1f} ms before, {gemm_after:.1f} ms after (machine load)")
+    gemm_after = _reference_gemm_ms(args.device, dtype)
+    print(f"reference 2048^3 {args.dtype} matmul: {gemm_before:.1f} ms before, {gemm_after:.1f} ms after (machine load)")
     report = {
         "machine": {
             "cpu_count": os.cpu_count(),
@@ -299,10 +323,10 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "rank": RANK,
             "alpha": ALPHA,
-            "tokens": TOKENS,
+            "tokens": args.tokens,
             "seq_len": SEQ,
-            "dtype": "float32",
-            "device": "cpu",
+            "dtype": args.dtype,
+            "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
             "warmup": warmup,
             "repeats": repeats,
             "naive_and_separate_dropout": "torch.nn.functional.dropout",

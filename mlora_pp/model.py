@@ -14,11 +14,13 @@ at most one layer are alive at once. Embedding, norms and lm_head stay in the mo
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors
+
 import torch
 import torch.utils.checkpoint
 from torch import nn
@@ -31,6 +33,8 @@ from mlora_pp.quantize import MODES as QUANTIZE_MODES
 from mlora_pp.quantize import QuantizeError, quantize_linear, release_freed_memory
 from mlora_pp.seeding import stable_seed
 
+# transformers renamed create_causal_mask's `past_key_values` to `cache` during 5.x; we pass neither a cache.
+_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ATTN: dict[str, str] = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
 
@@ -89,9 +93,24 @@ class StageSpec:
 def read_model_config(model_dir: Path) -> PretrainedConfig:
     """The Hugging Face config of a local model directory (no remote code, no hub)."""
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
+    if not model_dir.is_dir():
+        raise ModelError(f"{model_dir}: {'not a directory' if model_dir.exists() else 'no such directory'}")
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
         raise ModelError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
-    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
+    try:
+        json.loads(config_file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelError(f"{config_file}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{config_file} line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise ModelError(f"{config_file}: not valid UTF-8") from None
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise ModelError(f"{config_file}: not a usable model config ({first})") from None
     _arch_classes(config.model_type)
     config._attn_implementation = "sdpa"
     return config
@@ -105,11 +124,19 @@ class SafetensorsIndex:
         index = self.model_dir / "model.safetensors.index.json"
         single = self.model_dir / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: self.model_dir / fname for name, fname in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                self.files = {name: self.model_dir / fname for name, fname in weight_map.items()}
+            except OSError as exc:
+                raise ModelError(f"{index}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ModelError(f"{index}: not a safetensors index ({exc.__class__.__name__}: {exc})") from None
         elif single.is_file():
-            with safetensors.safe_open(str(single), framework="pt") as f:
-                self.files = {name: single for name in f.keys()}
+            try:
+                with safetensors.safe_open(str(single), framework="pt") as f:
+                    self.files = {name: single for name in f.keys()}
+            except (OSError, safetensors.SafetensorError) as exc:
+                raise ModelError(f"{single}: cannot read the safetensors header ({exc})") from None
         else:
             raise ModelError(
                 f"{self.model_dir}: no model.safetensors or model.safetensors.index.json "
@@ -318,7 +345,8 @@ class StageModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _masks(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids)
+        kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids)
+        kwargs[_CACHE_KW] = None
         masks: dict[str, torch.Tensor | None] = {"full": create_causal_mask(**kwargs)}
         if self._sliding:
             masks["sliding"] = create_sliding_window_causal_mask(**kwargs)

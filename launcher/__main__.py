@@ -44,9 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         result = train(cfg, progress=False if args.no_live else None)
     except (ConfigError, DataError, ModelError) as exc:
+        # Every rank found the same bad input at the same moment; torchrun stopping the others as soon
+        # as one exits must not turn their line into "stopped by the launcher".
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     except PipelineError as exc:
         if args.debug:

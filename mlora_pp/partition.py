@@ -73,9 +73,9 @@ def plan_stages(config: PretrainedConfig, num_stages: int, balance_spec: str | l
     num_layers = config.num_hidden_layers
     if isinstance(balance_spec, list):
         if len(balance_spec) != num_stages:
-            raise PartitionError(f"pipeline.balance lists {len(balance_spec)} stages but {num_stages} ranks run")
+            raise PartitionError(f"lists {len(balance_spec)} stages but {num_stages} ranks run (one stage per rank)")
         if sum(balance_spec) != num_layers:
-            raise PartitionError(f"pipeline.balance covers {sum(balance_spec)} layers; the model has {num_layers}")
+            raise PartitionError(f"covers {sum(balance_spec)} layers; the model has {num_layers}")
         return stage_specs(list(balance_spec))
     embed, layer, head = layer_costs(config)
     return stage_specs(balance(num_layers, num_stages, layer, head, embed))

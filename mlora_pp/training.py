@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer
 
-from mlora_pp.config import ConfigError, RunConfig
+from mlora_pp.config import RunConfig
+from mlora_pp.data import DataError
 from mlora_pp.job import AdapterJob, load_job
 from mlora_pp.metrics import MetricsLog, ProgressBoard
-from mlora_pp.model import StageModel, build_stage, read_model_config
-from mlora_pp.partition import PartitionError, plan_stages
+from mlora_pp.model import StageModel, StageSpec, build_stage
 from mlora_pp.peft_format import AdapterSpec, save_adapter
+from mlora_pp.preflight import agree, check_inputs, load_tokenizer, source  # noqa: F401 (load_tokenizer re-exported)
 from mlora_pp.records import RecordInbox, RecordSender
 from mlora_pp.runtime import StageWorker, StepRecord, TraceEvent
 from mlora_pp.schedule import Schedule, build_schedule
@@ -61,42 +61,15 @@ class DistEnv:
         return torch.device("cpu")
 
 
-def load_tokenizer(model_dir: Path):
-    """The model directory's own tokenizer, offline."""
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
-
-
 def prepare_jobs(cfg: RunConfig, tokenizer) -> dict[str, AdapterJob]:
-    return {job.name: load_job(job, tokenizer, cfg.seed) for job in cfg.jobs}
-
-
-def check_jobs_fit_model(cfg: RunConfig, model_dir: Path) -> None:
-    """Refuse adapters the model cannot hold, before any weights are read."""
-    hf = read_model_config(model_dir)
-    width = min(hf.hidden_size, hf.intermediate_size)
-    limit = getattr(hf, "max_position_embeddings", None)
+    """Each job's examples and step plan; a data problem names the job's field and the data line."""
+    jobs: dict[str, AdapterJob] = {}
     for i, job in enumerate(cfg.jobs):
-        if job.rank > width:
-            raise ConfigError(f"{cfg.source}: jobs[{i}].rank: {job.rank} is larger than the layer width {width}")
-        if limit is not None and job.max_seq_len > limit:
-            raise ConfigError(
-                f"{cfg.source}: jobs[{i}].max_seq_len: {job.max_seq_len} exceeds the model's "
-                f"max_position_embeddings {limit}"
-            )
-
-
-def check_output_dir(cfg: RunConfig) -> None:
-    """Fail before any heavy work if the results could not be written."""
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{cfg.source}: output_dir: {out} exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"{cfg.source}: output_dir: cannot write to {out} ({exc.strerror or exc})") from None
+        try:
+            jobs[job.name] = load_job(job, tokenizer, cfg.seed)
+        except DataError as exc:
+            raise DataError(f"{source(cfg)}: jobs[{i}].data: {exc}") from exc
+    return jobs
 
 
 def attach_adapters(stage: StageModel, jobs: dict[str, AdapterJob], seed: int) -> None:
@@ -165,18 +138,17 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> TrainResult:
 
 def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | None) -> TrainResult:
     torch.manual_seed(cfg.seed)
-    if env.rank == 0:
-        check_output_dir(cfg)
     model_dir = Path(cfg.model.path)
-    check_jobs_fit_model(cfg, model_dir)
-    hf_config = read_model_config(model_dir)
-    try:
-        specs = plan_stages(hf_config, env.world, cfg.pipeline.balance)
-    except PartitionError as exc:
-        raise ConfigError(f"{cfg.source}: pipeline.balance: {exc}") from None
-    tokenizer = load_tokenizer(model_dir)
-    jobs = prepare_jobs(cfg, tokenizer)
-    schedule = build_schedule([j.job_steps() for j in jobs.values()], env.world, cfg.pipeline.schedule, cfg.pipeline.fuse)
+
+    def prepare() -> tuple[list[StageSpec], dict[str, AdapterJob], Schedule]:
+        checked = check_inputs(cfg, env.rank, env.world)
+        jobs = prepare_jobs(cfg, checked.tokenizer)
+        schedule = build_schedule([j.job_steps() for j in jobs.values()], env.world, cfg.pipeline.schedule,
+                                  cfg.pipeline.fuse)
+        return checked.specs, jobs, schedule
+
+    # Bad input anywhere ends every rank with the same line, before any weight is read.
+    specs, jobs, schedule = agree(env.rank, env.world, prepare)
 
     stage = build_stage(model_dir, specs[env.rank], dtype=cfg.model.dtype, quantize=cfg.model.quantize,
                         lora_path=cfg.pipeline.lora_path, device=device)

@@ -1,7 +1,8 @@
 """Entry point: ``torchrun --nproc-per-node 1 -m launcher CONFIG.yaml`` or ``python -m launcher CONFIG.yaml``.
 
 Bad input ends with one line naming the file and field, exit code 2, no traceback (``--debug``
-shows it).
+shows it). A lost rank or a failed write (disk full, read-only) ends with one line and exit code 1.
+Jobs resume from their checkpoints in output_dir; ``--fresh`` deletes those and starts over.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import signal
 import sys
 
+from mlora_pp.checkpoint import CheckpointError
 from mlora_pp.config import ConfigError, load_config
 from mlora_pp.data import DataError
 from mlora_pp.model import ModelError
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="run config (YAML)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     parser.add_argument("--no-live", action="store_true", help="plain log lines instead of the live table")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the jobs' checkpoints in output_dir and start over instead of resuming")
     args = parser.parse_args(argv)
 
     def stopped_by_launcher(signum, frame):
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         from mlora_pp.training import train
 
         cfg = load_config(args.config)
-        result = train(cfg, progress=False if args.no_live else None)
+        result = train(cfg, progress=False if args.no_live else None, fresh=args.fresh)
     except (ConfigError, DataError, ModelError) as exc:
         # Every rank found the same bad input at the same moment; torchrun stopping the others as soon
         # as one exits must not turn their line into "stopped by the launcher".
@@ -51,13 +55,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
-    except PipelineError as exc:
+    except (PipelineError, CheckpointError) as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_PIPELINE_FAILED
+    except OSError as exc:  # a write outside the checkpoints (metrics, trace) on a full or read-only disk
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: rank {os.environ.get('RANK', '0')}: {where}{exc.strerror or exc}", file=sys.stderr, flush=True)
+        return EXIT_PIPELINE_FAILED
     for name, path in result.adapters.items():
+        if name in result.failed:
+            print(f"{name}: FAILED ({result.failed[name]}); its last good checkpoint -> {path}")
+            continue
         print(f"{name}: {result.steps[name]} steps, final loss {result.final_loss.get(name, float('nan')):.4f} -> {path}")
+    for name in sorted(set(result.failed) - set(result.adapters)):
+        print(f"{name}: FAILED ({result.failed[name]}) before its first checkpoint: no adapter written")
     print(f"done in {result.wall_s:.1f}s")
     return 0
 

@@ -76,6 +76,10 @@ class JobConfig:
     epochs: int = 1
     max_steps: int | None = None
     max_seq_len: int = 256
+    save_every: int | None = 100
+    """Checkpoint every this many optimizer steps (and always after the last); null: only the last."""
+    keep_last: int = 2
+    """Complete checkpoints kept per job; older ones are deleted once a newer one is complete."""
 
     @property
     def scale(self) -> float:
@@ -260,6 +264,10 @@ def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> 
             raise err(f"{at}.max_steps", f"must be at least 1 or null; got {job.max_steps}")
         if job.max_seq_len < 2:
             raise err(f"{at}.max_seq_len", f"must be at least 2; got {job.max_seq_len}")
+        if job.save_every is not None and job.save_every < 1:
+            raise err(f"{at}.save_every", f"must be at least 1 or null; got {job.save_every}")
+        if job.keep_last < 1:
+            raise err(f"{at}.keep_last", f"must be at least 1; got {job.keep_last}")
 
 
 def parse_config(raw: Any, source: str | Path = "<config>") -> RunConfig:

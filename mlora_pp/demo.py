@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     ensure_model(Path(cfg.model.path))
-    run_training(args.config, args.nproc, ["--no-live"] if not sys.stdout.isatty() else [])
+    # --fresh: the demo always trains (a second `make demo` would otherwise resume its finished jobs)
+    run_training(args.config, args.nproc, ["--fresh"] + (["--no-live"] if not sys.stdout.isatty() else []))
     for job, (start, end) in loss_summary(cfg.output_dir / "metrics.jsonl").items():
         print(f"{job}: loss {start:.3f} -> {end:.3f}")
     show_generations(args.config, args.heldout)

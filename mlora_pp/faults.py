@@ -1,8 +1,11 @@
 """Fault injection for failure tests: kill or freeze one rank before a chosen action.
 
 Inert unless the environment sets ``MLORA_PP_FAULT=RANK:ACTION:kill|hang`` (ACTION is the index
-into that rank's action list). Tests use it to show that when a stage dies or stops answering,
-every other rank ends with a clear message within the timeout instead of hanging.
+into that rank's action list) or ``MLORA_PP_FAULT=RANK:save:N:kill|hang``: during the N-th (0-based)
+checkpoint file that rank writes (stage parts and, on rank 0, manifests), after the temporary file
+is written and fsynced but before it is renamed. Tests use it to show that when a stage dies or
+stops answering, every other rank ends with a clear message within the timeout instead of hanging,
+and that the checkpoints on disk stay complete.
 """
 
 from __future__ import annotations
@@ -18,21 +21,25 @@ ENV = "MLORA_PP_FAULT"
 @dataclass(frozen=True)
 class Fault:
     rank: int
-    action: int
+    action: int  # the action's index; with point "save", the index of the checkpoint file written
     mode: str  # "kill": SIGKILL this process; "hang": stop answering forever
+    point: str = "action"  # "action": before an action; "save": inside a checkpoint file write
 
     @staticmethod
     def from_environ() -> "Fault | None":
         spec = os.environ.get(ENV)
         if not spec:
             return None
-        rank, action, mode = spec.split(":")
-        if mode not in ("kill", "hang"):
-            raise ValueError(f"{ENV}={spec!r}: mode must be kill or hang")
-        return Fault(int(rank), int(action), mode)
+        parts = spec.split(":")
+        point = "save" if len(parts) == 4 and parts[1] == "save" else "action"
+        if point == "save":
+            parts.pop(1)
+        if len(parts) != 3 or parts[2] not in ("kill", "hang"):
+            raise ValueError(f"{ENV}={spec!r}: expected RANK:ACTION:kill|hang or RANK:save:N:kill|hang")
+        return Fault(int(parts[0]), int(parts[1]), parts[2], point)
 
-    def maybe_fire(self, rank: int, action: int) -> None:
-        if rank != self.rank or action != self.action:
+    def maybe_fire(self, rank: int, action: int, point: str = "action") -> None:
+        if point != self.point or rank != self.rank or action != self.action:
             return
         if self.mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

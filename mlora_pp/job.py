@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.autograd.graph import increment_version
 
 from mlora_pp.config import JobConfig
 from mlora_pp.data import Example, StepPlan, load_examples, load_template, plan_steps
@@ -52,6 +53,10 @@ class AdapterJob:
     optimizer: torch.optim.Optimizer | None = None
     steps_done: int = 0
     stats: StepStats = field(default_factory=StepStats)
+    failed: str | None = None
+    """Why the job stopped (non-finite loss, gradients or weights); None while it is healthy."""
+    failed_step: int | None = None
+    """Steps done well before it failed: its last good state is the checkpoint at or before this."""
 
     @property
     def name(self) -> str:
@@ -75,20 +80,35 @@ class AdapterJob:
         return tuple(stable_seed("dropout", self.seed, self.name, step, first + k) for k in range(count))
 
     def job_steps(self) -> JobSteps:
-        """Rows and padded tokens of every micro-batch, for the scheduler."""
+        """Rows and padded tokens of every micro-batch of the steps still to do, for the scheduler."""
         micro_batches = []
-        for plan in self.plans:
+        for plan in self.plans[self.steps_done :]:
             micros = []
             for ids in plan.micro_batches:
                 longest = max(len(self.examples[i].input_ids) for i in ids)
                 micros.append((len(ids), longest * len(ids)))
             micro_batches.append(tuple(micros))
-        return JobSteps(self.name, tuple(micro_batches))
+        return JobSteps(self.name, tuple(micro_batches), first_step=self.steps_done)
+
+    def data_position(self) -> tuple[int, int]:
+        """(epoch, rows of that epoch's shuffled order consumed) after `steps_done` steps, for humans:
+        the order itself is a pure function of (seed, job, epoch), so resuming needs only the step."""
+        if self.steps_done == 0:
+            return 0, 0
+        epoch = self.plans[self.steps_done - 1].epoch
+        return epoch, sum(p.rows for p in self.plans[: self.steps_done] if p.epoch == epoch)
 
     def make_optimizer(self, params: list[torch.nn.Parameter]) -> None:
-        """AdamW over this job's LoRA parameters on this stage (fp32 master weights)."""
+        """AdamW over this job's LoRA parameters on this stage (fp32 master weights).
+
+        On CUDA the fused implementation: one kernel for all of the job's matrices instead of a
+        dozen launches per matrix (measured at 15 ms per step for a 16-layer stage otherwise).
+        """
+        params = list(params)
+        fused = bool(params) and all(p.device.type == "cuda" for p in params)
         self.optimizer = torch.optim.AdamW(
-            params, lr=self.config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=self.config.weight_decay
+            params, lr=self.config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=self.config.weight_decay,
+            fused=fused or None,
         )
 
     def current_lr(self) -> float:
@@ -102,9 +122,39 @@ class AdapterJob:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        # The fused kernel updates the weights without bumping their version counters; the batched
+        # LoRA operator's weight casts are keyed on those counters, so bump them here.
+        increment_version([p for g in self.optimizer.param_groups for p in g["params"]])
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
         return lr
+
+    def skip_step(self) -> None:
+        """Drop the current step's gradients without an update (a failed job keeps its place in the
+        schedule, so that every stage still exchanges the same messages, but learns nothing more)."""
+        assert self.optimizer is not None, "make_optimizer first"
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+
+    def gradients_finite(self) -> bool:
+        """Whether every gradient of this job on this stage is finite (one device sync)."""
+        return _all_finite([p.grad for p in self._params() if p.grad is not None])
+
+    def weights_finite(self) -> bool:
+        """Whether every LoRA weight of this job on this stage is finite (one device sync)."""
+        return _all_finite(self._params())
+
+    def _params(self) -> list[torch.Tensor]:
+        assert self.optimizer is not None, "make_optimizer first"
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when no tensor holds a NaN or an infinity (max-norms: no overflow for finite values)."""
+    if not tensors:
+        return True
+    norms = torch._foreach_norm([t.detach() for t in tensors], math.inf)
+    return bool(torch.stack(norms).isfinite().all())
 
 
 def load_job(config: JobConfig, tokenizer, seed: int, base_dir: Path | None = None) -> AdapterJob:

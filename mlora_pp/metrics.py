@@ -40,14 +40,16 @@ class JobProgress:
     tokens: int = 0
     started: float = 0.0
     state: str = "running"
+    resumed_at: int = 0
+    """Steps already done by an earlier run (a resumed job): not counted in this run's speed."""
 
     def tokens_per_s(self, now: float) -> float:
         return self.tokens / max(now - self.started, 1e-9)
 
     def eta_s(self, now: float) -> float | None:
-        if self.step == 0 or self.step >= self.total_steps:
+        if self.step <= self.resumed_at or self.step >= self.total_steps:
             return None
-        return (now - self.started) / self.step * (self.total_steps - self.step)
+        return (now - self.started) / (self.step - self.resumed_at) * (self.total_steps - self.step)
 
 
 def _fmt_eta(seconds: float | None) -> str:
@@ -110,6 +112,14 @@ class ProgressBoard:
                 file=self.stream,
                 flush=True,
             )
+
+    def resume(self, job: str, step: int) -> None:
+        """`job` resumes after `step` steps done by an earlier run."""
+        progress = self.jobs[job]
+        progress.step = progress.resumed_at = step
+        progress.state = "done" if step >= progress.total_steps else "running"
+        if self._live is not None:
+            self._live.update(self._table())
 
     def mark(self, job: str, state: str) -> None:
         self.jobs[job].state = state

@@ -14,14 +14,16 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from mlora_pp.runtime import StepRecord
+from mlora_pp.runtime import FAILURES, StepRecord
 from mlora_pp.transport import PipelineError
 
-_FIELDS = 5  # step, loss, loss_tokens, tokens, lr
+_FIELDS = 6  # step, loss, loss_tokens, tokens, lr, status (0 ok, -1 skipped, k: FAILURES[k - 1])
 
 
 def _encode(record: StepRecord) -> torch.Tensor:
-    return torch.tensor([record.step, record.loss, record.loss_tokens, record.tokens, record.lr], dtype=torch.float64)
+    status = -1 if record.skipped else (FAILURES.index(record.failure) + 1 if record.failure else 0)
+    values = [record.step, record.loss, record.loss_tokens, record.tokens, record.lr, status]
+    return torch.tensor(values, dtype=torch.float64)
 
 
 class RecordSender:
@@ -77,9 +79,10 @@ class RecordInbox:
 
     def _take(self, name: str) -> None:
         _, buf = self._posted.pop(name)
-        step, loss, loss_tokens, tokens, lr = buf.tolist()
+        step, loss, loss_tokens, tokens, lr, status = buf.tolist()
         self.remaining[name] -= 1
-        self.deliver(StepRecord(name, int(step), loss, int(loss_tokens), int(tokens), lr))
+        failure = FAILURES[int(status) - 1] if status > 0 else None
+        self.deliver(StepRecord(name, int(step), loss, int(loss_tokens), int(tokens), lr, failure, status < 0))
         self._post(name)
 
     def poll(self) -> None:

@@ -8,10 +8,17 @@ by part (each part is one job's rows), right-padded to the longest row, and carr
 batched LoRA operator as `LoRASegment`s. The loss of each part is its summed token cross-entropy
 divided by the number of loss tokens of that job's whole step, so gradient accumulation and
 fusion give exactly the gradient of the step's token-mean loss.
+
+A job whose loss, gradients or updated weights become non-finite fails alone: its update is
+skipped, it is reported once (`StepRecord.failure`, `on_failed`), and from then on its steps are
+skipped too (`StepRecord.skipped`) while its forwards and backwards still run, so every stage keeps
+exchanging the same messages. Rows of different jobs never mix (the batched LoRA operator works
+per segment and each part's loss is its own sum), so a NaN stays in the failed job's rows.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -38,6 +45,13 @@ class StepRecord:
     loss_tokens: int
     tokens: int
     lr: float
+    failure: str | None = None
+    """Set on the step that failed the job: one of `FAILURES` (the update was skipped)."""
+    skipped: bool = False
+    """The job had failed at an earlier step: nothing was updated."""
+
+
+FAILURES: tuple[str, ...] = ("non-finite loss", "non-finite gradients", "non-finite weights")
 
 
 @dataclass
@@ -71,6 +85,13 @@ class StageWorker:
     device: torch.device = torch.device("cpu")
     on_step: Callable[[StepRecord], None] | None = None
     after_action: Callable[[], None] | None = None
+    after_step: Callable[[AdapterJob], bool] | None = None
+    """Called after each good optimizer step (the checkpoint saver); False means the updated weights
+    are not finite (it checks them before saving), which fails the job."""
+    on_failed: Callable[[str, int, str], None] | None = None
+    """(job, good steps done, reason) when this stage fails a job."""
+    failures: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """Jobs this stage failed: job -> (good steps done, reason)."""
     trace: list[TraceEvent] = field(default_factory=list)
     _in_flight: dict[int, _InFlight] = field(default_factory=dict)
 
@@ -182,20 +203,33 @@ class StageWorker:
     def optimizer_step(self, job_name: str, step: int) -> None:
         job = self.jobs[job_name]
         assert job.steps_done == step, f"{job_name}: step {step} out of order (done {job.steps_done})"
-        lr = job.optimizer_step()
         stats = job.stats
         job.stats = type(stats)()
+        loss = float(stats.loss_sum) / max(stats.loss_tokens, 1) if self.is_last else 0.0
+        failure, skipped = None, job.failed is not None
+        if not skipped:
+            if not math.isfinite(loss):
+                failure = FAILURES[0]
+            elif not job.gradients_finite():
+                failure = FAILURES[1]
+        if skipped or failure is not None:
+            lr = job.current_lr()
+            job.skip_step()
+        else:
+            lr = job.optimizer_step()
+            if self.after_step is not None and not self.after_step(job):
+                failure = FAILURES[2]  # applied but never saved: the last good state is an earlier checkpoint
+        if failure is not None:
+            self._fail(job, step, failure)
         if self.is_last and self.on_step is not None:
-            self.on_step(
-                StepRecord(
-                    job=job_name,
-                    step=job.steps_done,
-                    loss=float(stats.loss_sum) / max(stats.loss_tokens, 1),
-                    loss_tokens=stats.loss_tokens,
-                    tokens=stats.tokens,
-                    lr=lr,
-                )
-            )
+            self.on_step(StepRecord(job=job_name, step=job.steps_done, loss=loss, loss_tokens=stats.loss_tokens,
+                                    tokens=stats.tokens, lr=lr, failure=failure, skipped=skipped))
+
+    def _fail(self, job: AdapterJob, good_steps: int, failure: str) -> None:
+        job.failed, job.failed_step = f"{failure} at step {good_steps + 1} on stage {self.stage_index}", good_steps
+        self.failures[job.name] = (good_steps, job.failed)
+        if self.on_failed is not None:
+            self.on_failed(job.name, good_steps, job.failed)
 
     def run_action(self, action: Action) -> None:
         waited = self.transport.waited_s if self.transport is not None else 0.0

@@ -85,7 +85,10 @@ class JobSteps:
 
     name: str
     micro_batches: tuple[tuple[tuple[int, int], ...], ...]
-    """micro_batches[step][micro] = (rows, padded tokens)."""
+    """micro_batches[k][micro] = (rows, padded tokens) of step `first_step + k`."""
+    first_step: int = 0
+    """Absolute index of the first step listed: a resumed job schedules only its remaining steps, and
+    its parts and `S` actions keep absolute step numbers (dropout keys and the learning rate use them)."""
 
     @property
     def steps(self) -> int:
@@ -241,7 +244,7 @@ class Link:
 def _parts(job: JobSteps) -> list[MicroBatchPart]:
     """A job's micro-batches, in training order."""
     out: list[MicroBatchPart] = []
-    for step, micros in enumerate(job.micro_batches):
+    for step, micros in enumerate(job.micro_batches, start=job.first_step):
         for micro, (rows, tokens) in enumerate(micros):
             out.append(MicroBatchPart(job.name, step, micro, micro == len(micros) - 1, rows, tokens))
     return out
@@ -572,12 +575,13 @@ def _lora(
     stream_objs = [
         _Stream([deque(_parts(j)) for j in group], total=max(1, sum(j.tokens for j in group))) for group in groups
     ]
-    counts = {(j.name, k): len(m) for j in jobs for k, m in enumerate(j.micro_batches)}
+    counts = {(j.name, k): len(m) for j in jobs for k, m in enumerate(j.micro_batches, start=j.first_step)}
     largest = max((st.largest for st in stream_objs), default=0)
     if token_bound:
         clock = _Clock(num_stages, cost, None, bound * largest, stream_objs, counts)
     else:
         clock = _Clock(num_stages, cost, bound, None, stream_objs, counts)
+    clock.stepped.update({j.name: (j.first_step, 0.0) for j in jobs})  # a resumed job starts mid-plan
     clock.run()
     return tuple(clock.micro_batches), tuple(tuple(a) for a in clock.actions), bound * largest
 
@@ -669,6 +673,10 @@ def validate(schedule: Schedule) -> None:
     if [mb.id for mb in schedule.micro_batches] != list(range(len(schedule.micro_batches))):
         raise ScheduleError("micro-batch ids must be 0..M-1 in order (the runtime indexes by id)")
     bound, token_bound = schedule.max_in_flight, schedule.max_in_flight_tokens
+    first: dict[str, int] = {}  # each job's first scheduled step (not 0 for a resumed job)
+    for mb in schedule.micro_batches:
+        for part in mb.parts:
+            first[part.job] = min(first.get(part.job, part.step), part.step)
     for stage, actions in enumerate(schedule.stages):
         forwarded: set[int] = set()
         backwarded: set[int] = set()
@@ -676,7 +684,7 @@ def validate(schedule: Schedule) -> None:
         for mb in schedule.micro_batches:
             for part in mb.parts:
                 pending[(part.job, part.step)] = pending.get((part.job, part.step), 0) + 1
-        stepped: dict[str, int] = {}
+        stepped: dict[str, int] = {job: step - 1 for job, step in first.items()}
         live_tokens = 0
         for pos, action in enumerate(actions):
             where = f"stage {stage}, action {pos} ({action})"

@@ -4,6 +4,11 @@
 Every rank reads the config and the data plan, so all ranks derive the same schedule without
 talking; each builds only its own stage. Rank 0 shows progress, writes metrics and merges the
 adapter slices of all stages into one PEFT directory per job. Tests call it in-process for one rank.
+
+Each stage checkpoints its slice of every job (`mlora_pp.checkpoint`); rank 0 decides where each
+job resumes (its newest complete checkpoint in output_dir, unless `fresh`) and tells the others,
+and every rank then schedules only the steps still to do. A job that goes non-finite fails alone:
+its output is its last good checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mlora_pp.checkpoint import (
+    CheckpointError, ManifestWriter, ResumePlan, ResumePoint, StageSaver, check_space, check_writable,
+    checkpoint_weights, clear_stale, newest_checkpoint, plan_resume, restore, write_file,
+)
 from mlora_pp.config import RunConfig
 from mlora_pp.data import DataError
 from mlora_pp.job import AdapterJob, load_job
@@ -39,6 +48,10 @@ class TrainResult:
     wall_s: float
     schedule: Schedule
     stage_stats: list[dict] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    """Jobs that went non-finite: job -> reason (their adapter is their last good checkpoint)."""
+    resumed: dict[str, int] = field(default_factory=dict)
+    """Jobs resumed from a checkpoint: job -> its step."""
 
 
 @dataclass(frozen=True)
@@ -79,10 +92,30 @@ def attach_adapters(stage: StageModel, jobs: dict[str, AdapterJob], seed: int) -
         job.make_optimizer(stage.adapter_parameters(c.name))
 
 
-def save_adapters(weights: dict[str, dict], cfg: RunConfig) -> dict[str, Path]:
-    """Write each job's merged adapter (all stages' modules) in PEFT format."""
+def save_adapters(weights: dict[str, dict], cfg: RunConfig, failed: dict[str, tuple[int, str]] | None = None
+                  ) -> dict[str, Path]:
+    """Write each job's merged adapter (all stages' modules) in PEFT format.
+
+    A failed job gets its last complete checkpoint's adapter instead (none if it failed before its
+    first checkpoint) and a `failed.json` saying why; a stale `failed.json` of a good job is removed.
+    """
     out: dict[str, Path] = {}
+    failed = failed or {}
     for job in cfg.jobs:
+        directory = cfg.output_dir / job.name
+        if job.name in failed:
+            good, reason = failed[job.name]
+            found = newest_checkpoint(cfg.output_dir, job.name)
+            note = {"job": job.name, "failed": reason, "good_steps": good,
+                    "adapter_from": str(found[0].directory) if found else None}
+            write_file(directory / "failed.json", (json.dumps(note, indent=2) + "\n").encode(), 0)
+            if found is None:
+                for name in ("adapter_model.safetensors", "adapter_config.json"):  # a stale earlier result
+                    (directory / name).unlink(missing_ok=True)
+                continue
+            weights = {**weights, job.name: checkpoint_weights(found[0])}
+        else:
+            (directory / "failed.json").unlink(missing_ok=True)
         spec = AdapterSpec(
             r=job.rank,
             lora_alpha=job.alpha,
@@ -90,8 +123,12 @@ def save_adapters(weights: dict[str, dict], cfg: RunConfig) -> dict[str, Path]:
             lora_dropout=job.dropout,
             base_model_name_or_path=str(cfg.model.path),
         )
-        out[job.name] = cfg.output_dir / job.name
-        save_adapter(out[job.name], spec, weights[job.name])
+        out[job.name] = directory
+        try:
+            save_adapter(directory, spec, weights[job.name])
+        except OSError as exc:
+            raise CheckpointError(f"rank 0: cannot write the adapter of job {job.name!r} to {directory} "
+                                  f"({exc.strerror or exc})") from None
     return out
 
 
@@ -118,8 +155,11 @@ def write_trace(path: Path, traces: list[list[TraceEvent]]) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: RunConfig, *, progress: bool | None = None) -> TrainResult:
-    """Train every job of `cfg` on this rank's stage; rank 0 writes adapters, metrics and the trace."""
+def train(cfg: RunConfig, *, progress: bool | None = None, fresh: bool = False) -> TrainResult:
+    """Train every job of `cfg` on this rank's stage; rank 0 writes adapters, metrics and the trace.
+
+    Jobs resume from their newest complete checkpoint in `cfg.output_dir`; `fresh` deletes those
+    checkpoints and starts over."""
     env = DistEnv.from_environ()
     device = env.device()
     started_group = False
@@ -130,30 +170,60 @@ def train(cfg: RunConfig, *, progress: bool | None = None) -> TrainResult:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.pipeline.timeout_s))
         started_group = True
     try:
-        return _train(cfg, env, device, progress)
+        return _train(cfg, env, device, progress, fresh)
     finally:
         if started_group:
             dist.destroy_process_group()
 
 
-def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | None) -> TrainResult:
+def _share_resume_points(plan: ResumePlan | None, env: DistEnv) -> dict[str, ResumePoint]:
+    """Rank 0's resume decision on every rank (so all ranks schedule the same remaining steps)."""
+    if env.world == 1:
+        assert plan is not None
+        return plan.points
+    box = [plan.points if plan is not None else None]
+    try:
+        dist.broadcast_object_list(box, src=0)
+    except RuntimeError as exc:
+        raise PipelineError(f"rank {env.rank}: lost rank 0 while waiting for the resume points ({exc})") from None
+    return box[0]
+
+
+def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | None, fresh: bool) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model_dir = Path(cfg.model.path)
+    where = source(cfg)
 
-    def prepare() -> tuple[list[StageSpec], dict[str, AdapterJob], Schedule]:
+    def prepare() -> tuple[list[StageSpec], dict[str, AdapterJob], ResumePlan | None]:
         checked = check_inputs(cfg, env.rank, env.world)
+        check_writable(cfg, env.rank, where)  # every rank writes its own checkpoint parts
         jobs = prepare_jobs(cfg, checked.tokenizer)
-        schedule = build_schedule([j.job_steps() for j in jobs.values()], env.world, cfg.pipeline.schedule,
-                                  cfg.pipeline.fuse)
-        return checked.specs, jobs, schedule
+        plan = plan_resume(cfg, fresh, where) if env.rank == 0 else None
+        return checked.specs, jobs, plan
 
-    # Bad input anywhere ends every rank with the same line, before any weight is read.
-    specs, jobs, schedule = agree(env.rank, env.world, prepare)
+    # Bad input anywhere (a config that no longer fits its checkpoints included) ends every rank with
+    # the same line, before any weight is read.
+    specs, jobs, plan = agree(env.rank, env.world, prepare)
+    if env.rank == 0:
+        assert plan is not None
+        clear_stale(cfg, plan, fresh)  # before any rank can write a part
+    points = _share_resume_points(plan, env)
+    for name, point in points.items():
+        jobs[name].steps_done = point.step
+    schedule = build_schedule([j.job_steps() for j in jobs.values()], env.world, cfg.pipeline.schedule,
+                              cfg.pipeline.fuse)
 
     stage = build_stage(model_dir, specs[env.rank], dtype=cfg.model.dtype, quantize=cfg.model.quantize,
                         lora_path=cfg.pipeline.lora_path, device=device)
     stage.recompute = cfg.pipeline.recompute
     attach_adapters(stage, jobs, cfg.seed)
+
+    def load_checkpoints() -> None:
+        for name, point in points.items():
+            restore(stage, jobs[name], point, where)
+        check_space(cfg, stage, jobs, env.rank, where)
+
+    agree(env.rank, env.world, load_checkpoints)
 
     is_rank0, last = env.rank == 0, env.world - 1
     control = records = None
@@ -166,15 +236,41 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         records = dist.new_group(backend="gloo", timeout=timeout)
         transport = StageTransport(env.rank, cfg.pipeline.timeout_s, device, group=None, header_group=control)
 
-    metrics = board = None
+    metrics = board = manifests = None
     final_loss: dict[str, float] = {}
+    failed: dict[str, tuple[int, str]] = {}  # on rank 0: job -> (good steps, reason)
     start = time.perf_counter()
     if is_rank0:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
-        metrics = MetricsLog(cfg.output_dir / "metrics.jsonl")
+        metrics = MetricsLog(cfg.output_dir / "metrics.jsonl", append=bool(points))
+        for name, point in points.items():
+            total = jobs[name].total_steps
+            line = (f"already finished {point.step}/{total} steps ({point.directory}); --fresh starts over"
+                    if point.step >= total else f"resuming after step {point.step}/{total} from {point.directory}")
+            print(f"[{name}] {line}", flush=True)
+            metrics.write({"event": "resumed", "job": name, "step": point.step, "checkpoint": str(point.directory)})
         board = ProgressBoard({name: j.total_steps for name, j in jobs.items()}, cfg.log_every, live=progress)
+        for name, point in points.items():
+            board.resume(name, point.step)
+        assert plan is not None
+        manifests = ManifestWriter(cfg.output_dir, jobs, env.world, plan.fields, cfg.seed)
+
+    def fail(job: str, good_steps: int, reason: str) -> None:
+        """Rank 0: a job went non-finite on some stage; it stops alone (first report wins)."""
+        if job in failed:
+            return
+        failed[job] = (good_steps, reason)
+        metrics.write({"event": "failed", "job": job, "step": good_steps + 1, "reason": reason,
+                       "time": time.perf_counter() - start})
+        board.mark(job, "failed")
+        manifests.fail(job, good_steps)
 
     def deliver(record: StepRecord) -> None:
+        if record.failure is not None:
+            fail(record.job, record.step - 1, f"{record.failure} at step {record.step} on stage {last}")
+            return
+        if record.skipped or (record.job in failed and record.step > failed[record.job][0]):
+            return  # a good step may be heard of after another stage failed the job's next one
         final_loss[record.job] = record.loss
         metrics.write({"job": record.job, "step": record.step, "loss": record.loss, "tokens": record.tokens,
                        "loss_tokens": record.loss_tokens, "lr": record.lr, "time": time.perf_counter() - start})
@@ -189,10 +285,17 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     else:
         on_step = None
     if env.world > 1 and is_rank0:
-        inbox = RecordInbox({n: j.total_steps for n, j in jobs.items()}, last, records, deliver)
+        inbox = RecordInbox({n: j.total_steps - j.steps_done for n, j in jobs.items()}, last, records, deliver)
+
+    def after_action() -> None:
+        if inbox is not None:
+            inbox.poll()
+        manifests.poll()
 
     worker = StageWorker(stage, jobs, schedule, stage_index=env.rank, transport=transport, device=device,
-                         on_step=on_step, after_action=inbox.poll if inbox else None)
+                         on_step=on_step, after_action=after_action if is_rank0 else None,
+                         after_step=StageSaver(cfg.output_dir, stage, env.rank, cfg.seed),
+                         on_failed=fail if is_rank0 else None)
     try:
         worker.run()
         if sender is not None:
@@ -202,7 +305,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         wall = time.perf_counter() - start
         summary = _stage_summary(env.rank, worker.trace, wall)
         slices = {name: {p: (a.cpu(), b.cpu()) for p, (a, b) in stage.adapter_state(name).items()} for name in jobs}
-        gathered = [(slices, worker.trace, summary)]
+        gathered = [(slices, worker.trace, summary, worker.failures)]
         if env.world > 1:
             everything = [None] * env.world if is_rank0 else None
             try:
@@ -210,19 +313,27 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
             except RuntimeError as exc:
                 raise PipelineError(f"rank {env.rank}: lost a rank while merging adapters on rank 0 ({exc})") from None
             gathered = everything if is_rank0 else []
+        if is_rank0:
+            for *_, failures in gathered:  # a middle stage's failure is first heard of here
+                for job, (good_steps, reason) in failures.items():
+                    fail(job, good_steps, reason)
+            manifests.drain(cfg.pipeline.timeout_s)  # every part was written before the gather
     finally:
         if board is not None:
             board.close()
-    result = TrainResult({}, {n: j.steps_done for n, j in jobs.items()}, final_loss, time.perf_counter() - start, schedule)
+    steps = {n: failed[n][0] if n in failed else j.steps_done for n, j in jobs.items()}
+    result = TrainResult({}, steps, final_loss, time.perf_counter() - start, schedule,
+                         resumed={n: p.step for n, p in points.items()})
     if is_rank0:
         merged = {name: {} for name in jobs}
-        for slices, _, _ in gathered:
+        for slices, *_ in gathered:
             for name, weights in slices.items():
                 merged[name].update(weights)
-        result.adapters = save_adapters(merged, cfg)
-        result.stage_stats = [s for _, _, s in gathered]
+        result.adapters = save_adapters(merged, cfg, failed)
+        result.failed = {n: reason for n, (_, reason) in failed.items()}
+        result.stage_stats = [s for _, _, s, _ in gathered]
         for stats in result.stage_stats:
             metrics.write(stats)
         metrics.close()
-        write_trace(cfg.output_dir / "trace.json", [t for _, t, _ in gathered])
+        write_trace(cfg.output_dir / "trace.json", [t for _, t, _, _ in gathered])
     return result

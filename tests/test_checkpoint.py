@@ -1,0 +1,364 @@
+"""Checkpoints, exact resume and failures: a stopped run, restarted, ends where an uninterrupted one does.
+
+Reference runs never stop. In-process runs (one rank) stop by an exception at a chosen action or
+inside a checkpoint write; torchrun runs (2 stages, Gloo) stop by SIGKILL (`MLORA_PP_FAULT`). Every
+run uses dropout > 0 and fp32; resumed adapters must equal the reference to 1e-6 (relative).
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from test_pipeline import torchrun
+from test_training import JOBS, adapter, assert_adapters_equal, make_raw, rel_err, write_dataset
+
+import launcher.__main__ as launcher
+from mlora_pp.checkpoint import (
+    CHECKPOINTS, MANIFEST, checkpoint_weights, newest_checkpoint, read_checkpoint, step_dirs,
+)
+from mlora_pp.config import ConfigError, parse_config
+from mlora_pp.runtime import StageWorker
+from mlora_pp.schedule import build_schedule
+from mlora_pp.tiny import make_tiny_model
+from mlora_pp.training import load_tokenizer, prepare_jobs, train
+
+CK_JOBS = [dict(job, save_every=1) for job in JOBS]  # a checkpoint after every step: many kill points
+STEPS = {"alpha": 3, "beta": 2, "gamma": 4}
+
+
+class Stop(BaseException):
+    """Stands for SIGKILL in-process: not an Exception, so nothing on the way catches it."""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    model = make_tiny_model(root / "model", layers=4, seed=7)
+    data = {job["name"]: write_dataset(root / f"{job['name']}.jsonl", seed=i) for i, job in enumerate(JOBS)}
+    return root, model, data
+
+
+def raw_config(workspace, out: str, jobs=None, **pipeline) -> dict:
+    return make_raw(workspace, jobs or CK_JOBS, out, **{"schedule": "lora", "timeout_s": 10, **pipeline})
+
+
+def config(workspace, out: str, jobs=None, **pipeline):
+    return parse_config(raw_config(workspace, out, jobs, **pipeline), "test.yaml")
+
+
+def yaml_config(workspace, out: str, jobs=None) -> Path:
+    path = workspace[0] / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(raw_config(workspace, out, jobs)))
+    return path
+
+
+def assert_same(out: Path, ref: Path, jobs=JOBS, tol: float = 1e-6) -> None:
+    """Adapters equal to `tol` relative, per tensor and over the whole adapter."""
+    for job in jobs:
+        ours, theirs = adapter(out, job["name"]), adapter(ref, job["name"])
+        assert set(ours) == set(theirs)
+        for path in theirs:
+            for k in (0, 1):
+                assert rel_err(ours[path][k], theirs[path][k]) <= tol, (job["name"], path, k)
+        flat = [torch.cat([t.flatten() for p in sorted(theirs) for t in d[p]]) for d in (ours, theirs)]
+        assert rel_err(*flat) <= tol, job["name"]
+
+
+def assert_checkpoints_complete(out: Path) -> None:
+    """Every manifest on disk lists parts that exist with the recorded size and hash."""
+    root = out / CHECKPOINTS
+    for job_dir in (root.iterdir() if root.is_dir() else []):
+        for _, directory in step_dirs(out, job_dir.name):
+            if (directory / MANIFEST).exists():
+                assert read_checkpoint(directory, job_dir.name) is not None, f"{directory}: manifest without its parts"
+
+
+@pytest.fixture(scope="module")
+def reference(workspace):
+    """One rank, never stopped."""
+    cfg = config(workspace, "reference")
+    result = train(cfg, progress=False)
+    assert result.steps == STEPS
+    return cfg.output_dir
+
+
+@pytest.fixture(scope="module")
+def reference_two(workspace):
+    """Two stages, never stopped (with 3 jobs on 2 stages nothing is fused, so resumed runs repeat its
+    micro-batches exactly)."""
+    proc = torchrun(2, yaml_config(workspace, "reference-two"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workspace[0] / "reference-two"
+
+
+def stop_after_actions(monkeypatch, count: int) -> None:
+    real = StageWorker.run_action
+    done = [0]
+
+    def run_action(self, action):
+        if done[0] == count:
+            raise Stop()
+        done[0] += 1
+        real(self, action)
+
+    monkeypatch.setattr(StageWorker, "run_action", run_action)
+
+
+def stop_inside_write(monkeypatch, name: str) -> None:
+    """Stop between writing the temporary file of `name` (a path ending) and renaming it."""
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if str(dst).endswith(name):
+            raise Stop()
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+# ---------------------------------------------------------------------------------------------- one rank
+
+
+def test_layout_manifest_and_pruning(reference):
+    """keep_last (2) newest complete checkpoints per job; JSON + safetensors only; the final adapter
+    is the last checkpoint's; AdamW moments and step counts are in the parts."""
+    for name, steps in STEPS.items():
+        dirs = step_dirs(reference, name)
+        assert [s for s, _ in dirs] == [steps - 1, steps]
+        for _, directory in dirs:
+            assert sorted(p.name for p in directory.iterdir()) == [MANIFEST, "stage-0.json", "stage-0.safetensors"]
+        point, manifest = newest_checkpoint(reference, name)
+        assert manifest["step"] == steps and manifest["total_steps"] == steps
+        assert manifest["fields"]["rank"] == next(j["rank"] for j in JOBS if j["name"] == name)
+        assert manifest["data_position"]["epoch"] == 0 and manifest["data_position"]["index"] > 0
+        with safe_open(str(point.files[0]), framework="pt") as f:
+            keys = set(f.keys())
+            step_key = next(k for k in keys if k.endswith(".lora_A.step"))
+            assert float(f.get_tensor(step_key)) == steps
+        assert any(k.endswith(".lora_B.exp_avg_sq") for k in keys)
+        saved, final = checkpoint_weights(point), adapter(reference, name)
+        assert set(saved) == set(final)
+        for path in final:
+            assert torch.equal(saved[path][0], final[path][0]) and torch.equal(saved[path][1], final[path][1])
+    suffixes = {p.suffix for p in (reference / CHECKPOINTS).rglob("*") if p.is_file()}
+    assert suffixes == {".json", ".safetensors"}
+
+
+@pytest.mark.parametrize("stop_at", [2, 11, 22])
+def test_resume_after_a_stop_between_actions_is_exact(workspace, reference, monkeypatch, stop_at):
+    """Stopped (of 25 actions) before any checkpoint (2), mid-way (11, mid-step for some jobs), late (22)."""
+    cfg = config(workspace, f"stop-{stop_at}")
+    stop_after_actions(monkeypatch, stop_at)
+    with pytest.raises(Stop):
+        train(cfg, progress=False)
+    monkeypatch.undo()
+    assert_checkpoints_complete(cfg.output_dir)
+    result = train(cfg, progress=False)
+    assert result.steps == STEPS
+    assert sum(result.resumed.values()) > 0 or stop_at == 2
+    assert_same(cfg.output_dir, reference)
+    records = [json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").read_text().splitlines()]
+    for name, steps in STEPS.items():  # every step logged once across both runs (the log is appended)
+        assert sorted(r["step"] for r in records if r.get("job") == name and "loss" in r) == list(range(1, steps + 1))
+
+
+@pytest.mark.parametrize("file", ["stage-0.safetensors", "stage-0.json", MANIFEST])
+def test_resume_after_a_stop_inside_a_checkpoint_write_is_exact(workspace, reference, monkeypatch, file):
+    """Stopped between the temporary file and its rename: no file under the final name, no manifest
+    without parts; the restart deletes the leftovers and ends exactly where the reference does."""
+    cfg = config(workspace, f"stop-in-{file}")
+    stop_inside_write(monkeypatch, f"gamma/step-2/{file}")
+    with pytest.raises(Stop):
+        train(cfg, progress=False)
+    monkeypatch.undo()
+    directory = cfg.output_dir / CHECKPOINTS / "gamma" / "step-2"
+    assert not (directory / file).exists() and list(directory.glob(f".{file}.*.tmp"))
+    assert not (directory / MANIFEST).exists()
+    assert_checkpoints_complete(cfg.output_dir)
+    assert newest_checkpoint(cfg.output_dir, "gamma")[0].step == 1
+    result = train(cfg, progress=False)
+    assert result.resumed["gamma"] == 1 and result.steps == STEPS
+    assert not list((cfg.output_dir / CHECKPOINTS).rglob("*.tmp"))
+    assert_same(cfg.output_dir, reference)
+
+
+def test_finished_run_trains_nothing_and_fresh_starts_over(workspace, reference):
+    out = workspace[0] / "again"
+    shutil.copytree(reference, out)
+    cfg = config(workspace, "again")
+    result = train(cfg, progress=False)
+    assert result.resumed == STEPS and result.steps == STEPS and not result.schedule.micro_batches
+    assert_same(out, reference, tol=0)
+    result = train(cfg, progress=False, fresh=True)
+    assert result.resumed == {} and result.steps == STEPS and len(result.schedule.micro_batches) > 0
+    assert_same(out, reference)
+
+
+def test_changed_job_fields_are_refused_with_the_list(workspace, reference, capsys):
+    out = workspace[0] / "changed"
+    shutil.copytree(reference, out)
+    jobs = [dict(CK_JOBS[0], rank=8, batch_size=2, lr=1.0), dict(CK_JOBS[1], lr=5.0), CK_JOBS[2]]
+    with pytest.raises(ConfigError) as err:
+        train(config(workspace, "changed", jobs), progress=False)
+    message = str(err.value)
+    assert "jobs[0] (alpha, checkpoint step 3): rank 4 -> 8, batch_size 4 -> 2. Restore" in message, message
+    assert "beta" not in message and "--fresh" in message  # lr may change
+    config_path = yaml_config(workspace, "changed", jobs)
+    assert launcher.main([str(config_path), "--no-live"]) == launcher.EXIT_BAD_INPUT
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "rank 4 -> 8" in lines[0]
+    assert launcher.main([str(config_path), "--no-live", "--fresh"]) == 0
+    assert newest_checkpoint(out, "alpha")[1]["fields"]["rank"] == 8  # started over
+
+
+def test_disk_full_at_a_checkpoint_write_is_one_line_and_leaves_no_partial_file(workspace, reference, monkeypatch,
+                                                                                  capsys):
+    config_path = yaml_config(workspace, "disk-full")
+    out = workspace[0] / "disk-full"
+    real = os.fsync
+
+    def fsync(fd):
+        if "alpha/step-2/.stage-0.safetensors." in os.readlink(f"/proc/self/fd/{fd}"):  # its temporary file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert launcher.main([str(config_path), "--no-live"]) == launcher.EXIT_PIPELINE_FAILED
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    target = out / CHECKPOINTS / "alpha" / "step-2" / "stage-0.safetensors"
+    assert [l for l in err.splitlines() if l.startswith("error")] == [
+        f"error: rank 0: cannot write {target} (No space left on device)"]
+    monkeypatch.undo()
+    directory = out / CHECKPOINTS / "alpha" / "step-2"
+    assert not directory.exists() or not any(directory.iterdir())  # no partial file, no temporary file
+    assert_checkpoints_complete(out)
+    assert newest_checkpoint(out, "alpha")[0].step == 1
+    assert train(config(workspace, "disk-full"), progress=False).steps == STEPS
+    assert_same(out, reference)
+
+
+def test_unwritable_or_too_small_output_dir_is_refused_before_training(workspace, monkeypatch):
+    real = os.fsync
+
+    def read_only(fd):
+        if ".write-test" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", read_only)
+    with pytest.raises(ConfigError, match=r"output_dir: rank 0 cannot write checkpoints to .*Read-only file system"):
+        train(config(workspace, "read-only"), progress=False)
+    monkeypatch.undo()
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ConfigError, match=r"output_dir: rank 0 needs about .* MiB for checkpoints"):
+        train(config(workspace, "too-small"), progress=False)
+    assert not (workspace[0] / "too-small" / "metrics.jsonl").exists()
+
+
+def failed_run_checks(out: Path, reference: Path) -> None:
+    """beta (absurd lr) failed alone at step 2: alpha and gamma equal the reference, where beta's lr
+    is sane (rows of different jobs never mix, so beta's NaNs cannot reach them); beta's output is
+    its step-1 checkpoint, and no checkpoint after that exists."""
+    assert_same(out, reference, jobs=[JOBS[0], JOBS[2]])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    failed = [r for r in records if r.get("event") == "failed"]
+    assert len(failed) == 1 and failed[0]["job"] == "beta" and failed[0]["step"] == 2, failed
+    assert "non-finite" in failed[0]["reason"]
+    assert [r["step"] for r in records if r.get("job") == "beta" and "loss" in r] == [1]
+    for name in ("alpha", "gamma"):
+        losses = [r["loss"] for r in records if r.get("job") == name and "loss" in r]
+        assert len(losses) == STEPS[name] and all(map(lambda x: x == x and abs(x) < 1e3, losses))
+    assert [s for s, d in step_dirs(out, "beta") if (d / MANIFEST).exists()] == [1]
+    point, _ = newest_checkpoint(out, "beta")
+    saved, final = checkpoint_weights(point), adapter(out, "beta")
+    assert all(torch.equal(saved[p][k], final[p][k]) for p in final for k in (0, 1))
+    assert json.loads((out / "beta" / "failed.json").read_text())["good_steps"] == 1
+
+
+BAD_LR = [CK_JOBS[0], dict(CK_JOBS[1], lr=1e10), CK_JOBS[2]]
+
+
+def test_non_finite_job_fails_alone(workspace, reference):
+    cfg = config(workspace, "bad-lr", BAD_LR)
+    result = train(cfg, progress=False)
+    assert set(result.failed) == {"beta"} and result.steps == {**STEPS, "beta": 1}
+    failed_run_checks(cfg.output_dir, reference)
+
+
+# ---------------------------------------------------------------------------------------------- 2 stages
+
+
+def remaining_actions(workspace, out: str) -> tuple[tuple, ...]:
+    """The per-stage actions a restart in `out` will run (rank 0's resume decision, recomputed here)."""
+    cfg = config(workspace, out)
+    jobs = prepare_jobs(cfg, load_tokenizer(workspace[1]))
+    for name, job in jobs.items():
+        found = newest_checkpoint(cfg.output_dir, name)
+        job.steps_done = found[0].step if found else 0
+    return build_schedule([j.job_steps() for j in jobs.values()], 2, "lora", True).stages
+
+
+def test_sigkill_at_several_points_then_resume_is_exact(workspace, reference, reference_two):
+    """Five runs of one config on 2 stages, each SIGKILLed (early, inside a stage part's write, just after
+    a save, inside a write on rank 0, at a random action of a random rank), then one that finishes:
+    every killed run ends every rank within the timeout, leaves only complete checkpoints, and the
+    final adapters equal an uninterrupted 2-stage run's. A copy taken mid-way also resumes on one rank."""
+    out = "killed"
+    path = yaml_config(workspace, out)
+    rng = random.Random(6)
+
+    def just_after_a_save() -> str:
+        stage1 = remaining_actions(workspace, out)[1]
+        first_s = next(i for i, a in enumerate(stage1) if a.kind == "S")
+        return f"1:{first_s + 1}:kill"
+
+    def at_random() -> str:
+        stages = remaining_actions(workspace, out)
+        rank = rng.randrange(2)
+        return f"{rank}:{rng.randrange(1, len(stages[rank]) - 1)}:kill"
+
+    faults = ["1:3:kill", "1:save:4:kill", just_after_a_save, "0:save:2:kill", at_random]
+    for fault in faults:
+        spec = fault() if callable(fault) else fault
+        start = time.monotonic()
+        proc = torchrun(2, path, timeout=120, MLORA_PP_FAULT=spec)
+        assert proc.returncode != 0, (spec, proc.stderr[-3000:])
+        assert any(l.startswith("error: rank ") for l in proc.stderr.splitlines()), (spec, proc.stderr[-3000:])
+        assert time.monotonic() - start < 10 + 60, spec
+        assert_checkpoints_complete(workspace[0] / out)
+        if spec == "1:save:4:kill":  # a checkpoint of 2 stages resumes on 1 rank too (modules keyed by path)
+            shutil.copytree(workspace[0] / out, workspace[0] / "one-rank")
+            result = train(config(workspace, "one-rank"), progress=False)
+            assert result.resumed and result.steps == STEPS
+            for job in JOBS:  # steps done unfused on 2 stages, then fused on 1: fp32 summation-order noise
+                assert_adapters_equal(adapter(workspace[0] / "one-rank", job["name"]), adapter(reference, job["name"]))
+    proc = torchrun(2, path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_same(workspace[0] / out, reference_two)
+
+
+def test_non_finite_job_fails_alone_on_two_stages(workspace, reference_two):
+    proc = torchrun(2, yaml_config(workspace, "bad-lr-two", BAD_LR))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "beta: FAILED (non-finite" in proc.stdout, proc.stdout[-2000:]
+    failed_run_checks(workspace[0] / "bad-lr-two", reference_two)
+
+
+@pytest.mark.parametrize("field, value", [("save_every", 0), ("keep_last", 0)])
+def test_checkpoint_fields_are_validated(workspace, field, value):
+    with pytest.raises(ConfigError, match=rf"jobs\[0\]\.{field}: must be at least 1"):
+        config(workspace, "never", [dict(CK_JOBS[0], **{field: value})])

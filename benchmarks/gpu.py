@@ -44,7 +44,8 @@ def flops_per_token(config, rank: int, seq: int) -> dict[str, float]:
     return {"base": 4.0 * n_lin, "lora_per_job_token": float(lora), "attn": float(attn)}
 
 
-def run(jobs: int, model: Path, work: Path, seq: int, steps: int, rows: int, dtype: str) -> dict:
+def run(jobs: int, model: Path, work: Path, seq: int, steps: int, rows: int, dtype: str, micro: int,
+        profile_to: Path | None = None) -> dict:
     from mlora_pp.config import parse_config
     from mlora_pp.tiny import WORDS
     from mlora_pp.training import train
@@ -57,7 +58,7 @@ def run(jobs: int, model: Path, work: Path, seq: int, steps: int, rows: int, dty
         data.write_text("".join(json.dumps({"text": " ".join(rnd.choice(WORDS) for _ in range(seq // 2 - 1))}) + "\n"
                                 for _ in range(rows * steps)))
         job_cfgs.append({"name": f"job{j}", "data": str(data), "template": "plain", "rank": 16, "alpha": 32,
-                         "dropout": 0.05, "target_modules": TARGETS, "batch_size": rows, "micro_batch_size": rows // 2,
+                         "dropout": 0.05, "target_modules": TARGETS, "batch_size": rows, "micro_batch_size": micro,
                          "max_steps": steps, "max_seq_len": seq})
     out = work / f"out{jobs}"
     cfg = parse_config({"model": {"path": str(model), "dtype": dtype}, "output_dir": str(out), "jobs": job_cfgs},
@@ -65,22 +66,42 @@ def run(jobs: int, model: Path, work: Path, seq: int, steps: int, rows: int, dty
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    train(cfg, progress=False)
+    if profile_to is None:
+        train(cfg, progress=False)
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=activities) as prof:
+            train(cfg, progress=False)
+        averages = prof.key_averages()
+        device_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        profile_to.write_text(f"{jobs} jobs, by device time\n" + averages.table(sort_by=device_key, row_limit=30)
+                              + f"\n{jobs} jobs, by host time\n" + averages.table(sort_by="self_cpu_time_total", row_limit=30))
+        print(f"wrote {profile_to}")
     wall = time.perf_counter() - start
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    steps_ = [r for r in records if "job" in r]
+    steps_ = [r for r in records if "loss" in r and "event" not in r]
     first = min(r["time"] for r in steps_)
-    # tokens/s over the steady part: everything after the first finished step
-    later = [r for r in steps_ if r["time"] > first]
-    tokens = sum(r["tokens"] for r in later)
-    span = max(r["time"] for r in steps_) - first
+    # tokens/s over the steady part: after the first finished step (start-up, compilation) and up to
+    # the last step but one (the final step also writes every job's final checkpoint).
+    middle = [r for r in steps_ if r["time"] > first and r["step"] < steps]
+    tokens = sum(r["tokens"] for r in middle)
+    span = max((r["time"] for r in middle), default=first) - first
     return {"jobs": jobs, "tokens_per_s": tokens / span if span > 0 else float("nan"), "wall_s": wall,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            "window": "steps 2 .. last-1 (first step and final checkpoint writes excluded)"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model on any device, nothing written")
+    parser.add_argument("--jobs", type=int, nargs="+", default=None, help="job counts (default 1 4 8)")
+    parser.add_argument("--rows", type=int, default=None, help="rows (of seq tokens) per optimizer step per job")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per job (default 12)")
+    parser.add_argument("--micro", type=int, default=None, help="rows per micro-batch per job (default rows/2)")
+    parser.add_argument("--profile", type=Path, default=None, help="write torch.profiler tables to this file")
+    parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/gpu-<device>.json)")
     args = parser.parse_args(argv)
     from mlora_pp.model import read_model_config
     from mlora_pp.tiny import make_tiny_model
@@ -88,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("benchmarks.gpu needs CUDA (use --smoke to check the script on CPU)")
     seq, steps, rows = (64, 3, 4) if args.smoke else (512, 12, 8)
+    rows = args.rows or rows
+    steps = args.steps or steps
+    micro = args.micro or rows // 2
     shape = dict(layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256) if args.smoke else \
         dict(layers=16, hidden=2048, heads=32, kv_heads=8, intermediate=5632)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -99,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         model = make_tiny_model(work / "model", max_positions=max(1024, seq), init_std=0.02, **shape)
         config = read_model_config(model)
         f = flops_per_token(config, 16, seq)
-        for jobs in ((1, 2) if args.smoke else (1, 4, 8)):
-            r = run(jobs, model, work, seq, steps, rows, dtype)
+        for jobs in args.jobs or ((1, 2) if args.smoke else (1, 4, 8)):
+            r = run(jobs, model, work, seq, steps, rows, dtype, micro, args.profile)
             per_token = f["base"] + f["lora_per_job_token"] + f["attn"]
             r["flops_per_token"] = per_token
             r["mfu"] = r["tokens_per_s"] * per_token / peak if peak else None
@@ -108,16 +132,17 @@ def main(argv: list[str] | None = None) -> int:
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
             mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
             print(f"{jobs} jobs: {r['tokens_per_s']:.0f} tokens/s, MFU {mfu}, peak memory {mem}", flush=True)
-    result = {"device": device, "dtype": dtype, "seq": seq, "rows_per_step": rows, "steps": steps, "model": shape,
+    result = {"device": device, "dtype": dtype, "seq": seq, "rows_per_step": rows, "rows_per_micro_batch": micro,
+              "steps": steps, "model": shape, "torch": torch.__version__,
               "peak_flops": peak, "flops_formula": __doc__.split("FLOPs counted")[1].strip(), "rows": rows_out,
               "target": "MFU >= 50% at 8 jobs"}
     if args.smoke:
         print(json.dumps(result)[:400])
         return 0
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "gpu-" + device.replace(" ", "_").replace("/", "_") + ".json"
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS / name}")
+    out = args.out or RESULTS / ("gpu-" + device.replace(" ", "_").replace("/", "_") + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

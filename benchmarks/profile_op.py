@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--variant", default="ours-loop", help="ours-loop, ours-grouped, naive, base")
     parser.add_argument("--rows", type=int, default=25, help="table rows")
+    parser.add_argument("--sort", default="device", choices=["device", "host"], help="order of the table")
     args = parser.parse_args(argv)
     case = Case(args.d, args.adapters, args.dropout, args.tokens, args.device, getattr(torch, args.dtype))
     run = _build(case)[args.variant]
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             run()
         if cuda:
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    key = "self_cuda_time_total" if cuda and args.sort == "device" else "self_cpu_time_total"
     print(f"{args.variant} d={args.d} adapters={args.adapters} dropout={args.dropout} {args.dtype} on {args.device}, 5 calls")
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
     return 0

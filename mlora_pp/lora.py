@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -87,12 +88,41 @@ class LoRABatch:
         return self.segments[-1].row_end if self.segments else 0
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host tensor to `device` without making the host wait for the device's queue (pinned, async)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class LoRAContext:
     """Shared by all `BatchedLoRALinear` of one stage: the runner sets `.batch` before each forward."""
 
     def __init__(self) -> None:
         self._batch: LoRABatch | None = None
         self._seeds: dict[torch.device, Tensor] = {}
+        self._tables: dict[tuple, object] = {}
+        self._module_ids: list[int] = []
+        self._row_of: dict[int, int] = {}
+
+    def register(self, module_id: int) -> None:
+        """Each module of the stage registers once, so per-module row seeds are made in one go per batch."""
+        if module_id not in self._row_of:
+            self._row_of[module_id] = len(self._module_ids)
+            self._module_ids.append(module_id)
+
+    def position_seeds(self, device: torch.device, module_id: int) -> Tensor:
+        """int32 [rows * seq_len] dropout seeds of `module_id`; the table for every registered module is
+        built once per batch (a dozen small kernels instead of a dozen per module)."""
+        self.register(module_id)
+        ids = tuple(self._module_ids)
+
+        def build() -> Tensor:
+            mods = torch.tensor([_module_seed(m) for m in ids], dtype=torch.int64)
+            return _as_int32(_mix32(self.key_seeds(device)[None, :] ^ _to_device(mods, device)[:, None]))
+
+        table = self.cached(("positions", device, ids), build)
+        return table[self._row_of[module_id]]
 
     @property
     def batch(self) -> LoRABatch | None:
@@ -102,6 +132,14 @@ class LoRAContext:
     def batch(self, batch: LoRABatch | None) -> None:
         self._batch = batch
         self._seeds = {}
+        self._tables = {}
+
+    def cached(self, key: tuple, build: Callable[[], object]) -> object:
+        """A value derived from the current batch only (per-row tables shared by the stage's modules)."""
+        value = self._tables.get(key)
+        if value is None:
+            value = self._tables[key] = build()
+        return value
 
     def key_seeds(self, device: torch.device) -> Tensor:
         """Module-independent dropout seeds [rows * seq_len] of the batch, built once per batch and device."""
@@ -109,7 +147,7 @@ class LoRAContext:
         if seeds is None:
             assert self._batch is not None
             flat = [k for seg in self._batch.segments for k in seg.dropout_keys]
-            keys = torch.tensor(flat, dtype=torch.int64).to(device)
+            keys = _to_device(torch.tensor(flat, dtype=torch.int64), device)
             seeds = self._seeds[device] = _key_seeds(keys, self._batch.seq_len)
         return seeds
 
@@ -165,7 +203,9 @@ _I32_MIN = -(1 << 31)
 
 
 def _as_int32(t: Tensor) -> Tensor:
-    """int64 values in [0, 2**32) -> int32 with the same 32 bits."""
+    """int64 values in [0, 2**32) -> int32 with the same 32 bits (int32 input is returned as is)."""
+    if t.dtype == torch.int32:
+        return t
     return torch.where(t >= (1 << 31), t - (1 << 32), t).to(torch.int32)
 
 
@@ -218,18 +258,48 @@ def _chunk_rows(features: int, device: torch.device) -> int:
     return max(1, per_chunk // max(features, 1))
 
 
-def _apply_drop(x: Tensor, pos: Tensor, feat: Tensor, thresh: int, out: Tensor) -> None:
-    """out = x with dropped elements zeroed (no 1/(1-p) scaling); chunked so the hash stays in cache."""
-    step = _chunk_rows(x.shape[1], x.device)
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    for s in range(0, x.shape[0], step):
-        drop = _element_hash(pos[s : s + step], feat) < thresh
-        torch.where(drop, zero, x[s : s + step], out=out[s : s + step])
+def _drop_span(v: Tensor, pos_seeds: Tensor, feat_seeds: Tensor, thresh: Tensor) -> Tensor:
+    """v [T, F] with every element whose hash is under its row's threshold zeroed (no 1/(1-p) scaling).
+
+    pos_seeds [T] int32 (`_position_seeds` as int32), feat_seeds [F], thresh [T] int32 in
+    `_threshold`'s order; `_I32_MIN` keeps a whole row. The same hash as `dropout_keep_mask`, so the
+    paths agree bit for bit. Per-row seeds come in precomputed: inside the kernel they would be
+    recomputed for every element, in emulated 64-bit arithmetic.
+    """
+    h = _element_hash(pos_seeds, feat_seeds)
+    return torch.where(h < thresh[:, None], torch.zeros((), dtype=v.dtype, device=v.device), v)
 
 
-def _drop_mask(pos: Tensor, feat: Tensor, thresh: int) -> Tensor:
-    step = _chunk_rows(feat.numel(), feat.device)
-    return torch.cat([_element_hash(pos[s : s + step], feat) < thresh for s in range(0, pos.numel(), step)])
+_compiled_drop_span: list[Callable[..., Tensor] | None] = []
+
+
+def _drop_span_compiled() -> Callable[..., Tensor] | None:
+    """`_drop_span` compiled into one kernel (torch.compile), or None where that is off or failed.
+
+    Eager, the hash is a dozen passes over a T x F int32 tensor, each one kernel launch; compiled
+    it is one pass that reads v and writes the result. MLORA_PP_COMPILE=0 turns it off.
+    """
+    if not _compiled_drop_span:
+        enabled = os.environ.get("MLORA_PP_COMPILE", "1") != "0"
+        _compiled_drop_span.append(torch.compile(_drop_span, dynamic=True, fullgraph=True) if enabled else None)
+    return _compiled_drop_span[0]
+
+
+def _dropped(v: Tensor, pos_seeds: Tensor, feat_seeds: Tensor, thresh: Tensor) -> Tensor:
+    """`_drop_span` of v: one compiled kernel on accelerators, chunk by chunk (hash kept in cache) on CPU."""
+    if v.device.type != "cpu":
+        fn = _drop_span_compiled()
+        if fn is not None:
+            try:
+                return fn(v, pos_seeds, feat_seeds, thresh)
+            except Exception as exc:  # no Triton, or a compiler bug: the eager hash gives the same bits
+                warnings.warn(f"compiling the dropout hash failed ({type(exc).__name__}: {exc}); running it eagerly")
+                _compiled_drop_span[0] = None
+    out = torch.empty_like(v)
+    step = _chunk_rows(v.shape[1], v.device)
+    for c in range(0, v.shape[0], step):
+        out[c : c + step] = _drop_span(v[c : c + step], pos_seeds[c : c + step], feat_seeds, thresh[c : c + step])
+    return out
 
 
 # --------------------------------------------------------------------------- grouped_mm support
@@ -280,7 +350,31 @@ class _Group:
     end: int
     slot: int
     pos_seeds: Tensor | None = None
-    """Dropout seeds per flat row, only when this group's dropout is active."""
+    """loop path: dropout seeds per flat row, only when this group's dropout is active."""
+    drops: bool = False
+    """Whether this group's dropout is active."""
+
+
+@dataclass(frozen=True)
+class _Cast:
+    """One adapter's weights in the compute dtype, rank zero-padded to R, in the four layouts the
+    grouped path multiplies by; B carries the adapter's scale. Rebuilt only when A or B change."""
+
+    a_t: Tensor  # [in, R]
+    a: Tensor  # [R, in]
+    b_t: Tensor  # [R, out] * scale
+    b: Tensor  # [out, R] * scale
+
+
+@dataclass(frozen=True)
+class _SpanRows:
+    """grouped path: per-row and per-group tables over the span, on the device, built once per call."""
+
+    offs: Tensor  # int32 [groups]: group ends relative to the span's start
+    scales: Tensor  # float32 [groups, 1, 1]: each group's scale (0 for gaps)
+    thresh: Tensor | None  # int32 [span]: dropout threshold per row (_I32_MIN keeps the row); None: no dropout
+    inv_keep: Tensor | None  # float32 [span, 1]: 1 / (1 - p) per row
+    pos_seeds: Tensor | None  # int32 [span]: this module's dropout seed per row
 
 
 @dataclass
@@ -293,11 +387,15 @@ class _Plan:
     scales: list[float]
     dropouts: list[float]
     feat_seeds: Tensor | None
-    offs: Tensor | None = None
-    """grouped path: int32 cumulative group ends, relative to the first group's start."""
+    rows: _SpanRows | None = None
+    """grouped path only."""
+    casts: list[_Cast] | None = None
+    """grouped path only: per slot."""
+    gap_cast: _Cast | None = None
+    """grouped path only: zeros, for gap groups."""
 
     def active_p(self, g: _Group) -> float:
-        return self.dropouts[g.slot] if g.pos_seeds is not None else 0.0
+        return self.dropouts[g.slot] if g.drops else 0.0
 
     @property
     def span(self) -> tuple[int, int]:
@@ -307,10 +405,19 @@ class _Plan:
     def has_gaps(self) -> bool:
         return any(g.slot < 0 for g in self.groups)
 
-    @property
-    def rpad(self) -> int:
-        """Largest rank rounded up to a multiple of 8 (bf16 grouped_mm on GPU needs aligned sizes)."""
-        return -(-max(self.ranks) // 8) * 8
+    def stack(self, layout: str) -> Tensor:
+        """[groups, ...] stack of each group's weights in `layout` (a `_Cast` field); one kernel."""
+        assert self.casts is not None and self.gap_cast is not None
+        return torch.stack([getattr(self.casts[g.slot] if g.slot >= 0 else self.gap_cast, layout) for g in self.groups])
+
+    def dropped(self, v: Tensor) -> Tensor:
+        """v over the span with each row's dropout mask applied (no 1/(1-p)); v itself without dropout."""
+        r = self.rows
+        assert r is not None
+        if r.thresh is None:
+            return v
+        assert self.feat_seeds is not None and r.pos_seeds is not None
+        return _dropped(v, r.pos_seeds, self.feat_seeds, r.thresh)
 
 
 class _LoRADelta(torch.autograd.Function):
@@ -323,11 +430,11 @@ class _LoRADelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, x: Tensor, base_out: Tensor, *weights: Tensor) -> Tensor:  # type: ignore[override]
         n = len(plan.ranks)
-        As = [w.to(x.dtype) for w in weights[:n]]
-        Bs = [w.to(x.dtype) for w in weights[n:]]
         if plan.path == "grouped":
-            saved = _grouped_forward(plan, x, base_out, As, Bs)
+            saved = _grouped_forward(plan, x, base_out)
         else:
+            As = [w.to(x.dtype) for w in weights[:n]]
+            Bs = [w.to(x.dtype) for w in weights[n:]]
             saved = _loop_forward(plan, x, base_out, As, Bs)
         ctx.mark_dirty(base_out)
         ctx.plan = plan
@@ -343,11 +450,13 @@ class _LoRADelta(torch.autograd.Function):
         saved, weights = rest[: ctx.n_saved], rest[ctx.n_saved :]
         need = ctx.needs_input_grad
         need_x, need_a, need_b = need[1], any(need[3 : 3 + n]), any(need[3 + n :])
-        dy = grad_out.contiguous()
-        As = [w.to(x.dtype) for w in weights[:n]]
-        Bs = [w.to(x.dtype) for w in weights[n:]]
-        backward = _grouped_backward if plan.path == "grouped" else _loop_backward
-        dx, dA, dB = backward(plan, x, saved, dy.to(x.dtype), As, Bs, need_x, need_a, need_b)
+        dy = grad_out.contiguous().to(x.dtype)
+        if plan.path == "grouped":
+            dx, dA, dB = _grouped_backward(plan, x, saved, dy, need_x, need_a, need_b)
+        else:
+            As = [w.to(x.dtype) for w in weights[:n]]
+            Bs = [w.to(x.dtype) for w in weights[n:]]
+            dx, dA, dB = _loop_backward(plan, x, saved, dy, As, Bs, need_x, need_a, need_b)
         grads_a = [None if g is None else g.to(w.dtype) for g, w in zip(dA, weights[:n])]
         grads_b = [None if g is None else g.to(w.dtype) for g, w in zip(dB, weights[n:])]
         return (None, dx, dy if need[2] else None, *grads_a, *grads_b)
@@ -450,116 +559,61 @@ def _loop_backward(
 
 
 # grouped path: torch._grouped_mm over the span from the first to the last participating row.
+# A constant number of kernels whatever the number of adapters: the weights come stacked (one
+# kernel each, from per-adapter casts cached across calls), dropout is one pass over the span
+# with a per-row threshold, the 1/(1-p) factors one multiply by a per-row table, and gap rows
+# (segments not on this module) meet zero weights, so their delta is zero and is added as is.
 
 
-def _stack(plan: _Plan, mats: list[Tensor], rank_dim: int, scaled: bool) -> Tensor:
-    """[groups, ...] contiguous stack of each group's matrix, rank dim zero-padded to rpad; zeros for gaps."""
-    rpad = plan.rpad
-    other = mats[0].shape[1 - rank_dim]
-    shape = (len(plan.groups), rpad, other) if rank_dim == 0 else (len(plan.groups), other, rpad)
-    out = torch.zeros(shape, dtype=mats[0].dtype, device=mats[0].device)
-    for i, g in enumerate(plan.groups):
-        if g.slot < 0:
-            continue
-        m = mats[g.slot] * plan.scales[g.slot] if scaled else mats[g.slot]
-        r = plan.ranks[g.slot]
-        if rank_dim == 0:
-            out[i, :r].copy_(m)
-        else:
-            out[i, :, :r].copy_(m)
-    return out
-
-
-def _grouped_dropped_x(plan: _Plan, x: Tensor, want_masks: bool) -> tuple[Tensor, list[tuple[_Group, Tensor]]]:
-    """x over the span with dropout applied per group (no 1/(1-p)), gaps zeroed; optionally the drop masks."""
+def _grouped_forward(plan: _Plan, x: Tensor, out: Tensor) -> list[Tensor]:
     lo, hi = plan.span
-    if not plan.has_gaps and all(g.pos_seeds is None for g in plan.groups):
-        return x[lo:hi], []
-    xd = torch.empty(hi - lo, x.shape[1], dtype=x.dtype, device=x.device)
-    masks = []
-    for g in plan.groups:
-        dst, src = xd[g.start - lo : g.end - lo], x[g.start : g.end]
-        if g.slot < 0:
-            dst.zero_()
-        elif g.pos_seeds is None:
-            dst.copy_(src)
-        elif want_masks:
-            assert plan.feat_seeds is not None
-            drop = _drop_mask(g.pos_seeds, plan.feat_seeds, _threshold(plan.dropouts[g.slot]))
-            torch.where(drop, torch.zeros((), dtype=x.dtype, device=x.device), src, out=dst)
-            masks.append((g, drop))
-        else:
-            assert plan.feat_seeds is not None
-            _apply_drop(src, g.pos_seeds, plan.feat_seeds, _threshold(plan.dropouts[g.slot]), dst)
-    return xd, masks
-
-
-def _scale_rows(t: Tensor, plan: _Plan, factor: Callable[[_Group], float]) -> None:
-    """Multiply each group's rows of t (a span-sized tensor) by factor(group), skipping factors of 1."""
-    lo = plan.span[0]
-    for g in plan.groups:
-        f = factor(g)
-        if f != 1.0:
-            t[g.start - lo : g.end - lo].mul_(f)
-
-
-def _grouped_forward(plan: _Plan, x: Tensor, out: Tensor, As: list[Tensor], Bs: list[Tensor]) -> list[Tensor]:
-    lo, hi = plan.span
-    plan.offs = torch.tensor([g.end - lo for g in plan.groups], dtype=torch.int32).to(x.device)
-    xd, _ = _grouped_dropped_x(plan, x, want_masks=False)
-    s = torch._grouped_mm(xd, _stack(plan, [a.t() for a in As], 1, False), offs=plan.offs)  # [span, rpad]
-    _scale_rows(s, plan, lambda g: 1.0 / (1.0 - plan.active_p(g)))
-    # The scale is folded into the stacked B^T [groups, rpad, out].
-    delta = torch._grouped_mm(s, _stack(plan, [b.t() for b in Bs], 0, True), offs=plan.offs)
-    if not plan.has_gaps:
-        _add_rows(out, lo, delta.to(out.dtype))
-    else:
-        for g in plan.groups:
-            if g.slot >= 0:
-                _add_rows(out, g.start, delta[g.start - lo : g.end - lo].to(out.dtype))
+    rows = plan.rows
+    assert rows is not None
+    s = torch._grouped_mm(plan.dropped(x[lo:hi]), plan.stack("a_t"), offs=rows.offs)  # [span, R]
+    if rows.inv_keep is not None:
+        s.mul_(rows.inv_keep)
+    delta = torch._grouped_mm(s, plan.stack("b_t"), offs=rows.offs)  # scale folded into b_t
+    out[lo:hi].add_(delta)
     return [s]
 
 
 def _grouped_backward(
-    plan: _Plan, x: Tensor, saved: list[Tensor], dy: Tensor, As: list[Tensor], Bs: list[Tensor],
-    need_x: bool, need_a: bool, need_b: bool,
+    plan: _Plan, x: Tensor, saved: list[Tensor], dy: Tensor, need_x: bool, need_a: bool, need_b: bool,
 ) -> _Grads:
     n = len(plan.ranks)
     (s,) = saved
     lo, hi = plan.span
-    offs = plan.offs
+    rows = plan.rows
+    assert rows is not None
     dys = dy[lo:hi]
     dA: list[Tensor | None] = [None] * n
     dB: list[Tensor | None] = [None] * n
 
-    def collect(store: list[Tensor | None], per_group: Tensor, factor: Callable[[_Group], float]) -> None:
-        """per_group [groups, rpad, k] -> each slot's [rank, k] block, times factor(group), summed."""
+    def collect(store: list[Tensor | None], per_group: Tensor, transpose: bool) -> None:
+        """per_group [groups, R, k] (fp32) -> each slot's [rank, k] block (or its transpose), summed."""
         for i, g in enumerate(plan.groups):
             if g.slot >= 0:
                 m = per_group[i, : plan.ranks[g.slot]]
-                f = factor(g)
-                _accumulate(store, g.slot, m * f if f != 1.0 else m)
+                _accumulate(store, g.slot, m.t() if transpose else m)
 
-    if need_b:  # (S^T dY)^T per group, as in the loop path
-        collect(dB, torch._grouped_mm(s.t(), dys, offs=offs), lambda g: plan.scales[g.slot])
-        dB = [None if d is None else d.t() for d in dB]
+    if need_b:  # dB = scale * (S^T dY)^T per group
+        collect(dB, torch._grouped_mm(s.t(), dys, offs=rows.offs).float().mul_(rows.scales), transpose=True)
     dx = None
     if need_a or need_x:
-        dsq = torch._grouped_mm(dys, _stack(plan, Bs, 1, True), offs=offs)  # s * dY B, [span, rpad]
-        _scale_rows(dsq, plan, lambda g: 1.0 / (1.0 - plan.active_p(g)))
-        xd, masks = _grouped_dropped_x(plan, x, want_masks=need_x)
+        dsq = torch._grouped_mm(dys, plan.stack("b"), offs=rows.offs)  # scale * dY B, [span, R]
+        if rows.inv_keep is not None:
+            dsq.mul_(rows.inv_keep)
         if need_a:
-            collect(dA, torch._grouped_mm(dsq.t(), xd, offs=offs), lambda g: 1.0)
+            collect(dA, torch._grouped_mm(dsq.t(), plan.dropped(x[lo:hi]), offs=rows.offs).float(), transpose=False)
         if need_x:
-            dxs = torch._grouped_mm(dsq, _stack(plan, As, 0, False), offs=offs)  # [span, in]
-            for g, drop in masks:
-                dxs[g.start - lo : g.end - lo].masked_fill_(drop, 0)
-            if lo == 0 and hi == x.shape[0] and not plan.has_gaps:
+            dxs = plan.dropped(torch._grouped_mm(dsq, plan.stack("a"), offs=rows.offs))  # [span, in]
+            if lo == 0 and hi == x.shape[0]:
                 dx = dxs
             else:
                 dx = torch.empty_like(x)
+                dx[:lo].zero_()
                 dx[lo:hi].copy_(dxs)
-                _zeros_outside(dx, plan.groups)
+                dx[hi:].zero_()
     return dx, dA, dB
 
 
@@ -603,8 +657,11 @@ class BatchedLoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()
         self._specs: dict[str, _AdapterSpec] = {}
         self._feat_seeds: dict[torch.device, Tensor] = {}
+        self._casts: dict[str, tuple[tuple, _Cast]] = {}  # grouped path: per adapter, keyed by weight versions
+        self._gap_cast: tuple[tuple, _Cast] | None = None
         self._warned_fallback = False
         self.context = context  # shared by the stage; a plain object, so not a submodule
+        context.register(module_id)
 
     def _device(self) -> torch.device:
         for t in list(self.base.parameters()) + list(self.base.buffers()):
@@ -633,6 +690,7 @@ class BatchedLoRALinear(nn.Module):
         if name not in self._specs:
             raise KeyError(f"adapter {name!r} is not on this module")
         del self._specs[name]
+        self._casts.pop(name, None)
         del self.lora_A[name]
         del self.lora_B[name]
 
@@ -688,6 +746,7 @@ class BatchedLoRALinear(nn.Module):
 
     def _plan(self, batch: LoRABatch, x: Tensor) -> tuple[_Plan, list[str]]:
         seq = batch.seq_len
+        path = self.resolve_path(x)
         names: list[str] = []
         slot_of: dict[str, int] = {}
         groups: list[_Group] = []
@@ -704,24 +763,24 @@ class BatchedLoRALinear(nn.Module):
                 slot = slot_of[seg.adapter] = len(names)
                 names.append(seg.adapter)
             start, end = seg.row_start * seq, seg.row_end * seq
+            drops = batch.training and spec.dropout > 0.0
             pos = None
-            if batch.training and spec.dropout > 0.0:
+            if drops and path == "loop":
                 if pos_all is None:
                     pos_all = _position_seeds(self.context.key_seeds(x.device), self.module_id)
                 pos = pos_all[start:end]
-            groups.append(_Group(start, end, slot, pos))
+            groups.append(_Group(start, end, slot, pos, drops))
         # Gaps before the first and after the last participating segment are simply left out.
         while groups and groups[0].slot < 0:
             groups.pop(0)
         while groups and groups[-1].slot < 0:
             groups.pop()
         specs = [self._specs[n] for n in names]
-        path = self.resolve_path(x)
         if path == "loop":
             groups = [g for g in groups if g.slot >= 0]
         else:
             groups = _merge_gaps(groups)
-        has_dropout = any(g.pos_seeds is not None for g in groups)
+        has_dropout = any(g.drops for g in groups)
         plan = _Plan(
             path=path,
             groups=groups,
@@ -730,7 +789,65 @@ class BatchedLoRALinear(nn.Module):
             dropouts=[s.dropout for s in specs],
             feat_seeds=self._feature_seeds(x.device) if has_dropout else None,
         )
+        if path == "grouped" and groups:
+            self._prepare_grouped(plan, names, x)
         return plan, names
+
+    def _padded_rank(self) -> int:
+        """The largest rank on this module rounded up to a multiple of 8 (grouped_mm alignment)."""
+        return -(-max(s.rank for s in self._specs.values()) // 8) * 8
+
+    def _cast(self, name: str, dtype: torch.dtype, rank_pad: int) -> _Cast:
+        """`name`'s weights for the grouped path, rebuilt only when A or B changed (optimizer step, load)."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), dtype, rank_pad)
+        hit = self._casts.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        spec = self._specs[name]
+        with torch.no_grad():
+            a_pad = a.new_zeros(rank_pad, self.in_features, dtype=dtype)
+            a_pad[: spec.rank].copy_(a)
+            b_pad = b.new_zeros(self.out_features, rank_pad, dtype=dtype)
+            b_pad[:, : spec.rank].copy_(b * spec.scale)
+            cast = _Cast(a_t=a_pad.t().contiguous(), a=a_pad, b_t=b_pad.t().contiguous(), b=b_pad)
+        self._casts[name] = (key, cast)
+        return cast
+
+    def _prepare_grouped(self, plan: _Plan, names: list[str], x: Tensor) -> None:
+        """The grouped path's stacked-weight sources and per-row tables (a few small host-to-device copies)."""
+        rank_pad = self._padded_rank()
+        plan.casts = [self._cast(n, x.dtype, rank_pad) for n in names]
+        zero_key = (x.device, x.dtype, rank_pad)
+        if self._gap_cast is None or self._gap_cast[0] != zero_key:
+            a = torch.zeros(rank_pad, self.in_features, dtype=x.dtype, device=x.device)
+            b = torch.zeros(self.out_features, rank_pad, dtype=x.dtype, device=x.device)
+            self._gap_cast = (zero_key, _Cast(a_t=a.t().contiguous(), a=a, b_t=b.t().contiguous(), b=b))
+        plan.gap_cast = self._gap_cast[1]
+        lo, hi = plan.span
+        layout = tuple((g.start, g.end, plan.scales[g.slot] if g.slot >= 0 else 0.0, plan.active_p(g), g.drops)
+                       for g in plan.groups)
+        offs, scales, thresh, inv_keep = self.context.cached(("grouped", x.device, layout),
+                                                             lambda: _span_tables(plan, x.device))
+        pos_seeds = None
+        if thresh is not None:
+            pos_seeds = self.context.position_seeds(x.device, self.module_id)[lo:hi]
+        plan.rows = _SpanRows(offs, scales, thresh, inv_keep, pos_seeds)
+
+
+def _span_tables(plan: _Plan, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The grouped path's offsets, per-group scales and per-row dropout tables, on `device`."""
+    lo = plan.groups[0].start
+    lengths = torch.tensor([g.end - g.start for g in plan.groups])
+    offs = torch.tensor([g.end - lo for g in plan.groups], dtype=torch.int32)
+    scales = torch.tensor([plan.scales[g.slot] if g.slot >= 0 else 0.0 for g in plan.groups], dtype=torch.float32)
+    thresh = inv_keep = None
+    if any(g.drops for g in plan.groups):
+        per_group = [_threshold(plan.dropouts[g.slot]) if g.drops else _I32_MIN for g in plan.groups]
+        thresh = _to_device(torch.repeat_interleave(torch.tensor(per_group, dtype=torch.int32), lengths), device)
+        keep = torch.tensor([1.0 / (1.0 - plan.active_p(g)) for g in plan.groups], dtype=torch.float32)
+        inv_keep = _to_device(torch.repeat_interleave(keep, lengths), device)[:, None]
+    return _to_device(offs, device), _to_device(scales, device).view(-1, 1, 1), thresh, inv_keep
 
 
 def _merge_gaps(groups: list[_Group]) -> list[_Group]:

@@ -416,3 +416,23 @@ def test_mask_is_deterministic_and_pinned():
 
 
 PINNED_MASK = (291, 56120)
+
+
+def test_grouped_weight_casts_follow_optimizer_updates():
+    """The grouped path caches compute-dtype copies of A and B; every optimizer kind must invalidate them."""
+    from mlora_pp.config import JobConfig
+    from mlora_pp.job import AdapterJob
+
+    torch.manual_seed(0)
+    module = _module("grouped", _base(False))
+    batch = _batch(LAYOUTS["gap_in_middle"])
+    module.context.batch = batch
+    x = torch.randn(batch.rows, SEQ, IN, generator=_gen(1))
+    for fused in (False, True):
+        params = list(module.parameters())
+        opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=0.1, fused=fused)
+        job = AdapterJob(config=JobConfig(name="j", data="d.jsonl"), examples=[], plans=[], seed=0, optimizer=opt)
+        module(x).square().sum().backward()
+        job.optimizer_step()
+        y_ref, *_ = _reference(_base(False), module, batch, x, torch.zeros(batch.rows, SEQ, OUT))
+        _close(module(x), y_ref)

@@ -82,3 +82,21 @@ def test_single_rank_bf16_training_on_cuda(tmp_path):
     train(parse_config(raw, "gpu.yaml"), progress=False)
     losses = [json.loads(l)["loss"] for l in (tmp_path / "out/metrics.jsonl").read_text().splitlines() if '"job"' in l]
     assert losses[-1] < losses[0]
+
+
+def test_compiled_dropout_hash_matches_cpu_bit_for_bit():
+    """The CUDA path compiles the hash into one kernel: it must drop exactly the elements the CPU drops."""
+    from mlora_pp import lora
+
+    g = torch.Generator().manual_seed(0)
+    rows, feats = 1003, 520  # odd sizes: no tile divides them
+    v = torch.randn(rows, feats, generator=g).bfloat16()
+    keys = lora._key_seeds(torch.randint(0, 1 << 62, (rows // 17 + 1,), generator=g), 17)[:rows]
+    pos = lora._as_int32(lora._position_seeds(keys, 42))
+    feat = lora._feature_seeds(feats, "cpu")
+    thresh = torch.tensor([lora._threshold(p) for p in (0.05, 0.3, 0.0)], dtype=torch.int32).repeat(rows)[:rows]
+    ref = lora._drop_span(v, pos, feat, thresh)
+    got = lora._dropped(v.cuda(), pos.cuda(), feat.cuda(), thresh.cuda())
+    assert lora._drop_span_compiled() is not None, "torch.compile was not used on CUDA"
+    assert torch.equal(got.cpu(), ref)
+    assert 0.0 < float((ref == 0).float().mean()) < 0.2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -20,6 +21,8 @@ import yaml
 
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEDULES: tuple[str, ...] = ("lora", "1f1b", "gpipe")
+MAX_LR = 1e30
+_YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 QUANTIZE: tuple[str, ...] = ("none", "nf4", "int8")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
@@ -168,8 +171,12 @@ def _convert(value: Any, tp: Any, where: str, err: typing.Callable[[str, str], C
             raise err(where, f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.match(value.strip()):
+            value = float(value)  # PyYAML reads 5e-4 and 1.0e37 (YAML 1.1) as strings; YAML 1.2 and users say float
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise err(where, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise err(where, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -242,6 +249,8 @@ def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> 
             raise err(f"{at}.target_modules", "lists a module twice")
         if job.lr <= 0:
             raise err(f"{at}.lr", f"must be positive; got {job.lr}")
+        if job.lr > MAX_LR:
+            raise err(f"{at}.lr", f"must be at most {MAX_LR:g} (AdamW's step size would overflow float32); got {job.lr}")
         choice(f"{at}.lr_schedule", job.lr_schedule, LR_SCHEDULES)
         if job.warmup_steps < 0:
             raise err(f"{at}.warmup_steps", "must be >= 0")

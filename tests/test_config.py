@@ -54,6 +54,8 @@ def test_issue_example_parses(tmp_path):
         ("v_proj, o_proj", "v_proj, x_proj", "jobs[0].target_modules[3]: must be one of"),
         ("    data: data/upper.jsonl\n", "", "jobs[0].data: missing required field"),
         ("dtype: float32", "dtype: float8", "model.dtype: must be one of"),
+        ("lr: 3.0e-4", "lr: .nan", "jobs[0].lr: expected a finite number"),
+        ("lr: 3.0e-4", "lr: 1.0e37", "jobs[0].lr: must be at most 1e+30"),
     ],
 )
 def test_bad_field_names_file_and_field(tmp_path, old, new, expected):
@@ -87,3 +89,11 @@ def test_yaml_syntax_error_names_line(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("/nonexistent/run.yaml")
+
+
+@pytest.mark.parametrize("text,value", [("5e-4", 5e-4), ("1.0e37", 1e37), ("2E+3", 2000.0)])
+def test_exponent_without_dot_or_sign_is_a_number(tmp_path, text, value):
+    """PyYAML (YAML 1.1) reads these as strings; users mean numbers."""
+    from mlora_pp.config import _convert
+
+    assert _convert(text, float, "jobs[0].alpha", lambda w, m: ConfigError(f"{w}: {m}")) == value

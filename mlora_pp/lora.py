@@ -130,6 +130,8 @@ class LoRAContext:
 
     @batch.setter
     def batch(self, batch: LoRABatch | None) -> None:
+        if batch is self._batch:  # activation checkpointing sets the same batch again for every layer
+            return
         self._batch = batch
         self._seeds = {}
         self._tables = {}
@@ -368,7 +370,8 @@ class _Cast:
 
 @dataclass(frozen=True)
 class _SpanRows:
-    """grouped path: per-row and per-group tables over the span, on the device, built once per call."""
+    """grouped path: per-row and per-group tables over the span, on the device; shared by every module
+    with the same row layout in a batch."""
 
     offs: Tensor  # int32 [groups]: group ends relative to the span's start
     scales: Tensor  # float32 [groups, 1, 1]: each group's scale (0 for gaps)
@@ -815,7 +818,7 @@ class BatchedLoRALinear(nn.Module):
         return cast
 
     def _prepare_grouped(self, plan: _Plan, names: list[str], x: Tensor) -> None:
-        """The grouped path's stacked-weight sources and per-row tables (a few small host-to-device copies)."""
+        """The grouped path's weight casts (cached across calls) and per-row tables (cached per batch)."""
         rank_pad = self._padded_rank()
         plan.casts = [self._cast(n, x.dtype, rank_pad) for n in names]
         zero_key = (x.device, x.dtype, rank_pad)

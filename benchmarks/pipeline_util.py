@@ -3,7 +3,8 @@
 ``python -m benchmarks.pipeline_util [--quick]`` trains the same jobs with each schedule, one run
 after another in this invocation, through torchrun with 2 ranks, and reads each rank's measured
 busy time (compute, not waiting on a peer) over its wall time from metrics.jsonl. It prints a table
-and writes benchmarks/results/pipeline_util.json.
+and writes benchmarks/results/pipeline_util.json (``--balance profile``: pipeline_util_profile.json,
+with each run's profiled split).
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ def _dataset(path: Path, seed: int, n: int) -> Path:
     return path
 
 
-def run_one(work: Path, model: Path, policy: str, jobs: int, steps: int, stages: int) -> list[dict]:
+def run_one(work: Path, model: Path, policy: str, jobs: int, steps: int, stages: int,
+            balance: str = "auto") -> list[dict]:
     out = work / f"{policy}-{jobs}"
     raw = {
         "model": {"path": str(model)},
         "output_dir": str(out),
         "seed": 0,
-        "pipeline": {"schedule": policy, "timeout_s": 120},
+        "pipeline": {"schedule": policy, "balance": balance, "timeout_s": 120},
         "jobs": [
             {"name": f"job{i}", "data": str(_dataset(work / f"d{i}.jsonl", i, 96)), "template": "plain",
              "rank": 16, "alpha": 32, "dropout": 0.05, "batch_size": 8, "micro_batch_size": 2,
@@ -68,13 +70,15 @@ def run_one(work: Path, model: Path, policy: str, jobs: int, steps: int, stages:
     if proc.returncode != 0:
         raise SystemExit(f"{policy} with {jobs} jobs failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if r.get("event") == "stage"]
+    split = [r["layers"] for r in records if r.get("event") == "balance"]  # with --balance profile
+    return [dict(r, layers=split[0]) if split else r for r in records if r.get("event") == "stage"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline_util", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--balance", default="auto", choices=("auto", "profile"), help="how layers are split")
     args = parser.parse_args(argv)
     from mlora_pp.tiny import make_tiny_model
 
@@ -86,17 +90,17 @@ def main(argv: list[str] | None = None) -> int:
         model = make_tiny_model(work / "model", layers=8, hidden=256, heads=8, kv_heads=4, intermediate=512)
         for jobs in job_counts:
             for policy in POLICIES:
-                stages = run_one(work, model, policy, jobs, steps, args.stages)
+                stages = run_one(work, model, policy, jobs, steps, args.stages, args.balance)
                 utils = [s["utilization"] for s in stages]
                 rows.append({"jobs": jobs, "policy": policy, "utilization": utils, "min_utilization": min(utils),
-                             "wall_s": max(s["wall_s"] for s in stages)})
+                             "wall_s": max(s["wall_s"] for s in stages), "layers": stages[0].get("layers")})
                 print(f"jobs={jobs} {policy:5s} utilization per stage {', '.join(f'{u:.1%}' for u in utils)} "
                       f"wall {rows[-1]['wall_s']:.2f}s", flush=True)
     checks = [{"jobs": r["jobs"], "target": 0.97, "min_utilization": r["min_utilization"],
                "pass": r["min_utilization"] >= 0.97} for r in rows if r["policy"] == "lora" and r["jobs"] >= 4]
     result = {
         "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform()},
-        "settings": {"stages": args.stages, "steps_per_job": steps, "quick": args.quick,
+        "settings": {"stages": args.stages, "balance": args.balance, "steps_per_job": steps, "quick": args.quick,
                      "model": "tiny llama 8 layers, hidden 256, vocab 1004", "rows": "64-100 tokens",
                      "lora": "rank 16 on all 7 projections, dropout 0.05", "batch_size": 8, "micro_batch_size": 2},
         "rows": rows,
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lora with {c['jobs']} jobs: min stage utilisation {c['min_utilization']:.1%} "
               f"(target 97%): {'PASS' if c['pass'] else 'FAIL'}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "pipeline_util_quick.json" if args.quick else "pipeline_util.json"
+    name = f"pipeline_util{'_profile' if args.balance == 'profile' else ''}{'_quick' if args.quick else ''}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -27,6 +27,7 @@ DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 QUANTIZE: tuple[str, ...] = ("none", "nf4", "int8")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 LORA_PATHS: tuple[str, ...] = ("auto", "loop", "grouped")
+BALANCE_MODES: tuple[str, ...] = ("auto", "profile")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no '.': names key parameters and directories
 
 
@@ -49,6 +50,7 @@ class PipelineConfig:
 
     schedule: str = "lora"
     balance: str | list[int] = "auto"
+    """auto (estimated FLOPs), profile (layers timed on this machine at start-up) or layer counts per stage."""
     timeout_s: float = 300.0
     fuse: bool = True
     """Fuse micro-batches of different jobs into one (the batched LoRA operator runs them together)."""
@@ -217,8 +219,8 @@ def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> 
     choice("model.quantize", cfg.model.quantize, QUANTIZE)
     choice("pipeline.schedule", cfg.pipeline.schedule, SCHEDULES)
     choice("pipeline.lora_path", cfg.pipeline.lora_path, LORA_PATHS)
-    if isinstance(cfg.pipeline.balance, str) and cfg.pipeline.balance != "auto":
-        raise err("pipeline.balance", f"must be 'auto' or a list of layer counts; got {cfg.pipeline.balance!r}")
+    if isinstance(cfg.pipeline.balance, str) and cfg.pipeline.balance not in BALANCE_MODES:
+        raise err("pipeline.balance", f"must be 'auto', 'profile' or a list of layer counts; got {cfg.pipeline.balance!r}")
     if isinstance(cfg.pipeline.balance, list) and any(n < 1 for n in cfg.pipeline.balance):
         raise err("pipeline.balance", "every stage needs at least one layer")
     if cfg.pipeline.timeout_s <= 0:

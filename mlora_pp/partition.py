@@ -1,11 +1,15 @@
 """Cut a model's layers into contiguous pipeline stages of even cost.
 
-Cost is estimated per token from the shapes (multiply-adds of the frozen projections), so the
-embedding (a lookup, nearly free) and the norm + lm_head (a vocab x hidden GEMM, often worth most of
-a layer on small models) count as work on the first and last stage.
+With ``balance: auto`` cost is estimated per token from the shapes (multiply-adds of the frozen
+projections), so the embedding (a lookup, nearly free) and the norm + lm_head (a vocab x hidden
+GEMM, often worth most of a layer on small models) count as work on the first and last stage.
+With ``balance: profile`` the same split runs on measured seconds (`mlora_pp.profiling`), where a
+layer may cost differently on each stage's machine (`split_layers`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from transformers import PretrainedConfig
 
@@ -29,11 +33,25 @@ def layer_costs(config: PretrainedConfig) -> tuple[float, float, float]:
 
 def balance(num_layers: int, num_stages: int, layer: float, head: float, embed: float) -> list[int]:
     """Layer counts per stage that minimise the most expensive stage (each stage gets >= 1 layer)."""
+    return split_layers(num_layers, [layer] * num_stages, embed=embed, head=head)
+
+
+def stage_costs(counts: Sequence[int], layer: Sequence[float], embed: float, head: float) -> list[float]:
+    """Each stage's cost: its layers at that stage's per-layer cost, plus embedding first and head last."""
+    last = len(counts) - 1
+    return [n * layer[s] + (embed if s == 0 else 0.0) + (head if s == last else 0.0) for s, n in enumerate(counts)]
+
+
+def split_layers(num_layers: int, layer: Sequence[float], embed: float, head: float) -> list[int]:
+    """Contiguous layer counts, one per entry of `layer` (that stage's cost of one layer), that
+    minimise the most expensive stage; the embedding is on the first stage, the head on the last.
+    Exact (dynamic programming over every split); ties go to the earliest cut found."""
+    num_stages = len(layer)
     if num_stages > num_layers:
         raise PartitionError(f"{num_stages} stages but the model has only {num_layers} layers")
 
     def stage_cost(first: int, last: int, stage: int) -> float:
-        cost = (last - first) * layer
+        cost = (last - first) * layer[stage]
         if stage == 0:
             cost += embed
         if stage == num_stages - 1:
@@ -69,7 +87,10 @@ def stage_specs(counts: list[int]) -> list[StageSpec]:
 
 
 def plan_stages(config: PretrainedConfig, num_stages: int, balance_spec: str | list[int] = "auto") -> list[StageSpec]:
-    """The stages for `num_stages` ranks: balanced automatically, or from explicit layer counts."""
+    """The stages for `num_stages` ranks: balanced automatically, or from explicit layer counts.
+
+    ``profile`` gets the ``auto`` split here, a provisional plan for the checks before any weight is
+    read; training replaces it by the profiled one (`mlora_pp.profiling`)."""
     num_layers = config.num_hidden_layers
     if isinstance(balance_spec, list):
         if len(balance_spec) != num_stages:

@@ -32,8 +32,10 @@ from mlora_pp.data import DataError
 from mlora_pp.job import AdapterJob, load_job
 from mlora_pp.metrics import MetricsLog, ProgressBoard
 from mlora_pp.model import StageModel, StageSpec, build_stage
+from mlora_pp.partition import stage_specs
 from mlora_pp.peft_format import AdapterSpec, save_adapter
 from mlora_pp.preflight import agree, check_inputs, load_tokenizer, source  # noqa: F401 (load_tokenizer re-exported)
+from mlora_pp.profiling import ProfiledPlan, compare, describe, measure, profile_stages
 from mlora_pp.records import RecordInbox, RecordSender
 from mlora_pp.runtime import StageWorker, StepRecord, TraceEvent
 from mlora_pp.schedule import Schedule, build_schedule
@@ -212,6 +214,16 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         jobs[name].steps_done = point.step
     schedule = build_schedule([j.job_steps() for j in jobs.values()], env.world, cfg.pipeline.schedule,
                               cfg.pipeline.fuse)
+    profiled: ProfiledPlan | None = None
+    if cfg.pipeline.balance == "profile" and schedule.micro_batches:  # nothing left to train: keep the estimate
+        profiled = profile_stages(
+            lambda: measure(model_dir, jobs, schedule, seed=cfg.seed, dtype=cfg.model.dtype,
+                            quantize=cfg.model.quantize, lora_path=cfg.pipeline.lora_path,
+                            recompute=cfg.pipeline.recompute, device=device),
+            specs[-1].last_layer, schedule, env.rank, env.world)
+        specs = stage_specs(profiled.counts)
+        if env.rank == 0:
+            print(describe(profiled), flush=True)
 
     stage = build_stage(model_dir, specs[env.rank], dtype=cfg.model.dtype, quantize=cfg.model.quantize,
                         lora_path=cfg.pipeline.lora_path, device=device)
@@ -304,6 +316,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
             inbox.drain(cfg.pipeline.timeout_s, env.rank)
         wall = time.perf_counter() - start
         summary = _stage_summary(env.rank, worker.trace, wall)
+        summary["bytes_sent"] = transport.bytes_sent if transport is not None else 0
         slices = {name: {p: (a.cpu(), b.cpu()) for p, (a, b) in stage.adapter_state(name).items()} for name in jobs}
         gathered = [(slices, worker.trace, summary, worker.failures)]
         if env.world > 1:
@@ -334,6 +347,10 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         result.stage_stats = [s for _, _, s, _ in gathered]
         for stats in result.stage_stats:
             metrics.write(stats)
+        if profiled is not None:
+            busy = [stats["busy_s"] for stats in result.stage_stats]
+            metrics.write(profiled.record(busy))
+            print(compare(profiled, busy), flush=True)
         metrics.close()
         write_trace(cfg.output_dir / "trace.json", [t for _, t, _, _ in gathered])
     return result

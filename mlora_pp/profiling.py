@@ -1,0 +1,264 @@
+"""`pipeline.balance: profile`: time the model's parts on this machine, then split layers by them.
+
+At start-up every rank builds a one-layer copy of the model (embedding, decoder layer 0, norm,
+lm_head; every decoder layer has the same shapes, so layer 0 stands for all of them), attaches
+every job's adapter, and times on it the run's median micro-batch (real rows, real LoRA segments
+and dropout): the embedding's forward, one decoder layer's forward + backward, the head's forward
++ backward (norm, lm_head and the cross-entropy), and one AdamW step of each job over one layer's
+LoRA matrices. One warm-up, then the median of a few repeats. The one-layer copy is freed before
+the rank builds its real stage.
+
+Ranks exchange their measurements, so every rank runs the same pure split (`plan_from_profiles`)
+on the same numbers and gets the same stages. Ranks on the same machine (host and device kind)
+pool their measurements (median), since their differences are noise; across machines, stage s's
+layers are costed with its own machine's numbers, so a slower machine gets fewer layers, and the
+embedding is costed on rank 0's machine and the head on the last rank's. The parts are timed in
+interleaved rounds, so a disturbance from outside slows them alike and their ratio holds. Costs
+are scaled from the profiled micro-batch to the whole run by padded tokens (plus one AdamW step
+per layer for every job step), which gives a predicted busy time per stage to compare with the
+measured one.
+"""
+
+from __future__ import annotations
+
+import gc
+import socket
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mlora_pp.data import IGNORE_INDEX
+from mlora_pp.job import AdapterJob
+from mlora_pp.model import StageModel, StageSpec, build_stage
+from mlora_pp.partition import split_layers, stage_costs
+from mlora_pp.preflight import agree
+from mlora_pp.runtime import StageWorker
+from mlora_pp.schedule import MicroBatch, Schedule
+from mlora_pp.transport import PipelineError
+
+REPEATS = 5
+"""Timed repeats of each part (after one warm-up); the median is kept."""
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """One rank's measured seconds on the profiled micro-batch."""
+
+    embed_s: float
+    """Embedding lookup (forward only: the embedding is frozen and its input is token ids)."""
+    layer_s: float
+    """One decoder layer with every job's LoRA, forward + backward (recomputed forward included)."""
+    head_s: float
+    """Norm + lm_head + cross-entropy, forward + backward."""
+    step_s: float
+    """One job's AdamW step over one layer's LoRA matrices (mean over the jobs)."""
+    tokens: int
+    """Padded tokens of the profiled micro-batch."""
+    rows: int
+    repeats: int = REPEATS
+    wall_s: float = 0.0
+    """What measuring took on this rank, reading the one-layer model included."""
+    machine: str = ""
+    """`machine_name`: profiles of ranks on the same machine are pooled."""
+
+
+@dataclass(frozen=True)
+class ProfiledPlan:
+    """The split chosen from every rank's profile, and what it predicts."""
+
+    counts: list[int]
+    """Decoder layers per stage."""
+    predicted_s: list[float]
+    """Predicted busy seconds of each stage over the whole run."""
+    profiles: list[LayerProfile]
+    """Rank r's own measurement (stage r's layers are costed with its machine's pooled numbers)."""
+
+    def record(self, busy_s: list[float]) -> dict:
+        """The `metrics.jsonl` event: the split, predicted and measured busy seconds per stage."""
+        return {"event": "balance", "balance": "profile", "layers": self.counts, "predicted_s": self.predicted_s,
+                "busy_s": busy_s, "profiles": [asdict(p) for p in self.profiles]}
+
+
+def plan_from_profiles(num_layers: int, profiles: list[LayerProfile], run_tokens: int, job_steps: int) -> ProfiledPlan:
+    """The split minimising the slowest stage's predicted busy time; one profile per stage.
+
+    Pure: every rank calls it with the same gathered profiles and gets the same plan. A stage's
+    predicted time is, for the whole run (`run_tokens` padded tokens, `job_steps` optimizer steps
+    summed over the jobs), its layers' forward + backward scaled by tokens plus one AdamW step per
+    layer per job step, with the embedding on the first stage and the head and loss on the last.
+    """
+    costs = pooled(profiles)
+    scale = [run_tokens / max(p.tokens, 1) for p in costs]
+    layer = [scale[s] * p.layer_s + job_steps * p.step_s for s, p in enumerate(costs)]
+    embed = scale[0] * costs[0].embed_s
+    head = scale[-1] * costs[-1].head_s
+    counts = split_layers(num_layers, layer, embed=embed, head=head)
+    return ProfiledPlan(counts, stage_costs(counts, layer, embed=embed, head=head), list(profiles))
+
+
+def pooled(profiles: list[LayerProfile]) -> list[LayerProfile]:
+    """Each rank's profile replaced by the median, part by part, over the ranks of its machine.
+
+    Ranks on one machine run on the same hardware, so what tells their measurements apart is noise
+    (another process taking a core from one rank while it measured); pooled, they cost their layers
+    alike and only the measured ratios of layer, head and embedding decide the split there.
+    """
+    groups: dict[str, list[LayerProfile]] = {}
+    for p in profiles:
+        groups.setdefault(p.machine, []).append(p)
+
+    def pool(group: list[LayerProfile]) -> LayerProfile:
+        return replace(group[0], **{part: statistics.median(getattr(p, part) for p in group)
+                                    for part in ("embed_s", "layer_s", "head_s", "step_s")})
+
+    merged = {machine: pool(group) for machine, group in groups.items()}
+    return [merged[p.machine] for p in profiles]
+
+
+def representative(schedule: Schedule) -> MicroBatch:
+    """The micro-batch of median padded tokens (ties: the lowest id)."""
+    ordered = sorted(schedule.micro_batches, key=lambda mb: (mb.tokens, mb.id))
+    return ordered[len(ordered) // 2]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _interleaved_medians(parts: dict[str, Callable[[], None]], device: torch.device, repeats: int
+                         ) -> dict[str, float]:
+    """Median seconds of each part, timed in rounds (one call of each per round, after one warm-up
+    round), so that a disturbance from outside the run slows every part alike, not one of them."""
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for round_ in range(repeats + 1):
+        for name, fn in parts.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def machine_name(device: torch.device) -> str:
+    """Host and device kind: ranks with the same name run on the same hardware."""
+    kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"{socket.gethostname()} {kind}"
+
+
+@contextmanager
+def _layers_only(stage: StageModel) -> Iterator[StageModel]:
+    """`stage` run as a middle stage (hidden states in and out); its embedding and head stay loaded."""
+    embed, head = stage.embed_tokens, stage.lm_head
+    stage.embed_tokens = stage.lm_head = None
+    try:
+        yield stage
+    finally:
+        stage.embed_tokens, stage.lm_head = embed, head
+
+
+def measure(model_dir: str | Path, jobs: dict[str, AdapterJob], schedule: Schedule, *, seed: int,
+            dtype: str = "float32", quantize: str = "none", lora_path: str = "auto", recompute: bool = False,
+            device: torch.device = torch.device("cpu"), repeats: int = REPEATS) -> LayerProfile:
+    """Time embedding, one decoder layer, head + loss and the AdamW step on this machine."""
+    started = time.perf_counter()
+    stage = build_stage(model_dir, StageSpec(0, 1, True, True), dtype=dtype, quantize=quantize,
+                        lora_path=lora_path, device=device)
+    stage.recompute = recompute
+    for job in jobs.values():
+        c = job.config
+        stage.add_adapter(c.name, c.rank, c.alpha, c.dropout, list(c.target_modules), seed=seed)
+    mb = representative(schedule)
+    input_ids, labels, batch = StageWorker(stage, jobs, schedule, device=device).inputs(mb)
+    try:
+        with torch.no_grad():
+            hidden = stage.embed_tokens(input_ids)
+        hidden.requires_grad_(True)
+        generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG as training expects it
+        grad_out = torch.randn(hidden.shape, generator=generator, device=device, dtype=hidden.dtype)
+        loss_tokens = [max(int((labels[s.row_start:s.row_end, 1:] != IGNORE_INDEX).sum()), 1) for s in batch.segments]
+
+        def embed() -> None:
+            with torch.no_grad():
+                stage.embed_tokens(input_ids)
+
+        def layer() -> None:
+            with _layers_only(stage):
+                out = stage(hidden, batch)
+            torch.autograd.backward(out, grad_out)
+            hidden.grad = None
+
+        def head() -> None:  # as the last stage computes it: one summed cross-entropy per job's part
+            logits = stage.lm_head(stage.norm(hidden)).float()
+            total = logits.new_zeros(())
+            for segment, tokens in zip(batch.segments, loss_tokens):
+                rows = slice(segment.row_start, segment.row_end)
+                part = logits[rows, :-1]
+                ce = F.cross_entropy(part.reshape(-1, part.shape[-1]), labels[rows, 1:].reshape(-1),
+                                     ignore_index=IGNORE_INDEX, reduction="sum")
+                total = total + ce / tokens
+            total.backward()
+            hidden.grad = None
+
+        parts = {"embed": embed, "layer": layer, "head": head}  # layer first: the steps need its gradients
+        for name in jobs:
+            params = stage.adapter_parameters(name)
+            if params:
+                parts[f"step {name}"] = torch.optim.AdamW(params, lr=0.0, fused=device.type == "cuda" or None).step
+        t = _interleaved_medians(parts, device, repeats)
+        steps = [v for k, v in t.items() if k.startswith("step ")]
+        return LayerProfile(t["embed"], t["layer"], t["head"], statistics.mean(steps) if steps else 0.0, mb.tokens,
+                            mb.rows, repeats, wall_s=time.perf_counter() - started, machine=machine_name(device))
+    finally:
+        del stage
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def profile_stages(measure_here: Callable[[], LayerProfile], num_layers: int, schedule: Schedule,
+                   rank: int, world: int) -> ProfiledPlan:
+    """Measure on every rank (a bad input anywhere stops every rank with the same line), exchange
+    the profiles, and split the layers by them; every rank returns the same plan."""
+    mine = agree(rank, world, measure_here)
+    profiles = [mine]
+    if world > 1:
+        profiles = [None] * world
+        try:
+            dist.all_gather_object(profiles, mine)
+        except RuntimeError as exc:
+            raise PipelineError(f"rank {rank}: lost a rank while exchanging layer profiles ({exc})") from None
+    job_steps = sum(1 for actions in schedule.stages[:1] for a in actions if a.kind == "S")
+    return plan_from_profiles(num_layers, profiles, sum(mb.tokens for mb in schedule.micro_batches), job_steps)
+
+
+def describe(plan: ProfiledPlan) -> str:
+    """One line for the log: the split and what each stage is predicted to cost."""
+    p = plan.profiles[0]
+    times = " / ".join(f"{t:.2f} s" for t in plan.predicted_s)
+    return (f"balance: profile: layers {plan.counts}, predicted busy {times} (rank 0, {p.tokens}-token "
+            f"micro-batch: layer {p.layer_s * 1e3:.2f} ms, head {p.head_s * 1e3:.2f} ms, "
+            f"embedding {p.embed_s * 1e3:.2f} ms, AdamW {p.step_s * 1e3:.2f} ms per layer and job; "
+            f"profiling took {max(q.wall_s for q in plan.profiles):.1f} s)")
+
+
+def compare(plan: ProfiledPlan, busy_s: list[float]) -> str:
+    """One line for the end of the run: predicted against measured busy seconds per stage."""
+    cells = ", ".join(f"stage {s} {p:.2f} s vs {b:.2f} s ({(b - p) / max(p, 1e-9):+.0%})"
+                      for s, (p, b) in enumerate(zip(plan.predicted_s, busy_s)))
+    return (f"balance: profile: predicted vs measured busy time: {cells}; the slowest stage is "
+            f"{spread(busy_s):.1%} above the fastest")
+
+
+def spread(busy_s: list[float]) -> float:
+    """How much the slowest stage's busy time exceeds the fastest's, relative to the fastest."""
+    return max(busy_s) / max(min(busy_s), 1e-9) - 1.0

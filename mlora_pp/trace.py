@@ -1,0 +1,249 @@
+"""Show a run's `trace.json`: a per-stage timeline picture, or a text summary of busy and idle time.
+
+``python -m mlora_pp.trace OUTPUT_DIR/trace.json --png timeline.png [--text]``
+
+The trace is the Chrome/Perfetto file `training.write_trace` writes: one thread per stage, one
+complete event per action (``F3 jobA:0.1+jobB:0.0``: forward of micro-batch 3 holding step 0
+micro 1 of jobA fused with step 0 micro 0 of jobB; ``B3 ...`` its backward; ``S jobA:0`` jobA's
+optimizer step) and a ``wait`` event for the part of an action spent blocked on a peer.
+
+The picture has one lane per stage and one box per action, coloured by job: a fused micro-batch is
+split into horizontal stripes, one per job, in the order of its parts. Forwards are a light tint
+of the job's colour, backwards its full colour, optimizer steps its colour hatched. Waits are grey
+boxes of half the lane's height; idle time (no action at all) stays white. Drawing needs
+matplotlib (``pip install 'mlora_pp[plot]'``); the text summary needs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KINDS: tuple[str, ...] = ("F", "B", "S")
+EXIT_BAD_INPUT = 2
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be read; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One action's compute, or one wait, on one stage, in seconds from the trace's start."""
+
+    stage: int
+    kind: str
+    """F, B, S or wait."""
+    name: str
+    start: float
+    end: float
+
+    @property
+    def jobs(self) -> tuple[str, ...]:
+        """The jobs of the action, in the order of its parts (none for a wait)."""
+        if self.kind == "wait":
+            return ()
+        _, _, parts = self.name.partition(" ")
+        return tuple(part.rsplit(":", 1)[0] for part in parts.split("+") if part)
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class StageSummary:
+    """Where one stage's time went over the run's span (first action anywhere to last anywhere)."""
+
+    stage: int
+    actions: int
+    span_s: float
+    busy_s: float
+    """Computing (actions less their waits)."""
+    wait_s: float
+    """Inside an action, blocked on a peer."""
+
+    @property
+    def idle_s(self) -> float:
+        """No action running: before the first, between actions, after the last."""
+        return max(self.span_s - self.busy_s - self.wait_s, 0.0)
+
+    @property
+    def busy(self) -> float:
+        return self.busy_s / self.span_s if self.span_s > 0 else 0.0
+
+    @property
+    def bubble(self) -> float:
+        """The share of the span not computing (waits and idle time)."""
+        return 1.0 - self.busy
+
+
+def read_trace(path: str | Path) -> list[list[Slice]]:
+    """Each stage's slices, ordered by start; raises `TraceError` naming the file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TraceError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TraceError(f"{path}: not JSON ({exc})") from None
+    events = raw.get("traceEvents") if isinstance(raw, dict) else raw
+    if not isinstance(events, list):
+        raise TraceError(f"{path}: not a Chrome trace (no traceEvents list)")
+    stages: dict[int, list[Slice]] = {}
+    for i, event in enumerate(events):
+        if not isinstance(event, dict):
+            raise TraceError(f"{path}: traceEvents[{i}] is not an object")
+        if event.get("ph") == "M" and event.get("name") == "thread_name":
+            stages.setdefault(int(event.get("tid", 0)), [])
+            continue
+        if event.get("ph") != "X":
+            continue
+        try:
+            start, duration, stage = float(event["ts"]) * 1e-6, float(event["dur"]) * 1e-6, int(event["tid"])
+            name = str(event["name"])
+        except (KeyError, TypeError, ValueError):
+            raise TraceError(f"{path}: traceEvents[{i}] lacks name, tid, ts or dur") from None
+        kind = "wait" if name == "wait" else str(event.get("cat") or name[:1])
+        stages.setdefault(stage, []).append(Slice(stage, kind, name, start, start + duration))
+    if not stages:
+        raise TraceError(f"{path}: no stage in the trace")
+    return [sorted(stages.get(s, []), key=lambda x: (x.start, x.kind == "wait")) for s in range(max(stages) + 1)]
+
+
+def summarise(stages: list[list[Slice]]) -> list[StageSummary]:
+    """Busy, wait and idle time of every stage over the common span of the run."""
+    all_slices = [s for stage in stages for s in stage]
+    origin = min((s.start for s in all_slices), default=0.0)
+    span = max((s.end for s in all_slices), default=0.0) - origin
+    out = []
+    for index, slices in enumerate(stages):
+        busy = sum(s.duration for s in slices if s.kind != "wait")
+        wait = sum(s.duration for s in slices if s.kind == "wait")
+        actions = sum(1 for s in slices if s.kind != "wait")
+        out.append(StageSummary(index, actions, span, busy, wait))
+    return out
+
+
+def format_summary(summaries: list[StageSummary], title: str = "trace") -> str:
+    """A small table: per stage, actions and the share of the span busy, waiting, idle, and the bubble."""
+    span = summaries[0].span_s if summaries else 0.0
+    lines = [f"{title}: {len(summaries)} stages, span {span:.3f} s",
+             f"{'stage':>5} {'actions':>7} {'busy s':>8} {'busy':>6} {'wait':>6} {'idle':>6} {'bubble':>6}"]
+    for s in summaries:
+        wait, idle = (s.wait_s / s.span_s, s.idle_s / s.span_s) if s.span_s > 0 else (0.0, 0.0)
+        lines.append(f"{s.stage:>5} {s.actions:>7} {s.busy_s:>8.3f} {s.busy:>6.1%} {wait:>6.1%} {idle:>6.1%} "
+                     f"{s.bubble:>6.1%}")
+    total_span = span * len(summaries)
+    if total_span > 0:
+        busy = sum(s.busy_s for s in summaries)
+        lines.append(f"{'all':>5} {sum(s.actions for s in summaries):>7} {busy:>8.3f} {busy / total_span:>6.1%} "
+                     f"{'':>6} {'':>6} {1 - busy / total_span:>6.1%}")
+    return "\n".join(lines)
+
+
+def tint(rgba: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    """The light, opaque version of a colour that forwards use (backwards use the colour itself)."""
+    return (*(c + (1.0 - c) * 0.55 for c in rgba[:3]), 1.0)
+
+
+def _job_colours(stages: list[list[Slice]]) -> dict[str, Any]:
+    """A colour per job, in order of first appearance (tab10, then tab20 beyond ten jobs)."""
+    from matplotlib import colormaps  # noqa: PLC0415 - optional dependency
+
+    jobs: list[str] = []
+    for slices in stages:
+        for s in slices:
+            jobs += [j for j in s.jobs if j not in jobs]
+    cmap = colormaps["tab10" if len(jobs) <= 10 else "tab20"]
+    return {job: cmap(i % cmap.N) for i, job in enumerate(jobs)}
+
+
+def draw(stages: list[list[Slice]], png: str | Path, title: str = "") -> Any:
+    """Draw the timeline to `png` and return the matplotlib Figure. Needs matplotlib."""
+    import matplotlib  # noqa: PLC0415 - optional dependency
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # noqa: PLC0415
+    from matplotlib.colors import to_rgba  # noqa: PLC0415
+    from matplotlib.patches import Patch  # noqa: PLC0415
+
+    colours = _job_colours(stages)
+    origin = min((s.start for slices in stages for s in slices), default=0.0)
+    fig, ax = plt.subplots(figsize=(14, 1.2 + 0.9 * len(stages)))
+    lane = 0.8
+    # One broken_barh per (stage, kind, job, stripe): thousands of actions stay one call each.
+    groups: dict[tuple[int, str, str, int, int], list[tuple[float, float]]] = {}
+    for index, slices in enumerate(stages):
+        for s in slices:
+            key_jobs = s.jobs or ("",)
+            for k, job in enumerate(key_jobs):
+                groups.setdefault((index, s.kind, job, k, len(key_jobs)), []).append((s.start - origin, s.duration))
+    for (index, kind, job, k, n), boxes in groups.items():
+        top = index - lane / 2  # stage 0 on top: the y axis is inverted below
+        if kind == "wait":
+            ax.broken_barh(boxes, (index - lane / 4, lane / 2), facecolors="#9e9e9e", linewidth=0)
+            continue
+        colour = to_rgba(colours.get(job, "#444444"))
+        face = tint(colour) if kind == "F" else colour
+        ax.broken_barh(boxes, (top + k * lane / n, lane / n), facecolors=face, linewidth=0,
+                       hatch="////" if kind == "S" else None, edgecolor="black" if kind == "S" else None)
+    ax.set_yticks(range(len(stages)), [f"stage {i}" for i in range(len(stages))])
+    ax.set_ylim(len(stages) - 0.5, -0.5)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("seconds from the first action")
+    ax.set_facecolor("white")  # no grid: idle time is plain white
+    handles = [Patch(facecolor=c, label=job) for job, c in colours.items()]
+    grey = to_rgba("#607d8b")
+    handles += [Patch(facecolor=tint(grey), label="forward"), Patch(facecolor=grey, label="backward"),
+                Patch(facecolor=grey, hatch="////", edgecolor="black", label="optimizer step"),
+                Patch(facecolor="#9e9e9e", label="wait (blocked on a peer)"),
+                Patch(facecolor="white", edgecolor="#bdbdbd", label="idle")]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
+    summaries = summarise(stages)
+    busy = ", ".join(f"stage {s.stage} {s.busy:.0%}" for s in summaries)
+    ax.set_title(f"{title}  busy: {busy}" if title else f"busy: {busy}", fontsize=10, loc="left")
+    fig.tight_layout()
+    fig.savefig(png, dpi=150)
+    plt.close(fig)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlora_pp.trace", description=__doc__.splitlines()[0])
+    parser.add_argument("trace", help="OUTPUT_DIR/trace.json of a run")
+    parser.add_argument("--png", help="draw the per-stage timeline to this PNG file (needs matplotlib)")
+    parser.add_argument("--text", action="store_true", help="print per-stage busy, wait, idle and bubble shares "
+                        "(the default without --png)")
+    args = parser.parse_args(argv)
+    try:
+        stages = read_trace(args.trace)
+    except TraceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.text or not args.png:
+        print(format_summary(summarise(stages), title=args.trace))
+    if args.png:
+        try:
+            import matplotlib  # noqa: F401, PLC0415
+        except ImportError:
+            print("error: --png needs matplotlib, which is not installed: pip install 'mlora_pp[plot]' "
+                  "(or matplotlib>=3.8); --text works without it", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        try:
+            draw(stages, args.png, title=Path(args.trace).name)
+        except OSError as exc:
+            print(f"error: cannot write {args.png} ({exc.strerror or exc})", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(f"wrote {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,14 +1,20 @@
 """Step records from the last stage (where losses are computed) to rank 0 (progress and metrics).
 
-Rank 0 keeps one receive posted per job and polls between its own actions, so waiting for a loss
-never stalls the pipeline (a blocking receive here could deadlock: the last stage may first need an
-activation that rank 0 sends later). Messages carry a per-job tag, so jobs that step in different
-orders on different stages never mix up.
+The last stage sends each finished step's record as soon as it has it. Rank 0 receives them on a
+background thread and delivers them between its own actions, so waiting for a loss never stalls
+the pipeline (a blocking receive on the main thread could deadlock: the last stage may first need
+an activation that rank 0 sends later). A thread, not a polled receive: Gloo's `is_completed()`
+stays false until `wait()` is called, so a polled receive only delivered everything at the end
+(metrics times all equal, a frozen progress table). Records travel in send order on their own
+group and carry their job's index.
 """
 
 from __future__ import annotations
 
 import datetime
+import queue
+import threading
+import time
 from typing import Any, Callable
 
 import torch
@@ -17,12 +23,17 @@ import torch.distributed as dist
 from mlora_pp.runtime import FAILURES, StepRecord
 from mlora_pp.transport import PipelineError
 
-_FIELDS = 6  # step, loss, loss_tokens, tokens, lr, status (0 ok, -1 skipped, k: FAILURES[k - 1])
+_FIELDS = 7  # job index, step, loss, loss_tokens, tokens, lr, status (0 ok, -1 skipped, k: FAILURES[k - 1])
+_TAG = 0
+_RECORD_WAIT = datetime.timedelta(days=7)
+"""The receiving thread's wait for one record. Steps can legitimately take longer than the pipeline
+timeout; a lost last stage shows up as an error here or in the pipeline's own waits, and `drain`
+bounds the final wait by the pipeline timeout."""
 
 
-def _encode(record: StepRecord) -> torch.Tensor:
+def _encode(job: int, record: StepRecord) -> torch.Tensor:
     status = -1 if record.skipped else (FAILURES.index(record.failure) + 1 if record.failure else 0)
-    values = [record.step, record.loss, record.loss_tokens, record.tokens, record.lr, status]
+    values = [job, record.step, record.loss, record.loss_tokens, record.tokens, record.lr, status]
     return torch.tensor(values, dtype=torch.float64)
 
 
@@ -37,9 +48,9 @@ class RecordSender:
         self._pending: list[tuple[Any, torch.Tensor]] = []
 
     def __call__(self, record: StepRecord) -> None:
-        payload = _encode(record)
+        payload = _encode(self.job_index[record.job], record)
         try:
-            work = dist.isend(payload, self.dst, group=self.group, tag=self.job_index[record.job])
+            work = dist.isend(payload, self.dst, group=self.group, tag=_TAG)
         except RuntimeError as exc:
             raise PipelineError(
                 f"rank {self.rank}: lost rank {self.dst} while sending the step records of {record.job!r} ({exc})"
@@ -56,48 +67,55 @@ class RecordSender:
 
 
 class RecordInbox:
-    """On rank 0: receive every job's step records from the last stage, without blocking."""
+    """On rank 0: receive every job's step records from the last stage on a background thread."""
 
     def __init__(self, steps: dict[str, int], src: int, group: Any, deliver: Callable[[StepRecord], None]):
         self.names = list(steps)
-        self.remaining = dict(steps)
+        self.expected = sum(steps.values())
+        self.delivered = 0
         self.src = src
         self.group = group
         self.deliver = deliver
-        self._posted: dict[str, tuple[Any, torch.Tensor]] = {}
-        for name in self.names:
-            self._post(name)
+        self._queue: queue.Queue[torch.Tensor | BaseException] = queue.Queue()
+        self._thread = threading.Thread(target=self._receive, name="step-records", daemon=True)
+        self._thread.start()
 
-    def _post(self, name: str) -> None:
-        if self.remaining[name] > 0:
-            buf = torch.empty(_FIELDS, dtype=torch.float64)
-            try:
-                work = dist.irecv(buf, self.src, group=self.group, tag=self.names.index(name))
-            except RuntimeError as exc:
-                raise PipelineError(f"rank 0: lost rank {self.src} while waiting for the step records of {name!r} ({exc})") from None
-            self._posted[name] = (work, buf)
+    def _receive(self) -> None:
+        try:
+            for _ in range(self.expected):
+                buf = torch.empty(_FIELDS, dtype=torch.float64)
+                dist.irecv(buf, self.src, group=self.group, tag=_TAG).wait(_RECORD_WAIT)
+                self._queue.put(buf)
+        except BaseException as exc:  # handed to the main thread, which raises it as a PipelineError
+            self._queue.put(exc)
 
-    def _take(self, name: str) -> None:
-        _, buf = self._posted.pop(name)
-        step, loss, loss_tokens, tokens, lr, status = buf.tolist()
-        self.remaining[name] -= 1
+    def _handle(self, item: torch.Tensor | BaseException, rank: int) -> None:
+        if isinstance(item, BaseException):
+            raise PipelineError(f"rank {rank}: lost rank {self.src} while waiting for step records ({item})") from None
+        job, step, loss, loss_tokens, tokens, lr, status = item.tolist()
         failure = FAILURES[int(status) - 1] if status > 0 else None
-        self.deliver(StepRecord(name, int(step), loss, int(loss_tokens), int(tokens), lr, failure, status < 0))
-        self._post(name)
+        self.delivered += 1
+        self.deliver(StepRecord(self.names[int(job)], int(step), loss, int(loss_tokens), int(tokens), lr, failure,
+                                status < 0))
 
-    def poll(self) -> None:
-        for name in list(self._posted):
-            if self._posted[name][0].is_completed():
-                self._take(name)
+    def poll(self, rank: int = 0) -> None:
+        """Deliver every record that has arrived; never blocks."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(item, rank)
 
     def drain(self, timeout_s: float, rank: int) -> None:
         """Wait for every record still due (the last stage may finish after rank 0)."""
-        while self._posted:
-            name = next(iter(self._posted))
+        deadline = time.monotonic() + timeout_s
+        while self.delivered < self.expected:
             try:
-                self._posted[name][0].wait(datetime.timedelta(seconds=timeout_s))
-            except RuntimeError as exc:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
                 raise PipelineError(
-                    f"rank {rank}: lost rank {self.src} while waiting for the step records of job {name!r} ({exc})"
+                    f"rank {rank}: timed out after {timeout_s:g}s waiting for the step records from rank {self.src} "
+                    f"({self.expected - self.delivered} of {self.expected} still due)"
                 ) from None
-            self._take(name)
+            self._handle(item, rank)

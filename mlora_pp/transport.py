@@ -68,6 +68,8 @@ class StageTransport:
         self._posted: dict[tuple[int, int, int], tuple[Any, torch.Tensor, Any, torch.Tensor]] = {}
         self.waited_s = 0.0
         """Total time spent blocked on peers (not computing)."""
+        self.bytes_sent = 0
+        """Bytes of every header and tensor this rank has posted to a peer."""
 
     def _post(self, op: Any, tensor: torch.Tensor, peer: int, group: Any, what: str) -> Any:
         """Issue an isend/irecv; a peer already gone fails here, not only in the wait."""
@@ -100,6 +102,7 @@ class StageTransport:
         what = f"sending {describe(kind, micro_batch)} to rank {peer}"
         self._pending_sends.append((self._post(dist.isend, header, peer, self.header_group, what), what, peer, header))
         self._pending_sends.append((self._post(dist.isend, tensor, peer, self.group, what), what, peer, tensor))
+        self.bytes_sent += header.numel() * header.element_size() + tensor.numel() * tensor.element_size()
         self._reap()
 
     def _reap(self) -> None:

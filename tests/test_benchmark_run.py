@@ -1,0 +1,32 @@
+"""`python -m benchmarks.run --quick` runs every method end to end and they all train the same tokens."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.run import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(300)
+def test_quick_loopback_runs_every_method_on_the_same_tokens(tmp_path):
+    out = tmp_path / "loopback.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--scenario", "loopback", "--quick", "--out", str(out),
+                           "--workdir", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    methods = result["methods"]
+    assert set(methods) == {m.key for m in METHODS}
+    for key, r in methods.items():
+        assert r["tokens_per_s"] > 0 and r["makespan_s"] > 0, key
+        assert len(r["peak_rss_mib"]) == r["ranks"] and all(v > 0 for v in r["peak_rss_mib"]), key
+        assert r["jct_s"] and all(0 < t <= r["makespan_s"] * 1.05 for t in r["jct_s"].values()), key
+    assert len({r["tokens"] for r in methods.values()}) == 1, {k: r["tokens"] for k, r in methods.items()}
+    assert all(c["pass"] for c in result["consistency"]), result["consistency"]
+    for key in ("lora", "1f1b", "gpipe", "torch-1f1b", "fsdp2"):  # the 2-rank methods exchanged data
+        assert all(v > 0 for v in methods[key]["sent_mib"]), key
+    assert "method" in proc.stdout and "tokens/s" in proc.stdout  # the table

@@ -38,6 +38,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from mlora_pp.config import ConfigError, JobConfig, RunConfig
 from mlora_pp.data import DataError, load_template
+from mlora_pp.durable import fsync_dir, write_atomic
 from mlora_pp.faults import Fault
 from mlora_pp.job import AdapterJob
 from mlora_pp.model import StageModel
@@ -100,44 +101,22 @@ def due(job: JobConfig, steps_done: int, total_steps: int) -> bool:
 _files_written = 0  # checkpoint files this process wrote (the fault injection counts them)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_file(path: Path, data: bytes, rank: int) -> None:
     """Replace `path` by `data` atomically and durably, or raise `CheckpointError` naming it.
 
     A failure (disk full, read-only, ...) never leaves a partial file under `path`: the temporary file
     is removed if possible, and one left behind by a killed process is ignored and later deleted.
     """
-    global _files_written
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    def before_rename() -> None:
+        global _files_written
         fault = Fault.from_environ()
         if fault is not None:
             fault.maybe_fire(rank, _files_written, "save")
         _files_written += 1
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+
+    try:
+        write_atomic(path, data, before_rename)
     except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
         raise CheckpointError(f"rank {rank}: cannot write {path} ({exc.strerror or exc})") from None
 
 
@@ -344,7 +323,7 @@ def _remove_step(directory: Path) -> None:
             manifest.unlink()
         except OSError:
             return
-        _fsync_dir(directory)
+        fsync_dir(directory)
     shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -14,9 +14,7 @@ replaced atomically so a crash mid-save never leaves a half-written adapter.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
+
+from mlora_pp.durable import write_atomic
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -105,37 +105,6 @@ def _config_dict(spec: AdapterSpec) -> dict:
     }
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temp file in the same directory."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _check_weights(spec: AdapterSpec, weights: LoraWeights, where: str) -> None:
     """Shape and target checks shared by save and load; raises ``ValueError``."""
     if not weights:
@@ -183,10 +152,9 @@ def save_adapter(
             )
     out.mkdir(parents=True, exist_ok=True)
     # Weights first, config last: a directory with a config is complete.
-    _atomic_write(out / WEIGHTS_NAME, save_safetensors_bytes(tensors, metadata={"format": "pt"}))
+    write_atomic(out / WEIGHTS_NAME, save_safetensors_bytes(tensors, metadata={"format": "pt"}))
     config = json.dumps(_config_dict(spec), indent=2, sort_keys=True) + "\n"
-    _atomic_write(out / CONFIG_NAME, config.encode("utf-8"))
-    _fsync_dir(out)
+    write_atomic(out / CONFIG_NAME, config.encode("utf-8"))
 
 
 def _spec_from_config(cfg: dict, path: Path) -> AdapterSpec:

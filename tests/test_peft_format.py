@@ -268,7 +268,7 @@ def test_save_validates_and_is_atomic(tmp_path, tiny_dirs, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("mlora_pp.peft_format.os.replace", fail)
+    monkeypatch.setattr("mlora_pp.durable.os.replace", fail)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(tmp_path, _spec(base), _random_weights(_base(base), layers={0}, seed=5))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old adapter intact, no temp files

@@ -1,0 +1,379 @@
+"""What we cannot run here: the real schedules replayed on GPU cost models, and the model calibrated here.
+
+``python -m benchmarks.simulate [--stages 4,8,16,64] [--jobs 4,16,64,128,256] [--hardware ...] [--out FILE]``
+``python -m benchmarks.simulate --calibrate``
+``python -m benchmarks.simulate --stages 64 --jobs 128 [--extra-in-flight N] [--cost-aware] --out FILE``
+(variants of the lora order: more micro-batches in flight, or the order generated with the
+hardware's own cost model instead of the launcher's default; see README "Simulator")
+
+Grid mode. For every (stages, jobs) the action lists are built exactly as the launcher builds them
+(`build_schedule(job_steps, stages, policy)`, default `CostModel`, fusion on) for `lora`, `1f1b`
+and `gpipe`, then `mlora_pp.sim.simulate` replays each list under each hardware cost model below.
+Reported: makespan, bubble (idle stage-seconds over stages x makespan, optimizer steps counted as
+busy) and lora's speedup over 1f1b (1f1b makespan / lora makespan). Prints a table and writes
+benchmarks/results/sim.json.
+
+Cost model assumptions (all stated here, none measured):
+- Compute: datasheet dense bf16 tensor-core peaks, at an assumed 50% efficiency (`EFFICIENCY`):
+  NVIDIA RTX A6000 154.8 TFLOP/s (datasheet "peak FP16/BF16 tensor", dense; 309.7 with sparsity),
+  768 GB/s memory; NVIDIA H100 SXM5 989 TFLOP/s (datasheet "BF16 tensor core", dense; 1979 with
+  sparsity), 3.35 TB/s memory.
+- Links, per direction, at datasheet rate (no efficiency factor), assumed latencies: PCIe 4.0 x16
+  32 GB/s, 10 us; NVLink 4 (H100 SXM) 450 GB/s (900 GB/s both directions), 5 us; Ethernet
+  1 Gbit/s = 125 MB/s, 50 us; 100 Gbit/s = 12.5 GB/s, 10 us. The "8 hosts" models put one A6000
+  in each host and cost EVERY stage boundary at the network's rate: exact for 4 and 8 stages,
+  pessimistic beyond 8 stages, where only 7 boundaries cross hosts (the simulator has one link
+  cost for all boundaries).
+- Model: Llama-2-70B layer shape (hidden 8192, MLP 28672, 64 heads, 8 KV heads, bf16) with 64
+  decoder layers (not 80), so that 4, 8, 16 and 64 stages all get equal whole layers (16/8/4/1).
+  Embedding and lm_head are left out (they are a partitioning matter: at 1 layer per stage the
+  head would make the last stage ~30% slower, a bubble no schedule can remove).
+- Per token and layer: forward 2 x weights (q, k, v, o, gate, up, down) + attention 4 x seq x
+  hidden, plus LoRA rank 16 on all 7 projections; backward (frozen base: input gradients only)
+  2 x weights + attention 8 x seq x hidden + LoRA input and weight gradients: backward/forward
+  ~1.02. No recomputation. Optimizer step per job and stage: AdamW over the stage's LoRA
+  parameters, 28 bytes moved per parameter at 50% of memory bandwidth.
+- Jobs: equal, LoRA rank 16, micro-batch 4 rows x 512 tokens, 8 micro-batches per step (batch 32),
+  8 steps per job (4 steps per job at 256 jobs, to keep the run to minutes; the pipeline then
+  holds the same 8192 micro-batches as at 128 jobs). Activations cross a boundary in bf16
+  (hidden x 2 bytes per token).
+
+With equal micro-batches and `lora`'s streams covering each other's round trips, the only idle
+time is one fill and one drain: bubble ~ (S-1) / (M+S-1) for M micro-batch slots per stage (see
+`mlora_pp.schedule`), so a longer run (more steps) only lowers it.
+
+Calibration mode (``--calibrate``): `calibrated_cost` builds a CostModel from this machine's
+measurement (`mlora_pp.profiling.measure`: embedding, one decoder layer's forward + backward,
+head + loss, AdamW per layer and job; one thread, as each rank of benchmarks.run has), for the
+benchmarks.run scenario's model and the exact micro-batches the launcher would form, with the
+link at an assumed loopback rate (`LOOPBACK`) or the scenario's 1 Gbit/s shaping. It predicts the
+makespan of ours (lora, 1f1b, gpipe) and compares with benchmarks/results/<scenario>.json
+(measured; not rerun here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mlora_pp.schedule import POLICIES, CostModel, JobSteps, Schedule, build_schedule
+from mlora_pp.sim import simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+EFFICIENCY = 0.5
+"""Assumed fraction of the datasheet compute peak (and of memory bandwidth for the optimizer)."""
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    flops: float
+    """Datasheet dense bf16 tensor peak, FLOP/s."""
+    memory_bandwidth: float
+    """Datasheet, bytes/s."""
+
+
+@dataclass(frozen=True)
+class Fabric:
+    name: str
+    bandwidth: float
+    """Bytes/s per direction (datasheet)."""
+    latency: float
+    """Seconds (assumed)."""
+
+
+A6000 = Device("RTX A6000", 154.8e12, 768e9)
+H100 = Device("H100 SXM", 989e12, 3.35e12)
+PCIE4 = Fabric("PCIe 4.0 x16", 32e9, 10e-6)
+NVLINK4 = Fabric("NVLink 4", 450e9, 5e-6)
+ETH1 = Fabric("1 Gbit/s Ethernet", 125e6, 50e-6)
+ETH100 = Fabric("100 Gbit/s Ethernet", 12.5e9, 10e-6)
+HARDWARE: dict[str, tuple[Device, Fabric]] = {
+    "a6000-pcie4": (A6000, PCIE4),
+    "h100-nvlink": (H100, NVLINK4),
+    "8hosts-1gbit": (A6000, ETH1),
+    "8hosts-100gbit": (A6000, ETH100),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Llama-2-70B's layer shape; 64 layers so that 4, 8, 16 and 64 stages split evenly."""
+
+    layers: int = 64
+    hidden: int = 8192
+    intermediate: int = 28672
+    heads: int = 64
+    kv_heads: int = 8
+    seq: int = 512
+    rows: int = 4
+    rank: int = 16
+    bytes_per_value: int = 2  # bf16
+
+    @property
+    def tokens(self) -> int:
+        """Padded tokens of one job's micro-batch."""
+        return self.rows * self.seq
+
+    def projections(self) -> list[tuple[int, int]]:
+        h, kv = self.hidden, self.hidden // self.heads * self.kv_heads
+        return [(h, h), (h, kv), (h, kv), (h, h), (h, self.intermediate), (h, self.intermediate),
+                (self.intermediate, h)]
+
+    def weights(self) -> int:
+        return sum(i * o for i, o in self.projections())
+
+    def lora_params(self) -> int:
+        return sum(self.rank * (i + o) for i, o in self.projections())
+
+    def flops_per_token(self) -> tuple[float, float]:
+        """(forward, backward) FLOPs per token of one decoder layer with one LoRA adapter."""
+        attn = 4 * self.seq * self.hidden  # QK^T and AV
+        lora = 2 * self.lora_params()
+        forward = 2 * self.weights() + attn + lora
+        backward = 2 * self.weights() + 2 * attn + 2 * lora  # input grads; LoRA input + weight grads
+        return float(forward), float(backward)
+
+
+def gpu_cost(device: Device, fabric: Fabric, shape: Shape, stages: int) -> CostModel:
+    """Seconds per token and per message for `stages` equal stages of `shape.layers / stages` layers."""
+    if shape.layers % stages:
+        raise ValueError(f"{shape.layers} layers do not split evenly over {stages} stages")
+    per_stage = shape.layers // stages
+    fwd, bwd = shape.flops_per_token()
+    rate = device.flops * EFFICIENCY
+    step = per_stage * shape.lora_params() * 28 / (device.memory_bandwidth * EFFICIENCY)
+    return CostModel(forward_per_token=per_stage * fwd / rate, backward_ratio=bwd / fwd, step_seconds=step,
+                     link_latency=fabric.latency, link_bandwidth=fabric.bandwidth,
+                     activation_bytes_per_token=shape.hidden * shape.bytes_per_value)
+
+
+def default_steps(jobs: int) -> int:
+    return 4 if jobs > 128 else 8
+
+
+def equal_jobs(count: int, steps: int, micros: int, shape: Shape) -> list[JobSteps]:
+    micro = tuple((shape.rows, shape.tokens) for _ in range(micros))
+    return [JobSteps(f"job{i}", tuple(micro for _ in range(steps))) for i in range(count)]
+
+
+def grid(stages: list[int], jobs: list[int], hardware: list[str], shape: Shape = Shape(), micros: int = 8,
+         steps: int | None = None, progress: bool = False, extra_in_flight: int = 0,
+         cost_aware: bool = False) -> list[dict]:
+    """One row per (hardware, stages, jobs, policy); every row carries `speedup_vs_1f1b`.
+
+    `extra_in_flight` lets lora keep stages + this many micro-batches in flight (build_schedule's
+    `max_in_flight`; the launcher always uses the default, stages). `cost_aware` builds the lora
+    order with each hardware's cost model (communication included) instead of the launcher's
+    default `CostModel` (time proportional to tokens, no communication)."""
+    rows: list[dict] = []
+    for s in stages:
+        costs = {hw: gpu_cost(*HARDWARE[hw], shape, s) for hw in hardware}
+        for j in jobs:
+            k = steps if steps is not None else default_steps(j)
+            work = equal_jobs(j, k, micros, shape)
+            tokens = j * k * micros * shape.tokens
+            made: dict[str, Schedule] = {}
+            started = time.perf_counter()
+            for policy in POLICIES if not cost_aware else ("1f1b", "gpipe"):  # the launcher's lists
+                bound = s + extra_in_flight if policy == "lora" else None
+                made[policy] = build_schedule(work, s, policy, max_in_flight=bound)
+            for hw in hardware:
+                found = {}
+                if cost_aware:
+                    made["lora"] = build_schedule(work, s, "lora", cost=costs[hw], max_in_flight=s + extra_in_flight)
+                for policy in POLICIES:
+                    t = simulate(made[policy], costs[hw])
+                    found[policy] = t
+                    rows.append({"hardware": hw, "stages": s, "jobs": j, "steps": k, "micros_per_step": micros,
+                                 "policy": policy, "max_in_flight": made[policy].max_in_flight,
+                                 "micro_batches": len(made[policy].micro_batches),
+                                 "makespan_s": t.makespan, "bubble": t.bubble, "tokens_per_s": tokens / t.makespan})
+                for r in rows[-len(POLICIES):]:
+                    r["speedup_vs_1f1b"] = found["1f1b"].makespan / found[r["policy"]].makespan
+            if progress:
+                print(f"  {s} stages x {j} jobs: {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_grid(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"simulated on GPU cost models ({EFFICIENCY:.0%} of datasheet peak; see module docstring)")
+    for i, col in enumerate(["hardware", "stages", "jobs x steps", "lora bubble", "1f1b bubble", "gpipe bubble",
+                             "lora makespan s", "1f1b makespan s", "lora speedup vs 1f1b"]):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    by = {(r["hardware"], r["stages"], r["jobs"], r["policy"]): r for r in rows}
+    for hw, s, j in dict.fromkeys((r["hardware"], r["stages"], r["jobs"]) for r in rows):
+        lo, f1, gp = (by[(hw, s, j, p)] for p in ("lora", "1f1b", "gpipe"))
+        table.add_row(hw, str(s), f"{j} x {lo['steps']}", f"{lo['bubble']:.2%}", f"{f1['bubble']:.2%}",
+                      f"{gp['bubble']:.2%}", f"{lo['makespan_s']:.3g}", f"{f1['makespan_s']:.3g}",
+                      f"{lo['speedup_vs_1f1b']:.2f}x")
+    Console(width=200).print(table)
+
+
+# ------------------------------------------------------------------------------------- calibration
+
+LOOPBACK = Fabric("loopback (Gloo), assumed", 1e9, 50e-6)
+"""Assumed, not measured: at these sizes (about 0.3 MB per message against ~0.1 s of compute per
+micro-batch and stage) the link hardly matters."""
+TWO_HOSTS = Fabric("veth shaped to 1 Gbit/s (tbf)", 125e6, 100e-6)
+BACKWARD_RATIO = 2.0
+"""Assumed split of the measured forward + backward (the sum is measured)."""
+
+
+@dataclass
+class Calibration:
+    scenario: str
+    policy: str
+    predicted_s: float
+    measured_s: float | None
+    predicted_bubble: float
+    cost: dict
+
+    @property
+    def error(self) -> float | None:
+        return None if self.measured_s is None else (self.predicted_s - self.measured_s) / self.measured_s
+
+
+def calibrated_cost(profile, counts: list[int], fabric: Fabric, hidden: int, bytes_per_value: int = 4) -> CostModel:
+    """A CostModel from one `LayerProfile` (seconds on `profile.tokens` padded tokens), `counts`
+    decoder layers per stage, embedding on the first stage and head + loss on the last."""
+    last = len(counts) - 1
+    per_token = []
+    for s, n in enumerate(counts):
+        total = n * profile.layer_s + (profile.embed_s if s == 0 else 0.0) + (profile.head_s if s == last else 0.0)
+        per_token.append(total / max(profile.tokens, 1) / (1 + BACKWARD_RATIO))
+    step = max(counts) * profile.step_s
+    return CostModel(forward_per_token=tuple(per_token), backward_ratio=BACKWARD_RATIO, step_seconds=step,
+                     link_latency=fabric.latency, link_bandwidth=fabric.bandwidth,
+                     activation_bytes_per_token=hidden * bytes_per_value)
+
+
+def calibrate(scenarios: tuple[str, ...] = ("loopback", "two-hosts-1gbit"), quick: bool = False,
+              repeats: int | None = None, results: Path = RESULTS) -> list[Calibration]:
+    """Profile the scenario's model here, predict ours (lora, 1f1b, gpipe) for each scenario and
+    compare with the measured makespans in `results`/<scenario>[-quick].json."""
+    import torch
+
+    from benchmarks.scenarios import SCENARIOS, prepare
+    from mlora_pp.config import load_config
+    from mlora_pp.preflight import check_inputs
+    from mlora_pp.profiling import REPEATS, measure
+    from mlora_pp.training import prepare_jobs
+
+    out: list[Calibration] = []
+    workload = SCENARIOS[scenarios[0]].workload(quick)  # every scenario trains the same workload
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # each rank of benchmarks.run has one of the 2 cores
+    try:
+        with tempfile.TemporaryDirectory(prefix="calib-") as tmp:
+            space = prepare(Path(tmp), workload)
+            profiles, schedules, counts, hidden = {}, {}, [], workload.model.hidden
+            for policy in POLICIES:
+                cfg = load_config(space.config(policy, policy))
+                checked = check_inputs(cfg, 0, 2)
+                counts = [spec.last_layer - spec.first_layer for spec in checked.specs]
+                jobs = prepare_jobs(cfg, checked.tokenizer)
+                schedules[policy] = build_schedule([j.job_steps() for j in jobs.values()], 2, policy, cfg.pipeline.fuse)
+                profiles[policy] = measure(space.model, jobs, schedules[policy], seed=cfg.seed, dtype=cfg.model.dtype,
+                                           recompute=cfg.pipeline.recompute, repeats=repeats or REPEATS)
+            for name in scenarios:
+                fabric = TWO_HOSTS if SCENARIOS[name].hosts == "netns" else LOOPBACK
+                path = results / f"{name}{'-quick' if quick else ''}.json"
+                measured = json.loads(path.read_text())["methods"] if path.is_file() else {}
+                for policy in POLICIES:
+                    cost = calibrated_cost(profiles[policy], counts, fabric, hidden)
+                    t = simulate(schedules[policy], cost)
+                    m = measured.get(policy, {}).get("makespan_s")
+                    out.append(Calibration(name, policy, t.makespan, m, t.bubble,
+                                           {"layers": counts, "fabric": asdict(fabric), **asdict(cost),
+                                            "profile": asdict(profiles[policy])}))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def print_calibration(rows: list[Calibration]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="calibrated on this machine: predicted vs measured makespan (ours)")
+    for i, col in enumerate(["scenario", "policy", "predicted s", "measured s", "error", "predicted bubble"]):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(r.scenario, r.policy, f"{r.predicted_s:.2f}",
+                      "n/a" if r.measured_s is None else f"{r.measured_s:.2f}",
+                      "n/a" if r.error is None else f"{r.error:+.1%}", f"{r.predicted_bubble:.1%}")
+    Console(width=160).print(table)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.simulate", description=__doc__.splitlines()[0])
+    parser.add_argument("--stages", type=_ints, default=[4, 8, 16, 64])
+    parser.add_argument("--jobs", type=_ints, default=[4, 16, 64, 128, 256])
+    parser.add_argument("--hardware", default=",".join(HARDWARE), help="comma-separated subset of " + ",".join(HARDWARE))
+    parser.add_argument("--steps", type=int, default=None, help="steps per job (default 8; 4 above 128 jobs)")
+    parser.add_argument("--extra-in-flight", type=int, default=0,
+                        help="lora: allow stages + N micro-batches in flight (default 0: the launcher's bound)")
+    parser.add_argument("--cost-aware", action="store_true",
+                        help="build the lora order with each hardware's cost model (not the launcher's default)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="profile here and predict the measured makespans of benchmarks.run instead")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    if args.calibrate:
+        load = os.getloadavg()
+        rows = calibrate()
+        print_calibration(rows)
+        print(f"load average before profiling {load[0]:.2f} on {os.cpu_count()} cores (profiling under load "
+              f"over-predicts: the measured runs had the machine to themselves)")
+        out = args.out or RESULTS / "sim-calibration.json"
+        payload = {"command": "python -m benchmarks.simulate --calibrate", "backward_ratio_assumed": BACKWARD_RATIO,
+                   "load_average_before": load, "cpu_count": os.cpu_count(),
+                   "rows": [dict(asdict(r), error=r.error) for r in rows]}
+    else:
+        hardware = args.hardware.split(",")
+        unknown = set(hardware) - set(HARDWARE)
+        if unknown:
+            parser.error(f"unknown hardware {sorted(unknown)}")
+        rows = grid(args.stages, args.jobs, hardware, steps=args.steps, progress=True,
+                    extra_in_flight=args.extra_in_flight, cost_aware=args.cost_aware)
+        print_grid(rows)
+        lora = [r for r in rows if r["policy"] == "lora" and r["stages"] == 64 and r["jobs"] == 128]
+        for r in lora:
+            print(f"{'PASS' if r['bubble'] <= 0.01 else 'MISS'}  64 stages x 128 jobs, {r['hardware']}: "
+                  f"lora bubble {r['bubble']:.2%} (target <= 1%)")
+        out = args.out or RESULTS / "sim.json"
+        payload = {
+            "command": " ".join(["python -m benchmarks.simulate", *(sys.argv[1:] if argv is None else argv)]),
+            "extra_in_flight": args.extra_in_flight, "cost_aware": args.cost_aware, "efficiency": EFFICIENCY, "shape": asdict(Shape()),
+            "hardware": {k: {"device": asdict(d), "fabric": asdict(f)} for k, (d, f) in HARDWARE.items()
+                         if k in hardware},
+            "notes": "schedules built as the launcher builds them (default CostModel, fusion on), replayed under "
+                     "each hardware cost model; bubble = idle stage-seconds / (stages * makespan); see "
+                     "benchmarks/simulate.py for every assumption",
+            "rows": rows,
+        }
+    payload["total_s"] = time.perf_counter() - started
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out} ({payload['total_s']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

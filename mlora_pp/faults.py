@@ -1,11 +1,12 @@
 """Fault injection for failure tests: kill or freeze one rank before a chosen action.
 
-Inert unless the environment sets ``MLORA_PP_FAULT=RANK:ACTION:kill|hang`` (ACTION is the index
-into that rank's action list) or ``MLORA_PP_FAULT=RANK:save:N:kill|hang``: during the N-th (0-based)
-checkpoint file that rank writes (stage parts and, on rank 0, manifests), after the temporary file
-is written and fsynced but before it is renamed. Tests use it to show that when a stage dies or
-stops answering, every other rank ends with a clear message within the timeout instead of hanging,
-and that the checkpoints on disk stay complete.
+Inert unless the environment sets ``MLORA_PP_FAULT=RANK:ACTION:kill|hang|delay`` (ACTION is the
+index into that rank's action list) or ``MLORA_PP_FAULT=RANK:save:N:kill|hang|delay``: during the
+N-th (0-based) checkpoint file that rank writes (stage parts and, on rank 0, manifests), after the
+temporary file is written and fsynced but before it is renamed. Tests use it to show that when a
+stage dies or stops answering, every other rank ends with a clear message within the timeout
+instead of hanging, and that the checkpoints on disk stay complete; `delay` (a pause of `DELAY_S`,
+then on) forces one order of two ranks' actions, to test the order a race rarely picks.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import time
 from dataclasses import dataclass
 
 ENV = "MLORA_PP_FAULT"
+DELAY_S = 3.0
+MODES = ("kill", "hang", "delay")
 
 
 @dataclass(frozen=True)
 class Fault:
     rank: int
     action: int  # the action's index; with point "save", the index of the checkpoint file written
-    mode: str  # "kill": SIGKILL this process; "hang": stop answering forever
+    mode: str  # "kill": SIGKILL this process; "hang": stop answering forever; "delay": pause, go on
     point: str = "action"  # "action": before an action; "save": inside a checkpoint file write
 
     @staticmethod
@@ -34,8 +37,9 @@ class Fault:
         point = "save" if len(parts) == 4 and parts[1] == "save" else "action"
         if point == "save":
             parts.pop(1)
-        if len(parts) != 3 or parts[2] not in ("kill", "hang"):
-            raise ValueError(f"{ENV}={spec!r}: expected RANK:ACTION:kill|hang or RANK:save:N:kill|hang")
+        if len(parts) != 3 or parts[2] not in MODES:
+            raise ValueError(f"{ENV}={spec!r}: expected RANK:ACTION:MODE or RANK:save:N:MODE, "
+                             f"MODE one of {'|'.join(MODES)}")
         return Fault(int(parts[0]), int(parts[1]), parts[2], point)
 
     def maybe_fire(self, rank: int, action: int, point: str = "action") -> None:
@@ -43,5 +47,8 @@ class Fault:
             return
         if self.mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.mode == "delay":
+            time.sleep(DELAY_S)
+            return
         while True:  # hang: alive, connections open, never answering
             time.sleep(3600)

@@ -288,6 +288,22 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
                        "loss_tokens": record.loss_tokens, "lr": record.lr, "time": time.perf_counter() - start})
         board.update(record.job, record.step, record.loss, record.tokens)
 
+    held: list[StepRecord] = []  # on rank 0: the last stage's good records of steps rank 0 has not done yet
+
+    def release() -> None:
+        """Deliver the held records whose step rank 0's own stage has finished too. The last stage can
+        finish a step before rank 0 fails the same step (non-finite gradients there): a record heard
+        early would log a loss for a step the job never completed."""
+        due = [r.failure is not None or jobs[r.job].steps_done >= r.step for r in held]
+        ready = [r for r, d in zip(held, due) if d]
+        held[:] = [r for r, d in zip(held, due) if not d]
+        for record in ready:
+            deliver(record)
+
+    def hear(record: StepRecord) -> None:
+        held.append(record)
+        release()
+
     job_index = {name: i for i, name in enumerate(jobs)}
     inbox = sender = None
     if env.world == 1:
@@ -297,11 +313,12 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     else:
         on_step = None
     if env.world > 1 and is_rank0:
-        inbox = RecordInbox({n: j.total_steps - j.steps_done for n, j in jobs.items()}, last, records, deliver)
+        inbox = RecordInbox({n: j.total_steps - j.steps_done for n, j in jobs.items()}, last, records, hear)
 
     def after_action() -> None:
         if inbox is not None:
             inbox.poll()
+            release()
         manifests.poll()
 
     worker = StageWorker(stage, jobs, schedule, stage_index=env.rank, transport=transport, device=device,
@@ -314,6 +331,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
             sender.flush(cfg.pipeline.timeout_s, env.rank)
         if inbox is not None:
             inbox.drain(cfg.pipeline.timeout_s, env.rank)
+            release()
+            assert not held, f"records of steps rank 0 never did: {held}"
         wall = time.perf_counter() - start
         summary = _stage_summary(env.rank, worker.trace, wall)
         summary["bytes_sent"] = transport.bytes_sent if transport is not None else 0

@@ -351,11 +351,23 @@ def test_sigkill_at_several_points_then_resume_is_exact(workspace, reference, re
     assert_same(workspace[0] / out, reference_two)
 
 
-def test_non_finite_job_fails_alone_on_two_stages(workspace, reference_two):
-    proc = torchrun(2, yaml_config(workspace, "bad-lr-two", BAD_LR))
+@pytest.mark.parametrize("rank0_late", [False, True], ids=["free", "rank0-late"])
+def test_non_finite_job_fails_alone_on_two_stages(workspace, reference_two, rank0_late):
+    """With `rank0_late`, rank 0 pauses before beta's second step, so the last stage's record of that
+    step (finite loss there) reaches rank 0 before rank 0 finds beta's gradients non-finite: the order
+    that once slipped a failed step's loss into metrics.jsonl, and that a free run picks only sometimes."""
+    out = f"bad-lr-two-{rank0_late}"
+    env = {}
+    if rank0_late:
+        cfg = config(workspace, out, BAD_LR)
+        jobs = prepare_jobs(cfg, load_tokenizer(workspace[1]))
+        stage0 = build_schedule([j.job_steps() for j in jobs.values()], 2, "lora", True).stages[0]
+        index = next(i for i, a in enumerate(stage0) if a.kind == "S" and a.job == "beta" and a.step == 1)
+        env["MLORA_PP_FAULT"] = f"0:{index}:delay"
+    proc = torchrun(2, yaml_config(workspace, out, BAD_LR), **env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "beta: FAILED (non-finite" in proc.stdout, proc.stdout[-2000:]
-    failed_run_checks(workspace[0] / "bad-lr-two", reference_two)
+    failed_run_checks(workspace[0] / out, reference_two)
 
 
 @pytest.mark.parametrize("field, value", [("save_every", 0), ("keep_last", 0)])

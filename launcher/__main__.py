@@ -3,6 +3,7 @@
 Bad input ends with one line naming the file and field, exit code 2, no traceback (``--debug``
 shows it). A lost rank or a failed write (disk full, read-only) ends with one line and exit code 1.
 Jobs resume from their checkpoints in output_dir; ``--fresh`` deletes those and starts over.
+``python -m launcher status OUTPUT_DIR [--watch SECONDS | --json]`` shows a run's jobs (mlora_pp.status).
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ EXIT_PIPELINE_FAILED = 1
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["status"]:  # python -m launcher status OUTPUT_DIR: a run's jobs, from its metrics.jsonl
+        from mlora_pp.status import main as status_main
+
+        return status_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m launcher", description="Train many LoRA adapters at once.")
     parser.add_argument("config", help="run config (YAML)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")

@@ -1,0 +1,310 @@
+"""The status of a run, running or finished, read from its `OUTPUT_DIR/metrics.jsonl`.
+
+``python -m launcher status OUTPUT_DIR`` shows every job's state, step/total, last loss, tokens/s
+and ETA; ``--watch SECONDS`` refreshes it in place until the run is done, ``--json`` prints it for
+scripts. The file is append-only and a resumed run appends to it: the latest ``run`` line starts the
+current run, whose records alone give the speeds, while steps and losses carry over. Unknown events
+and unreadable lines (a line cut short by a crash) are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+
+class StatusError(Exception):
+    """The directory holds no metrics.jsonl (missing, or not a run directory)."""
+
+
+@dataclass
+class JobStatus:
+    """One job: `state` is queued, running, done, failed or cancelled; None where not known."""
+
+    name: str
+    state: str = "queued"
+    step: int = 0
+    total_steps: int | None = None
+    loss: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    reason: str | None = None
+
+
+@dataclass
+class RunStatus:
+    """A run: `state` is "running" (no done line after the latest run line) or "finished"."""
+
+    output_dir: str
+    state: str = "running"
+    jobs: list[JobStatus] = field(default_factory=list)
+    finished_s: float | None = None
+    """The current run's length, from its done line."""
+    last_record_s: float | None = None
+    """Time of the current run's latest record, seconds since the run started."""
+    last_record_ago_s: float | None = None
+    """Seconds between the latest record and reading the file (None when unknown)."""
+    runs: int = 0
+    """How many runs (a fresh start and each resume) the file holds; 0 for a file without run lines."""
+    admission: str | None = None
+    stages: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state == "finished"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Job:
+    """Parsing state of one job: `step`/`loss` carry over runs, the rest is the current run's."""
+
+    name: str
+    total: int | None = None
+    step: int = 0
+    loss: float | None = None
+    admitted: float | None = None
+    steps_times: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens) of this run's steps
+    ended: str | None = None  # "failed" / "cancelled" in this run
+    reason: str | None = None
+
+    def new_run(self) -> None:
+        self.admitted, self.steps_times, self.ended, self.reason = None, [], None, None
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    """The file's JSON objects; lines that do not parse (a truncated last line) are skipped."""
+    out = []
+    with path.open("rb") as f:
+        for raw in f:
+            try:
+                record = json.loads(raw)
+            except ValueError:  # includes UnicodeDecodeError
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+    return out
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _speed(job: _Job) -> tuple[float | None, float | None]:
+    """(tokens/s, seconds per step) over the current run's step records.
+
+    From the admitted time when there is one; otherwise from the first step record, whose own
+    tokens and step then fall before the measured interval and are left out."""
+    if not job.steps_times:
+        return None, None
+    last = job.steps_times[-1][0]
+    if job.admitted is not None:
+        start, counted = job.admitted, job.steps_times
+    else:
+        start, counted = job.steps_times[0][0], job.steps_times[1:]
+    span = last - start
+    if not counted or span <= 0:
+        return None, None
+    return sum(tokens for _, tokens in counted) / span, span / len(counted)
+
+
+def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
+    """Parse `output_dir/metrics.jsonl` into a RunStatus; `now` (time.time()) dates the last record.
+
+    Raises StatusError when the directory or its metrics.jsonl is missing."""
+    output_dir = Path(output_dir)
+    path = output_dir / METRICS_FILE
+    if not path.is_file():
+        raise StatusError(f"{output_dir}: no {METRICS_FILE} (not a run directory?)")
+    now = time.time() if now is None else now
+
+    jobs: dict[str, _Job] = {}
+    run_jobs: list[str] | None = None  # the latest run line's jobs, in its order
+    status = RunStatus(output_dir=str(output_dir))
+    wall_clock: float | None = None
+    run_times = False  # the current run has a timed record (a "resumed" line after one starts a new run)
+    done = False  # the current run has its done line
+    done_at: float | None = None
+
+    def job(name: str) -> _Job:
+        if name not in jobs:
+            jobs[name] = _Job(name)
+        return jobs[name]
+
+    def new_run() -> None:
+        nonlocal run_times, done, done_at, wall_clock
+        for j in jobs.values():
+            j.new_run()
+        run_times, done, done_at, wall_clock = False, False, None, None
+        status.last_record_s = None
+
+    for record in _records(path):
+        event = record.get("event")
+        name = record.get("job")
+        t = _number(record.get("time"))
+        if event == "run":
+            new_run()
+            status.runs += 1
+            wall_clock = _number(record.get("wall_clock"))
+            status.admission = record.get("admission") if isinstance(record.get("admission"), str) else None
+            stages = record.get("stages")
+            status.stages = stages if isinstance(stages, int) else None
+            declared = record.get("jobs") if isinstance(record.get("jobs"), dict) else {}
+            run_jobs = [str(n) for n in declared]
+            for n, info in declared.items():
+                total = info.get("total_steps") if isinstance(info, dict) else None
+                job(str(n)).total = total if isinstance(total, int) else None
+        elif event == "resumed" and isinstance(name, str):
+            if run_times and status.runs == 0:
+                new_run()  # an old file without run lines: a resume starts a new run
+            step = record.get("step")
+            if isinstance(step, int):
+                job(name).step = step
+        elif event == "admitted" and isinstance(name, str):
+            if t is not None:
+                job(name).admitted = t
+        elif event in ("failed", "cancelled") and isinstance(name, str):
+            j = job(name)
+            j.ended = event
+            reason = record.get("reason")
+            j.reason = reason if isinstance(reason, str) else None
+        elif event == "done":
+            done, done_at = True, t if t is not None else status.last_record_s
+        elif event is None and isinstance(name, str) and isinstance(record.get("step"), int):
+            j = job(name)
+            j.step = record["step"]
+            loss = _number(record.get("loss"))
+            j.loss = loss if loss is not None else j.loss
+            if t is not None:
+                tokens = record.get("tokens")
+                j.steps_times.append((t, tokens if isinstance(tokens, int) else 0))
+        # every other event (stage, balance, memory, anything newer) only dates the run
+        if t is not None:
+            run_times = True
+            status.last_record_s = t if status.last_record_s is None else max(status.last_record_s, t)
+
+    if done:
+        status.state, status.finished_s = "finished", done_at
+    elif status.last_record_s is not None and wall_clock is not None:
+        status.last_record_ago_s = max(0.0, now - (wall_clock + status.last_record_s))
+    elif status.last_record_s is not None:
+        status.last_record_ago_s = max(0.0, now - path.stat().st_mtime)  # no wall clock: the file's age
+
+    names = list(run_jobs or [])
+    current = set(names)
+    # Jobs heard of in the current run but missing from its run line; all jobs when there is none.
+    names += [n for n, j in jobs.items() if n not in current and (run_jobs is None or j.steps_times or j.ended
+                                                                   or j.admitted is not None)]
+    status.jobs = [_job_status(jobs[n], status.finished) for n in names]
+    return status
+
+
+def _job_status(job: _Job, run_finished: bool) -> JobStatus:
+    tokens_per_s, per_step = _speed(job)
+    if job.ended is not None:
+        state = job.ended
+    elif job.total is not None and job.step >= job.total:
+        state = "done"
+    elif job.admitted is not None or job.steps_times:
+        state = "running"
+    else:
+        state = "queued"
+    if run_finished and state in ("running", "queued") and job.total is None:
+        state = "done"  # a run that ended normally finished every job it did not fail or cancel
+    eta = None
+    if state == "running" and job.total is not None and per_step is not None:
+        eta = per_step * max(job.total - job.step, 0)
+    return JobStatus(job.name, state, job.step, job.total, job.loss, tokens_per_s, eta, job.reason)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{sec:02d}" if hours else f"{minutes}:{sec:02d}"
+
+
+def headline(status: RunStatus) -> str:
+    """The run state line: "finished in X s" or "running (last record N s ago)"."""
+    if status.finished:
+        return "finished" if status.finished_s is None else f"finished in {status.finished_s:.1f} s"
+    if status.last_record_ago_s is None:
+        return "running (no records yet)"
+    return f"running (last record {status.last_record_ago_s:.0f} s ago)"
+
+
+def render(status: RunStatus):
+    """A rich Table: the run state line as its title, one row per job (the live board's columns)."""
+    from rich.table import Table
+
+    table = Table(title=f"{status.output_dir}: {headline(status)}", expand=False)
+    for column in ("job", "step", "loss", "tokens/s", "ETA", "state"):
+        table.add_column(column, justify="left" if column in ("job", "state") else "right")
+    for job in status.jobs:
+        table.add_row(
+            job.name,
+            f"{job.step}/{job.total_steps}" if job.total_steps is not None else str(job.step),
+            "-" if job.loss is None else f"{job.loss:.4f}",
+            "-" if job.tokens_per_s is None else f"{job.tokens_per_s:.0f}",
+            _duration(job.eta_s),
+            job.state,
+        )
+    reasons = [f"{job.name}: {job.reason}" for job in status.jobs if job.reason]
+    if reasons:
+        table.caption = "\n".join(reasons)
+    return table
+
+
+def main(argv: list[str]) -> int:
+    """``python -m launcher status OUTPUT_DIR [--watch SECONDS | --json]``; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m launcher status",
+                                     description="Show the jobs of a run (running or finished).")
+    parser.add_argument("output_dir", type=Path, help="the run's output_dir (holds metrics.jsonl)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--watch", type=float, metavar="SECONDS",
+                      help="refresh every SECONDS until the run is done (Ctrl-C stops)")
+    mode.add_argument("--json", action="store_true", help="print the status as JSON")
+    args = parser.parse_args(argv)
+    if args.watch is not None and args.watch <= 0:
+        parser.error("--watch needs a positive number of seconds")
+    try:
+        status = read_status(args.output_dir)
+        if args.json:
+            print(json.dumps(status.to_json(), indent=2))
+            return EXIT_OK
+        from rich.console import Console
+
+        console = Console()
+        if args.watch is None:
+            console.print(render(status))
+            return EXIT_OK
+        return _watch(args.output_dir, status, args.watch, console)
+    except StatusError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+
+
+def _watch(output_dir: Path, status: RunStatus, every: float, console) -> int:
+    from rich.live import Live
+
+    try:
+        with Live(render(status), console=console, auto_refresh=False) as live:
+            while not status.finished:
+                time.sleep(every)
+                status = read_status(output_dir)
+                live.update(render(status), refresh=True)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK

@@ -28,6 +28,10 @@ QUANTIZE: tuple[str, ...] = ("none", "nf4", "int8")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 LORA_PATHS: tuple[str, ...] = ("auto", "loop", "grouped")
 BALANCE_MODES: tuple[str, ...] = ("auto", "profile")
+ADMISSION: tuple[str, ...] = ("fifo", "priority", "shortest-first")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$")
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no '.': names key parameters and directories
 
 
@@ -58,6 +62,13 @@ class PipelineConfig:
     """Batched LoRA operator path: grouped (torch._grouped_mm), loop, or auto."""
     recompute: bool = False
     """Recompute each stage's forward in backward instead of keeping its activations."""
+    admission: str = "fifo"
+    """Who gets the pipeline first: fifo (config order; running jobs share it evenly), priority
+    (jobs[].priority, highest first) or shortest-first (fewest tokens left first)."""
+    memory_budget: float | str | None = None
+    """Cap on every stage's predicted peak memory: bytes (a number above 1 or "12GiB"), or a
+    fraction (0 < x <= 1) of the device's memory (on CPU, of the process's memory limit). Jobs
+    that do not fit next to the running ones wait. null: every job runs at once."""
 
 
 @dataclass
@@ -85,6 +96,8 @@ class JobConfig:
     """Checkpoint every this many optimizer steps (and always after the last); null: only the last."""
     keep_last: int = 2
     """Complete checkpoints kept per job; older ones are deleted once a newer one is complete."""
+    priority: int = 0
+    """With `pipeline.admission: priority`, higher runs first (ties: config order)."""
 
     @property
     def scale(self) -> float:
@@ -225,6 +238,12 @@ def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> 
         raise err("pipeline.balance", "every stage needs at least one layer")
     if cfg.pipeline.timeout_s <= 0:
         raise err("pipeline.timeout_s", "must be positive")
+    choice("pipeline.admission", cfg.pipeline.admission, ADMISSION)
+    if cfg.pipeline.memory_budget is not None:
+        try:
+            budget_spec(cfg.pipeline.memory_budget)
+        except ValueError as exc:
+            raise err("pipeline.memory_budget", str(exc)) from None
     if cfg.log_every < 1:
         raise err("log_every", "must be at least 1")
     if not cfg.jobs:
@@ -279,6 +298,21 @@ def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> 
             raise err(f"{at}.save_every", f"must be at least 1 or null; got {job.save_every}")
         if job.keep_last < 1:
             raise err(f"{at}.keep_last", f"must be at least 1; got {job.keep_last}")
+
+
+def budget_spec(value: float | str) -> tuple[str, float]:
+    """("bytes", n) or ("fraction", x) from a `pipeline.memory_budget` value; ValueError if neither."""
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match:
+            raise ValueError(f"expected bytes (a number, or like 12GiB, 800MB) or a fraction in (0, 1]; got {value!r}")
+        value = float(match.group(1)) * _UNITS[match.group(2)]
+        if value < 1:
+            raise ValueError("must be at least 1 byte")
+        return "bytes", value
+    if value <= 0:
+        raise ValueError(f"must be positive; got {value!r}")
+    return ("fraction", float(value)) if value <= 1 else ("bytes", float(value))
 
 
 def parse_config(raw: Any, source: str | Path = "<config>") -> RunConfig:

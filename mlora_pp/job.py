@@ -136,6 +136,13 @@ class AdapterJob:
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
 
+    def release_state(self) -> None:
+        """Free the gradients and AdamW moments after the job's last step on this stage (its weights
+        stay for the final merge): a finished job's place goes to a waiting one."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.state.clear()
+
     def gradients_finite(self) -> bool:
         """Whether every gradient of this job on this stage is finite (one device sync)."""
         return _all_finite([p.grad for p in self._params() if p.grad is not None])

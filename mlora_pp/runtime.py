@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from mlora_pp.data import IGNORE_INDEX, collate
 from mlora_pp.faults import Fault
+from mlora_pp.memory import SavedTensorMeter, live_job_bytes
 from mlora_pp.job import AdapterJob
 from mlora_pp.lora import LoRABatch, LoRASegment
 from mlora_pp.model import StageModel
@@ -90,10 +91,19 @@ class StageWorker:
     are not finite (it checks them before saving), which fails the job."""
     on_failed: Callable[[str, int, str], None] | None = None
     """(job, good steps done, reason) when this stage fails a job."""
+    on_start: Callable[[str], None] | None = None
+    """(job) at the job's first forward on this stage."""
+    meter: SavedTensorMeter | None = None
+    """Counts the bytes autograd keeps per micro-batch (CPU memory accounting; None: not counted)."""
+    static_bytes: int = 0
+    peak_bytes: int = 0
+    """With `meter`: the most bytes this stage's tensors held after any action (see mlora_pp.memory)."""
     failures: dict[str, tuple[int, str]] = field(default_factory=dict)
     """Jobs this stage failed: job -> (good steps done, reason)."""
     trace: list[TraceEvent] = field(default_factory=list)
     _in_flight: dict[int, _InFlight] = field(default_factory=dict)
+    _held: dict[int, int] = field(default_factory=dict)
+    _started: set[str] = field(default_factory=set)
 
     @property
     def num_stages(self) -> int:
@@ -148,7 +158,17 @@ class StageWorker:
             shape = self.activation_shape(mb)
             received = self.transport.recv(self.stage_index - 1, ACTIVATION, mb.id, shape, self.stage.dtype)
             x = received.requires_grad_(True)
-        out, total, part_losses = self._compute(mb, x, labels, batch)
+        for part in mb.parts:
+            if part.job not in self._started:
+                self._started.add(part.job)
+                if self.on_start is not None:
+                    self.on_start(part.job)
+        if self.meter is None:
+            out, total, part_losses = self._compute(mb, x, labels, batch)
+        else:
+            with self.meter.measure() as held:
+                out, total, part_losses = self._compute(mb, x, labels, batch)
+            self._held[mb.id] = held[0]
         if not self.is_last:
             assert self.transport is not None
             self.transport.send(out, self.stage_index + 1, ACTIVATION, mb.id)
@@ -184,6 +204,7 @@ class StageWorker:
 
     def backward(self, mb: MicroBatch) -> None:
         flight = self._in_flight.pop(mb.id)
+        self._held.pop(mb.id, None)
         output = flight.output
         if self.is_last:
             output.backward()
@@ -224,6 +245,8 @@ class StageWorker:
         if self.is_last and self.on_step is not None:
             self.on_step(StepRecord(job=job_name, step=job.steps_done, loss=loss, loss_tokens=stats.loss_tokens,
                                     tokens=stats.tokens, lr=lr, failure=failure, skipped=skipped))
+        if job.steps_done == job.total_steps:
+            job.release_state()
 
     def _fail(self, job: AdapterJob, good_steps: int, failure: str) -> None:
         job.failed, job.failed_step = f"{failure} at step {good_steps + 1} on stage {self.stage_index}", good_steps
@@ -247,6 +270,9 @@ class StageWorker:
             name = f"S {action.job}:{action.step}"
         wait = (self.transport.waited_s - waited) if self.transport is not None else 0.0
         self.trace.append(TraceEvent(name, action.kind, start, time.perf_counter(), wait))
+        if self.meter is not None:
+            live = self.static_bytes + sum(self._held.values()) + live_job_bytes(self.jobs.values())
+            self.peak_bytes = max(self.peak_bytes, live)
         if self.after_action is not None:
             self.after_action()
 

@@ -72,7 +72,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 ActionKind = Literal["F", "B", "S"]
 POLICIES = ("lora", "1f1b", "gpipe")
@@ -97,6 +97,49 @@ class JobSteps:
     @property
     def tokens(self) -> int:
         return sum(t for micros in self.micro_batches for _, t in micros)
+
+
+ADMISSION = ("fifo", "priority", "shortest-first")
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Which jobs may run at once, and who gets the pipeline first.
+
+    `order` lists every job, most urgent first. `fits(running)` says whether those jobs may hold
+    their state on every stage at once (None: any set may); a job starts once it fits next to the
+    running ones and every job before it in `order` has started (no overtaking, so none starves),
+    and it frees its place after its last optimizer step on stage 0 (every other stage has done
+    that step before). With `share` the running jobs share the pipeline evenly (the least advanced
+    stream injects first: the fewest bubbles); without it the earlier job in `order` injects
+    whenever it is ready and the others fill the gaps (earlier jobs finish sooner).
+    """
+
+    order: tuple[str, ...]
+    fits: Callable[[frozenset[str]], bool] | None = None
+    share: bool = True
+
+    @property
+    def default(self) -> bool:
+        """Every job at once, evenly shared: what a schedule without admission does."""
+        return self.fits is None and self.share
+
+
+def admission(jobs: Sequence[JobSteps], policy: str, priority: dict[str, int] | None = None,
+              fits: Callable[[frozenset[str]], bool] | None = None) -> Admission:
+    """The `Admission` of a policy: fifo (input order, shared evenly), priority (highest `priority`
+    first) or shortest-first (fewest padded tokens left first); ties keep the input order."""
+    index = {j.name: i for i, j in enumerate(jobs)}
+    if policy == "fifo":
+        key = lambda j: index[j.name]  # noqa: E731
+    elif policy == "priority":
+        key = lambda j: (-(priority or {}).get(j.name, 0), index[j.name])  # noqa: E731
+    elif policy == "shortest-first":
+        key = lambda j: (j.tokens, index[j.name])  # noqa: E731
+    else:
+        raise ScheduleError(f"unknown admission policy {policy!r} (one of {', '.join(ADMISSION)})")
+    order = tuple(j.name for j in sorted(jobs, key=key))
+    return Admission(order, fits, share=policy == "fifo")
 
 
 @dataclass(frozen=True)
@@ -462,6 +505,7 @@ class _Clock:
     token_bound: int | None  # padded tokens in flight per stage
     streams: list[_Stream]
     step_counts: dict[tuple[str, int], int]
+    admission: Admission | None = None
     micro_batches: list[MicroBatch] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -477,8 +521,26 @@ class _Clock:
         self.largest = max((st.largest for st in self.streams), default=0)
         self.pending = [dict(self.step_counts) for _ in range(n)]
         self.stepped: dict[str, tuple[int, float]] = {}  # job -> (steps done on stage 0, when)
+        self.last_step = {q[-1].job: q[-1].step for st in self.streams for q in st.parts if q}
+        order = self.admission.order if self.admission is not None else tuple(self.last_step)
+        self.urgency = {name: k for k, name in enumerate(order)}
+        self.queue = deque(name for name in order if name in self.last_step)
+        self.running: set[str] = set()
+
+    def admit(self, now: float) -> None:
+        """Start queued jobs, in order, while the next one fits next to the running ones."""
+        fits = self.admission.fits if self.admission is not None else None
+        while self.queue and (fits is None or fits(frozenset(self.running | {self.queue[0]}))):
+            name = self.queue.popleft()
+            self.running.add(name)
+            done, _ = self.stepped.get(name, (0, 0.0))
+            self.stepped[name] = (done, now)
+        if self.queue and not self.running:
+            raise ScheduleError(f"job {self.queue[0]!r} does not fit on its own (admission refuses it alone)")
 
     def _part_ready(self, part: MicroBatchPart) -> float:
+        if part.job not in self.running:
+            return math.inf
         done, when = self.stepped.get(part.job, (0, 0.0))
         return when if done == part.step else math.inf
 
@@ -511,7 +573,11 @@ class _Clock:
         ready = [st for st in self.streams if self._stream_ready(st) <= start]
         # finish injecting a step once started (streams then reach their step boundaries staggered,
         # and each one's round trip is covered by the others' steps); else the least advanced stream
-        stream = min(ready, key=lambda st: (not st.mid_step, st.injected / st.total))
+        if self.admission is None or self.admission.share:
+            stream = min(ready, key=lambda st: (not st.mid_step, st.injected / st.total))
+        else:  # the most urgent ready job's stream
+            stream = min(ready, key=lambda st: (not st.mid_step, min(
+                self.urgency[q[0].job] for q in st.parts if q and self._part_ready(q[0]) <= start)))
         parts = tuple(q.popleft() for q in stream.parts if q and self._part_ready(q[0]) <= start)
         mb = MicroBatch(len(self.micro_batches), parts)
         stream.injected += sum(p.tokens for p in parts)
@@ -520,6 +586,7 @@ class _Clock:
 
     def run(self) -> None:
         n = self.num_stages
+        self.admit(0.0)
         while True:
             best: tuple[float, int, str] | None = None
             for s in range(n):
@@ -556,6 +623,9 @@ class _Clock:
                         end += self.cost.step(s)
                         if s == 0:
                             self.stepped[part.job] = (part.step + 1, end)
+                            if part.step == self.last_step[part.job]:  # finished on every stage
+                                self.running.discard(part.job)
+                                self.admit(end)
             self.free[s] = end
         if any(not st.done for st in self.streams):  # pragma: no cover - the generator never stalls
             raise ScheduleError("lora generator stalled with micro-batches left\n" + render(
@@ -570,6 +640,7 @@ def _lora(
     bound: int,
     token_bound: bool,
     streams: int | None,
+    admission: Admission | None = None,
 ) -> tuple[tuple[MicroBatch, ...], tuple[tuple[Action, ...], ...], int]:
     groups = group_jobs(jobs, num_stages, fuse, streams)
     stream_objs = [
@@ -578,9 +649,9 @@ def _lora(
     counts = {(j.name, k): len(m) for j in jobs for k, m in enumerate(j.micro_batches, start=j.first_step)}
     largest = max((st.largest for st in stream_objs), default=0)
     if token_bound:
-        clock = _Clock(num_stages, cost, None, bound * largest, stream_objs, counts)
+        clock = _Clock(num_stages, cost, None, bound * largest, stream_objs, counts, admission)
     else:
-        clock = _Clock(num_stages, cost, bound, None, stream_objs, counts)
+        clock = _Clock(num_stages, cost, bound, None, stream_objs, counts, admission)
     clock.stepped.update({j.name: (j.first_step, 0.0) for j in jobs})  # a resumed job starts mid-plan
     clock.run()
     return tuple(clock.micro_batches), tuple(tuple(a) for a in clock.actions), bound * largest
@@ -595,6 +666,7 @@ def build_schedule(
     max_in_flight: int | None = None,
     streams: int | None = None,
     token_bound: bool = False,
+    admission: Admission | None = None,
 ) -> Schedule:
     """Form the micro-batches and the per-stage action lists, then validate them.
 
@@ -604,7 +676,8 @@ def build_schedule(
     the padded tokens of the largest micro-batch instead (recorded in
     `Schedule.max_in_flight_tokens`, no count bound): the same worst case, but small micro-batches
     may then fill the pipeline when sizes differ. `streams` overrides the number of lora streams
-    (see `group_jobs`).
+    (see `group_jobs`). `admission` decides which jobs run at once and who goes first (see
+    `Admission`); gpipe and 1f1b run one job at a time, in its order.
     """
     if num_stages < 1:
         raise ScheduleError(f"need at least one stage, got {num_stages}")
@@ -618,11 +691,22 @@ def build_schedule(
     bound = num_stages if max_in_flight is None else max_in_flight
     if bound < 1:
         raise ScheduleError(f"max_in_flight: need at least 1, got {max_in_flight}")
-    if num_stages == 1:
+    if admission is not None:
+        if sorted(admission.order) != sorted(names):
+            raise ScheduleError(f"admission order {list(admission.order)} does not list the jobs {names}")
+        if policy != "lora":
+            rank = {name: k for k, name in enumerate(admission.order)}
+            jobs = sorted(jobs, key=lambda j: rank[j.name])
+            for j in jobs:
+                if j.steps and admission.fits is not None and not admission.fits(frozenset({j.name})):
+                    raise ScheduleError(f"job {j.name!r} does not fit on its own (admission refuses it alone)")
+    custom = admission is not None and not admission.default
+    if num_stages == 1 and not (policy == "lora" and custom):
         micro_batches = form_micro_batches(jobs, policy, fuse)
         schedule = Schedule(policy, tuple(micro_batches), (_single_stage(micro_batches),))
     elif policy == "lora":
-        micro_batches, stages, tokens = _lora(jobs, num_stages, fuse, cost, bound, token_bound, streams)
+        micro_batches, stages, tokens = _lora(jobs, num_stages, fuse, cost, bound, token_bound, streams,
+                                              admission if custom else None)
         if token_bound:
             schedule = Schedule(policy, micro_batches, stages, max_in_flight_tokens=tokens)
         else:

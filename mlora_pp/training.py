@@ -27,9 +27,13 @@ from mlora_pp.checkpoint import (
     CheckpointError, ManifestWriter, ResumePlan, ResumePoint, StageSaver, check_space, check_writable,
     checkpoint_weights, clear_stale, newest_checkpoint, plan_resume, restore, write_file,
 )
-from mlora_pp.config import RunConfig
+from mlora_pp.config import ConfigError, RunConfig
 from mlora_pp.data import DataError
 from mlora_pp.job import AdapterJob, load_job
+from mlora_pp.memory import (
+    MemoryModel, SavedTensorMeter, admission_check, budget_bytes, fit, human_bytes, largest_micro, predicted_peak,
+    probe_micro_batches, process_peak_rss, static_bytes,
+)
 from mlora_pp.metrics import MetricsLog, ProgressBoard
 from mlora_pp.model import StageModel, StageSpec, build_stage
 from mlora_pp.partition import stage_specs
@@ -38,7 +42,7 @@ from mlora_pp.preflight import agree, check_inputs, load_tokenizer, source  # no
 from mlora_pp.profiling import ProfiledPlan, compare, describe, measure, profile_stages
 from mlora_pp.records import RecordInbox, RecordSender
 from mlora_pp.runtime import StageWorker, StepRecord, TraceEvent
-from mlora_pp.schedule import Schedule, build_schedule
+from mlora_pp.schedule import Schedule, admission, build_schedule
 from mlora_pp.transport import PipelineError, StageTransport
 
 
@@ -157,6 +161,79 @@ def write_trace(path: Path, traces: list[list[TraceEvent]]) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class MemoryPlan:
+    """The fitted memory models of every stage, the budget, and the schedule admitted under it."""
+
+    models: list[MemoryModel]
+    budget: int | None
+    in_flight: int
+    schedule: Schedule
+
+    def record(self, rank: int, measured: int, method: str) -> dict:
+        """The `metrics.jsonl` event of one stage: predicted against measured peak."""
+        return {"event": "memory", "rank": rank, "budget_bytes": self.budget, "in_flight": self.in_flight,
+                "predicted_peak_bytes": int(predicted_peak(self.models[rank], self.schedule, rank)),
+                "measured_peak_bytes": measured, "method": method, "model": self.models[rank].record()}
+
+
+def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str, AdapterJob],
+                 unbounded: Schedule, device: torch.device) -> MemoryPlan:
+    """Fit every stage's memory model on probes of the run's shapes, share them, and build the
+    schedule that admits jobs by `pipeline.admission` within `pipeline.memory_budget` (every rank
+    decides the same from the same numbers)."""
+    probes = probe_micro_batches(unbounded)
+    mine = agree(env.rank, env.world, lambda: (
+        fit(StageWorker(stage, jobs, unbounded, stage_index=env.rank, device=device), env.rank, probes),
+        budget_bytes(cfg.pipeline.memory_budget, device) if cfg.pipeline.memory_budget is not None else None))
+    shared = [mine]
+    if env.world > 1:
+        shared = [None] * env.world
+        try:
+            dist.all_gather_object(shared, mine)
+        except RuntimeError as exc:
+            raise PipelineError(f"rank {env.rank}: lost a rank while exchanging memory models ({exc})") from None
+    models = [m for m, _ in shared]
+    budgets = [b for _, b in shared if b is not None]
+    budget = min(budgets) if budgets else None
+    steps = [j.job_steps() for j in jobs.values()]
+    live = [j for j in steps if j.steps]
+    policy, fuse, stages = cfg.pipeline.schedule, cfg.pipeline.fuse, env.world
+    if policy == "gpipe":  # every micro-batch of a step is forwarded before the first backward
+        options = [max(len(m) for j in live for m in j.micro_batches)]
+    elif policy == "1f1b":
+        options = [stages]
+    else:  # lora: fewer micro-batches in flight (more bubble) before refusing a job
+        options = list(range(stages, 0, -1))
+    in_flight, fits = options[0], None
+    if budget is not None:
+        for bound in options:
+            fits = admission_check(models, steps, budget, bound, policy, fuse)
+            if all(fits(frozenset({j.name})) for j in live):
+                in_flight = bound
+                break
+        else:
+            worst = max(live, key=lambda j: max(
+                m.peak({j.name}, options[-1], *largest_micro(steps, {j.name}, stages, policy, fuse)) for m in models))
+            tokens, length = largest_micro(steps, {worst.name}, stages, policy, fuse)
+            need = max(models, key=lambda m: m.peak({worst.name}, options[-1], tokens, length))
+            raise ConfigError(
+                f"{source(cfg)}: pipeline.memory_budget: job {worst.name!r} alone needs about "
+                f"{human_bytes(need.peak({worst.name}, options[-1], tokens, length))} on stage {need.stage} "
+                f"(model and adapters {human_bytes(need.static)}, its gradients and optimizer state "
+                f"{human_bytes(need.job[worst.name])}, activations of {options[-1]} micro-batch(es) of {tokens} "
+                f"tokens {human_bytes(options[-1] * need.activation(tokens, length))}), more than the budget of "
+                f"{human_bytes(budget)}")
+        if in_flight < options[0] and env.rank == 0:
+            print(f"memory: {in_flight} micro-batch(es) in flight instead of {options[0]} to fit the budget",
+                  flush=True)
+    priority = {c.name: c.priority for c in cfg.jobs}
+    order = admission(steps, cfg.pipeline.admission, priority, fits)
+    schedule = build_schedule(steps, stages, policy, fuse, max_in_flight=in_flight if policy == "lora" else None,
+                              admission=order)
+    return MemoryPlan(models, budget, in_flight, schedule)
+
+
 def train(cfg: RunConfig, *, progress: bool | None = None, fresh: bool = False) -> TrainResult:
     """Train every job of `cfg` on this rank's stage; rank 0 writes adapters, metrics and the trace.
 
@@ -236,6 +313,10 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         check_space(cfg, stage, jobs, env.rank, where)
 
     agree(env.rank, env.world, load_checkpoints)
+    memory: MemoryPlan | None = None
+    if schedule.micro_batches:
+        memory = _plan_memory(cfg, env, stage, jobs, schedule, device)
+        schedule = memory.schedule
 
     is_rank0, last = env.rank == 0, env.world - 1
     control = records = None
@@ -255,6 +336,11 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     if is_rank0:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(cfg.output_dir / "metrics.jsonl", append=bool(points))
+        metrics.write({"event": "run", "jobs": {c.name: {"total_steps": jobs[c.name].total_steps,
+                                                          "priority": c.priority} for c in cfg.jobs},
+                       "admission": cfg.pipeline.admission, "stages": env.world, "schedule": cfg.pipeline.schedule,
+                       "memory_budget_bytes": memory.budget if memory is not None else None,
+                       "wall_clock": time.time(), "time": 0.0})
         for name, point in points.items():
             total = jobs[name].total_steps
             line = (f"already finished {point.step}/{total} steps ({point.directory}); --fresh starts over"
@@ -321,10 +407,19 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
             release()
         manifests.poll()
 
+    def admitted(job: str) -> None:
+        metrics.write({"event": "admitted", "job": job, "time": time.perf_counter() - start})
+
+    cpu = device.type != "cuda"
     worker = StageWorker(stage, jobs, schedule, stage_index=env.rank, transport=transport, device=device,
                          on_step=on_step, after_action=after_action if is_rank0 else None,
                          after_step=StageSaver(cfg.output_dir, stage, env.rank, cfg.seed),
-                         on_failed=fail if is_rank0 else None)
+                         on_failed=fail if is_rank0 else None, on_start=admitted if is_rank0 else None,
+                         meter=SavedTensorMeter(list(stage.parameters()) + list(stage.buffers())) if cpu else None,
+                         static_bytes=static_bytes(stage) if cpu else 0)
+    if not cpu:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         worker.run()
         if sender is not None:
@@ -336,6 +431,13 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         wall = time.perf_counter() - start
         summary = _stage_summary(env.rank, worker.trace, wall)
         summary["bytes_sent"] = transport.bytes_sent if transport is not None else 0
+        if memory is not None:
+            if cpu:
+                measured, method = worker.peak_bytes, "tensor bytes held (weights, gradients, optimizer state, saved activations)"
+            else:
+                measured, method = torch.cuda.max_memory_allocated(device), "cuda allocator peak"
+            summary["memory"] = memory.record(env.rank, measured, method)
+            summary["memory"]["process_peak_rss_bytes"] = process_peak_rss()
         slices = {name: {p: (a.cpu(), b.cpu()) for p, (a, b) in stage.adapter_state(name).items()} for name in jobs}
         gathered = [(slices, worker.trace, summary, worker.failures)]
         if env.world > 1:
@@ -365,11 +467,19 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         result.failed = {n: reason for n, (_, reason) in failed.items()}
         result.stage_stats = [s for _, _, s, _ in gathered]
         for stats in result.stage_stats:
+            memory_record = stats.pop("memory", None)
             metrics.write(stats)
+            if memory_record is not None:
+                metrics.write(memory_record)
+                print(f"memory: stage {memory_record['rank']}: predicted peak "
+                      f"{human_bytes(memory_record['predicted_peak_bytes'])}, measured "
+                      f"{human_bytes(memory_record['measured_peak_bytes'])}"
+                      + (f" (budget {human_bytes(memory.budget)})" if memory.budget else ""), flush=True)
         if profiled is not None:
             busy = [stats["busy_s"] for stats in result.stage_stats]
             metrics.write(profiled.record(busy))
             print(compare(profiled, busy), flush=True)
+        metrics.write({"event": "done", "time": time.perf_counter() - start})
         metrics.close()
         write_trace(cfg.output_dir / "trace.json", [t for _, t, _, _ in gathered])
     return result

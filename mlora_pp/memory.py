@@ -1,0 +1,320 @@
+"""Memory per stage: a model fitted at start-up, the budget, and admission by predicted peak.
+
+A stage's memory at any moment is what it holds for good (frozen weights, buffers, every job's
+LoRA weights: `static`), the state of each running job (its gradients and AdamW moments: `job`,
+from its first backward to its last optimizer step, freed after that), and the activations that
+autograd keeps for each micro-batch forwarded but not yet backwarded. mLoRA's form for those is
+b1·T + b2·T·L per micro-batch (T padded tokens, L its padded length: the T·L term is attention
+scores kept per row, which fused SDPA kernels never store, so it fits near zero there). So
+
+    peak(stage) = static + sum(job[j] for running j) + in_flight * (b1·T + b2·T·L)
+
+with T, L of the largest micro-batch the running jobs can form and `in_flight` the schedule's
+bound. `static` and `job` are counted from the tensors themselves (parameters, and 3 copies of
+each job's LoRA matrices: gradient, exp_avg, exp_avg_sq); b1 and b2 are fitted by least squares
+(non-negative) to a few probe micro-batches of the run's own shapes, measured on this stage.
+
+Measured, for comparison: on CUDA the allocator's peak over the run
+(`torch.cuda.max_memory_allocated`); on CPU, which keeps no allocator statistics, the peak of
+the bytes the stage's tensors hold (weights, gradients, optimizer state and the storages autograd
+saves for backward, counted by a saved-tensor hook), sampled after every action: the same terms
+the model predicts, counted rather than predicted, without the allocator's transient workspace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from mlora_pp.config import budget_spec
+from mlora_pp.schedule import JobSteps, MicroBatch, Schedule, group_jobs
+
+PROBES = 4
+"""Probe micro-batches per stage (distinct shapes of the run, smallest to largest)."""
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """One stage's predicted memory (see the module docstring); bytes."""
+
+    stage: int
+    static: int
+    per_token: float  # b1
+    per_token_length: float  # b2
+    job: dict[str, int] = field(default_factory=dict)
+    samples: tuple[tuple[int, int, int], ...] = ()
+    """The probes it was fitted to: (padded tokens, padded length, bytes)."""
+
+    def activation(self, tokens: int, length: int) -> float:
+        """Bytes autograd keeps for one micro-batch of `tokens` padded tokens, `length` long."""
+        return self.per_token * tokens + self.per_token_length * tokens * length
+
+    def peak(self, running: Iterable[str], in_flight: int, tokens: int, length: int) -> float:
+        return self.static + sum(self.job[j] for j in running) + in_flight * self.activation(tokens, length)
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def fit_activation(samples: Sequence[tuple[int, int, int]]) -> tuple[float, float]:
+    """Non-negative least squares of bytes = b1·T + b2·T·L over (T, L, bytes) samples."""
+    xs = [(float(t), float(t) * l, float(b)) for t, l, b in samples]
+    s11 = sum(a * a for a, _, _ in xs)
+    s12 = sum(a * c for a, c, _ in xs)
+    s22 = sum(c * c for _, c, _ in xs)
+    y1 = sum(a * y for a, _, y in xs)
+    y2 = sum(c * y for _, c, y in xs)
+    det = s11 * s22 - s12 * s12
+    if det > 1e-9 * s11 * s22:
+        b1, b2 = (y1 * s22 - y2 * s12) / det, (y2 * s11 - y1 * s12) / det
+        if b1 >= 0 and b2 >= 0:
+            return b1, b2
+    # one term alone: the better of the two (lengths that never vary leave only b1)
+    options = [(y1 / s11 if s11 else 0.0, 0.0), (0.0, y2 / s22 if s22 else 0.0)]
+
+    def residual(b: tuple[float, float]) -> float:
+        return sum((y - b[0] * a - b[1] * c) ** 2 for a, c, y in xs)
+
+    b1, b2 = min(options, key=residual)
+    return max(b1, 0.0), max(b2, 0.0)
+
+
+def micro_shape(mb: MicroBatch) -> tuple[int, int]:
+    """(padded tokens, padded length) of a micro-batch as the runtime lays it out."""
+    longest = max((p.tokens / p.rows for p in mb.parts if p.rows), default=0.0)
+    length = int(round(longest))
+    return mb.rows * length, length
+
+
+def largest_micro(jobs: Sequence[JobSteps], running: Iterable[str], num_stages: int, policy: str, fuse: bool
+                  ) -> tuple[int, int]:
+    """(tokens, length) bounding every micro-batch the `running` jobs can form: per lora stream,
+    the running members' largest rows summed, padded to their longest row; else one job's largest."""
+    running = set(running)
+    if policy == "lora" and fuse:
+        groups = group_jobs(jobs, num_stages, fuse)
+    else:
+        groups = [[j] for j in jobs if j.steps]
+    best = (0, 0)
+    for group in groups:
+        members = [j for j in group if j.name in running]
+        if not members:
+            continue
+        rows = sum(max(r for micros in j.micro_batches for r, _ in micros) for j in members)
+        length = max(math.ceil(t / r) for j in members for micros in j.micro_batches for r, t in micros if r)
+        best = max(best, (rows * length, length))
+    return best
+
+
+def admission_check(models: Sequence[MemoryModel], jobs: Sequence[JobSteps], budget: float, in_flight: int,
+                    policy: str, fuse: bool) -> Callable[[frozenset[str]], bool]:
+    """Whether a set of running jobs keeps every stage's predicted peak within `budget` (pure)."""
+    num_stages = len(models)
+
+    def fits(running: frozenset[str]) -> bool:
+        tokens, length = largest_micro(jobs, running, num_stages, policy, fuse)
+        return all(m.peak(running, in_flight, tokens, length) <= budget for m in models)
+
+    return fits
+
+
+def predicted_peak(model: MemoryModel, schedule: Schedule, stage: int) -> float:
+    """The model's peak over this stage's actions, in order: running jobs (first forward to last
+    optimizer step here) and the micro-batches in flight after each action."""
+    by_id = {mb.id: mb for mb in schedule.micro_batches}
+    last = {}
+    for mb in schedule.micro_batches:
+        for p in mb.parts:
+            last[p.job] = max(last.get(p.job, -1), p.step)
+    running: set[str] = set()
+    in_flight: dict[int, float] = {}
+    peak = float(model.static)
+    for action in schedule.stages[stage]:
+        if action.kind == "F":
+            mb = by_id[action.micro_batch]
+            running.update(mb.jobs)
+            in_flight[mb.id] = model.activation(*micro_shape(mb))
+        elif action.kind == "B":
+            in_flight.pop(action.micro_batch)
+        peak = max(peak, model.static + sum(model.job[j] for j in running) + sum(in_flight.values()))
+        if action.kind == "S" and action.step == last[action.job]:
+            running.discard(action.job)
+    return peak
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def probe_micro_batches(schedule: Schedule, count: int = PROBES) -> list[MicroBatch]:
+    """Up to `count` micro-batches of the run's distinct shapes, spread from smallest to largest."""
+    shapes: dict[tuple[int, int], MicroBatch] = {}
+    for mb in schedule.micro_batches:
+        shapes.setdefault(micro_shape(mb), mb)
+    ordered = [shapes[k] for k in sorted(shapes)]
+    if len(ordered) <= count:
+        return ordered
+    picks = sorted({round(i * (len(ordered) - 1) / (count - 1)) for i in range(count)})
+    return [ordered[i] for i in picks]
+
+
+def probe(worker, micro_batches: Sequence[MicroBatch]) -> list[tuple[int, int, int]]:
+    """(padded tokens, length, bytes) of each probe micro-batch's forward + backward on this stage:
+    the allocator's peak above the start on CUDA, the storages autograd saved on CPU. Input
+    activations of later stages are random (only their shape matters); gradients are cleared."""
+    stage, device = worker.stage, worker.device
+    cuda = device.type == "cuda"
+    meter = SavedTensorMeter(list(stage.parameters()) + list(stage.buffers()))
+    generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG as training expects it
+    samples = []
+    for mb in micro_batches:
+        input_ids, labels, batch = worker.inputs(mb)
+        if worker.is_first:
+            x = input_ids
+        else:
+            shape = worker.activation_shape(mb)
+            x = torch.randn(shape, generator=generator, device=device, dtype=stage.dtype).requires_grad_(True)
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        with meter.measure() as held:
+            out, total, _ = worker._compute(mb, x, labels, batch)
+        if worker.is_last:
+            total.backward()
+        else:
+            torch.autograd.backward(out, torch.randn(out.shape, generator=generator, device=device, dtype=out.dtype))
+        if cuda:
+            torch.cuda.synchronize(device)
+            measured = torch.cuda.max_memory_allocated(device) - base
+        else:
+            measured = held[0]
+        samples.append((input_ids.numel(), input_ids.shape[1], int(measured)))
+        del out, total, x
+    for name in worker.jobs:
+        for param in stage.adapter_parameters(name):
+            param.grad = None
+    return samples
+
+
+def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> MemoryModel:
+    """This stage's `MemoryModel`: counted static and job bytes, activations fitted to probes."""
+    samples = probe(worker, micro_batches)
+    b1, b2 = fit_activation(samples)
+    stage = worker.stage
+    job = {name: job_state_bytes(stage.adapter_parameters(name), stage.dtype) for name in worker.jobs}
+    if worker.device.type == "cuda":  # all the allocator holds between micro-batches (caches included)
+        torch.cuda.synchronize(worker.device)
+        static = torch.cuda.memory_allocated(worker.device)
+    else:
+        static = static_bytes(stage)
+    return MemoryModel(stage_index, static, b1, b2, job, tuple(samples))
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors`."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # no storage (meta, some subclasses)
+            continue
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def static_bytes(stage: torch.nn.Module) -> int:
+    return tensor_bytes(list(stage.parameters()) + list(stage.buffers()))
+
+
+def job_state_bytes(params: Sequence[torch.nn.Parameter], compute_dtype: torch.dtype) -> int:
+    """A running job's gradients and AdamW moments on this stage, plus the operator's cast of its
+    weights when it computes in another dtype."""
+    total = 0
+    for p in params:
+        total += 3 * p.numel() * p.element_size()
+        if p.dtype != compute_dtype:
+            total += p.numel() * torch.empty((), dtype=compute_dtype).element_size()
+    return total
+
+
+class SavedTensorMeter:
+    """Counts the new storages autograd saves for backward inside `measure()` (weights excluded)."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor]):
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[list[int]]:
+        seen: set[int] = set()
+        total = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                return t
+            ptr = storage.data_ptr()
+            if ptr not in seen and ptr not in self.exclude:
+                seen.add(ptr)
+                total[0] += storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield total
+
+
+def live_job_bytes(jobs: Iterable) -> int:
+    """Gradients and optimizer state the jobs hold right now on this stage (counted)."""
+    tensors: list[torch.Tensor] = []
+    for job in jobs:
+        if job.optimizer is None:
+            continue
+        for group in job.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    tensors.append(p.grad)
+                state = job.optimizer.state.get(p)
+                if state:
+                    tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return tensor_bytes(tensors)
+
+
+def process_peak_rss() -> int:
+    """The process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def device_capacity(device: torch.device) -> int:
+    """What a fractional budget is a fraction of: the GPU's memory, or on CPU the process's limit
+    (the lowest of physical memory, the cgroup's memory.max and RLIMIT_AS)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    try:
+        text = open("/sys/fs/cgroup/memory.max").read().strip()
+        if text != "max":
+            limits.append(int(text))
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    return min(limits)
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def budget_bytes(value: float | str, device: torch.device) -> int:
+    kind, amount = budget_spec(value)
+    return int(amount) if kind == "bytes" else int(amount * device_capacity(device))

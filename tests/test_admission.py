@@ -1,0 +1,217 @@
+"""Admission: which jobs run at once (a memory budget), and who goes first (fifo, priority,
+shortest-first). Pure schedule properties are checked on the simulator's timeline; the memory
+model's fit on exact synthetic data; a 2-stage run under a budget that fits one job at a time
+against the same run without a budget."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from test_pipeline import torchrun
+from test_training import JOBS, make_raw, write_dataset
+from test_checkpoint import assert_same
+
+from mlora_pp.config import LORA_TARGETS, ConfigError, parse_config
+from mlora_pp.memory import MemoryModel, admission_check, fit_activation, largest_micro, predicted_peak
+from mlora_pp.schedule import JobSteps, ScheduleError, admission, build_schedule
+from mlora_pp.sim import simulate
+from mlora_pp.tiny import make_tiny_model
+from mlora_pp.training import load_tokenizer, prepare_jobs
+
+
+def equal_jobs(count: int, steps: int = 3, micros: int = 2) -> list[JobSteps]:
+    return [JobSteps(f"j{i}", tuple(((2, 40),) * micros for _ in range(steps))) for i in range(count)]
+
+
+MIXED = [JobSteps(f"m{i}", tuple(((2, 40),) * 2 for _ in range(n))) for i, n in enumerate([8, 2, 6, 1, 4])]
+
+
+def intervals(schedule, stage: int) -> dict[str, tuple[float, float]]:
+    """Per job, on one stage: start of its first forward to the end of its last optimizer step."""
+    timeline = simulate(schedule)
+    jobs_of = {mb.id: mb.jobs for mb in schedule.micro_batches}
+    spans: dict[str, list[float]] = {}
+    for timed in timeline.stages[stage]:
+        names = jobs_of[timed.action.micro_batch] if timed.action.kind != "S" else (timed.action.job,)
+        for name in names:
+            span = spans.setdefault(name, [math.inf, -math.inf])
+            span[0] = min(span[0], timed.start)
+            if timed.action.kind == "S":
+                span[1] = max(span[1], timed.end)
+    return {name: (a, b) for name, (a, b) in spans.items()}
+
+
+def completion(schedule) -> dict[str, float]:
+    """When each job's last optimizer step ends on its last stage to finish it."""
+    done: dict[str, float] = {}
+    for stage in simulate(schedule).stages:
+        for timed in stage:
+            if timed.action.kind == "S":
+                done[timed.action.job] = max(done.get(timed.action.job, 0.0), timed.end)
+    return done
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_fifo_without_a_budget_is_the_plain_schedule(stages):
+    jobs = equal_jobs(4)
+    assert build_schedule(jobs, stages, admission=admission(jobs, "fifo")) == build_schedule(jobs, stages)
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+@pytest.mark.parametrize("policy", ["fifo", "priority", "shortest-first"])
+def test_running_jobs_never_exceed_what_fits_and_none_overtakes(stages, policy):
+    jobs = MIXED
+    order = admission(jobs, policy, {"m3": 2, "m1": 1}, fits=lambda running: len(running) <= 2)
+    schedule = build_schedule(jobs, stages, "lora", admission=order)
+    for stage in range(stages):
+        spans = intervals(schedule, stage)
+        assert set(spans) == {j.name for j in jobs}
+        for name, (start, _) in spans.items():  # at any job's start, at most 2 jobs are running
+            assert sum(1 for a, b in spans.values() if a <= start < b) <= 2, (stage, name)
+    starts = intervals(schedule, 0)
+    firsts = [starts[name][0] for name in order.order]  # jobs admitted together start together (fused)
+    assert firsts == sorted(firsts)
+
+
+def test_priority_orders_completion_and_shortest_first_lowers_mean_completion():
+    jobs = equal_jobs(4, steps=4)
+    for stages in (2, 3, 4):
+        done = completion(build_schedule(jobs, stages, admission=admission(jobs, "priority", {"j1": 5, "j3": 3, "j2": 1})))
+        assert sorted(done, key=done.get) == ["j1", "j3", "j2", "j0"], stages
+    for stages in (2, 3, 4):
+        mean = {policy: sum(completion(build_schedule(MIXED, stages, admission=admission(MIXED, policy))).values())
+                for policy in ("fifo", "shortest-first")}
+        assert mean["shortest-first"] < 0.9 * mean["fifo"], (stages, mean)
+
+
+@pytest.mark.parametrize("policy", ["gpipe", "1f1b"])
+def test_flush_schedules_run_jobs_in_admission_order(policy):
+    order = admission(MIXED, "shortest-first")
+    assert order.order == ("m3", "m1", "m4", "m2", "m0")
+    schedule = build_schedule(MIXED, 2, policy, admission=order)
+    seen = []
+    for mb in schedule.micro_batches:
+        if mb.parts[0].job not in seen:
+            seen.append(mb.parts[0].job)
+    assert tuple(seen) == order.order
+
+
+def test_a_job_that_does_not_fit_alone_is_refused():
+    jobs = equal_jobs(3)
+    with pytest.raises(ScheduleError, match="'j1' does not fit on its own"):
+        build_schedule(jobs, 2, admission=admission(jobs, "fifo", fits=lambda running: "j1" not in running))
+    with pytest.raises(ScheduleError, match="'j1' does not fit on its own"):
+        build_schedule(jobs, 2, "1f1b", admission=admission(jobs, "fifo", fits=lambda running: "j1" not in running))
+
+
+def test_activation_fit_recovers_exact_coefficients_and_stays_non_negative():
+    samples = [(t, l, int(3000 * t + 7 * t * l)) for t, l in [(64, 16), (128, 64), (96, 24), (256, 32)]]
+    b1, b2 = fit_activation(samples)
+    assert b1 == pytest.approx(3000, rel=1e-6) and b2 == pytest.approx(7, rel=1e-6)
+    same_length = [(t, 32, 5000 * t) for t in (64, 128, 256)]  # L never varies: b2 cannot be told apart
+    assert fit_activation(same_length) == pytest.approx((5000, 0.0))
+    falling = [(64, 16, 10_000), (128, 64, 9_000)]  # bytes falling with T·L: no negative coefficient
+    b1, b2 = fit_activation(falling)
+    assert b1 >= 0 and b2 >= 0
+
+
+def test_admission_check_and_predicted_peak_follow_the_model():
+    jobs = equal_jobs(3)
+    model = MemoryModel(0, static=1000, per_token=10.0, per_token_length=0.0, job={"j0": 100, "j1": 100, "j2": 100})
+    assert largest_micro(jobs, {"j0", "j1"}, 2, "lora", True) == (40, 20)  # 3 jobs on 2 stages: not fused
+    # 2 in flight of 40 tokens: 1000 + 100 per job + 2 * 400
+    two_stages = [model, MemoryModel(1, 1000, 10.0, 0.0, model.job)]
+    fits = admission_check(two_stages, jobs, budget=1000 + 200 + 800, in_flight=2, policy="lora", fuse=True)
+    assert fits(frozenset({"j0", "j1"})) and not fits(frozenset({"j0", "j1", "j2"}))
+    schedule = build_schedule(jobs, 2, max_in_flight=2, admission=admission(jobs, "fifo", fits=fits))
+    for stage in range(2):
+        assert predicted_peak(model, schedule, stage) <= 2000
+
+
+# -------------------------------------------------------------------------------- a real run, 2 stages
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("admit")
+    model = make_tiny_model(root / "model", layers=4, seed=7)
+    data = {job["name"]: write_dataset(root / f"{job['name']}.jsonl", seed=i) for i, job in enumerate(JOBS)}
+    return root, model, data
+
+
+BIG_JOBS = [dict(job, rank=64, alpha=64, target_modules=list(LORA_TARGETS)) for job in JOBS]
+"""Adapters whose gradients and AdamW state outweigh the activations: admission decides by them."""
+
+
+def run(workspace, out: str, **pipeline):
+    raw = make_raw(workspace, BIG_JOBS, out, **{"schedule": "lora", "timeout_s": 30, **pipeline})
+    path = workspace[0] / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = torchrun(2, path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in (workspace[0] / out / "metrics.jsonl").read_text().splitlines()]
+    return proc, records
+
+
+def test_a_budget_for_one_job_at_a_time_finishes_every_job_within_it(workspace):
+    """The unbudgeted run's fitted models give each job's predicted peak alone; a budget just above
+    the largest of those admits one job at a time. Every job still finishes, equal to the unbudgeted
+    run (rows of different jobs never mix), and every stage's measured peak stays under the budget."""
+    _, free = run(workspace, "free")
+    models = [MemoryModel(**r["model"]) for r in sorted((r for r in free if r.get("event") == "memory"),
+                                                         key=lambda r: r["rank"])]
+    assert len(models) == 2
+    cfg = parse_config(make_raw(workspace, BIG_JOBS, "free", schedule="lora"), "test.yaml")
+    steps = [j.job_steps() for j in prepare_jobs(cfg, load_tokenizer(workspace[1])).values()]
+    names = [j.name for j in steps]
+
+    def peak(running: set[str]) -> float:
+        return max(m.peak(running, 2, *largest_micro(steps, running, 2, "lora", True)) for m in models)
+
+    budget = int(max(peak({name}) for name in names) * 1.02)
+    assert all(peak({a, b}) > budget for a in names for b in names if a != b), "the budget must bind"
+    _, records = run(workspace, "budget", memory_budget=budget)
+
+    memory = [r for r in records if r.get("event") == "memory"]
+    assert len(memory) == 2
+    for r in memory:
+        assert r["budget_bytes"] == budget
+        assert r["predicted_peak_bytes"] <= budget
+        assert r["measured_peak_bytes"] <= budget, r
+    finished = {r["job"]: r["step"] for r in records if "loss" in r}
+    assert finished == {j.name: j.steps for j in steps}
+    # one job at a time: rank 0 admits each job after the previous one's last step there
+    admitted = [r for r in records if r.get("event") == "admitted"]
+    assert [r["job"] for r in admitted] == names
+    last_record = {r["job"]: r["time"] for r in records if "loss" in r}
+    for before, after in zip(admitted, admitted[1:]):
+        assert after["time"] >= last_record[before["job"]] - 1.0, (before, after)  # records are held until then
+    assert_same(workspace[0] / "budget", workspace[0] / "free", tol=1e-5)
+
+
+def test_a_budget_no_job_fits_is_refused_before_training(workspace):
+    raw = make_raw(workspace, JOBS, "tiny-budget", schedule="lora", timeout_s=30, memory_budget="64KiB")
+    path = workspace[0] / "tiny-budget.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = torchrun(2, path)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error")]
+    # both ranks decide alike; torchrun may stop the second before it prints (test_bad_input checks both)
+    assert 1 <= len(lines) <= 2 and len(set(lines)) == 1, lines
+    assert f"{path}: pipeline.memory_budget: job 'beta' alone needs about" in lines[0], lines
+    assert "more than the budget of 64.0 KiB" in lines[0], lines
+    assert not (workspace[0] / "tiny-budget" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("12 parsecs", "expected bytes"), (-1, "must be positive"), ("0.5B", "at least 1 byte")])
+def test_memory_budget_is_validated(workspace, value, message):
+    raw = make_raw(workspace, JOBS, "x", memory_budget=value)
+    with pytest.raises(ConfigError, match=rf"pipeline\.memory_budget: .*{message}"):
+        parse_config(raw, "test.yaml")
+    with pytest.raises(ConfigError, match=r"pipeline\.admission: must be one of fifo, priority, shortest-first"):
+        parse_config(make_raw(workspace, JOBS, "x", admission="lifo"), "test.yaml")

@@ -3,7 +3,9 @@
 Bad input ends with one line naming the file and field, exit code 2, no traceback (``--debug``
 shows it). A lost rank or a failed write (disk full, read-only) ends with one line and exit code 1.
 Jobs resume from their checkpoints in output_dir; ``--fresh`` deletes those and starts over.
-``python -m launcher status OUTPUT_DIR [--watch SECONDS | --json]`` shows a run's jobs (mlora_pp.status).
+``python -m launcher status OUTPUT_DIR [--watch SECONDS | --json]`` shows a run's jobs (mlora_pp.status);
+``python -m launcher submit OUTPUT_DIR JOB.yaml`` and ``cancel OUTPUT_DIR NAME`` change a running run
+(mlora_pp.control).
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         from mlora_pp.status import main as status_main
 
         return status_main(argv[1:])
+    if argv[:1] in (["submit"], ["cancel"]):  # a job added to or stopped in a running run
+        from mlora_pp.control import cancel_main, submit_main
+
+        return (submit_main if argv[0] == "submit" else cancel_main)(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m launcher", description="Train many LoRA adapters at once.")
     parser.add_argument("config", help="run config (YAML)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
@@ -74,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: rank {os.environ.get('RANK', '0')}: {where}{exc.strerror or exc}", file=sys.stderr, flush=True)
         return EXIT_PIPELINE_FAILED
     for name, path in result.adapters.items():
+        if name in result.cancelled and name not in result.failed:
+            print(f"{name}: cancelled after {result.cancelled[name]} steps -> {path}")
+            continue
         if name in result.failed:
             print(f"{name}: FAILED ({result.failed[name]}); its last good checkpoint -> {path}")
             continue

@@ -258,6 +258,21 @@ class ManifestWriter:
             for name, job in jobs.items()
         }
 
+    def add(self, job: AdapterJob, fields: dict) -> None:
+        """A job submitted mid-run: its checkpoints get manifests like the others'."""
+        self.fields[job.name] = fields
+        self.pending[job.name] = deque(s for s in range(job.steps_done + 1, job.total_steps + 1)
+                                       if due(job.config, s, job.total_steps))
+
+    def cancel(self, job: str, steps_done: int, saved: bool) -> None:
+        """`job` was cancelled after `steps_done` steps: no later manifest; `saved`: every stage wrote
+        a part at `steps_done` (the job's last adapter) that needs its manifest."""
+        steps = self.pending[job]
+        while steps and steps[-1] > steps_done:
+            steps.pop()
+        if saved and (not steps or steps[-1] < steps_done):
+            steps.append(steps_done)
+
     def fail(self, job: str, good_steps: int) -> None:
         """`job` failed after `good_steps` good steps: no manifest for any later step."""
         steps = self.pending[job]

@@ -113,6 +113,14 @@ class ProgressBoard:
                 flush=True,
             )
 
+    def add(self, job: str, total_steps: int) -> None:
+        """A job submitted while the run goes on."""
+        self.jobs[job] = JobProgress(job, total_steps, started=time.perf_counter())
+        if self._live is not None:
+            self._live.update(self._table())
+        else:
+            print(f"[{job}] submitted ({total_steps} steps)", file=self.stream, flush=True)
+
     def resume(self, job: str, step: int) -> None:
         """`job` resumes after `step` steps done by an earlier run."""
         progress = self.jobs[job]

@@ -21,18 +21,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from mlora_pp.data import IGNORE_INDEX, collate
 from mlora_pp.faults import Fault
-from mlora_pp.memory import SavedTensorMeter, live_job_bytes
 from mlora_pp.job import AdapterJob
 from mlora_pp.lora import LoRABatch, LoRASegment
+from mlora_pp.memory import SavedTensorMeter, live_job_bytes
 from mlora_pp.model import StageModel
-from mlora_pp.schedule import Action, MicroBatch, Schedule
+from mlora_pp.schedule import Action, MicroBatch, Schedule, cut_actions
 from mlora_pp.transport import ACTIVATION, GRADIENT, StageTransport
 
 
@@ -91,6 +91,8 @@ class StageWorker:
     are not finite (it checks them before saving), which fails the job."""
     on_failed: Callable[[str, int, str], None] | None = None
     """(job, good steps done, reason) when this stage fails a job."""
+    replan: Any = None
+    """`mlora_pp.replan.Replanner`: decision points, rank 0's decisions, the next plan (None: one plan)."""
     on_start: Callable[[str], None] | None = None
     """(job) at the job's first forward on this stage."""
     meter: SavedTensorMeter | None = None
@@ -136,13 +138,16 @@ class StageWorker:
         rows = [ex for part in mb.parts for ex in self.jobs[part.job].rows(part.step, part.micro)]
         return (len(rows), max(len(ex.input_ids) for ex in rows), self.stage.config.hidden_size)
 
-    def prefetch(self, expected: list[tuple[int, int, int]], done: int, posted: int, depth: int = 2) -> int:
+    def prefetch(self, expected: list[tuple[int, int, int]], done: int, posted: int, depth: int = 2,
+                 limit: int | None = None) -> int:
         """Post receives of `expected` ((peer, kind, micro-batch), in schedule order) until `depth`
-        are outstanding beyond the `done` already consumed; returns the new count posted. Each
-        receive is posted exactly once, in the order the peer sends."""
+        are outstanding beyond the `done` already consumed, and only of micro-batches below `limit`;
+        returns the new count posted. Each receive is posted exactly once, in the order the peer sends."""
         assert self.transport is not None
         while posted < min(len(expected), done + depth):
             peer, kind, mb_id = expected[posted]
+            if limit is not None and mb_id >= limit:
+                break
             mb = self.schedule.micro_batches[mb_id]
             self.transport.post(peer, kind, mb_id, self.activation_shape(mb), self.stage.dtype)
             posted += 1
@@ -277,8 +282,29 @@ class StageWorker:
             self.after_action()
 
     def run(self) -> None:
+        """Run this stage's actions; with `replan`, switch plans where rank 0 decides to (every rank
+        at the same micro-batch: the old plan's work below it is finished, then the new plan runs)."""
         fault = Fault.from_environ()
-        actions = list(self.schedule.stages[self.stage_index])
+        count = 0  # actions run so far, over every plan (fault injection indexes them)
+        while True:
+            actions = list(self.schedule.stages[self.stage_index])
+            points = [] if self.replan is None else self.replan.points(self.schedule)
+            count, cut = self._execute(actions, fault, count, points)
+            if cut is None:
+                break
+            position, point, change = cut
+            tail = cut_actions(self.schedule, self.stage_index, position, point)
+            count, _ = self._execute(tail, fault, count, [])
+            self.schedule = self.replan.apply(change, self.schedule, point)
+            self._started.clear()
+        if self.transport is not None:
+            self.transport.flush()
+
+    def _execute(self, actions: list[Action], fault: Fault | None, count: int, points: list[int]
+                 ) -> tuple[int, tuple[int, int, Any] | None]:
+        """Run `actions` in order; at each decision point (a micro-batch id in `points`), before its
+        forward, ask `replan`; a change stops here and returns (position, point, change). Receives are
+        posted ahead only below the next undecided point, so none can match a message of a new plan."""
         streams: list[list[tuple[int, int, int]]] = []  # expected receives: activations, gradients
         if self.transport is not None:
             if not self.is_first:
@@ -288,14 +314,26 @@ class StageWorker:
         kind_of = {ACTIVATION: "F", GRADIENT: "B"}
         done = [0] * len(streams)
         posted = [0] * len(streams)
+        pending = sorted(points)
         for index, action in enumerate(actions):
+            if pending and action.kind == "F" and action.micro_batch == pending[0]:
+                point = pending.pop(0)
+                change = self.replan.decide(point)
+                if change:
+                    return count, (index, point, change)
             if fault is not None:
-                fault.maybe_fire(self.stage_index, index)
+                fault.maybe_fire(self.stage_index, count)
+            limit = pending[0] if pending else None
             for k, stream in enumerate(streams):
-                posted[k] = self.prefetch(stream, done[k], posted[k])
+                posted[k] = self.prefetch(stream, done[k], posted[k], limit=limit)
             self.run_action(action)
+            count += 1
             for k, stream in enumerate(streams):
                 if done[k] < len(stream) and action.kind == kind_of[stream[done[k]][1]]:
                     done[k] += 1
-        if self.transport is not None:
-            self.transport.flush()
+        if pending:  # the plan's end (its micro-batch count) is a decision point too
+            point = pending.pop(0)
+            change = self.replan.decide(point)
+            if change:
+                return count, (len(actions), point, change)
+        return count, None

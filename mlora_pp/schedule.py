@@ -89,6 +89,9 @@ class JobSteps:
     first_step: int = 0
     """Absolute index of the first step listed: a resumed job schedules only its remaining steps, and
     its parts and `S` actions keep absolute step numbers (dropout keys and the learning rate use them)."""
+    first_micro: int = 0
+    """Index of the first listed micro-batch within the first step: a plan changed mid-run (`cut`)
+    continues a step whose first micro-batches already ran (their gradients are accumulated)."""
 
     @property
     def steps(self) -> int:
@@ -288,8 +291,9 @@ def _parts(job: JobSteps) -> list[MicroBatchPart]:
     """A job's micro-batches, in training order."""
     out: list[MicroBatchPart] = []
     for step, micros in enumerate(job.micro_batches, start=job.first_step):
-        for micro, (rows, tokens) in enumerate(micros):
-            out.append(MicroBatchPart(job.name, step, micro, micro == len(micros) - 1, rows, tokens))
+        offset = job.first_micro if step == job.first_step else 0
+        for micro, (rows, tokens) in enumerate(micros, start=offset):
+            out.append(MicroBatchPart(job.name, step, micro, micro == offset + len(micros) - 1, rows, tokens))
     return out
 
 
@@ -720,6 +724,41 @@ def build_schedule(
         )
     validate(schedule)
     return schedule
+
+
+def cut_actions(schedule: Schedule, stage: int, position: int, cut: int) -> list[Action]:
+    """What stage `stage` still runs of `schedule` when the plan changes at micro-batch `cut`
+    (stage 0 has forwarded exactly the micro-batches below `cut`), from action `position` on:
+    the forwards and backwards of micro-batches below `cut`, and the optimizer steps of the steps
+    that lie wholly below it. Order is kept, and dropping actions only removes waits, so the cut
+    lists of all stages run without deadlock (the original ones do)."""
+    below: dict[tuple[str, int], bool] = {}
+    for mb in schedule.micro_batches:
+        for part in mb.parts:
+            key = (part.job, part.step)
+            below[key] = below.get(key, True) and mb.id < cut
+    return [a for a in schedule.stages[stage][position:]
+            if (a.kind == "S" and below[(a.job, a.step)]) or (a.kind != "S" and a.micro_batch < cut)]
+
+
+def remaining_steps(schedule: Schedule, cut: int) -> list[JobSteps]:
+    """Each job's parts at or after micro-batch `cut`, as `JobSteps` for the next plan (a step that
+    straddles the cut continues there with `first_micro`); jobs in order of first appearance."""
+    parts: dict[str, list[MicroBatchPart]] = {}
+    for mb in schedule.micro_batches[cut:]:
+        for part in mb.parts:
+            parts.setdefault(part.job, []).append(part)
+    out = []
+    for name, found in parts.items():
+        found.sort(key=lambda p: (p.step, p.micro))
+        steps: list[list[tuple[int, int]]] = []
+        for i, part in enumerate(found):
+            if i == 0 or part.step != found[i - 1].step:
+                steps.append([])
+            steps[-1].append((part.rows, part.tokens))
+        out.append(JobSteps(name, tuple(tuple(s) for s in steps), first_step=found[0].step,
+                            first_micro=found[0].micro))
+    return out
 
 
 def flush_bubble(num_stages: int, micros_per_step: int) -> float:

@@ -171,6 +171,11 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
             step = record.get("step")
             if isinstance(step, int):
                 job(name).step = step
+        elif event == "submitted" and isinstance(name, str):  # a job added while the run goes on
+            total = record.get("total_steps")
+            job(name).total = total if isinstance(total, int) else None
+            if run_jobs is not None and name not in run_jobs:
+                run_jobs.append(name)
         elif event == "admitted" and isinstance(name, str):
             if t is not None:
                 job(name).admitted = t

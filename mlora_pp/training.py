@@ -19,6 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,8 @@ from mlora_pp.checkpoint import (
     CheckpointError, ManifestWriter, ResumePlan, ResumePoint, StageSaver, check_space, check_writable,
     checkpoint_weights, clear_stale, newest_checkpoint, plan_resume, restore, write_file,
 )
-from mlora_pp.config import ConfigError, RunConfig
+from mlora_pp.config import ConfigError, RunConfig, parse_config
+from mlora_pp.control import CONTROL, ControlDir, PlanChannel, config_mapping
 from mlora_pp.data import DataError
 from mlora_pp.job import AdapterJob, load_job
 from mlora_pp.memory import (
@@ -41,6 +43,7 @@ from mlora_pp.peft_format import AdapterSpec, save_adapter
 from mlora_pp.preflight import agree, check_inputs, load_tokenizer, source  # noqa: F401 (load_tokenizer re-exported)
 from mlora_pp.profiling import ProfiledPlan, compare, describe, measure, profile_stages
 from mlora_pp.records import RecordInbox, RecordSender
+from mlora_pp.replan import Replanner
 from mlora_pp.runtime import StageWorker, StepRecord, TraceEvent
 from mlora_pp.schedule import Schedule, admission, build_schedule
 from mlora_pp.transport import PipelineError, StageTransport
@@ -58,6 +61,8 @@ class TrainResult:
     """Jobs that went non-finite: job -> reason (their adapter is their last good checkpoint)."""
     resumed: dict[str, int] = field(default_factory=dict)
     """Jobs resumed from a checkpoint: job -> its step."""
+    cancelled: dict[str, int] = field(default_factory=dict)
+    """Jobs cancelled (`launcher cancel`): job -> the steps it had finished."""
 
 
 @dataclass(frozen=True)
@@ -98,17 +103,27 @@ def attach_adapters(stage: StageModel, jobs: dict[str, AdapterJob], seed: int) -
         job.make_optimizer(stage.adapter_parameters(c.name))
 
 
-def save_adapters(weights: dict[str, dict], cfg: RunConfig, failed: dict[str, tuple[int, str]] | None = None
-                  ) -> dict[str, Path]:
+def save_adapters(weights: dict[str, dict], cfg: RunConfig, failed: dict[str, tuple[int, str]] | None = None,
+                  cancelled: dict[str, int] | None = None) -> dict[str, Path]:
     """Write each job's merged adapter (all stages' modules) in PEFT format.
 
     A failed job gets its last complete checkpoint's adapter instead (none if it failed before its
     first checkpoint) and a `failed.json` saying why; a stale `failed.json` of a good job is removed.
+    A cancelled job keeps the adapter of its last finished step (none if it had none) and gets a
+    `cancelled.json`.
     """
     out: dict[str, Path] = {}
     failed = failed or {}
+    cancelled = cancelled or {}
     for job in cfg.jobs:
         directory = cfg.output_dir / job.name
+        if job.name in cancelled and job.name not in failed:
+            note = {"job": job.name, "cancelled_after_steps": cancelled[job.name]}
+            write_file(directory / "cancelled.json", (json.dumps(note, indent=2) + "\n").encode(), 0)
+            if cancelled[job.name] == 0:
+                continue
+        else:
+            (directory / "cancelled.json").unlink(missing_ok=True)
         if job.name in failed:
             good, reason = failed[job.name]
             found = newest_checkpoint(cfg.output_dir, job.name)
@@ -170,11 +185,14 @@ class MemoryPlan:
     in_flight: int
     schedule: Schedule
 
-    def record(self, rank: int, measured: int, method: str) -> dict:
-        """The `metrics.jsonl` event of one stage: predicted against measured peak."""
+    def record(self, rank: int, measured: int, method: str, schedules: list[Schedule],
+               models: list[MemoryModel]) -> dict:
+        """The `metrics.jsonl` event of one stage: predicted (over every plan the run went through;
+        `models` include jobs submitted mid-run) against measured peak."""
+        predicted = max(predicted_peak(models[rank], schedule, rank) for schedule in schedules)
         return {"event": "memory", "rank": rank, "budget_bytes": self.budget, "in_flight": self.in_flight,
-                "predicted_peak_bytes": int(predicted_peak(self.models[rank], self.schedule, rank)),
-                "measured_peak_bytes": measured, "method": method, "model": self.models[rank].record()}
+                "predicted_peak_bytes": int(predicted), "measured_peak_bytes": measured, "method": method,
+                "model": models[rank].record()}
 
 
 def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str, AdapterJob],
@@ -255,6 +273,31 @@ def train(cfg: RunConfig, *, progress: bool | None = None, fresh: bool = False) 
             dist.destroy_process_group()
 
 
+def _accepted_changes(cfg: RunConfig, env: DistEnv, fresh: bool) -> dict[str, int]:
+    """Jobs submitted to an earlier run of this output_dir join `cfg.jobs` (as if in the file); jobs
+    cancelled there stay stopped: returns them with their steps then. Rank 0 reads, all ranks apply."""
+    found: tuple[list[dict], dict[str, int]] = ([], {})
+    if env.rank == 0:
+        control = ControlDir(cfg.output_dir)
+        if fresh:
+            (control.root / "accepted.jsonl").unlink(missing_ok=True)
+        elif control.root.is_dir():
+            found = control.accepted()
+    if env.world > 1 and dist.is_initialized():
+        box = [found]
+        try:
+            dist.broadcast_object_list(box, src=0)
+        except RuntimeError as exc:
+            raise PipelineError(f"rank {env.rank}: lost rank 0 while waiting for the submitted jobs ({exc})") from None
+        found = box[0]
+    submitted, cancelled = found
+    if submitted:
+        mapping = config_mapping(cfg)
+        mapping["jobs"] += submitted
+        cfg.jobs = parse_config(mapping, f"{source(cfg)} + {CONTROL}/accepted.jsonl").jobs
+    return cancelled
+
+
 def _share_resume_points(plan: ResumePlan | None, env: DistEnv) -> dict[str, ResumePoint]:
     """Rank 0's resume decision on every rank (so all ranks schedule the same remaining steps)."""
     if env.world == 1:
@@ -272,25 +315,26 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     torch.manual_seed(cfg.seed)
     model_dir = Path(cfg.model.path)
     where = source(cfg)
+    cancelled = _accepted_changes(cfg, env, fresh)  # jobs submitted mid-run join cfg.jobs here
 
-    def prepare() -> tuple[list[StageSpec], dict[str, AdapterJob], ResumePlan | None]:
+    def prepare() -> tuple[list[StageSpec], dict[str, AdapterJob], ResumePlan | None, Any]:
         checked = check_inputs(cfg, env.rank, env.world)
         check_writable(cfg, env.rank, where)  # every rank writes its own checkpoint parts
         jobs = prepare_jobs(cfg, checked.tokenizer)
         plan = plan_resume(cfg, fresh, where) if env.rank == 0 else None
-        return checked.specs, jobs, plan
+        return checked.specs, jobs, plan, checked.tokenizer
 
     # Bad input anywhere (a config that no longer fits its checkpoints included) ends every rank with
     # the same line, before any weight is read.
-    specs, jobs, plan = agree(env.rank, env.world, prepare)
+    specs, jobs, plan, tokenizer = agree(env.rank, env.world, prepare)
     if env.rank == 0:
         assert plan is not None
         clear_stale(cfg, plan, fresh)  # before any rank can write a part
     points = _share_resume_points(plan, env)
     for name, point in points.items():
         jobs[name].steps_done = point.step
-    schedule = build_schedule([j.job_steps() for j in jobs.values()], env.world, cfg.pipeline.schedule,
-                              cfg.pipeline.fuse)
+    schedule = build_schedule([j.job_steps() for j in jobs.values() if j.name not in cancelled], env.world,
+                              cfg.pipeline.schedule, cfg.pipeline.fuse)
     profiled: ProfiledPlan | None = None
     if cfg.pipeline.balance == "profile" and schedule.micro_batches:  # nothing left to train: keep the estimate
         profiled = profile_stages(
@@ -319,7 +363,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         schedule = memory.schedule
 
     is_rank0, last = env.rank == 0, env.world - 1
-    control = records = None
+    control = records = plans = None
     transport = None
     if env.world > 1:
         # Headers and the final merge (control), and step records (their own group, so a posted record
@@ -327,6 +371,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         timeout = datetime.timedelta(seconds=cfg.pipeline.timeout_s)
         control = dist.new_group(backend="gloo", timeout=timeout)
         records = dist.new_group(backend="gloo", timeout=timeout)
+        plans = dist.new_group(backend="gloo", timeout=timeout)
         transport = StageTransport(env.rank, cfg.pipeline.timeout_s, device, group=None, header_group=control)
 
     metrics = board = manifests = None
@@ -350,8 +395,24 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         board = ProgressBoard({name: j.total_steps for name, j in jobs.items()}, cfg.log_every, live=progress)
         for name, point in points.items():
             board.resume(name, point.step)
+        for name, step in cancelled.items():  # by `launcher cancel` in an earlier run: it stays stopped
+            board.mark(name, f"cancelled at step {step}")
+            metrics.write({"event": "cancelled", "job": name, "step": step, "time": 0.0})
         assert plan is not None
         manifests = ManifestWriter(cfg.output_dir, jobs, env.world, plan.fields, cfg.seed)
+        for name, step in cancelled.items():
+            manifests.cancel(name, step, saved=False)
+        ControlDir(cfg.output_dir).write_config(cfg)
+
+    def changed(event: str, fields: dict) -> None:
+        """Rank 0: a job submitted, cancelled or a request rejected mid-run."""
+        metrics.write({"event": event, **fields, "time": time.perf_counter() - start})
+        if event == "submitted":
+            board.add(fields["job"], fields["total_steps"])
+        elif event == "cancelled":
+            board.mark(fields["job"], f"cancelled at step {fields['step']}")
+        else:
+            print(f"request {fields['request']} rejected: {fields['reason']}", flush=True)
 
     def fail(job: str, good_steps: int, reason: str) -> None:
         """Rank 0: a job went non-finite on some stage; it stops alone (first report wins)."""
@@ -390,16 +451,16 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         held.append(record)
         release()
 
-    job_index = {name: i for i, name in enumerate(jobs)}
+    job_order = list(jobs)  # record index -> job; submitted jobs are appended on every rank alike
     inbox = sender = None
     if env.world == 1:
         on_step = deliver
     elif env.rank == last:
-        on_step = sender = RecordSender(job_index, records, env.rank)
+        on_step = sender = RecordSender(job_order, records, env.rank)
     else:
         on_step = None
     if env.world > 1 and is_rank0:
-        inbox = RecordInbox({n: j.total_steps - j.steps_done for n, j in jobs.items()}, last, records, hear)
+        inbox = RecordInbox(job_order, last, records, hear)
 
     def after_action() -> None:
         if inbox is not None:
@@ -417,13 +478,24 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
                          on_failed=fail if is_rank0 else None, on_start=admitted if is_rank0 else None,
                          meter=SavedTensorMeter(list(stage.parameters()) + list(stage.buffers())) if cpu else None,
                          static_bytes=static_bytes(stage) if cpu else 0)
+    replanner = Replanner(
+        cfg, env.rank, env.world, stage, jobs, tokenizer, worker.after_step,
+        layers_per_stage=[spec.last_layer - spec.first_layer for spec in specs],
+        models=memory.models if memory is not None else None, budget=memory.budget if memory is not None else None,
+        in_flight=memory.in_flight if memory is not None else env.world,
+        channel=PlanChannel(env.rank, env.world, plans, cfg.pipeline.timeout_s) if env.world > 1 else None,
+        control=ControlDir(cfg.output_dir) if is_rank0 else None, manifests=manifests,
+        on_change=changed if is_rank0 else None, job_order=job_order, cancelled=dict(cancelled))
+    worker.replan = replanner
     if not cpu:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     try:
         worker.run()
+        if replanner.channel is not None and is_rank0:
+            replanner.channel.flush()
         if sender is not None:
-            sender.flush(cfg.pipeline.timeout_s, env.rank)
+            sender.finish(cfg.pipeline.timeout_s, env.rank)
         if inbox is not None:
             inbox.drain(cfg.pipeline.timeout_s, env.rank)
             release()
@@ -436,7 +508,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
                 measured, method = worker.peak_bytes, "tensor bytes held (weights, gradients, optimizer state, saved activations)"
             else:
                 measured, method = torch.cuda.max_memory_allocated(device), "cuda allocator peak"
-            summary["memory"] = memory.record(env.rank, measured, method)
+            summary["memory"] = memory.record(env.rank, measured, method, replanner.schedules or [schedule],
+                                              replanner.models or memory.models)
             summary["memory"]["process_peak_rss_bytes"] = process_peak_rss()
         slices = {name: {p: (a.cpu(), b.cpu()) for p, (a, b) in stage.adapter_state(name).items()} for name in jobs}
         gathered = [(slices, worker.trace, summary, worker.failures)]
@@ -455,7 +528,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     finally:
         if board is not None:
             board.close()
-    steps = {n: failed[n][0] if n in failed else j.steps_done for n, j in jobs.items()}
+    steps = {n: failed[n][0] if n in failed else replanner.cancelled.get(n, j.steps_done) for n, j in jobs.items()}
     result = TrainResult({}, steps, final_loss, time.perf_counter() - start, schedule,
                          resumed={n: p.step for n, p in points.items()})
     if is_rank0:
@@ -463,7 +536,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         for slices, *_ in gathered:
             for name, weights in slices.items():
                 merged[name].update(weights)
-        result.adapters = save_adapters(merged, cfg, failed)
+        result.adapters = save_adapters(merged, cfg, failed, replanner.cancelled)
+        result.cancelled = dict(replanner.cancelled)
         result.failed = {n: reason for n, (_, reason) in failed.items()}
         result.stage_stats = [s for _, _, s, _ in gathered]
         for stats in result.stage_stats:

@@ -1,0 +1,280 @@
+"""Jobs submitted and cancelled while a run goes on: requests on disk, decisions broadcast by rank 0.
+
+``python -m launcher submit OUTPUT_DIR JOB.yaml`` and ``python -m launcher cancel OUTPUT_DIR NAME``
+write a request file under ``OUTPUT_DIR/control/requests/`` (atomically; the file name orders
+them). The run's rank 0 looks for requests at fixed micro-batch ids (every `PLAN_EVERY`-th one it
+injects, and the plan's end; a request that comes after the last look waits for the next run of
+this output_dir), validates each against the run's config exactly like a job of the config file, and
+broadcasts the accepted change to every rank (`PlanChannel`). Every rank then switches to a new
+plan at that same micro-batch (see `mlora_pp.schedule.cut_actions`). Each request ends in
+``control/done/`` with its outcome, and accepted changes are appended to ``control/accepted.jsonl``,
+so a restarted run still has the submitted jobs and leaves the cancelled ones alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from mlora_pp.config import ConfigError, RunConfig, parse_config
+from mlora_pp.durable import write_atomic
+from mlora_pp.transport import PipelineError
+
+PLAN_EVERY = 8
+"""Rank 0 looks for requests before injecting micro-batches PLAN_EVERY, 2*PLAN_EVERY, ... and at the end."""
+CONTROL = "control"
+EXIT_BAD_INPUT = 2
+
+
+@dataclass(frozen=True)
+class Change:
+    """What rank 0 accepted at one decision point: new jobs (their config mappings) and cancellations."""
+
+    submit: tuple[dict, ...] = ()
+    cancel: tuple[str, ...] = ()
+
+    def encode(self) -> bytes:
+        return json.dumps({"submit": list(self.submit), "cancel": list(self.cancel)}).encode()
+
+    @staticmethod
+    def decode(data: bytes) -> "Change":
+        raw = json.loads(data.decode())
+        return Change(tuple(raw["submit"]), tuple(raw["cancel"]))
+
+    def __bool__(self) -> bool:
+        return bool(self.submit or self.cancel)
+
+
+@dataclass(frozen=True)
+class Request:
+    path: Path
+    kind: str  # "submit" or "cancel"
+    body: dict
+
+
+def config_mapping(cfg: RunConfig) -> dict:
+    """The YAML mapping of a parsed config (paths as strings), to validate a submitted job against."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "source"}
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(cfg)
+
+
+@dataclass
+class ControlDir:
+    """`OUTPUT_DIR/control`: requests, their outcomes, the accepted log and the run's config."""
+
+    output_dir: Path
+    _seq: int = field(default=0, repr=False)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.output_dir) / CONTROL
+
+    def write_config(self, cfg: RunConfig) -> None:
+        """The run's current config (jobs submitted so far included): what `submit` validates against."""
+        write_atomic(self.root / "config.yaml", yaml.safe_dump(config_mapping(cfg)).encode())
+
+    def read_config(self) -> RunConfig:
+        path = self.root / "config.yaml"
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{self.output_dir}: not a run directory (no {CONTROL}/config.yaml; has the run started?)"
+                              ) from None
+        return parse_config(raw, path)
+
+    def request(self, kind: str, body: dict) -> Path:
+        path = self.root / "requests" / f"{time.time_ns():020d}-{os.getpid()}-{kind}.json"
+        write_atomic(path, json.dumps({"kind": kind, **body}).encode())
+        return path
+
+    def pending(self) -> list[Request]:
+        directory = self.root / "requests"
+        if not directory.is_dir():
+            return []
+        out = []
+        for path in sorted(directory.glob("*.json")):
+            try:
+                body = json.loads(path.read_text())
+            except (OSError, ValueError):  # half-visible or broken: answered as rejected
+                body = {"kind": "broken"}
+            out.append(Request(path, str(body.pop("kind", "broken")), body))
+        return out
+
+    def finish(self, request: Request, outcome: str) -> None:
+        """Move a request to control/done with its outcome (accepted, or why not)."""
+        done = self.root / "done" / request.path.name
+        write_atomic(done, json.dumps({"kind": request.kind, **request.body, "outcome": outcome}).encode())
+        request.path.unlink(missing_ok=True)
+
+    def log_accepted(self, change: Change, steps_done: dict[str, int]) -> None:
+        """Append an accepted change (durably) for a restart: submitted jobs and cancel points."""
+        path = self.root / "accepted.jsonl"
+        old = path.read_bytes() if path.exists() else b""
+        line = json.dumps({"submit": list(change.submit),
+                           "cancel": {name: steps_done.get(name, 0) for name in change.cancel}, "time": time.time()})
+        write_atomic(path, old + line.encode() + b"\n")
+
+    def accepted(self) -> tuple[list[dict], dict[str, int]]:
+        """Every job submitted so far (config mappings) and every cancelled job with its steps then."""
+        path = self.root / "accepted.jsonl"
+        submitted: list[dict] = []
+        cancelled: dict[str, int] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    submitted += entry["submit"]
+                    cancelled.update(entry["cancel"])
+        return submitted, cancelled
+
+
+def validate_submission(cfg: RunConfig, job: Any, where: str) -> RunConfig:
+    """`cfg` with `job` appended, checked exactly as a config file's job is (ConfigError if not)."""
+    if not isinstance(job, dict):
+        raise ConfigError(f"{where}: a job must be a mapping (name, data, rank, ...); got {job!r}")
+    from mlora_pp.preflight import check_job_files
+
+    raw = config_mapping(cfg)
+    raw["jobs"].append(job)
+    try:
+        checked = parse_config(raw, where)
+        check_job_files(checked)
+    except ConfigError as exc:  # name the job file's own fields, not the merged config's list
+        raise ConfigError(str(exc).replace(f"jobs[{len(raw['jobs']) - 1}].", "")) from None
+    return checked
+
+
+# ------------------------------------------------------------------------------------------ broadcast
+
+
+class PlanChannel:
+    """Rank 0's decision at each decision point, on every rank, in order.
+
+    Rank 0 sends every other rank one message per decision point (a header [point, payload bytes],
+    then the payload when there is one), whether or not anything changed; the others wait for it
+    just before their own forward of that micro-batch, which comes after rank 0's, so the wait is
+    normally over before it starts. Its own Gloo group, CPU tensors.
+    """
+
+    def __init__(self, rank: int, world: int, group: Any, timeout_s: float):
+        self.rank, self.world, self.group = rank, world, group
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.timeout_s = timeout_s
+        self._sends: list[tuple[Any, torch.Tensor]] = []
+
+    def announce(self, point: int, change: Change | None) -> None:
+        payload = change.encode() if change else b""
+        header = torch.tensor([point, len(payload)], dtype=torch.int64)
+        body = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else None
+        for peer in range(1, self.world):
+            try:
+                self._sends.append((dist.isend(header, peer, group=self.group), header))
+                if body is not None:
+                    self._sends.append((dist.isend(body, peer, group=self.group), body))
+            except RuntimeError as exc:
+                raise PipelineError(f"rank 0: lost rank {peer} while sending the plan at micro-batch {point} "
+                                    f"({exc})") from None
+
+    def await_decision(self, point: int) -> Change | None:
+        header = torch.empty(2, dtype=torch.int64)
+        self._wait(dist.irecv(header, 0, group=self.group), point)
+        got, size = (int(v) for v in header.tolist())
+        if got != point:
+            raise PipelineError(f"rank {self.rank}: expected rank 0's plan at micro-batch {point}, got it for "
+                                f"{got}: the ranks run different schedules")
+        if not size:
+            return None
+        body = torch.empty(size, dtype=torch.uint8)
+        self._wait(dist.irecv(body, 0, group=self.group), point)
+        return Change.decode(bytes(body.tolist()))
+
+    def _wait(self, work: Any, point: int) -> None:
+        try:
+            ok = work.wait(self.timeout)
+        except RuntimeError as exc:
+            raise PipelineError(f"rank {self.rank}: lost rank 0 while waiting for its plan at micro-batch {point} "
+                                f"({exc})") from None
+        if ok is False:
+            raise PipelineError(f"rank {self.rank}: timed out after {self.timeout_s:g}s waiting for rank 0's plan "
+                                f"at micro-batch {point}")
+
+    def flush(self) -> None:
+        for work, _ in self._sends:
+            try:
+                work.wait(self.timeout)
+            except RuntimeError as exc:
+                raise PipelineError(f"rank 0: lost a rank while sending plans ({exc})") from None
+        self._sends.clear()
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+def submit_main(argv: list[str]) -> int:
+    """``python -m launcher submit OUTPUT_DIR JOB.yaml``: queue a new job for a running run."""
+    if len(argv) != 2:
+        print("usage: python -m launcher submit OUTPUT_DIR JOB.yaml", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    output_dir, job_file = Path(argv[0]), Path(argv[1])
+    control = ControlDir(output_dir)
+    try:
+        cfg = control.read_config()
+        try:
+            job = yaml.safe_load(job_file.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{job_file}: job file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{job_file}: YAML syntax error: {getattr(exc, 'problem', exc)}") from None
+        pending = [r.body.get("job", {}).get("name") for r in control.pending() if r.kind == "submit"]
+        if isinstance(job, dict) and job.get("name") in pending:
+            raise ConfigError(f"{job_file}: name: a job named {job['name']!r} is already submitted and waiting")
+        validate_submission(cfg, job, str(job_file))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    path = control.request("submit", {"job": job})
+    print(f"submitted {job['name']!r}: the run picks it up within {PLAN_EVERY} micro-batches ({path})")
+    return 0
+
+
+def cancel_main(argv: list[str]) -> int:
+    """``python -m launcher cancel OUTPUT_DIR NAME``: stop a job; it keeps its last adapter."""
+    if len(argv) != 2:
+        print("usage: python -m launcher cancel OUTPUT_DIR NAME", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    output_dir, name = Path(argv[0]), argv[1]
+    control = ControlDir(output_dir)
+    try:
+        cfg = control.read_config()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    names = [j.name for j in cfg.jobs] + [r.body.get("job", {}).get("name") for r in control.pending()
+                                          if r.kind == "submit"]
+    if name not in names:
+        print(f"error: {output_dir}: no job named {name!r} in this run (jobs: {', '.join(map(str, names))})",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    path = control.request("cancel", {"name": name})
+    print(f"cancel {name!r} requested: the run stops it within {PLAN_EVERY} micro-batches ({path})")
+    return 0

@@ -1,0 +1,188 @@
+"""Jobs submitted and cancelled while a run goes on (`launcher submit` / `cancel`).
+
+Requests are placed before a run starts, so rank 0 takes them at the first decision point: a
+fixed micro-batch, the same in every run, which makes the runs comparable. A submitted job's
+adapter must equal the one it gets when it is in the config from the start, since its masks,
+order and learning rate are keyed by (seed, job, step), never by when it ran; the other jobs
+must not notice (their rows never mix with its rows, and a step that straddles the change
+continues with its gradients). A cancelled job's adapter must equal the uninterrupted run's
+checkpoint at the step where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import yaml
+
+from test_checkpoint import CK_JOBS, assert_same
+from test_pipeline import torchrun
+from test_training import JOBS, adapter, make_raw, rel_err, write_dataset
+
+import launcher.__main__ as launcher
+from mlora_pp.checkpoint import CHECKPOINTS, checkpoint_weights, read_checkpoint, step_dirs
+from mlora_pp.config import parse_config
+from mlora_pp.control import PLAN_EVERY, ControlDir
+from mlora_pp.schedule import JobSteps, build_schedule, cut_actions, remaining_steps
+from mlora_pp.tiny import make_tiny_model
+from mlora_pp.training import train
+
+
+def test_a_cut_then_the_next_plan_run_every_part_and_step_once():
+    """Whatever the policy, stages and cut: the actions run before the cut, the cut lists and the
+    plan built from `remaining_steps` forward every (job, step, micro) exactly once on every stage
+    and step every (job, step) exactly once."""
+    rnd = random.Random(1)
+    for trial in range(200):
+        stages = rnd.randint(1, 4)
+        jobs = [JobSteps(f"j{i}", tuple(tuple((rnd.randint(1, 3), rnd.randint(10, 40)) for _ in range(rnd.randint(1, 3)))
+                                        for _ in range(rnd.randint(1, 4)))) for i in range(rnd.randint(1, 6))]
+        policy = rnd.choice(["lora", "1f1b", "gpipe"])
+        old = build_schedule(jobs, stages, policy)
+        cut = rnd.randint(0, len(old.micro_batches))
+        rest = remaining_steps(old, cut)
+        new = build_schedule(rest, stages, policy) if rest else None
+        parts = {(p.job, p.step, p.micro) for mb in old.micro_batches for p in mb.parts}
+        steps = {(p.job, p.step) for mb in old.micro_batches for p in mb.parts}
+        for stage in range(stages):
+            actions = list(old.stages[stage])
+            position = next((i for i, a in enumerate(actions) if a.kind == "F" and a.micro_batch == cut), len(actions))
+            ran = [(a, old) for a in actions[:position] + cut_actions(old, stage, position, cut)]
+            ran += [(a, new) for a in (new.stages[stage] if new else ())]
+            forwarded = [(p.job, p.step, p.micro) for a, s in ran if a.kind == "F"
+                         for p in s.micro_batches[a.micro_batch].parts]
+            stepped = [(a.job, a.step) for a, _ in ran if a.kind == "S"]
+            assert sorted(forwarded) == sorted(parts) and len(set(forwarded)) == len(forwarded), (trial, stage)
+            assert sorted(stepped) == sorted(steps) and len(set(stepped)) == len(stepped), (trial, stage)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("control")
+    model = make_tiny_model(root / "model", layers=4, seed=7)
+    data = {job["name"]: write_dataset(root / f"{job['name']}.jsonl", seed=i) for i, job in enumerate(JOBS)}
+    return root, model, data
+
+
+def raw(workspace, out: str, jobs) -> dict:
+    return make_raw(workspace, jobs, out, schedule="lora", timeout_s=30)
+
+
+def job_mapping(workspace, job: dict) -> dict:
+    return raw(workspace, "x", [job])["jobs"][0]
+
+
+def write(workspace, out: str, jobs) -> object:
+    path = workspace[0] / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(raw(workspace, out, jobs)))
+    return path
+
+
+def records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference_two(workspace):
+    """All three jobs in the config from the start, 2 stages, a checkpoint after every step."""
+    proc = torchrun(2, write(workspace, "reference", CK_JOBS))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workspace[0] / "reference"
+
+
+def test_submit_and_cancel_on_two_stages_then_restart(workspace, reference_two):
+    out = workspace[0] / "live"
+    config = write(workspace, "live", CK_JOBS[:2])  # alpha and beta; gamma comes by `submit`
+    control = ControlDir(out)
+    control.request("submit", {"job": job_mapping(workspace, CK_JOBS[2])})
+    control.request("cancel", {"name": "beta"})
+    proc = torchrun(2, config)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    found = records(out)
+    submitted = [r for r in found if r.get("event") == "submitted"]
+    cancelled = [r for r in found if r.get("event") == "cancelled"]
+    assert [r["job"] for r in submitted] == ["gamma"] and submitted[0]["total_steps"] == 4
+    assert [r["job"] for r in cancelled] == ["beta"]
+    k = cancelled[0]["step"]
+    assert 0 < k < 2, k  # taken at micro-batch PLAN_EVERY of 12: beta stopped mid-run
+    assert PLAN_EVERY == 8
+    # the submitted job and the untouched one equal the run that had them from the start
+    assert_same(out, reference_two, jobs=[JOBS[0], JOBS[2]])
+    # the cancelled one keeps the adapter of its last finished step: the reference's checkpoint there
+    assert f"beta: cancelled after {k} steps" in proc.stdout
+    assert json.loads((out / "beta" / "cancelled.json").read_text())["cancelled_after_steps"] == k
+    saved = checkpoint_weights(read_checkpoint(dict(step_dirs(reference_two, "beta"))[k], "beta")[0])
+    ours = adapter(out, "beta")
+    assert set(ours) == set(saved)
+    for path in saved:
+        for i in (0, 1):
+            assert rel_err(ours[path][i], saved[path][i]) <= 1e-6, path
+    assert [s for s, _ in step_dirs(out, "beta")][-1] == k  # its own checkpoint at the stop
+    done = sorted((out / "control" / "done").glob("*.json"))
+    assert [json.loads(p.read_text())["outcome"] for p in done] == ["accepted", "accepted"]
+    assert not list((out / "control" / "requests").glob("*.json"))
+
+    # restart: gamma is still part of the run, beta stays cancelled, nothing is trained again
+    before = {name: adapter(out, name) for name in ("alpha", "beta", "gamma")}
+    again = torchrun(2, config)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "gamma: 4 steps" in again.stdout and f"beta: cancelled after {k} steps" in again.stdout
+    last_run = records(out)
+    last_run = last_run[max(i for i, r in enumerate(last_run) if r.get("event") == "run"):]
+    assert not [r for r in last_run if "loss" in r], "a finished or cancelled job was trained again"
+    assert set(last_run[0]["jobs"]) == {"alpha", "beta", "gamma"}
+    for name, weights in before.items():
+        now = adapter(out, name)
+        assert all(rel_err(now[p][i], weights[p][i]) == 0 for p in weights for i in (0, 1)), name
+
+
+def test_a_job_submitted_at_the_end_of_a_one_rank_plan_trains_after_it(workspace):
+    """One rank, requests taken at the plan's end; a request that fails the checks is answered and
+    the run goes on."""
+    reference = train(parse_config(raw(workspace, "one-ref", JOBS), "test.yaml"), progress=False)
+    out = workspace[0] / "one-live"
+    control = ControlDir(out)
+    control.request("submit", {"job": job_mapping(workspace, JOBS[2])})
+    control.request("submit", {"job": dict(job_mapping(workspace, JOBS[2]), name="bad", rank=0)})
+    control.request("cancel", {"name": "nobody"})
+    result = train(parse_config(raw(workspace, "one-live", JOBS[:2]), "test.yaml"), progress=False)
+    assert result.steps == reference.steps
+    for job in JOBS:  # one stage fuses differently with and without gamma: summation-order noise only
+        ours, ref = adapter(out, job["name"]), adapter(workspace[0] / "one-ref", job["name"])
+        assert all(rel_err(ours[p][i], ref[p][i]) < 1e-5 for p in ref for i in (0, 1)), job["name"]
+    outcomes = [json.loads(p.read_text())["outcome"] for p in sorted((out / "control" / "done").glob("*.json"))]
+    assert outcomes[0] == "accepted"
+    assert outcomes[1].startswith("rejected: ") and "rank: must be a positive integer" in outcomes[1]
+    assert outcomes[2] == "rejected: cancel: no job named 'nobody' in this run"
+    assert len([r for r in records(out) if r.get("event") == "rejected"]) == 2
+
+
+def test_submit_and_cancel_commands_check_their_input(workspace, capsys, tmp_path):
+    out = tmp_path / "run"
+    assert launcher.main(["submit", str(out), str(tmp_path / "job.yaml")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    ControlDir(out).write_config(parse_config(raw(workspace, "run", JOBS[:2]), "test.yaml"))
+    job_file = tmp_path / "job.yaml"
+    cases = [
+        (dict(job_mapping(workspace, JOBS[2]), rank=0), f"error: {job_file}: rank: must be a positive integer"),
+        (dict(job_mapping(workspace, JOBS[2]), name="alpha"), f"error: {job_file}: name: duplicate job name 'alpha'"),
+        (dict(job_mapping(workspace, JOBS[2]), data=str(tmp_path / "none.jsonl")), "data file not found"),
+        (dict(job_mapping(workspace, JOBS[2]), colour="red"), "colour: unknown field"),
+    ]
+    for job, message in cases:
+        job_file.write_text(yaml.safe_dump(job))
+        assert launcher.main(["submit", str(out), str(job_file)]) == 2
+        assert message in capsys.readouterr().err
+    job_file.write_text(yaml.safe_dump(job_mapping(workspace, JOBS[2])))
+    assert launcher.main(["submit", str(out), str(job_file)]) == 0
+    assert "submitted 'gamma'" in capsys.readouterr().out
+    assert launcher.main(["submit", str(out), str(job_file)]) == 2  # the same name is already waiting
+    assert "already submitted and waiting" in capsys.readouterr().err
+    assert launcher.main(["cancel", str(out), "nobody"]) == 2
+    assert "no job named 'nobody'" in capsys.readouterr().err
+    assert launcher.main(["cancel", str(out), "gamma"]) == 0  # a waiting submission can be cancelled too
+    kinds = [json.loads(p.read_text())["kind"] for p in sorted((out / "control" / "requests").glob("*.json"))]
+    assert kinds == ["submit", "cancel"]
+    assert not (out / CHECKPOINTS).exists()

@@ -17,12 +17,12 @@ import random
 import pytest
 import yaml
 
-from test_checkpoint import CK_JOBS, assert_same
+from test_checkpoint import CK_JOBS, assert_checkpoints_complete, assert_same
 from test_pipeline import torchrun
 from test_training import JOBS, adapter, make_raw, rel_err, write_dataset
 
 import launcher.__main__ as launcher
-from mlora_pp.checkpoint import CHECKPOINTS, checkpoint_weights, read_checkpoint, step_dirs
+from mlora_pp.checkpoint import CHECKPOINTS, checkpoint_weights, newest_checkpoint, read_checkpoint, step_dirs
 from mlora_pp.config import parse_config
 from mlora_pp.control import PLAN_EVERY, ControlDir
 from mlora_pp.schedule import JobSteps, build_schedule, cut_actions, remaining_steps
@@ -120,6 +120,8 @@ def test_submit_and_cancel_on_two_stages_then_restart(workspace, reference_two):
         for i in (0, 1):
             assert rel_err(ours[path][i], saved[path][i]) <= 1e-6, path
     assert [s for s, _ in step_dirs(out, "beta")][-1] == k  # its own checkpoint at the stop
+    assert_checkpoints_complete(out)
+    assert newest_checkpoint(out, "gamma")[0].step == 4  # the submitted job is checkpointed like the others
     done = sorted((out / "control" / "done").glob("*.json"))
     assert [json.loads(p.read_text())["outcome"] for p in done] == ["accepted", "accepted"]
     assert not list((out / "control" / "requests").glob("*.json"))

@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.simulate [--stages 4,8,16,64] [--jobs 4,16,64,128,256] [--hardware ...] [--out FILE]``
 ``python -m benchmarks.simulate --calibrate``
-``python -m benchmarks.simulate --stages 64 --jobs 128 [--extra-in-flight N] [--cost-aware] --out FILE``
+``python -m benchmarks.simulate --stages 64 --jobs 128 [--extra-in-flight N] [--cost-aware] [--hide-latency] --out FILE``
 (variants of the lora order: more micro-batches in flight, or the order generated with the
 hardware's own cost model instead of the launcher's default; see README "Simulator")
 
@@ -166,13 +166,14 @@ def equal_jobs(count: int, steps: int, micros: int, shape: Shape) -> list[JobSte
 
 def grid(stages: list[int], jobs: list[int], hardware: list[str], shape: Shape = Shape(), micros: int = 8,
          steps: int | None = None, progress: bool = False, extra_in_flight: int = 0,
-         cost_aware: bool = False) -> list[dict]:
+         cost_aware: bool = False, hide_latency: bool = False) -> list[dict]:
     """One row per (hardware, stages, jobs, policy); every row carries `speedup_vs_1f1b`.
 
     `extra_in_flight` lets lora keep stages + this many micro-batches in flight (build_schedule's
     `max_in_flight`; the launcher always uses the default, stages). `cost_aware` builds the lora
     order with each hardware's cost model (communication included) instead of the launcher's
-    default `CostModel` (time proportional to tokens, no communication)."""
+    default `CostModel` (time proportional to tokens, no communication). `hide_latency` builds lora
+    as `pipeline.hide_latency: true` does (2S-1 in flight on stage 0, two fewer per stage)."""
     rows: list[dict] = []
     for s in stages:
         costs = {hw: gpu_cost(*HARDWARE[hw], shape, s) for hw in hardware}
@@ -183,8 +184,9 @@ def grid(stages: list[int], jobs: list[int], hardware: list[str], shape: Shape =
             made: dict[str, Schedule] = {}
             started = time.perf_counter()
             for policy in POLICIES if not cost_aware else ("1f1b", "gpipe"):  # the launcher's lists
-                bound = s + extra_in_flight if policy == "lora" else None
-                made[policy] = build_schedule(work, s, policy, max_in_flight=bound)
+                bound = s + extra_in_flight if policy == "lora" and not hide_latency else None
+                made[policy] = build_schedule(work, s, policy, max_in_flight=bound,
+                                              hide_latency=hide_latency and policy == "lora")
             for hw in hardware:
                 found = {}
                 if cost_aware:
@@ -328,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="steps per job (default 8; 4 above 128 jobs)")
     parser.add_argument("--extra-in-flight", type=int, default=0,
                         help="lora: allow stages + N micro-batches in flight (default 0: the launcher's bound)")
+    parser.add_argument("--hide-latency", action="store_true",
+                        help="lora as with pipeline.hide_latency: 2S-1 in flight on stage 0, two fewer per stage")
     parser.add_argument("--cost-aware", action="store_true",
                         help="build the lora order with each hardware's cost model (not the launcher's default)")
     parser.add_argument("--calibrate", action="store_true",
@@ -351,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown hardware {sorted(unknown)}")
         rows = grid(args.stages, args.jobs, hardware, steps=args.steps, progress=True,
-                    extra_in_flight=args.extra_in_flight, cost_aware=args.cost_aware)
+                    extra_in_flight=args.extra_in_flight, cost_aware=args.cost_aware, hide_latency=args.hide_latency)
         print_grid(rows)
         lora = [r for r in rows if r["policy"] == "lora" and r["stages"] == 64 and r["jobs"] == 128]
         for r in lora:
@@ -360,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or RESULTS / "sim.json"
         payload = {
             "command": " ".join(["python -m benchmarks.simulate", *(sys.argv[1:] if argv is None else argv)]),
-            "extra_in_flight": args.extra_in_flight, "cost_aware": args.cost_aware, "efficiency": EFFICIENCY, "shape": asdict(Shape()),
+            "extra_in_flight": args.extra_in_flight, "cost_aware": args.cost_aware, "hide_latency": args.hide_latency, "efficiency": EFFICIENCY, "shape": asdict(Shape()),
             "hardware": {k: {"device": asdict(d), "fabric": asdict(f)} for k, (d, f) in HARDWARE.items()
                          if k in hardware},
             "notes": "schedules built as the launcher builds them (default CostModel, fusion on), replayed under "

@@ -62,6 +62,9 @@ class PipelineConfig:
     """Batched LoRA operator path: grouped (torch._grouped_mm), loop, or auto."""
     recompute: bool = False
     """Recompute each stage's forward in backward instead of keeping its activations."""
+    hide_latency: bool = False
+    """lora: keep about twice the micro-batches in flight (2S-1 on stage 0, two fewer per stage) so
+    that messages between stages never stretch a slot; costs about twice the activation memory."""
     admission: str = "fifo"
     """Who gets the pipeline first: fifo (config order; running jobs share it evenly), priority
     (jobs[].priority, highest first) or shortest-first (fewest tokens left first)."""

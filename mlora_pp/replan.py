@@ -149,7 +149,8 @@ class Replanner:
         order = admission(steps, self.cfg.pipeline.admission, priority, fits)
         policy = self.cfg.pipeline.schedule
         return build_schedule(steps, self.world, policy, self.cfg.pipeline.fuse,
-                              max_in_flight=self.in_flight if policy == "lora" else None, admission=order)
+                              max_in_flight=self.in_flight if policy == "lora" else None, admission=order,
+                              hide_latency=self.cfg.pipeline.hide_latency)
 
     def _cancel(self, name: str) -> None:
         job = self.jobs[name]

@@ -636,6 +636,35 @@ class _Clock:
                 Schedule("lora", tuple(self.micro_batches), tuple(tuple(a) for a in self.actions))))
 
 
+def _counted(micro_batches: Sequence[MicroBatch], window: int) -> tuple[Action, ...]:
+    """One stage's list by counts: forward the next micro-batch while fewer than `window` are in
+    flight and its jobs have stepped here, else backward the oldest; a job's `S` follows its step's
+    last backward. Independent of timing, so a message's latency shifts this stage's work without
+    reordering it."""
+    pending: dict[tuple[str, int], int] = {}
+    stepped: dict[str, int] = {}
+    for mb in micro_batches:
+        for p in mb.parts:
+            pending[(p.job, p.step)] = pending.get((p.job, p.step), 0) + 1
+            stepped.setdefault(p.job, p.step - 1)
+    out: list[Action] = []
+    f = b = 0
+    while b < len(micro_batches):
+        if (f < len(micro_batches) and f - b < window
+                and all(stepped[p.job] == p.step - 1 for p in micro_batches[f].parts)):
+            out.append(Action("F", f))
+            f += 1
+            continue
+        out.append(Action("B", b))
+        for p in micro_batches[b].parts:
+            pending[(p.job, p.step)] -= 1
+            if pending[(p.job, p.step)] == 0:
+                out.append(Action("S", job=p.job, step=p.step))
+                stepped[p.job] = p.step
+        b += 1
+    return tuple(out)
+
+
 def _lora(
     jobs: Sequence[JobSteps],
     num_stages: int,
@@ -671,6 +700,7 @@ def build_schedule(
     streams: int | None = None,
     token_bound: bool = False,
     admission: Admission | None = None,
+    hide_latency: bool = False,
 ) -> Schedule:
     """Form the micro-batches and the per-stage action lists, then validate them.
 
@@ -682,6 +712,14 @@ def build_schedule(
     may then fill the pipeline when sizes differ. `streams` overrides the number of lora streams
     (see `group_jobs`). `admission` decides which jobs run at once and who goes first (see
     `Admission`); gpipe and 1f1b run one job at a time, in its order.
+
+    `hide_latency` (lora, several stages): 2S-1 micro-batches in flight on stage 0 (default bound),
+    two fewer on each next stage, every stage after the first ordered by counts (`_counted`). With
+    one fewer per stage, as by default, a steady one-forward-one-backward rhythm cannot absorb the
+    messages: each slot stretches by a round trip of two messages between neighbours (a period
+    argument: stage s's backward must start one forward after its forward ends, modulo the slot,
+    and the two hops shift that by 2 x latency at every stage). Two fewer per stage leaves a slot of
+    slack at each; the price is about twice the activation memory.
     """
     if num_stages < 1:
         raise ScheduleError(f"need at least one stage, got {num_stages}")
@@ -692,7 +730,8 @@ def build_schedule(
         raise ScheduleError(f"job names must be unique, got {names}")
     cost = cost or CostModel()
     cost.check_stages(num_stages)
-    bound = num_stages if max_in_flight is None else max_in_flight
+    spread = 2 if hide_latency and policy == "lora" and num_stages > 1 else 1
+    bound = (spread * num_stages - (spread - 1)) if max_in_flight is None else max_in_flight
     if bound < 1:
         raise ScheduleError(f"max_in_flight: need at least 1, got {max_in_flight}")
     if admission is not None:
@@ -711,6 +750,9 @@ def build_schedule(
     elif policy == "lora":
         micro_batches, stages, tokens = _lora(jobs, num_stages, fuse, cost, bound, token_bound, streams,
                                               admission if custom else None)
+        if spread > 1:
+            stages = (stages[0],) + tuple(_counted(micro_batches, max(1, bound - spread * s))
+                                          for s in range(1, num_stages))
         if token_bound:
             schedule = Schedule(policy, micro_batches, stages, max_in_flight_tokens=tokens)
         else:

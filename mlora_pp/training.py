@@ -221,6 +221,8 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
         options = [max(len(m) for j in live for m in j.micro_batches)]
     elif policy == "1f1b":
         options = [stages]
+    elif cfg.pipeline.hide_latency and stages > 1:  # its windows are fixed: 2S-1, two fewer per stage
+        options = [2 * stages - 1]
     else:  # lora: fewer micro-batches in flight (more bubble) before refusing a job
         options = list(range(stages, 0, -1))
     in_flight, fits = options[0], None
@@ -248,7 +250,7 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
     priority = {c.name: c.priority for c in cfg.jobs}
     order = admission(steps, cfg.pipeline.admission, priority, fits)
     schedule = build_schedule(steps, stages, policy, fuse, max_in_flight=in_flight if policy == "lora" else None,
-                              admission=order)
+                              admission=order, hide_latency=cfg.pipeline.hide_latency)
     return MemoryPlan(models, budget, in_flight, schedule)
 
 
@@ -334,7 +336,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     for name, point in points.items():
         jobs[name].steps_done = point.step
     schedule = build_schedule([j.job_steps() for j in jobs.values() if j.name not in cancelled], env.world,
-                              cfg.pipeline.schedule, cfg.pipeline.fuse)
+                              cfg.pipeline.schedule, cfg.pipeline.fuse, hide_latency=cfg.pipeline.hide_latency)
     profiled: ProfiledPlan | None = None
     if cfg.pipeline.balance == "profile" and schedule.micro_batches:  # nothing left to train: keep the estimate
         profiled = profile_stages(
@@ -482,7 +484,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         cfg, env.rank, env.world, stage, jobs, tokenizer, worker.after_step,
         layers_per_stage=[spec.last_layer - spec.first_layer for spec in specs],
         models=memory.models if memory is not None else None, budget=memory.budget if memory is not None else None,
-        in_flight=memory.in_flight if memory is not None else env.world,
+        in_flight=memory.in_flight if memory is not None else (schedule.max_in_flight or env.world),
         channel=PlanChannel(env.rank, env.world, plans, cfg.pipeline.timeout_s) if env.world > 1 else None,
         control=ControlDir(cfg.output_dir) if is_rank0 else None, manifests=manifests,
         on_change=changed if is_rank0 else None, job_order=job_order, cancelled=dict(cancelled))

@@ -90,6 +90,14 @@ def test_recompute_pipeline_equals_single_rank(workspace, single_rank):
         assert_adapters_equal(adapter(workspace[0] / "recompute-two", job["name"]), adapter(single_rank, job["name"]))
 
 
+def test_hide_latency_pipeline_equals_single_rank(workspace, single_rank):
+    """3 stages with twice the micro-batches in flight and counted stage orders: same adapters."""
+    proc = torchrun(3, write_config(workspace, "hide-latency-three", hide_latency=True))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for job in JOBS:
+        assert_adapters_equal(adapter(workspace[0] / "hide-latency-three", job["name"]), adapter(single_rank, job["name"]))
+
+
 def test_nf4_pipeline_equals_single_rank(workspace):
     """QLoRA: each stage quantizes its own layers; 2 stages give the 1-rank nf4 adapters."""
     single = write_config(workspace, "nf4-single", quantize="nf4")

@@ -270,3 +270,24 @@ def test_token_bound():
     assert max(t.max_in_flight) > 2  # small micro-batches fill what one big one would take
     with pytest.raises(ScheduleError, match=r"more than 100 tokens in flight"):
         validate(Schedule(s.policy, s.micro_batches, s.stages, max_in_flight_tokens=100))
+
+
+def test_hide_latency_absorbs_the_messages_that_stretch_every_slot():
+    """Equal micro-batches, backward = forward, a 0.1 ms hop against a 4 ms slot. By default each
+    slot stretches by two hops (bubble above the fill-and-drain bound by about 2h/slot); with
+    `hide_latency` (2S-1 in flight on stage 0, two fewer per stage) the bubble is the bound: S-1
+    slots of fill and drain per stage, plus the hops of that fill and drain, 2(S-1)h."""
+    stages, jobs = 8, [JobSteps(f"j{i}", tuple(((2, 1000),) * 4 for _ in range(3))) for i in range(16)]
+    hop, m = 1e-4, 16 * 3 * 4
+    cost = CostModel(forward_per_token=2e-6, backward_ratio=1.0, link_latency=hop)
+    slot = 2 * cost.forward(0, 1000)
+    idle = (stages - 1) * (slot + 2 * hop)
+    bound = idle / (m * slot + idle)
+    stretch = 2 * hop / slot
+    plain = simulate(build_schedule(jobs, stages, "lora"), cost)
+    hidden = build_schedule(jobs, stages, "lora", hide_latency=True)
+    timeline = simulate(hidden, cost)
+    assert plain.bubble > bound + 0.5 * stretch
+    assert timeline.bubble == pytest.approx(bound, abs=2e-4)
+    assert hidden.max_in_flight == 2 * stages - 1
+    assert list(timeline.max_in_flight) == [2 * (stages - s) - 1 for s in range(stages)]

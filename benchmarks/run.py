@@ -50,6 +50,8 @@ class Method:
     ranks: int
     schedule: str | None = None
     """Our launcher's pipeline.schedule; None for a baseline of `benchmarks.baselines`."""
+    streams: int | None = None
+    """Our launcher's pipeline.streams (None: automatic)."""
 
     def module_args(self, config: Path, out: Path) -> list[str]:
         if self.schedule is not None:
@@ -59,6 +61,7 @@ class Method:
 
 METHODS: tuple[Method, ...] = (
     Method("lora", "ours: lora (fused, interleaved)", 2, "lora"),
+    Method("lora-2s", "ours: lora, jobs fused into 2 streams", 2, "lora", streams=2),
     Method("1f1b", "ours: 1f1b (job after job)", 2, "1f1b"),
     Method("gpipe", "ours: gpipe (job after job)", 2, "gpipe"),
     Method("torch-1f1b", "torch pipelining Schedule1F1B", 2),
@@ -231,7 +234,7 @@ def run_method(method: Method, scenario: Scenario, workspace: Workspace, timeout
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    config = workspace.config(method.key, method.schedule or "1f1b")
+    config = workspace.config(method.key, method.schedule or "1f1b", method.streams)
     cmd, env = command(method, scenario, config, out)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

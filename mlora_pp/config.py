@@ -62,6 +62,10 @@ class PipelineConfig:
     """Batched LoRA operator path: grouped (torch._grouped_mm), loop, or auto."""
     recompute: bool = False
     """Recompute each stage's forward in backward instead of keeping its activations."""
+    streams: int | None = None
+    """lora: how many independent streams the jobs are fused into (jobs of a stream share micro-batches);
+    null: automatic (fused only when there are more than stages + 1 jobs). Fewer, larger micro-batches
+    cost less per token where micro-batches are small, and hold more activations each."""
     hide_latency: bool = False
     """lora: keep about twice the micro-batches in flight (2S-1 on stage 0, two fewer per stage) so
     that messages between stages never stretch a slot; costs about twice the activation memory."""
@@ -242,6 +246,8 @@ def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> 
     if cfg.pipeline.timeout_s <= 0:
         raise err("pipeline.timeout_s", "must be positive")
     choice("pipeline.admission", cfg.pipeline.admission, ADMISSION)
+    if cfg.pipeline.streams is not None and cfg.pipeline.streams < 1:
+        raise err("pipeline.streams", f"must be at least 1 or null; got {cfg.pipeline.streams}")
     if cfg.pipeline.memory_budget is not None:
         try:
             budget_spec(cfg.pipeline.memory_budget)

@@ -228,14 +228,15 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
     in_flight, fits = options[0], None
     if budget is not None:
         for bound in options:
-            fits = admission_check(models, steps, budget, bound, policy, fuse)
+            fits = admission_check(models, steps, budget, bound, policy, fuse, cfg.pipeline.streams)
             if all(fits(frozenset({j.name})) for j in live):
                 in_flight = bound
                 break
         else:
             worst = max(live, key=lambda j: max(
-                m.peak({j.name}, options[-1], *largest_micro(steps, {j.name}, stages, policy, fuse)) for m in models))
-            tokens, length = largest_micro(steps, {worst.name}, stages, policy, fuse)
+                m.peak({j.name}, options[-1],
+                       *largest_micro(steps, {j.name}, stages, policy, fuse, cfg.pipeline.streams)) for m in models))
+            tokens, length = largest_micro(steps, {worst.name}, stages, policy, fuse, cfg.pipeline.streams)
             need = max(models, key=lambda m: m.peak({worst.name}, options[-1], tokens, length))
             raise ConfigError(
                 f"{source(cfg)}: pipeline.memory_budget: job {worst.name!r} alone needs about "
@@ -250,7 +251,7 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
     priority = {c.name: c.priority for c in cfg.jobs}
     order = admission(steps, cfg.pipeline.admission, priority, fits)
     schedule = build_schedule(steps, stages, policy, fuse, max_in_flight=in_flight if policy == "lora" else None,
-                              admission=order, hide_latency=cfg.pipeline.hide_latency)
+                              admission=order, hide_latency=cfg.pipeline.hide_latency, streams=cfg.pipeline.streams)
     return MemoryPlan(models, budget, in_flight, schedule)
 
 
@@ -336,7 +337,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     for name, point in points.items():
         jobs[name].steps_done = point.step
     schedule = build_schedule([j.job_steps() for j in jobs.values() if j.name not in cancelled], env.world,
-                              cfg.pipeline.schedule, cfg.pipeline.fuse, hide_latency=cfg.pipeline.hide_latency)
+                              cfg.pipeline.schedule, cfg.pipeline.fuse, hide_latency=cfg.pipeline.hide_latency,
+                              streams=cfg.pipeline.streams)
     profiled: ProfiledPlan | None = None
     if cfg.pipeline.balance == "profile" and schedule.micro_batches:  # nothing left to train: keep the estimate
         profiled = profile_stages(

@@ -98,6 +98,14 @@ def test_hide_latency_pipeline_equals_single_rank(workspace, single_rank):
         assert_adapters_equal(adapter(workspace[0] / "hide-latency-three", job["name"]), adapter(single_rank, job["name"]))
 
 
+def test_one_fused_stream_pipeline_equals_single_rank(workspace, single_rank):
+    """pipeline.streams: 1 fuses all three jobs into every micro-batch on 2 stages: same adapters."""
+    proc = torchrun(2, write_config(workspace, "one-stream", streams=1))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for job in JOBS:
+        assert_adapters_equal(adapter(workspace[0] / "one-stream", job["name"]), adapter(single_rank, job["name"]))
+
+
 def test_nf4_pipeline_equals_single_rank(workspace):
     """QLoRA: each stage quantizes its own layers; 2 stages give the 1-rank nf4 adapters."""
     single = write_config(workspace, "nf4-single", quantize="nf4")

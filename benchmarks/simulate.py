@@ -246,18 +246,56 @@ class Calibration:
         return None if self.measured_s is None else (self.predicted_s - self.measured_s) / self.measured_s
 
 
-def calibrated_cost(profile, counts: list[int], fabric: Fabric, hidden: int, bytes_per_value: int = 4) -> CostModel:
+def calibrated_cost(profile, counts: list[int], fabric: Fabric, hidden: int, bytes_per_value: int = 4,
+                    runtime: float = 1.0) -> CostModel:
     """A CostModel from one `LayerProfile` (seconds on `profile.tokens` padded tokens), `counts`
-    decoder layers per stage, embedding on the first stage and head + loss on the last."""
+    decoder layers per stage, embedding on the first stage and head + loss on the last, the compute
+    scaled by `runtime` (`runtime_factor`)."""
     last = len(counts) - 1
     per_token = []
     for s, n in enumerate(counts):
         total = n * profile.layer_s + (profile.embed_s if s == 0 else 0.0) + (profile.head_s if s == last else 0.0)
-        per_token.append(total / max(profile.tokens, 1) / (1 + BACKWARD_RATIO))
+        per_token.append(runtime * total / max(profile.tokens, 1) / (1 + BACKWARD_RATIO))
     step = max(counts) * profile.step_s
     return CostModel(forward_per_token=tuple(per_token), backward_ratio=BACKWARD_RATIO, step_seconds=step,
                      link_latency=fabric.latency, link_bandwidth=fabric.bandwidth,
                      activation_bytes_per_token=hidden * bytes_per_value)
+
+
+RUNTIME_SAMPLE = 8
+"""Micro-batches the whole-model runtime probe times (after one warm-up)."""
+
+
+def runtime_factor(model_dir: Path, cfg, jobs: dict, profile, num_layers: int, schedule: Schedule) -> float:
+    """How much slower the real runtime is than the profile's parts add up to, on this machine.
+
+    The profile times one layer, the head and the embedding in tight loops; a stage of the real
+    runtime also collates rows, builds LoRA layouts, and dispatches every layer's modules from
+    Python. This runs the launcher's `StageWorker` on one whole-model stage for a few of the run's
+    micro-batches (forward + backward, one thread) and returns the median of measured over the
+    profile's prediction for the same micro-batch. Work between stages (sends, step records) is
+    still left out."""
+    import statistics
+
+    from mlora_pp.model import StageSpec, build_stage
+    from mlora_pp.runtime import StageWorker
+
+    stage = build_stage(model_dir, StageSpec.whole(num_layers), dtype=cfg.model.dtype)
+    for job in jobs.values():
+        c = job.config
+        stage.add_adapter(c.name, c.rank, c.alpha, c.dropout, list(c.target_modules), seed=cfg.seed)
+    one_stage = Schedule(schedule.policy, schedule.micro_batches, ((),))  # the run's own micro-batches
+    worker = StageWorker(stage, jobs, one_stage)
+    ratios = []
+    for k, mb in enumerate(schedule.micro_batches[: RUNTIME_SAMPLE + 1]):
+        started = time.perf_counter()
+        worker.forward(mb)
+        worker.backward(mb)
+        took = time.perf_counter() - started
+        predicted = (num_layers * profile.layer_s + profile.embed_s + profile.head_s) * mb.tokens / max(profile.tokens, 1)
+        if k:  # the first is a warm-up
+            ratios.append(took / predicted)
+    return statistics.median(ratios)
 
 
 def calibrate(scenarios: tuple[str, ...] = ("loopback", "two-hosts-1gbit"), quick: bool = False,
@@ -279,7 +317,7 @@ def calibrate(scenarios: tuple[str, ...] = ("loopback", "two-hosts-1gbit"), quic
     try:
         with tempfile.TemporaryDirectory(prefix="calib-") as tmp:
             space = prepare(Path(tmp), workload)
-            profiles, schedules, counts, hidden = {}, {}, [], workload.model.hidden
+            profiles, schedules, factors, counts, hidden = {}, {}, {}, [], workload.model.hidden
             for policy in POLICIES:
                 cfg = load_config(space.config(policy, policy))
                 checked = check_inputs(cfg, 0, 2)
@@ -288,16 +326,19 @@ def calibrate(scenarios: tuple[str, ...] = ("loopback", "two-hosts-1gbit"), quic
                 schedules[policy] = build_schedule([j.job_steps() for j in jobs.values()], 2, policy, cfg.pipeline.fuse)
                 profiles[policy] = measure(space.model, jobs, schedules[policy], seed=cfg.seed, dtype=cfg.model.dtype,
                                            recompute=cfg.pipeline.recompute, repeats=repeats or REPEATS)
+                factors[policy] = runtime_factor(space.model, cfg, jobs, profiles[policy], sum(counts),
+                                                 schedules[policy])
             for name in scenarios:
                 fabric = TWO_HOSTS if SCENARIOS[name].hosts == "netns" else LOOPBACK
                 path = results / f"{name}{'-quick' if quick else ''}.json"
                 measured = json.loads(path.read_text())["methods"] if path.is_file() else {}
                 for policy in POLICIES:
-                    cost = calibrated_cost(profiles[policy], counts, fabric, hidden)
+                    cost = calibrated_cost(profiles[policy], counts, fabric, hidden, runtime=factors[policy])
                     t = simulate(schedules[policy], cost)
                     m = measured.get(policy, {}).get("makespan_s")
                     out.append(Calibration(name, policy, t.makespan, m, t.bubble,
                                            {"layers": counts, "fabric": asdict(fabric), **asdict(cost),
+                                            "runtime_factor": factors[policy],
                                             "profile": asdict(profiles[policy])}))
     finally:
         torch.set_num_threads(threads)

@@ -30,7 +30,7 @@ from mlora_pp.checkpoint import (
 )
 from mlora_pp.config import ConfigError, RunConfig, parse_config
 from mlora_pp.control import CONTROL, ControlDir, PlanChannel, config_mapping
-from mlora_pp.data import DataError
+from mlora_pp.data import DataError, plan_steps
 from mlora_pp.job import AdapterJob, load_job
 from mlora_pp.memory import (
     MemoryModel, SavedTensorMeter, admission_check, budget_bytes, fit, human_bytes, largest_micro, predicted_peak,
@@ -195,8 +195,23 @@ class MemoryPlan:
                 "model": models[rank].record()}
 
 
+def _halve_micro_batches(job: AdapterJob) -> bool:
+    """Re-plan `job` with micro-batches of half the rows (or half the token budget); False when they
+    are one row already. The steps keep their rows, and a row's dropout key is its place in the step,
+    so only the summation order changes."""
+    rows = max(len(m) for plan in job.plans for m in plan.micro_batches)
+    if rows <= 1:
+        return False
+    c = job.config
+    tokens = c.micro_batch_tokens
+    job.plans = plan_steps(job.examples, batch_size=c.batch_size, micro_batch_size=max(1, rows // 2),
+                           epochs=c.epochs, max_steps=c.max_steps, seed=job.seed, job=c.name,
+                           micro_batch_tokens=max(1, tokens // 2) if tokens is not None else None)
+    return True
+
+
 def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str, AdapterJob],
-                 unbounded: Schedule, device: torch.device) -> MemoryPlan:
+                 unbounded: Schedule, device: torch.device, cancelled: dict[str, int]) -> MemoryPlan:
     """Fit every stage's memory model on probes of the run's shapes, share them, and build the
     schedule that admits jobs by `pipeline.admission` within `pipeline.memory_budget` (every rank
     decides the same from the same numbers)."""
@@ -214,7 +229,7 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
     models = [m for m, _ in shared]
     budgets = [b for _, b in shared if b is not None]
     budget = min(budgets) if budgets else None
-    steps = [j.job_steps() for j in jobs.values()]
+    steps = [j.job_steps() for j in jobs.values() if j.name not in cancelled]
     live = [j for j in steps if j.steps]
     policy, fuse, stages = cfg.pipeline.schedule, cfg.pipeline.fuse, env.world
     if policy == "gpipe":  # every micro-batch of a step is forwarded before the first backward
@@ -227,11 +242,26 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
         options = list(range(stages, 0, -1))
     in_flight, fits = options[0], None
     if budget is not None:
-        for bound in options:
-            fits = admission_check(models, steps, budget, bound, policy, fuse, cfg.pipeline.streams)
-            if all(fits(frozenset({j.name})) for j in live):
-                in_flight = bound
-                break
+
+        def fitting(bound: int) -> bool:
+            check = admission_check(models, steps, budget, bound, policy, fuse, cfg.pipeline.streams)
+            return all(check(frozenset({j.name})) for j in live)
+
+        chosen = next((bound for bound in options if fitting(bound)), None)
+        if chosen is None and policy != "gpipe":  # gpipe holds a whole step in flight however it is cut
+            for name in [j.name for j in live]:  # smaller micro-batches for the jobs that do not fit alone
+                while not admission_check(models, steps, budget, options[-1], policy, fuse, cfg.pipeline.streams)(
+                        frozenset({name})) and _halve_micro_batches(jobs[name]):
+                    steps = [jobs[j.name].job_steps() for j in steps]
+                    live = [j for j in steps if j.steps]
+                rows = max(len(m) for plan in jobs[name].plans for m in plan.micro_batches)
+                if rows < cfg.job(name).micro_batch_size and env.rank == 0:
+                    print(f"memory: job {name!r} runs micro-batches of at most {rows} rows instead of "
+                          f"{cfg.job(name).micro_batch_size} to fit the budget", flush=True)
+            chosen = next((bound for bound in options if fitting(bound)), None)
+        if chosen is not None:
+            in_flight = chosen
+            fits = admission_check(models, steps, budget, chosen, policy, fuse, cfg.pipeline.streams)
         else:
             worst = max(live, key=lambda j: max(
                 m.peak({j.name}, options[-1],
@@ -363,7 +393,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     agree(env.rank, env.world, load_checkpoints)
     memory: MemoryPlan | None = None
     if schedule.micro_batches:
-        memory = _plan_memory(cfg, env, stage, jobs, schedule, device)
+        memory = _plan_memory(cfg, env, stage, jobs, schedule, device, cancelled)
         schedule = memory.schedule
 
     is_rank0, last = env.rank == 0, env.world - 1

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from test_pipeline import torchrun
-from test_training import JOBS, make_raw, write_dataset
+from test_training import JOBS, adapter, assert_adapters_equal, make_raw, write_dataset
 from test_checkpoint import assert_same
 
 from mlora_pp.config import LORA_TARGETS, ConfigError, parse_config
@@ -157,16 +157,27 @@ def run(workspace, out: str, **pipeline):
     return proc, records
 
 
-def test_a_budget_for_one_job_at_a_time_finishes_every_job_within_it(workspace):
+@pytest.fixture(scope="module")
+def free(workspace):
+    """The run without a budget, and the memory models it fitted (one per stage)."""
+    _, records = run(workspace, "free")
+    models = [MemoryModel(**r["model"]) for r in sorted((r for r in records if r.get("event") == "memory"),
+                                                         key=lambda r: r["rank"])]
+    assert len(models) == 2
+    return records, models
+
+
+def plan(workspace, jobs=BIG_JOBS) -> list:
+    cfg = parse_config(make_raw(workspace, jobs, "free", schedule="lora"), "test.yaml")
+    return [j.job_steps() for j in prepare_jobs(cfg, load_tokenizer(workspace[1])).values()]
+
+
+def test_a_budget_for_one_job_at_a_time_finishes_every_job_within_it(workspace, free):
     """The unbudgeted run's fitted models give each job's predicted peak alone; a budget just above
     the largest of those admits one job at a time. Every job still finishes, equal to the unbudgeted
     run (rows of different jobs never mix), and every stage's measured peak stays under the budget."""
-    _, free = run(workspace, "free")
-    models = [MemoryModel(**r["model"]) for r in sorted((r for r in free if r.get("event") == "memory"),
-                                                         key=lambda r: r["rank"])]
-    assert len(models) == 2
-    cfg = parse_config(make_raw(workspace, BIG_JOBS, "free", schedule="lora"), "test.yaml")
-    steps = [j.job_steps() for j in prepare_jobs(cfg, load_tokenizer(workspace[1])).values()]
+    _, models = free
+    steps = plan(workspace)
     names = [j.name for j in steps]
 
     def peak(running: set[str]) -> float:
@@ -191,6 +202,27 @@ def test_a_budget_for_one_job_at_a_time_finishes_every_job_within_it(workspace):
     for before, after in zip(admitted, admitted[1:]):
         assert after["time"] >= last_record[before["job"]] - 1.0, (before, after)  # records are held until then
     assert_same(workspace[0] / "budget", workspace[0] / "free", tol=1e-5)
+
+
+def test_a_budget_that_fits_only_smaller_micro_batches_cuts_them(workspace, free):
+    """Even one micro-batch of 2 rows in flight is over the budget, one of 1 row is not: the jobs run
+    1-row micro-batches (the same rows per step, and dropout keyed by a row's place in its step), so
+    the adapters equal the unbudgeted run's up to summation order, within the budget."""
+    _, models = free
+    full, one_row = plan(workspace), plan(workspace, [dict(job, micro_batch_size=1) for job in BIG_JOBS])
+
+    def need(steps, name: str) -> float:
+        return max(m.peak({name}, 1, *largest_micro(steps, {name}, 2, "lora", True)) for m in models)
+
+    budget = int(max(need(one_row, j.name) for j in one_row) * 1.01)
+    assert any(need(full, j.name) > budget for j in full), "the budget must need smaller micro-batches"
+    proc, records = run(workspace, "cut", memory_budget=budget)
+    assert "memory: job 'alpha' runs micro-batches of at most 1 rows instead of 2" in proc.stdout
+    memory = [r for r in records if r.get("event") == "memory"]
+    assert len(memory) == 2 and all(r["measured_peak_bytes"] <= budget and r["in_flight"] == 1 for r in memory)
+    assert {r["job"]: r["step"] for r in records if "loss" in r} == {j.name: j.steps for j in full}
+    for job in BIG_JOBS:  # fp32 summation order only (the project's tolerance for that, see test_training)
+        assert_adapters_equal(adapter(workspace[0] / "cut", job["name"]), adapter(workspace[0] / "free", job["name"]))
 
 
 def test_a_budget_no_job_fits_is_refused_before_training(workspace):

@@ -126,14 +126,18 @@ def test_submit_and_cancel_on_two_stages_then_restart(workspace, reference_two):
     assert [json.loads(p.read_text())["outcome"] for p in done] == ["accepted", "accepted"]
     assert not list((out / "control" / "requests").glob("*.json"))
 
-    # restart: gamma is still part of the run, beta stays cancelled, nothing is trained again
+    # restart: gamma is still part of the run, beta stays cancelled, nothing is trained again but
+    # a job submitted in between (delta, alpha's settings under another name)
     before = {name: adapter(out, name) for name in ("alpha", "beta", "gamma")}
+    delta = dict(job_mapping(workspace, CK_JOBS[0]), name="delta")
+    control.request("submit", {"job": delta})
     again = torchrun(2, config)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "gamma: 4 steps" in again.stdout and f"beta: cancelled after {k} steps" in again.stdout
+    assert "delta: 3 steps" in again.stdout
     last_run = records(out)
     last_run = last_run[max(i for i, r in enumerate(last_run) if r.get("event") == "run"):]
-    assert not [r for r in last_run if "loss" in r], "a finished or cancelled job was trained again"
+    assert {r["job"] for r in last_run if "loss" in r} == {"delta"}, "a finished or cancelled job trained again"
     assert set(last_run[0]["jobs"]) == {"alpha", "beta", "gamma"}
     for name, weights in before.items():
         now = adapter(out, name)

@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: FAILED ({result.failed[name]}); its last good checkpoint -> {path}")
             continue
         print(f"{name}: {result.steps[name]} steps, final loss {result.final_loss.get(name, float('nan')):.4f} -> {path}")
+    for name in sorted(set(result.cancelled) - set(result.adapters) - set(result.failed)):
+        print(f"{name}: cancelled before its first step: no adapter written")
     for name in sorted(set(result.failed) - set(result.adapters)):
         print(f"{name}: FAILED ({result.failed[name]}) before its first checkpoint: no adapter written")
     print(f"done in {result.wall_s:.1f}s")

@@ -295,8 +295,10 @@ class StageWorker:
             position, point, change = cut
             tail = cut_actions(self.schedule, self.stage_index, position, point)
             count, _ = self._execute(tail, fault, count, [])
-            self.schedule = self.replan.apply(change, self.schedule, point)
-            self._started.clear()
+            following = self.replan.apply(change, self.schedule, point)
+            if following is None:  # every job left was cancelled
+                break
+            self.schedule = following
         if self.transport is not None:
             self.transport.flush()
 

@@ -192,3 +192,18 @@ def test_submit_and_cancel_commands_check_their_input(workspace, capsys, tmp_pat
     kinds = [json.loads(p.read_text())["kind"] for p in sorted((out / "control" / "requests").glob("*.json"))]
     assert kinds == ["submit", "cancel"]
     assert not (out / CHECKPOINTS).exists()
+
+
+def test_cancelling_every_job_ends_the_run_cleanly(workspace):
+    out = workspace[0] / "all-cancelled"
+    control = ControlDir(out)
+    for job in JOBS:
+        control.request("cancel", {"name": job["name"]})
+    proc = torchrun(2, write(workspace, "all-cancelled", CK_JOBS))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    cancelled = {r["job"]: r["step"] for r in records(out) if r.get("event") == "cancelled"}
+    assert set(cancelled) == {job["name"] for job in JOBS}
+    for name, step in cancelled.items():
+        line = f"{name}: cancelled after {step} steps" if step else f"{name}: cancelled before its first step"
+        assert line in proc.stdout, proc.stdout[-2000:]
+        assert json.loads((out / name / "cancelled.json").read_text())["cancelled_after_steps"] == step

@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: rank {os.environ.get('RANK', '0')}: {where}{exc.strerror or exc}", file=sys.stderr, flush=True)
         return EXIT_PIPELINE_FAILED
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports for the run
     for name, path in result.adapters.items():
         if name in result.cancelled and name not in result.failed:
             print(f"{name}: cancelled after {result.cancelled[name]} steps -> {path}")

@@ -636,11 +636,14 @@ class _Clock:
                 Schedule("lora", tuple(self.micro_batches), tuple(tuple(a) for a in self.actions))))
 
 
-def _counted(micro_batches: Sequence[MicroBatch], window: int) -> tuple[Action, ...]:
+def _counted(micro_batches: Sequence[MicroBatch], window: int, upstream: Sequence[Action]) -> tuple[Action, ...]:
     """One stage's list by counts: forward the next micro-batch while fewer than `window` are in
-    flight and its jobs have stepped here, else backward the oldest; a job's `S` follows its step's
-    last backward. Independent of timing, so a message's latency shifts this stage's work without
-    reordering it."""
+    flight, its jobs have stepped here, and the stage before (`upstream`, its list) forwards it
+    before it backwards the micro-batch this stage would otherwise backward; else backward the
+    oldest. A job's `S` follows its step's last backward. Independent of timing, so a message's
+    latency shifts this stage's work without reordering it. The upstream rule keeps the lists
+    deadlock-free: the stage before backwards that micro-batch only after this stage does."""
+    where = {(a.kind, a.micro_batch): i for i, a in enumerate(upstream) if a.kind != "S"}
     pending: dict[tuple[str, int], int] = {}
     stepped: dict[str, int] = {}
     for mb in micro_batches:
@@ -651,7 +654,8 @@ def _counted(micro_batches: Sequence[MicroBatch], window: int) -> tuple[Action, 
     f = b = 0
     while b < len(micro_batches):
         if (f < len(micro_batches) and f - b < window
-                and all(stepped[p.job] == p.step - 1 for p in micro_batches[f].parts)):
+                and all(stepped[p.job] == p.step - 1 for p in micro_batches[f].parts)
+                and (b == f or where[("F", f)] < where[("B", b)])):
             out.append(Action("F", f))
             f += 1
             continue
@@ -751,8 +755,10 @@ def build_schedule(
         micro_batches, stages, tokens = _lora(jobs, num_stages, fuse, cost, bound, token_bound, streams,
                                               admission if custom else None)
         if spread > 1:
-            stages = (stages[0],) + tuple(_counted(micro_batches, max(1, bound - spread * s))
-                                          for s in range(1, num_stages))
+            counted = [stages[0]]
+            for s in range(1, num_stages):
+                counted.append(_counted(micro_batches, max(1, bound - spread * s), counted[-1]))
+            stages = tuple(counted)
         if token_bound:
             schedule = Schedule(policy, micro_batches, stages, max_in_flight_tokens=tokens)
         else:

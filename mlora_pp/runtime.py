@@ -105,6 +105,7 @@ class StageWorker:
     trace: list[TraceEvent] = field(default_factory=list)
     _in_flight: dict[int, _InFlight] = field(default_factory=dict)
     _held: dict[int, int] = field(default_factory=dict)
+    _job_bytes: dict[str, int] = field(default_factory=dict)
     _started: set[str] = field(default_factory=set)
 
     @property
@@ -276,7 +277,12 @@ class StageWorker:
         wait = (self.transport.waited_s - waited) if self.transport is not None else 0.0
         self.trace.append(TraceEvent(name, action.kind, start, time.perf_counter(), wait))
         if self.meter is not None:
-            live = self.static_bytes + sum(self._held.values()) + live_job_bytes(self.jobs.values())
+            # a job's gradients and optimizer state change only in its backwards and steps: recount those
+            touched = ([action.job] if action.kind == "S" else
+                       self.schedule.micro_batches[action.micro_batch].jobs if action.kind == "B" else ())
+            for name in touched:
+                self._job_bytes[name] = live_job_bytes([self.jobs[name]])
+            live = self.static_bytes + sum(self._held.values()) + sum(self._job_bytes.values())
             self.peak_bytes = max(self.peak_bytes, live)
         if self.after_action is not None:
             self.after_action()
@@ -296,6 +302,8 @@ class StageWorker:
             tail = cut_actions(self.schedule, self.stage_index, position, point)
             count, _ = self._execute(tail, fault, count, [])
             following = self.replan.apply(change, self.schedule, point)
+            if self.meter is not None:  # cancelled jobs freed their state outside any action
+                self._job_bytes = {name: live_job_bytes([job]) for name, job in self.jobs.items()}
             if following is None:  # every job left was cancelled
                 break
             self.schedule = following

@@ -256,8 +256,8 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
                     live = [j for j in steps if j.steps]
                 rows = max(len(m) for plan in jobs[name].plans for m in plan.micro_batches)
                 if rows < cfg.job(name).micro_batch_size and env.rank == 0:
-                    print(f"memory: job {name!r} runs micro-batches of at most {rows} rows instead of "
-                          f"{cfg.job(name).micro_batch_size} to fit the budget", flush=True)
+                    print(f"memory: job {name!r} runs micro-batches of at most {rows} row{'s' * (rows > 1)} "
+                          f"instead of {cfg.job(name).micro_batch_size} to fit the budget", flush=True)
             chosen = next((bound for bound in options if fitting(bound)), None)
         if chosen is not None:
             in_flight = chosen

@@ -217,7 +217,7 @@ def test_a_budget_that_fits_only_smaller_micro_batches_cuts_them(workspace, free
     budget = int(max(need(one_row, j.name) for j in one_row) * 1.01)
     assert any(need(full, j.name) > budget for j in full), "the budget must need smaller micro-batches"
     proc, records = run(workspace, "cut", memory_budget=budget)
-    assert "memory: job 'alpha' runs micro-batches of at most 1 rows instead of 2" in proc.stdout
+    assert "memory: job 'alpha' runs micro-batches of at most 1 row instead of 2" in proc.stdout
     memory = [r for r in records if r.get("event") == "memory"]
     assert len(memory) == 2 and all(r["measured_peak_bytes"] <= budget and r["in_flight"] == 1 for r in memory)
     assert {r["job"]: r["step"] for r in records if "loss" in r} == {j.name: j.steps for j in full}

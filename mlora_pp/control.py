@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,6 @@ class ControlDir:
     """`OUTPUT_DIR/control`: requests, their outcomes, the accepted log and the run's config."""
 
     output_dir: Path
-    _seq: int = field(default=0, repr=False)
 
     @property
     def root(self) -> Path:

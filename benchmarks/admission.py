@@ -35,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.run import _free_port
 from benchmarks.scenarios import ModelShape, Workload, prepare
 from benchmarks.simulate import HARDWARE, Shape, gpu_cost
 from mlora_pp.schedule import ADMISSION, JobSteps, admission, build_schedule
@@ -86,7 +87,7 @@ def simulated(stages_list: tuple[int, ...] = (4, 8), hardware: str = "h100-nvlin
 
 
 def _run(config: Path, timeout_s: float) -> list[dict]:
-    port = 29500 + random.Random(time.time_ns()).randint(0, 20000)
+    port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                TRANSFORMERS_VERBOSITY="error")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",

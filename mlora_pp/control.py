@@ -139,11 +139,16 @@ class ControlDir:
         submitted: list[dict] = []
         cancelled: dict[str, int] = {}
         if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
+            for number, line in enumerate(path.read_text().splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
                     entry = json.loads(line)
-                    submitted += entry["submit"]
-                    cancelled.update(entry["cancel"])
+                    submitted += list(entry["submit"])
+                    cancelled.update({str(k): int(v) for k, v in entry["cancel"].items()})
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    raise ConfigError(f"{path} line {number}: not an accepted change (edited by hand?); "
+                                      "fix it, or start over with --fresh") from None
         return submitted, cancelled
 
 

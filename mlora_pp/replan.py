@@ -72,6 +72,8 @@ class Replanner:
     cancelled: dict[str, int] = field(default_factory=dict)
     schedules: list[Schedule] = field(default_factory=list)
     """Every plan this rank ran, in order."""
+    _loaded: dict[str, AdapterJob] = field(default_factory=dict, repr=False)
+    """Rank 0: submitted jobs tokenized while checking them, used again when they are added."""
 
     def points(self, schedule: Schedule) -> list[int]:
         if not self.schedules or self.schedules[-1] is not schedule:
@@ -99,7 +101,7 @@ class Replanner:
             try:
                 if request.kind == "submit":
                     cfg = validate_submission(cfg, request.body.get("job"), str(request.path))
-                    load_job(cfg.jobs[-1], self.tokenizer, cfg.seed)  # its data tokenizes here
+                    self._loaded[cfg.jobs[-1].name] = load_job(cfg.jobs[-1], self.tokenizer, cfg.seed)
                     submit.append(request.body["job"])
                 elif request.kind == "cancel":
                     name = request.body.get("name")
@@ -172,7 +174,7 @@ class Replanner:
         mapping["jobs"].append(raw)
         config: JobConfig = parse_config(mapping, "submitted job").jobs[-1]
         self.cfg.jobs.append(config)
-        job = load_job(config, self.tokenizer, self.cfg.seed)
+        job = self._loaded.pop(config.name, None) or load_job(config, self.tokenizer, self.cfg.seed)
         self.stage.add_adapter(config.name, config.rank, config.alpha, config.dropout, list(config.target_modules),
                                seed=self.cfg.seed)
         job.make_optimizer(self.stage.adapter_parameters(config.name))

@@ -309,13 +309,16 @@ def train(cfg: RunConfig, *, progress: bool | None = None, fresh: bool = False) 
 def _accepted_changes(cfg: RunConfig, env: DistEnv, fresh: bool) -> dict[str, int]:
     """Jobs submitted to an earlier run of this output_dir join `cfg.jobs` (as if in the file); jobs
     cancelled there stay stopped: returns them with their steps then. Rank 0 reads, all ranks apply."""
-    found: tuple[list[dict], dict[str, int]] = ([], {})
-    if env.rank == 0:
+    def read() -> tuple[list[dict], dict[str, int]]:
         control = ControlDir(cfg.output_dir)
+        if env.rank != 0 or not control.root.is_dir():
+            return [], {}
         if fresh:
             (control.root / "accepted.jsonl").unlink(missing_ok=True)
-        elif control.root.is_dir():
-            found = control.accepted()
+            return [], {}
+        return control.accepted()
+
+    found = agree(env.rank, env.world, read)  # a damaged log stops every rank with the same line
     if env.world > 1 and dist.is_initialized():
         box = [found]
         try:

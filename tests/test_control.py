@@ -208,3 +208,14 @@ def test_cancelling_every_job_ends_the_run_cleanly(workspace):
         line = f"{name}: cancelled after {step} steps" if step else f"{name}: cancelled before its first step"
         assert line in proc.stdout, proc.stdout[-2000:]
         assert json.loads((out / name / "cancelled.json").read_text())["cancelled_after_steps"] == step
+
+
+def test_a_damaged_accepted_log_is_one_line_not_a_traceback(workspace, capsys):
+    out = workspace[0] / "damaged"
+    (out / "control").mkdir(parents=True)
+    (out / "control" / "accepted.jsonl").write_text('{"submit": [], "cancel": {}}\n{"submit": [\n')
+    config = write(workspace, "damaged", JOBS[:1])
+    assert launcher.main([str(config), "--no-live"]) == launcher.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"error: {out / 'control' / 'accepted.jsonl'} line 2: not an accepted change" in err

@@ -147,6 +147,12 @@ class AdapterJob:
         """Whether every gradient of this job on this stage is finite (one device sync)."""
         return _all_finite([p.grad for p in self._params() if p.grad is not None])
 
+    def poison_gradients(self) -> None:
+        """Make this job's gradients on this stage NaN (fault injection: `mlora_pp.faults`)."""
+        for p in self._params():
+            if p.grad is not None:
+                p.grad.fill_(float("nan"))
+
     def weights_finite(self) -> bool:
         """Whether every LoRA weight of this job on this stage is finite (one device sync)."""
         return _all_finite(self._params())

@@ -1,13 +1,15 @@
-"""Step records from the last stage (where losses are computed) to rank 0 (progress and metrics).
+"""Step records from every other stage to rank 0 (progress, metrics, failures).
 
-The last stage sends each finished step's record as soon as it has it. Rank 0 receives them on a
-background thread and delivers them between its own actions, so waiting for a loss never stalls
+Every stage but rank 0 sends each finished step's record as soon as it has it: the last stage's
+carries the loss, every stage's says whether that stage failed the job there (non-finite gradients
+can show on one stage only). Rank 0 receives them on a background thread and delivers them between its own actions, so waiting for a loss never stalls
 the pipeline (a blocking receive on the main thread could deadlock: the last stage may first need
 an activation that rank 0 sends later). A thread, not a polled receive: Gloo's `is_completed()`
 stays false until `wait()` is called, so a polled receive only delivered everything at the end
-(metrics times all equal, a frozen progress table). Records travel in send order on their own
-group and carry their job's index; the last stage ends the stream with an end marker, so the
-number of records need not be known in advance (jobs can be submitted and cancelled mid-run).
+(metrics times all equal, a frozen progress table). Records travel on their own group, received
+from any source, in send order per sender; each carries its job's index and its stage. Every
+sender ends its stream with an end marker, so the number of records need not be known in advance
+(jobs can be submitted and cancelled mid-run).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.distributed as dist
 from mlora_pp.runtime import FAILURES, StepRecord
 from mlora_pp.transport import PipelineError
 
-_FIELDS = 7  # job index, step, loss, loss_tokens, tokens, lr, status (0 ok, -1 skipped, k: FAILURES[k - 1])
+_FIELDS = 8  # job index, step, loss, loss_tokens, tokens, lr, status (0 ok, -1 skipped, k: FAILURES[k - 1]), stage
 _TAG = 0
 _END = -1  # job index of the end marker
 _RECORD_WAIT = datetime.timedelta(days=7)
@@ -33,14 +35,14 @@ timeout; a lost last stage shows up as an error here or in the pipeline's own wa
 bounds the final wait by the pipeline timeout."""
 
 
-def _encode(job: int, record: StepRecord) -> torch.Tensor:
+def _encode(job: int, record: StepRecord, stage: int) -> torch.Tensor:
     status = -1 if record.skipped else (FAILURES.index(record.failure) + 1 if record.failure else 0)
-    values = [job, record.step, record.loss, record.loss_tokens, record.tokens, record.lr, status]
+    values = [job, record.step, record.loss, record.loss_tokens, record.tokens, record.lr, status, stage]
     return torch.tensor(values, dtype=torch.float64)
 
 
 class RecordSender:
-    """On the last stage: ship each finished step's record to rank 0."""
+    """On every stage but rank 0: ship each finished step's record to rank 0."""
 
     def __init__(self, names: list[str], group: Any, rank: int, dst: int = 0):
         self.names = names
@@ -51,7 +53,7 @@ class RecordSender:
         self._pending: list[tuple[Any, torch.Tensor]] = []
 
     def __call__(self, record: StepRecord) -> None:
-        payload = _encode(self.names.index(record.job), record)
+        payload = _encode(self.names.index(record.job), record, self.rank)
         try:
             work = dist.isend(payload, self.dst, group=self.group, tag=_TAG)
         except RuntimeError as exc:
@@ -63,6 +65,7 @@ class RecordSender:
     def finish(self, timeout_s: float, rank: int) -> None:
         """Send the end marker, then wait for every send."""
         end = torch.full((_FIELDS,), float(_END), dtype=torch.float64)
+        end[-1] = self.rank
         try:
             self._pending.append((dist.isend(end, self.dst, group=self.group, tag=_TAG), end))
         except RuntimeError as exc:
@@ -79,14 +82,16 @@ class RecordSender:
 
 
 class RecordInbox:
-    """On rank 0: receive every job's step records from the last stage on a background thread."""
+    """On rank 0: receive every job's step records from the other stages on a background thread."""
 
-    def __init__(self, names: list[str], src: int, group: Any, deliver: Callable[[StepRecord], None]):
+    def __init__(self, names: list[str], sources: list[int], group: Any,
+                 deliver: Callable[[StepRecord, int], None]):
         self.names = names
         """Job names by index (a job submitted mid-run is appended on every rank alike)."""
         self.delivered = 0
-        self.ended = False
-        self.src = src
+        self.sources = sources
+        self.open = set(sources)
+        """Senders whose end marker has not arrived yet."""
         self.group = group
         self.deliver = deliver
         self._queue: queue.Queue[torch.Tensor | BaseException] = queue.Queue()
@@ -94,27 +99,36 @@ class RecordInbox:
         self._thread.start()
 
     def _receive(self) -> None:
+        ends = 0
         try:
-            while True:
+            while ends < len(self.sources):
                 buf = torch.empty(_FIELDS, dtype=torch.float64)
-                dist.irecv(buf, self.src, group=self.group, tag=_TAG).wait(_RECORD_WAIT)
+                dist.irecv(buf, None, group=self.group, tag=_TAG).wait(_RECORD_WAIT)  # from any sender
                 self._queue.put(buf)
-                if buf[0] == _END:
-                    return
+                ends += int(buf[0] == _END)
         except BaseException as exc:  # handed to the main thread, which raises it as a PipelineError
             self._queue.put(exc)
 
     def _handle(self, item: torch.Tensor | BaseException, rank: int) -> None:
         if isinstance(item, BaseException):
-            raise PipelineError(f"rank {rank}: lost rank {self.src} while waiting for step records ({item})") from None
-        job, step, loss, loss_tokens, tokens, lr, status = item.tolist()
+            raise PipelineError(f"rank {rank}: lost {self._waiting()} while waiting for step records "
+                                f"({item})") from None
+        job, step, loss, loss_tokens, tokens, lr, status, stage = item.tolist()
         if job == _END:
-            self.ended = True
+            self.open.discard(int(stage))
             return
         failure = FAILURES[int(status) - 1] if status > 0 else None
         self.delivered += 1
         self.deliver(StepRecord(self.names[int(job)], int(step), loss, int(loss_tokens), int(tokens), lr, failure,
-                                status < 0))
+                                status < 0), int(stage))
+
+    @property
+    def ended(self) -> bool:
+        return not self.open
+
+    def _waiting(self) -> str:
+        ranks = sorted(self.open)
+        return f"rank {ranks[0]}" if len(ranks) == 1 else "one of ranks " + ", ".join(map(str, ranks))
 
     def poll(self, rank: int = 0) -> None:
         """Deliver every record that has arrived; never blocks."""
@@ -126,14 +140,14 @@ class RecordInbox:
             self._handle(item, rank)
 
     def drain(self, timeout_s: float, rank: int) -> None:
-        """Wait for every record still due (the last stage may finish after rank 0)."""
+        """Wait for every record still due (the other stages may finish after rank 0)."""
         deadline = time.monotonic() + timeout_s
         while not self.ended:
             try:
                 item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 raise PipelineError(
-                    f"rank {rank}: timed out after {timeout_s:g}s waiting for the step records from rank {self.src} "
+                    f"rank {rank}: timed out after {timeout_s:g}s waiting for the step records from {self._waiting()} "
                     f"({self.delivered} received, no end marker yet)"
                 ) from None
             self._handle(item, rank)

@@ -248,7 +248,7 @@ class StageWorker:
                 failure = FAILURES[2]  # applied but never saved: the last good state is an earlier checkpoint
         if failure is not None:
             self._fail(job, step, failure)
-        if self.is_last and self.on_step is not None:
+        if self.on_step is not None:  # the loss is known on the last stage only
             self.on_step(StepRecord(job=job_name, step=job.steps_done, loss=loss, loss_tokens=stats.loss_tokens,
                                     tokens=stats.tokens, lr=lr, failure=failure, skipped=skipped))
         if job.steps_done == job.total_steps:
@@ -331,8 +331,9 @@ class StageWorker:
                 change = self.replan.decide(point)
                 if change:
                     return count, (index, point, change)
-            if fault is not None:
-                fault.maybe_fire(self.stage_index, count)
+            if fault is not None and fault.maybe_fire(self.stage_index, count):
+                assert action.kind == "S", f"fault 'nan' is for optimizer steps, not {action}"
+                self.jobs[action.job].poison_gradients()
             limit = pending[0] if pending else None
             for k, stream in enumerate(streams):
                 posted[k] = self.prefetch(stream, done[k], posted[k], limit=limit)

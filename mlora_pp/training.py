@@ -461,9 +461,9 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         board.mark(job, "failed")
         manifests.fail(job, good_steps)
 
-    def deliver(record: StepRecord) -> None:
+    def deliver(record: StepRecord, stage: int = last) -> None:
         if record.failure is not None:
-            fail(record.job, record.step - 1, f"{record.failure} at step {record.step} on stage {last}")
+            fail(record.job, record.step - 1, f"{record.failure} at step {record.step} on stage {stage}")
             return
         if record.skipped or (record.job in failed and record.step > failed[record.job][0]):
             return  # a good step may be heard of after another stage failed the job's next one
@@ -472,32 +472,31 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
                        "loss_tokens": record.loss_tokens, "lr": record.lr, "time": time.perf_counter() - start})
         board.update(record.job, record.step, record.loss, record.tokens)
 
-    held: list[StepRecord] = []  # on rank 0: the last stage's good records of steps rank 0 has not done yet
+    heard: dict[tuple[str, int], dict[int, StepRecord]] = {}  # on rank 0: (job, step) -> stage -> record
 
     def release() -> None:
-        """Deliver the held records whose step rank 0's own stage has finished too. The last stage can
-        finish a step before rank 0 fails the same step (non-finite gradients there): a record heard
-        early would log a loss for a step the job never completed."""
-        due = [r.failure is not None or jobs[r.job].steps_done >= r.step for r in held]
-        ready = [r for r, d in zip(held, due) if d]
-        held[:] = [r for r, d in zip(held, due) if not d]
-        for record in ready:
-            deliver(record)
+        """Settle every step that all stages have finished: a failure on any stage fails the job there,
+        else the last stage's record (the loss) is delivered. Until then a step is held, so a loss is
+        never logged for a step some stage failed, whichever stage's report comes first."""
+        for key in [k for k, got in heard.items() if len(got) == env.world - 1 and jobs[k[0]].steps_done >= k[1]]:
+            got = heard.pop(key)
+            stage = next((k for k in sorted(got) if got[k].failure is not None), last)
+            deliver(got[stage], stage)
 
-    def hear(record: StepRecord) -> None:
-        held.append(record)
+    def hear(record: StepRecord, stage: int) -> None:
+        heard.setdefault((record.job, record.step), {})[stage] = record
         release()
 
     job_order = list(jobs)  # record index -> job; submitted jobs are appended on every rank alike
     inbox = sender = None
     if env.world == 1:
         on_step = deliver
-    elif env.rank == last:
+    elif env.rank > 0:
         on_step = sender = RecordSender(job_order, records, env.rank)
     else:
         on_step = None
     if env.world > 1 and is_rank0:
-        inbox = RecordInbox(job_order, last, records, hear)
+        inbox = RecordInbox(job_order, list(range(1, env.world)), records, hear)
 
     def after_action() -> None:
         if inbox is not None:
@@ -536,7 +535,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         if inbox is not None:
             inbox.drain(cfg.pipeline.timeout_s, env.rank)
             release()
-            assert not held, f"records of steps rank 0 never did: {held}"
+            assert not heard, f"steps not every stage reported, or rank 0 never did: {sorted(heard)}"
         wall = time.perf_counter() - start
         summary = _stage_summary(env.rank, worker.trace, wall)
         summary["bytes_sent"] = transport.bytes_sent if transport is not None else 0
@@ -558,7 +557,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
                 raise PipelineError(f"rank {env.rank}: lost a rank while merging adapters on rank 0 ({exc})") from None
             gathered = everything if is_rank0 else []
         if is_rank0:
-            for *_, failures in gathered:  # a middle stage's failure is first heard of here
+            for *_, failures in gathered:  # every failure was heard already; this is belt and braces
                 for job, (good_steps, reason) in failures.items():
                     fail(job, good_steps, reason)
             manifests.drain(cfg.pipeline.timeout_s)  # every part was written before the gather

@@ -64,16 +64,20 @@ def yaml_config(workspace, out: str, jobs=None) -> Path:
     return path
 
 
+def assert_adapter_same(ours: dict, theirs: dict, tol: float = 1e-6) -> None:
+    """Two adapters equal to `tol` relative, per tensor and over the whole adapter."""
+    assert set(ours) == set(theirs)
+    for path in theirs:
+        for k in (0, 1):
+            assert rel_err(ours[path][k], theirs[path][k]) <= tol, (path, k)
+    flat = [torch.cat([t.flatten() for p in sorted(theirs) for t in d[p]]) for d in (ours, theirs)]
+    assert rel_err(*flat) <= tol
+
+
 def assert_same(out: Path, ref: Path, jobs=JOBS, tol: float = 1e-6) -> None:
-    """Adapters equal to `tol` relative, per tensor and over the whole adapter."""
+    """Every job's adapter in `out` equals the one in `ref` (`assert_adapter_same`)."""
     for job in jobs:
-        ours, theirs = adapter(out, job["name"]), adapter(ref, job["name"])
-        assert set(ours) == set(theirs)
-        for path in theirs:
-            for k in (0, 1):
-                assert rel_err(ours[path][k], theirs[path][k]) <= tol, (job["name"], path, k)
-        flat = [torch.cat([t.flatten() for p in sorted(theirs) for t in d[p]]) for d in (ours, theirs)]
-        assert rel_err(*flat) <= tol, job["name"]
+        assert_adapter_same(adapter(out, job["name"]), adapter(ref, job["name"]), tol)
 
 
 def assert_checkpoints_complete(out: Path) -> None:
@@ -269,15 +273,16 @@ def test_unwritable_or_too_small_output_dir_is_refused_before_training(workspace
     assert not (workspace[0] / "too-small" / "metrics.jsonl").exists()
 
 
-def failed_run_checks(out: Path, reference: Path) -> None:
-    """beta (absurd lr) failed alone at step 2: alpha and gamma equal the reference, where beta's lr
-    is sane (rows of different jobs never mix, so beta's NaNs cannot reach them); beta's output is
-    its step-1 checkpoint, and no checkpoint after that exists."""
-    assert_same(out, reference, jobs=[JOBS[0], JOBS[2]])
+def failed_run_checks(out: Path, reference: Path, same=assert_adapter_same, reason: str = "non-finite") -> list[dict]:
+    """beta failed alone at step 2: alpha and gamma equal the reference, where beta's lr is sane
+    (rows of different jobs never mix, so beta's NaNs cannot reach them); beta's output is its
+    step-1 checkpoint, and no checkpoint after that exists. Returns the metrics records."""
+    for job in (JOBS[0], JOBS[2]):
+        same(adapter(out, job["name"]), adapter(reference, job["name"]))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     failed = [r for r in records if r.get("event") == "failed"]
     assert len(failed) == 1 and failed[0]["job"] == "beta" and failed[0]["step"] == 2, failed
-    assert "non-finite" in failed[0]["reason"]
+    assert reason in failed[0]["reason"], failed[0]
     assert [r["step"] for r in records if r.get("job") == "beta" and "loss" in r] == [1]
     for name in ("alpha", "gamma"):
         losses = [r["loss"] for r in records if r.get("job") == name and "loss" in r]
@@ -287,6 +292,7 @@ def failed_run_checks(out: Path, reference: Path) -> None:
     saved, final = checkpoint_weights(point), adapter(out, "beta")
     assert all(torch.equal(saved[p][k], final[p][k]) for p in final for k in (0, 1))
     assert json.loads((out / "beta" / "failed.json").read_text())["good_steps"] == 1
+    return records
 
 
 BAD_LR = [CK_JOBS[0], dict(CK_JOBS[1], lr=1e10), CK_JOBS[2]]
@@ -374,3 +380,22 @@ def test_non_finite_job_fails_alone_on_two_stages(workspace, reference_two, rank
 def test_checkpoint_fields_are_validated(workspace, field, value):
     with pytest.raises(ConfigError, match=rf"jobs\[0\]\.{field}: must be at least 1"):
         config(workspace, "never", [dict(CK_JOBS[0], **{field: value})])
+
+
+def test_a_middle_stage_failure_is_heard_mid_run_on_three_stages(workspace, reference):
+    """Only stage 1 of 3 finds beta's step-2 gradients non-finite (fault `nan`); stages 0 and 2 see
+    nothing wrong. Rank 0 must hold the last stage's loss of that step until stage 1 reports it: the
+    job fails there, mid-run (before gamma ends), with no loss logged for any later beta step."""
+    out = "middle-fails"
+    cfg = config(workspace, out)
+    jobs = prepare_jobs(cfg, load_tokenizer(workspace[1]))
+    stage1 = build_schedule([j.job_steps() for j in jobs.values()], 3, "lora", True).stages[1]
+    index = next(i for i, a in enumerate(stage1) if a.kind == "S" and a.job == "beta" and a.step == 1)
+    proc = torchrun(3, yaml_config(workspace, out), MLORA_PP_FAULT=f"1:{index}:nan")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "beta: FAILED (non-finite gradients at step 2 on stage 1" in proc.stdout, proc.stdout[-2000:]
+    records = failed_run_checks(workspace[0] / out, reference, assert_adapters_equal,
+                                "non-finite gradients at step 2 on stage 1")
+    failed_at = next(i for i, r in enumerate(records) if r.get("event") == "failed")
+    gamma_end = next(i for i, r in enumerate(records) if r.get("job") == "gamma" and r.get("step") == STEPS["gamma"])
+    assert failed_at < gamma_end, "the failure was heard only at the end of the run"

@@ -16,6 +16,11 @@ measures its peak RSS and peak malloc'd bytes. Reported per method: tokens/s (no
 over the makespan), the average job completion time (from the method's start to the job's last
 step), the makespan, per-stage utilisation (busy over wall), peak memory per rank and the bytes
 each rank sent to the others. Prints a table and writes benchmarks/results/<scenario>.json.
+
+Before the methods, a calibration run (a quarter of the steps, our `1f1b`, on the same ranks and
+links; once per rank count of our methods) fits the simulator's costs (`benchmarks.calibration`);
+after them, the simulator's prediction of each of our methods' makespan is printed next to the
+measured one. The baselines run other runtimes and are not predicted.
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from benchmarks.calibration import LOOPBACK, TWO_HOSTS, Fit, fit_run, predict, schedule_of
 from benchmarks.scenarios import SCENARIOS, Scenario, Workspace, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +98,9 @@ class MethodResult:
     threads_per_rank: int = 0
     wire_mib: list[float] | None = None
     """Bytes each host's veth sent (two-hosts scenario only): everything on the wire, headers included."""
+    predicted_makespan_s: float | None = None
+    """The simulator's prediction, calibrated on the calibration run (ours only)."""
+    predicted_bubble: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -318,6 +327,58 @@ def consistency(results: dict[str, MethodResult]) -> list[dict]:
     return checks
 
 
+def calibrate(methods: list[Method], scenario: Scenario, workspace: Workspace, timeout_s: float
+              ) -> dict[int, tuple[Fit, float]]:
+    """Per rank count of our `methods`: the fitted costs of a short run of the workload (a quarter
+    of the steps, `1f1b`, on the scenario's own ranks and links) and that run's makespan."""
+    workload = workspace.workload
+    short = prepare(workspace.root / "calibration", replace(workload, steps=max(1, workload.steps // 4)))
+    fabric = TWO_HOSTS if scenario.hosts == "netns" else LOOPBACK
+    fits = {}
+    for ranks in sorted({m.ranks for m in methods if m.schedule is not None}):
+        method = Method(f"calibrate-{ranks}", f"calibration run, {ranks} rank(s)", ranks, "1f1b")
+        result = run_method(method, scenario, short, timeout_s)
+        fit = fit_run(short.root / method.key / "out", short.root / f"{method.key}.yaml", ranks, fabric,
+                      workload.model.hidden * 4)
+        fits[ranks] = (fit, result.makespan_s)
+        print(f"calibration, {ranks} rank(s): {result.makespan_s:.2f}s for {short.workload.steps} step(s) per job",
+              flush=True)
+    return fits
+
+
+def add_predictions(results: dict[str, MethodResult], workspace: Workspace, fits: dict[int, tuple[Fit, float]]
+                    ) -> list[dict]:
+    """Predict each of our methods' makespan (the launcher's own action lists for its config) and
+    check it is within 10% of the measured one."""
+    checks = []
+    for method in METHODS:
+        r = results.get(method.key)
+        if r is None or method.schedule is None or method.ranks not in fits:
+            continue
+        p = predict(schedule_of(workspace.root / f"{method.key}.yaml", method.ranks), fits[method.ranks][0])
+        r.predicted_makespan_s, r.predicted_bubble = p.makespan_s, p.bubble
+        ratio = p.makespan_s / r.makespan_s
+        checks.append({"target": f"simulator predicts ours {method.key}'s makespan within 10%", "ratio": ratio,
+                       "pass": abs(ratio - 1) <= 0.10})
+    return checks
+
+
+def print_predictions(results: dict[str, MethodResult]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="simulator, calibrated on the calibration run: predicted vs measured makespan")
+    for i, col in enumerate(["method", "predicted s", "measured s", "error", "predicted bubble", "utilization"]):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for r in results.values():
+        if r.predicted_makespan_s is None:
+            continue
+        table.add_row(r.label, f"{r.predicted_makespan_s:.2f}", f"{r.makespan_s:.2f}",
+                      f"{r.predicted_makespan_s / r.makespan_s - 1:+.1%}", f"{r.predicted_bubble:.1%}",
+                      _cells([u * 100 if u is not None else None for u in r.utilization], ".0f") + " %")
+    Console(width=200).print(table)
+
+
 def _cells(values: list[float | None], fmt: str) -> str:
     return " / ".join("n/a" if v is None else format(v, fmt) for v in values)
 
@@ -371,18 +432,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         root = args.workdir or Path(tmp)
         workspace = prepare(root, workload)
+        fits = calibrate(chosen, scenario, workspace, args.timeout)
         results: dict[str, MethodResult] = {}
         for method in chosen:
             results[method.key] = run_method(method, scenario, workspace, args.timeout)
             r = results[method.key]
             print(f"{method.key:10s} {r.tokens_per_s:8.0f} tokens/s  makespan {r.makespan_s:6.2f}s  "
                   f"avg JCT {r.avg_jct_s:6.2f}s  ({r.process_s:.0f}s in all)", flush=True)
+        predicted = add_predictions(results, workspace, fits)
     total_s = time.perf_counter() - started
-    checks = check_targets(scenario.name, results)
+    checks = check_targets(scenario.name, results) + predicted
     sanity = consistency(results)
     title = (f"{scenario.name}{' --quick' if args.quick else ''}: {scenario.description}; "
              f"{workload.model.describe()}; {workload.describe()}")
     print_table(title, results, wire=scenario.hosts == "netns")
+    print_predictions(results)
     for c in checks:
         print(f"{'PASS' if c['pass'] else 'MISS'}  {c['target']}: {c['ratio']:.2f}x")
     for c in sanity:
@@ -396,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         "total_s": total_s,
         "definitions": DEFINITIONS,
         "methods": {k: asdict(r) for k, r in results.items()},
+        "calibration": {str(ranks): {"steps_per_job": max(1, workload.steps // 4), "makespan_s": makespan,
+                                     **fit.as_dict()} for ranks, (fit, makespan) in fits.items()},
         "targets": checks,
         "consistency": sanity,
     }

@@ -1,7 +1,6 @@
-"""What we cannot run here: the real schedules replayed on GPU cost models, and the model calibrated here.
+"""What we cannot run here: the real schedules replayed on GPU cost models.
 
 ``python -m benchmarks.simulate [--stages 4,8,16,64] [--jobs 4,16,64,128,256] [--hardware ...] [--out FILE]``
-``python -m benchmarks.simulate --calibrate``
 ``python -m benchmarks.simulate --stages 64 --jobs 128 [--extra-in-flight N] [--cost-aware] [--hide-latency] --out FILE``
 (variants of the lora order: more micro-batches in flight, or the order generated with the
 hardware's own cost model instead of the launcher's default; see README "Simulator")
@@ -42,26 +41,20 @@ With equal micro-batches and `lora`'s streams covering each other's round trips,
 time is one fill and one drain: bubble ~ (S-1) / (M+S-1) for M micro-batch slots per stage (see
 `mlora_pp.schedule`), so a longer run (more steps) only lowers it.
 
-Calibration mode (``--calibrate``): `calibrated_cost` builds a CostModel from this machine's
-measurement (`mlora_pp.profiling.measure`: embedding, one decoder layer's forward + backward,
-head + loss, AdamW per layer and job; one thread, as each rank of benchmarks.run has), for the
-benchmarks.run scenario's model and the exact micro-batches the launcher would form, with the
-link at an assumed loopback rate (`LOOPBACK`) or the scenario's 1 Gbit/s shaping. It predicts the
-makespan of ours (lora, 1f1b, gpipe) and compares with benchmarks/results/<scenario>.json
-(measured; not rerun here).
+The simulator calibrated on this machine, against measured makespans: `benchmarks.calibration`,
+run and printed by `benchmarks.run`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks.calibration import Fabric
 from mlora_pp.schedule import POLICIES, CostModel, JobSteps, Schedule, build_schedule
 from mlora_pp.sim import simulate
 
@@ -78,15 +71,6 @@ class Device:
     """Datasheet dense bf16 tensor peak, FLOP/s."""
     memory_bandwidth: float
     """Datasheet, bytes/s."""
-
-
-@dataclass(frozen=True)
-class Fabric:
-    name: str
-    bandwidth: float
-    """Bytes/s per direction (datasheet)."""
-    latency: float
-    """Seconds (assumed)."""
 
 
 A6000 = Device("RTX A6000", 154.8e12, 768e9)
@@ -222,143 +206,6 @@ def print_grid(rows: list[dict]) -> None:
     Console(width=200).print(table)
 
 
-# ------------------------------------------------------------------------------------- calibration
-
-LOOPBACK = Fabric("loopback (Gloo), assumed", 1e9, 50e-6)
-"""Assumed, not measured: at these sizes (about 0.3 MB per message against ~0.1 s of compute per
-micro-batch and stage) the link hardly matters."""
-TWO_HOSTS = Fabric("veth shaped to 1 Gbit/s (tbf)", 125e6, 100e-6)
-BACKWARD_RATIO = 2.0
-"""Assumed split of the measured forward + backward (the sum is measured)."""
-
-
-@dataclass
-class Calibration:
-    scenario: str
-    policy: str
-    predicted_s: float
-    measured_s: float | None
-    predicted_bubble: float
-    cost: dict
-
-    @property
-    def error(self) -> float | None:
-        return None if self.measured_s is None else (self.predicted_s - self.measured_s) / self.measured_s
-
-
-def calibrated_cost(profile, counts: list[int], fabric: Fabric, hidden: int, bytes_per_value: int = 4,
-                    runtime: float = 1.0) -> CostModel:
-    """A CostModel from one `LayerProfile` (seconds on `profile.tokens` padded tokens), `counts`
-    decoder layers per stage, embedding on the first stage and head + loss on the last, the compute
-    scaled by `runtime` (`runtime_factor`)."""
-    last = len(counts) - 1
-    per_token = []
-    for s, n in enumerate(counts):
-        total = n * profile.layer_s + (profile.embed_s if s == 0 else 0.0) + (profile.head_s if s == last else 0.0)
-        per_token.append(runtime * total / max(profile.tokens, 1) / (1 + BACKWARD_RATIO))
-    step = max(counts) * profile.step_s
-    return CostModel(forward_per_token=tuple(per_token), backward_ratio=BACKWARD_RATIO, step_seconds=step,
-                     link_latency=fabric.latency, link_bandwidth=fabric.bandwidth,
-                     activation_bytes_per_token=hidden * bytes_per_value)
-
-
-RUNTIME_SAMPLE = 8
-"""Micro-batches the whole-model runtime probe times (after one warm-up)."""
-
-
-def runtime_factor(model_dir: Path, cfg, jobs: dict, profile, num_layers: int, schedule: Schedule) -> float:
-    """How much slower the real runtime is than the profile's parts add up to, on this machine.
-
-    The profile times one layer, the head and the embedding in tight loops; a stage of the real
-    runtime also collates rows, builds LoRA layouts, and dispatches every layer's modules from
-    Python. This runs the launcher's `StageWorker` on one whole-model stage for a few of the run's
-    micro-batches (forward + backward, one thread) and returns the median of measured over the
-    profile's prediction for the same micro-batch. Work between stages (sends, step records) is
-    still left out."""
-    import statistics
-
-    from mlora_pp.model import StageSpec, build_stage
-    from mlora_pp.runtime import StageWorker
-
-    stage = build_stage(model_dir, StageSpec.whole(num_layers), dtype=cfg.model.dtype)
-    for job in jobs.values():
-        c = job.config
-        stage.add_adapter(c.name, c.rank, c.alpha, c.dropout, list(c.target_modules), seed=cfg.seed)
-    one_stage = Schedule(schedule.policy, schedule.micro_batches, ((),))  # the run's own micro-batches
-    worker = StageWorker(stage, jobs, one_stage)
-    ratios = []
-    for k, mb in enumerate(schedule.micro_batches[: RUNTIME_SAMPLE + 1]):
-        started = time.perf_counter()
-        worker.forward(mb)
-        worker.backward(mb)
-        took = time.perf_counter() - started
-        predicted = (num_layers * profile.layer_s + profile.embed_s + profile.head_s) * mb.tokens / max(profile.tokens, 1)
-        if k:  # the first is a warm-up
-            ratios.append(took / predicted)
-    return statistics.median(ratios)
-
-
-def calibrate(scenarios: tuple[str, ...] = ("loopback", "two-hosts-1gbit"), quick: bool = False,
-              repeats: int | None = None, results: Path = RESULTS) -> list[Calibration]:
-    """Profile the scenario's model here, predict ours (lora, 1f1b, gpipe) for each scenario and
-    compare with the measured makespans in `results`/<scenario>[-quick].json."""
-    import torch
-
-    from benchmarks.scenarios import SCENARIOS, prepare
-    from mlora_pp.config import load_config
-    from mlora_pp.preflight import check_inputs
-    from mlora_pp.profiling import REPEATS, measure
-    from mlora_pp.training import prepare_jobs
-
-    out: list[Calibration] = []
-    workload = SCENARIOS[scenarios[0]].workload(quick)  # every scenario trains the same workload
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # each rank of benchmarks.run has one of the 2 cores
-    try:
-        with tempfile.TemporaryDirectory(prefix="calib-") as tmp:
-            space = prepare(Path(tmp), workload)
-            profiles, schedules, factors, counts, hidden = {}, {}, {}, [], workload.model.hidden
-            for policy in POLICIES:
-                cfg = load_config(space.config(policy, policy))
-                checked = check_inputs(cfg, 0, 2)
-                counts = [spec.last_layer - spec.first_layer for spec in checked.specs]
-                jobs = prepare_jobs(cfg, checked.tokenizer)
-                schedules[policy] = build_schedule([j.job_steps() for j in jobs.values()], 2, policy, cfg.pipeline.fuse)
-                profiles[policy] = measure(space.model, jobs, schedules[policy], seed=cfg.seed, dtype=cfg.model.dtype,
-                                           recompute=cfg.pipeline.recompute, repeats=repeats or REPEATS)
-                factors[policy] = runtime_factor(space.model, cfg, jobs, profiles[policy], sum(counts),
-                                                 schedules[policy])
-            for name in scenarios:
-                fabric = TWO_HOSTS if SCENARIOS[name].hosts == "netns" else LOOPBACK
-                path = results / f"{name}{'-quick' if quick else ''}.json"
-                measured = json.loads(path.read_text())["methods"] if path.is_file() else {}
-                for policy in POLICIES:
-                    cost = calibrated_cost(profiles[policy], counts, fabric, hidden, runtime=factors[policy])
-                    t = simulate(schedules[policy], cost)
-                    m = measured.get(policy, {}).get("makespan_s")
-                    out.append(Calibration(name, policy, t.makespan, m, t.bubble,
-                                           {"layers": counts, "fabric": asdict(fabric), **asdict(cost),
-                                            "runtime_factor": factors[policy],
-                                            "profile": asdict(profiles[policy])}))
-    finally:
-        torch.set_num_threads(threads)
-    return out
-
-
-def print_calibration(rows: list[Calibration]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="calibrated on this machine: predicted vs measured makespan (ours)")
-    for i, col in enumerate(["scenario", "policy", "predicted s", "measured s", "error", "predicted bubble"]):
-        table.add_column(col, justify="left" if i == 0 else "right")
-    for r in rows:
-        table.add_row(r.scenario, r.policy, f"{r.predicted_s:.2f}",
-                      "n/a" if r.measured_s is None else f"{r.measured_s:.2f}",
-                      "n/a" if r.error is None else f"{r.error:+.1%}", f"{r.predicted_bubble:.1%}")
-    Console(width=160).print(table)
-
-
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -375,44 +222,31 @@ def main(argv: list[str] | None = None) -> int:
                         help="lora as with pipeline.hide_latency: 2S-1 in flight on stage 0, two fewer per stage")
     parser.add_argument("--cost-aware", action="store_true",
                         help="build the lora order with each hardware's cost model (not the launcher's default)")
-    parser.add_argument("--calibrate", action="store_true",
-                        help="profile here and predict the measured makespans of benchmarks.run instead")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    if args.calibrate:
-        load = os.getloadavg()
-        rows = calibrate()
-        print_calibration(rows)
-        print(f"load average before profiling {load[0]:.2f} on {os.cpu_count()} cores (profiling under load "
-              f"over-predicts: the measured runs had the machine to themselves)")
-        out = args.out or RESULTS / "sim-calibration.json"
-        payload = {"command": "python -m benchmarks.simulate --calibrate", "backward_ratio_assumed": BACKWARD_RATIO,
-                   "load_average_before": load, "cpu_count": os.cpu_count(),
-                   "rows": [dict(asdict(r), error=r.error) for r in rows]}
-    else:
-        hardware = args.hardware.split(",")
-        unknown = set(hardware) - set(HARDWARE)
-        if unknown:
-            parser.error(f"unknown hardware {sorted(unknown)}")
-        rows = grid(args.stages, args.jobs, hardware, steps=args.steps, progress=True,
-                    extra_in_flight=args.extra_in_flight, cost_aware=args.cost_aware, hide_latency=args.hide_latency)
-        print_grid(rows)
-        lora = [r for r in rows if r["policy"] == "lora" and r["stages"] == 64 and r["jobs"] == 128]
-        for r in lora:
-            print(f"{'PASS' if r['bubble'] <= 0.01 else 'MISS'}  64 stages x 128 jobs, {r['hardware']}: "
-                  f"lora bubble {r['bubble']:.2%} (target <= 1%)")
-        out = args.out or RESULTS / "sim.json"
-        payload = {
-            "command": " ".join(["python -m benchmarks.simulate", *(sys.argv[1:] if argv is None else argv)]),
-            "extra_in_flight": args.extra_in_flight, "cost_aware": args.cost_aware, "hide_latency": args.hide_latency, "efficiency": EFFICIENCY, "shape": asdict(Shape()),
-            "hardware": {k: {"device": asdict(d), "fabric": asdict(f)} for k, (d, f) in HARDWARE.items()
-                         if k in hardware},
-            "notes": "schedules built as the launcher builds them (default CostModel, fusion on), replayed under "
-                     "each hardware cost model; bubble = idle stage-seconds / (stages * makespan); see "
-                     "benchmarks/simulate.py for every assumption",
-            "rows": rows,
-        }
+    hardware = args.hardware.split(",")
+    unknown = set(hardware) - set(HARDWARE)
+    if unknown:
+        parser.error(f"unknown hardware {sorted(unknown)}")
+    rows = grid(args.stages, args.jobs, hardware, steps=args.steps, progress=True,
+                extra_in_flight=args.extra_in_flight, cost_aware=args.cost_aware, hide_latency=args.hide_latency)
+    print_grid(rows)
+    lora = [r for r in rows if r["policy"] == "lora" and r["stages"] == 64 and r["jobs"] == 128]
+    for r in lora:
+        print(f"{'PASS' if r['bubble'] <= 0.01 else 'MISS'}  64 stages x 128 jobs, {r['hardware']}: "
+              f"lora bubble {r['bubble']:.2%} (target <= 1%)")
+    out = args.out or RESULTS / "sim.json"
+    payload = {
+        "command": " ".join(["python -m benchmarks.simulate", *(sys.argv[1:] if argv is None else argv)]),
+        "extra_in_flight": args.extra_in_flight, "cost_aware": args.cost_aware, "hide_latency": args.hide_latency, "efficiency": EFFICIENCY, "shape": asdict(Shape()),
+        "hardware": {k: {"device": asdict(d), "fabric": asdict(f)} for k, (d, f) in HARDWARE.items()
+                     if k in hardware},
+        "notes": "schedules built as the launcher builds them (default CostModel, fusion on), replayed under "
+                 "each hardware cost model; bubble = idle stage-seconds / (stages * makespan); see "
+                 "benchmarks/simulate.py for every assumption",
+        "rows": rows,
+    }
     payload["total_s"] = time.perf_counter() - started
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")

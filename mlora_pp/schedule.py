@@ -213,8 +213,9 @@ class ScheduleError(ValueError):
 class CostModel:
     """Seconds of each action and message, for generating the lora order and for `sim.simulate`.
 
-    F of a micro-batch on stage s takes `action_overhead + forward_per_token[s] * tokens` (padded
-    tokens), B `backward_ratio` times the per-token part plus the overhead, S `step_seconds`.
+    F of a micro-batch on stage s takes `action_overhead[s] + forward_per_token[s] * tokens` (padded
+    tokens), B `action_overhead[s] + backward_per_token[s] * tokens` (default: `backward_ratio`
+    times the forward's per-token part), S `step_seconds[s]`; each may be one value for every stage.
     A message of `tokens * activation_bytes_per_token` bytes occupies its link (one per direction
     per adjacent pair, FIFO) for bytes / `link_bandwidth` and arrives `link_latency` later; sends
     are asynchronous, so communication overlaps compute.
@@ -222,23 +223,26 @@ class CostModel:
 
     forward_per_token: float | tuple[float, ...] = 1.0
     backward_ratio: float = 2.0
-    step_seconds: float = 0.0
-    action_overhead: float = 0.0
+    step_seconds: float | tuple[float, ...] = 0.0
+    action_overhead: float | tuple[float, ...] = 0.0
     link_latency: float = 0.0
     link_bandwidth: float = math.inf
     activation_bytes_per_token: float = 0.0
+    backward_per_token: float | tuple[float, ...] | None = None
+
+    _PER_STAGE = ("forward_per_token", "backward_per_token", "step_seconds", "action_overhead")
 
     def __post_init__(self) -> None:
-        per_token = self.forward_per_token
-        if isinstance(per_token, (list, tuple)):
-            object.__setattr__(self, "forward_per_token", tuple(float(x) for x in per_token))
-            values = list(self.forward_per_token)
-        else:
-            values = [per_token]
-        for name, value in [("forward_per_token", v) for v in values] + [
+        values: list[tuple[str, float]] = []
+        for name in self._PER_STAGE:
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(float(x) for x in value))
+                values += [(name, v) for v in getattr(self, name)]
+            elif value is not None:
+                values.append((name, value))
+        for name, value in values + [
             ("backward_ratio", self.backward_ratio),
-            ("step_seconds", self.step_seconds),
-            ("action_overhead", self.action_overhead),
             ("link_latency", self.link_latency),
             ("activation_bytes_per_token", self.activation_bytes_per_token),
         ]:
@@ -248,24 +252,28 @@ class CostModel:
             raise ScheduleError(f"CostModel.link_bandwidth: must be > 0 bytes/s, got {self.link_bandwidth!r}")
 
     def check_stages(self, num_stages: int) -> None:
-        if isinstance(self.forward_per_token, tuple) and len(self.forward_per_token) != num_stages:
-            raise ScheduleError(
-                f"CostModel.forward_per_token: {len(self.forward_per_token)} values for {num_stages} stages"
-            )
+        for name in self._PER_STAGE:
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != num_stages:
+                raise ScheduleError(f"CostModel.{name}: {len(value)} values for {num_stages} stages")
+
+    @staticmethod
+    def _at(value: float | tuple[float, ...], stage: int) -> float:
+        return value[stage] if isinstance(value, tuple) else value
 
     def _per_token(self, stage: int) -> float:
-        if isinstance(self.forward_per_token, tuple):
-            return self.forward_per_token[stage]
-        return self.forward_per_token
+        return self._at(self.forward_per_token, stage)
 
     def forward(self, stage: int, tokens: int) -> float:
-        return self.action_overhead + self._per_token(stage) * tokens
+        return self._at(self.action_overhead, stage) + self._per_token(stage) * tokens
 
     def backward(self, stage: int, tokens: int) -> float:
-        return self.action_overhead + self.backward_ratio * self._per_token(stage) * tokens
+        per_token = (self.backward_ratio * self._per_token(stage) if self.backward_per_token is None
+                     else self._at(self.backward_per_token, stage))
+        return self._at(self.action_overhead, stage) + per_token * tokens
 
     def step(self, stage: int) -> float:
-        return self.step_seconds
+        return self._at(self.step_seconds, stage)
 
     def wire(self, tokens: int) -> float:
         """Seconds a message occupies its link."""

@@ -51,8 +51,11 @@ class Timeline(NamedTuple):
         return self.idle / total if total > 0 else 0.0
 
 
-def simulate(schedule: Schedule, cost: CostModel | None = None) -> Timeline:
-    """Start and end of every action when each stage runs its list in order (see module docstring)."""
+def simulate(schedule: Schedule, cost: CostModel | None = None,
+             final_step_seconds: tuple[float, ...] | None = None) -> Timeline:
+    """Start and end of every action when each stage runs its list in order (see module docstring).
+    With `final_step_seconds` (per stage), a job's last S in the schedule takes that instead of
+    `cost.step` (it writes the job's final checkpoint)."""
     cost = cost or CostModel()
     n = schedule.num_stages
     cost.check_stages(n)
@@ -98,6 +101,11 @@ def simulate(schedule: Schedule, cost: CostModel | None = None) -> Timeline:
             )
         return at
 
+    last_step: dict[str, int] = {}
+    for action in stages[0] if n else ():
+        if action.kind == "S":
+            last_step[action.job] = max(last_step.get(action.job, -1), action.step)
+
     progressed = True
     while progressed:
         progressed = False
@@ -128,7 +136,8 @@ def simulate(schedule: Schedule, cost: CostModel | None = None) -> Timeline:
                     if s > 0:
                         bwd_sent[s].append((action.micro_batch, bwd_links[s - 1].send(end, t)))
                 elif action.kind == "S":
-                    end = start + cost.step(s)
+                    final = final_step_seconds is not None and action.step == last_step.get(action.job)
+                    end = start + (final_step_seconds[s] if final else cost.step(s))
                 else:
                     raise ScheduleError(f"{where}: unknown action kind")
                 timed[s].append(TimedAction(action, start, end))

@@ -1,10 +1,11 @@
-"""benchmarks.simulate: the GPU grid on a small grid, and the calibrated predictor (fast, no processes)."""
+"""benchmarks.simulate and benchmarks.calibration: the GPU grid on a small grid, and the fit of the
+simulator's costs to a run's trace (fast, no processes)."""
 
 import pytest
 
-from benchmarks.simulate import HARDWARE, Shape, calibrated_cost, gpu_cost, grid
-from mlora_pp.profiling import LayerProfile
-from mlora_pp.schedule import JobSteps, build_schedule
+from benchmarks.calibration import LOOPBACK, fit_cost, predict
+from benchmarks.simulate import HARDWARE, Shape, gpu_cost, grid
+from mlora_pp.schedule import CostModel, JobSteps, build_schedule
 from mlora_pp.sim import simulate
 
 
@@ -31,31 +32,51 @@ def test_gpu_cost_is_per_stage_share_of_the_model():
         gpu_cost(*HARDWARE["h100-nvlink"], shape, 3)
 
 
-def test_calibrated_predictor_gives_positive_makespans():
-    from benchmarks.simulate import LOOPBACK, TWO_HOSTS
-
-    profile = LayerProfile(embed_s=1e-4, layer_s=0.05, head_s=0.008, step_s=4e-4, tokens=134, rows=2)
-    jobs = [JobSteps(f"j{i}", tuple(tuple((2, 134) for _ in range(4)) for _ in range(2))) for i in range(4)]
-    spans = {}
-    for fabric in (LOOPBACK, TWO_HOSTS):
-        cost = calibrated_cost(profile, [4, 4], fabric, hidden=512)
-        assert cost.forward(1, 134) > cost.forward(0, 134)  # the head is on the last stage
-        for policy in ("lora", "1f1b", "gpipe"):
-            spans[(fabric.name, policy)] = simulate(build_schedule(jobs, 2, policy), cost).makespan
-    assert all(v > 0 for v in spans.values())
-    busy = 4 * 2 * 4 * (4 * 0.05 + 0.008)  # micro-batches x the slower stage's forward + backward
-    assert all(v >= busy for v in spans.values())
-    assert spans[(LOOPBACK.name, "lora")] < spans[(LOOPBACK.name, "1f1b")]
+def trace_of(timeline, outside: float) -> tuple[list[dict], list[float]]:
+    """The trace events `mlora_pp.training.write_trace` would write for `timeline`, and the stages'
+    wall times with `outside` seconds outside any action."""
+    events = []
+    for s, actions in enumerate(timeline.stages):
+        for t in actions:
+            a = t.action
+            name = f"S {a.job}:{a.step}" if a.kind == "S" else f"{a.kind}{a.micro_batch} x"
+            events.append({"name": name, "cat": a.kind, "ph": "X", "pid": 0, "tid": s,
+                           "ts": t.start * 1e6, "dur": (t.end - t.start) * 1e6})
+    return events, [timeline.makespan + outside] * timeline.num_stages
 
 
-def test_calibrate_profiles_here_and_predicts(tmp_path):
-    """The whole --calibrate path on the quick workload (no measured JSON there: measured is None)."""
-    from benchmarks.simulate import calibrate
+def test_calibration_recovers_the_costs_a_trace_was_made_with():
+    """A trace made by replaying a run under known per-stage costs (the last stage slower, final
+    steps that write a checkpoint) is fitted back to those costs, and predicts another schedule's
+    makespan as the known costs do."""
+    truth = CostModel(forward_per_token=(2e-4, 3e-4), backward_per_token=(2.2e-4, 3.1e-4), step_seconds=(0.01, 0.02),
+                      action_overhead=(0.004, 0.006), link_latency=LOOPBACK.latency,
+                      link_bandwidth=LOOPBACK.bandwidth, activation_bytes_per_token=2048)
+    final = (0.05, 0.07)
+    lengths = [100, 140, 180, 260]
+    short = [JobSteps(f"j{i}", tuple(tuple((2, lengths[(i + s + m) % 4]) for m in range(4)) for s in range(2)))
+             for i in range(3)]
+    calibration = build_schedule(short, 2, "1f1b")
+    events, walls = trace_of(simulate(calibration, truth, final_step_seconds=final), outside=0.25)
+    fit = fit_cost(events, calibration, walls, LOOPBACK, 2048)
+    for name in ("forward_per_token", "backward_per_token", "step_seconds", "action_overhead"):
+        assert getattr(fit.cost, name) == pytest.approx(getattr(truth, name), rel=1e-6), name
+    assert fit.final_step_seconds == pytest.approx(final) and fit.outside_s == pytest.approx(0.25)
+    assert fit.samples == {"F": 2 * 3 * 2 * 4, "B": 2 * 3 * 2 * 4, "S": 2 * 3 * 2}
 
-    rows = calibrate(quick=True, repeats=1, results=tmp_path)
-    assert {(r.scenario, r.policy) for r in rows} == {
-        (s, p) for s in ("loopback", "two-hosts-1gbit") for p in ("lora", "1f1b", "gpipe")}
-    assert all(r.predicted_s > 0 and r.measured_s is None and r.error is None for r in rows)
+    long = [JobSteps(j.name, j.micro_batches * 4) for j in short]
+    for policy in ("lora", "1f1b", "gpipe"):
+        schedule = build_schedule(long, 2, policy)
+        expected = simulate(schedule, truth, final_step_seconds=final).makespan + 0.25
+        assert predict(schedule, fit).makespan_s == pytest.approx(expected, rel=1e-6), policy
+
+
+def test_only_a_jobs_last_step_costs_the_final_step_time():
+    jobs = [JobSteps("a", (((1, 10),),) * 3)]
+    schedule = build_schedule(jobs, 1, "1f1b")
+    plain = simulate(schedule, CostModel(forward_per_token=0.0, step_seconds=1.0))
+    final = simulate(schedule, CostModel(forward_per_token=0.0, step_seconds=1.0), final_step_seconds=(5.0,))
+    assert final.makespan - plain.makespan == pytest.approx(4.0)
 
 
 def test_cost_aware_lora_with_extra_in_flight():

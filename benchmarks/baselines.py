@@ -21,7 +21,10 @@ Methods:
 The loss of a micro-batch is its summed token cross-entropy over the loss tokens of the whole step
 (our definition), so every method computes the same gradients. Each rank writes
 ``DIR/result-rank<R>.json``: its timed window (``wall_s``), busy time where measurable, the bytes
-it sent to other ranks, and per optimizer step the tokens (non-padding), loss and time it saw.
+it sent to other ranks, per optimizer step the tokens (non-padding), loss and time it saw, and
+the timed pieces `benchmarks.calibration` fits its costs to: ``F``/``B`` per pipeline chunk
+(torch-1f1b), ``FB`` per micro-batch (fsdp2 and peft: forward and backward, FSDP2's collectives
+included) with their padded tokens, and ``S`` per optimizer step.
 """
 
 from __future__ import annotations
@@ -71,6 +74,11 @@ class RankReport:
     bytes_sent: int = 0
     bytes_note: str = ""
     steps: list[StepLog] = field(default_factory=list)
+    timings: list[tuple[str, int, float]] = field(default_factory=list)
+    """(kind, padded tokens, seconds) of each timed piece: F, B (a pipeline chunk), FB (a micro-batch), S."""
+
+    def timed(self, kind: str, tokens: int, started: float) -> None:
+        self.timings.append((kind, tokens, time.perf_counter() - started))
 
 
 class TrainClock:
@@ -148,12 +156,16 @@ def train_peft(cfg: RunConfig, jobs: dict[str, AdapterJob], tokenizer, report: R
             for micro in range(len(plan.micro_batches)):
                 rows = job.rows(step, micro)
                 ids, labels = collate(rows, pad_id(tokenizer))
+                started = time.perf_counter()
                 part = token_loss_sum(model(input_ids=ids).logits, labels) / plan.loss_tokens
                 part.backward()
+                report.timed("FB", ids.numel(), started)
                 loss += float(part.detach())
                 tokens += _tokens(rows)
+            started = time.perf_counter()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            report.timed("S", 0, started)
             report.steps.append(StepLog(job.name, step + 1, tokens, loss, clock.now()))
         clock.pause()
         del model, optimizer
@@ -222,12 +234,16 @@ def train_fsdp2(cfg: RunConfig, jobs: dict[str, AdapterJob], tokenizer, env: Dis
             for micro in range(env.rank, len(plan.micro_batches), env.world):
                 rows = job.rows(step, micro)
                 ids, labels = collate(rows, pad_id(tokenizer))
+                started = time.perf_counter()
                 part = token_loss_sum(model(input_ids=ids).logits, labels) / plan.loss_tokens
                 (part * env.world).backward()  # FSDP2 averages gradients over ranks; ours sums the step
+                report.timed("FB", ids.numel(), started)
                 loss += float(part.detach())
                 tokens += _tokens(rows)
+            started = time.perf_counter()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            report.timed("S", 0, started)
             report.steps.append(StepLog(job.name, step + 1, tokens, loss, clock.now()))
         clock.pause()
         del model, optimizer
@@ -264,11 +280,13 @@ class PipelinePart(nn.Module):
 
 @dataclass
 class _BusyTimer:
-    """Seconds spent inside a stage's forward/backward chunks (compute; the waits are outside them)."""
+    """Seconds spent inside a stage's forward/backward chunks (compute; the waits are outside them),
+    each chunk also logged to `report.timings` with its padded tokens."""
 
+    report: RankReport
     busy: float = 0.0
 
-    def wrap(self, obj: object, name: str) -> None:
+    def wrap(self, obj: object, name: str, kind: str, tokens: int) -> None:
         original = getattr(obj, name)
 
         def timed(*args, **kwargs):
@@ -277,6 +295,7 @@ class _BusyTimer:
                 return original(*args, **kwargs)
             finally:
                 self.busy += time.perf_counter() - start
+                self.report.timed(kind, tokens, start)
 
         setattr(obj, name, timed)
 
@@ -287,7 +306,7 @@ def train_torch_1f1b(cfg: RunConfig, jobs: dict[str, AdapterJob], tokenizer, spe
 
     spec = specs[env.rank]
     first, last = env.rank == 0, env.rank == env.world - 1
-    clock, timer = TrainClock(), _BusyTimer()
+    clock, timer = TrainClock(), _BusyTimer(report)
     hidden = None
     for job in jobs.values():
         model = peft_model(cfg, job.config)
@@ -302,12 +321,12 @@ def train_torch_1f1b(cfg: RunConfig, jobs: dict[str, AdapterJob], tokenizer, spe
 
         runners: dict[tuple[int, int], object] = {}
 
-        def runner(length: int, micros: int):
+        def runner(length: int, micros: int, rows: int):
             """The stage/schedule pair for steps padded to `length` (shapes are fixed per stage)."""
             if (length, micros) not in runners:
                 stage = PipelineStage(part, env.rank, env.world, torch.device("cpu"))
-                timer.wrap(stage, "forward_one_chunk")
-                timer.wrap(stage, "backward_one_chunk")
+                timer.wrap(stage, "forward_one_chunk", "F", rows // micros * length)
+                timer.wrap(stage, "backward_one_chunk", "B", rows // micros * length)
                 runners[(length, micros)] = Schedule1F1B(stage, n_microbatches=micros, loss_fn=loss_fn,
                                                          scale_grads=False)
             return runners[(length, micros)]
@@ -322,7 +341,7 @@ def train_torch_1f1b(cfg: RunConfig, jobs: dict[str, AdapterJob], tokenizer, spe
             rows = [ex for micro in range(len(plan.micro_batches)) for ex in job.rows(step, micro)]
             ids, labels = collate(rows, pad_id(tokenizer))
             denominator[0] = plan.loss_tokens
-            schedule = runner(ids.shape[1], len(plan.micro_batches))
+            schedule = runner(ids.shape[1], len(plan.micro_batches), ids.shape[0])
             losses: list[torch.Tensor] = []
             if first:
                 schedule.step(ids, return_outputs=False)
@@ -334,6 +353,7 @@ def train_torch_1f1b(cfg: RunConfig, jobs: dict[str, AdapterJob], tokenizer, spe
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             timer.busy += time.perf_counter() - start
+            report.timed("S", 0, start)
             activation = ids.shape[0] * ids.shape[1] * hidden * DTYPES[cfg.model.dtype].itemsize  # [rows, L, d]
             report.bytes_sent += activation * (int(not last) + int(not first))
             if last:

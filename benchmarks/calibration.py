@@ -1,7 +1,8 @@
-"""The simulator calibrated on a real run: per-action costs fitted from a short run's trace.json.
+"""The simulator calibrated on real runs: costs fitted to short runs' timed pieces, then predictions.
 
-`benchmarks.run` first trains a short version of its workload (the same model, jobs and
-micro-batches, a quarter of the steps, `1f1b`) on the scenario's own ranks and links, so every
+`benchmarks.run` first trains a short version of its workload (the same model and jobs, a quarter
+of the steps, odd jobs with micro-batches twice as large, so that the fit spans the sizes fusion
+forms; `1f1b`) on the scenario's own ranks and links, so every
 action runs as it does in the measured runs: both cores busy, the probe sampling, the real
 transport, step records and checkpoint writes. `fit_cost` reads that run's trace (each action's
 compute time, waits for peers excluded) and fits, per stage:
@@ -12,9 +13,10 @@ compute time, waits for peers excluded) and fits, per stage:
 - the time outside any action within the training window (start-up and the end of the run), from
   the stages' `wall_s` minus the trace's span.
 The link (bandwidth, latency) is the scenario's stated rate, not fitted. `predict` then replays the
-exact action lists of each of our methods' full runs (`mlora_pp.sim.simulate`). The calibration
-run is a separate run with a different number of steps, so no measured makespan feeds its own
-prediction.
+exact action lists of each of our methods' full runs (`mlora_pp.sim.simulate`). The external
+baselines are fitted to their own short runs (`fit_baseline`, `predict_baseline`; see
+`BaselineFit`). The calibration runs are separate runs with a different number of steps, so no
+measured makespan feeds its own prediction.
 """
 
 from __future__ import annotations
@@ -127,15 +129,24 @@ def predict(schedule: Schedule, fit: Fit, fabric: Fabric | None = None) -> Predi
     return Prediction(timeline.makespan + fit.outside_s, timeline.bubble)
 
 
-def schedule_of(config: Path, ranks: int) -> Schedule:
-    """The action lists the launcher builds for `config` on `ranks` stages (a fresh run, no budget)."""
+def _prepared(config: Path, ranks: int) -> tuple:
+    """The run config and the jobs (tokenized rows, step plans) the launcher prepares for `config`."""
     from mlora_pp.config import load_config
     from mlora_pp.preflight import check_inputs
     from mlora_pp.training import prepare_jobs
 
     cfg = load_config(config)
-    checked = check_inputs(cfg, 0, ranks)
-    jobs = prepare_jobs(cfg, checked.tokenizer)
+    return cfg, prepare_jobs(cfg, check_inputs(cfg, 0, ranks).tokenizer)
+
+
+def prepared_jobs(config: Path, ranks: int) -> dict:
+    """The jobs the launcher prepares for `config` on `ranks` ranks."""
+    return _prepared(config, ranks)[1]
+
+
+def schedule_of(config: Path, ranks: int) -> Schedule:
+    """The action lists the launcher builds for `config` on `ranks` stages (a fresh run, no budget)."""
+    cfg, jobs = _prepared(config, ranks)
     return build_schedule([j.job_steps() for j in jobs.values()], ranks, cfg.pipeline.schedule, cfg.pipeline.fuse,
                           hide_latency=cfg.pipeline.hide_latency, streams=cfg.pipeline.streams)
 
@@ -146,3 +157,160 @@ def fit_run(out: Path, config: Path, ranks: int, fabric: Fabric, activation_byte
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     walls = [r["wall_s"] for r in records if r.get("event") == "stage"]
     return fit_cost(events, schedule_of(config, ranks), walls, fabric, activation_bytes_per_token)
+
+
+# ------------------------------------------------------------------------------------- baselines
+
+
+@dataclass(frozen=True)
+class BaselineFit:
+    """Costs of an external baseline, fitted to its calibration run's timed pieces
+    (`benchmarks.baselines` RankReport.timings).
+
+    torch-1f1b: per-stage F and B chunk lines and S, replayed by the simulator on a `1f1b` schedule
+    of torch's shapes (every micro-batch of a step padded to the step's longest row). fsdp2 and peft:
+    one line per micro-batch (forward + backward; for FSDP2 the intercept holds its all-gathers
+    of the frozen weights and reduce-scatters, the slope its compute), a step on the data-parallel
+    ranks lasting as long as its slowest rank's micro-batches, plus S. The lines are fitted to the
+    steps after each job's first; `warmup_s` is the first step's excess over them (lazy
+    initialisation), once per job. `per_unit_s` is the rest of the calibration run's measured time,
+    per optimizer step (fsdp2, peft) or per stage/schedule pair torch-1f1b builds (one per job and
+    padded length: shape inference happens there), added to every prediction."""
+
+    method: str
+    stage_cost: CostModel | None
+    micro_batch: tuple[float, float] | None  # (seconds per micro-batch, per padded token)
+    step_seconds: float
+    warmup_s: float
+    per_unit_s: float
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "stage_cost": None if self.stage_cost is None else asdict(self.stage_cost),
+                "micro_batch": self.micro_batch, "step_seconds": self.step_seconds, "warmup_s": self.warmup_s,
+                "per_unit_s": self.per_unit_s}
+
+
+def _longest(job, ids) -> int:
+    return max(len(job.examples[i].input_ids) for i in ids)
+
+
+def torch_job_steps(jobs: dict) -> list:
+    """`JobSteps` with torch-1f1b's shapes: a step is padded to its longest row, so each of its
+    micro-batches has rows x that length tokens."""
+    from mlora_pp.schedule import JobSteps
+
+    out = []
+    for job in jobs.values():
+        steps = []
+        for plan in job.plans:
+            longest = max(_longest(job, ids) for ids in plan.micro_batches)
+            steps.append(tuple((len(ids), len(ids) * longest) for ids in plan.micro_batches))
+        out.append(JobSteps(job.name, tuple(steps)))
+    return out
+
+
+def _units(method: str, jobs: dict) -> int:
+    """Optimizer steps, or for torch-1f1b the stage/schedule pairs it builds (per job, per distinct
+    (padded length, micro-batches) of its steps)."""
+    if method != "torch-1f1b":
+        return sum(len(job.plans) for job in jobs.values())
+    return sum(len({(max(_longest(job, ids) for ids in plan.micro_batches), len(plan.micro_batches))
+                    for plan in job.plans}) for job in jobs.values())
+
+
+def _model_makespan(fit: BaselineFit, jobs: dict, world: int) -> float:
+    """The fitted lines' makespan of `jobs` (no warm-up, no per-unit time)."""
+    if fit.stage_cost is not None:
+        return simulate(build_schedule(torch_job_steps(jobs), world, "1f1b"), fit.stage_cost).makespan
+    assert fit.micro_batch is not None
+    a, b = fit.micro_batch
+    total = 0.0
+    for job in jobs.values():
+        for plan in job.plans:
+            for tokens in _rounds(job, plan, world):
+                total += a + b * max(tokens)
+            total += fit.step_seconds
+    return total
+
+
+def _rounds(job, plan, world: int) -> list[list[int]]:
+    """A data-parallel step's micro-batches in rounds, one per rank each (rank r takes micro-batches
+    r, r+W, ...), as padded tokens. The ranks meet in every layer's collectives, so a round lasts
+    as long as its largest micro-batch."""
+    tokens = [_longest(job, ids) * len(ids) for ids in plan.micro_batches]
+    return [tokens[k:k + world] for k in range(0, len(tokens), world)]
+
+
+def _steps_of(report: dict, jobs: dict) -> list[tuple[int, list[tuple[str, int, float]], float]]:
+    """A rank's timed pieces split into its optimizer steps, in run order: (step index within its
+    job, the pieces, the S seconds)."""
+    order = [s for job in jobs.values() for s in range(len(job.plans))]
+    steps, pieces = [], []
+    for kind, tokens, seconds in report["timings"]:
+        if kind == "S":
+            steps.append((order[len(steps)], pieces, seconds))
+            pieces = []
+        else:
+            pieces.append((kind, tokens, seconds))
+    return steps
+
+
+def fit_baseline(method: str, reports: list[dict], jobs: dict, fabric: Fabric,
+                 activation_bytes_per_token: float) -> BaselineFit:
+    """Fit `method`'s costs to its calibration run (`reports`: result-rank<R>.json of each rank,
+    `jobs`: that run's prepared jobs)."""
+    world = len(reports)
+    split = [_steps_of(r, jobs) for r in reports]
+    warm_free = any(index > 0 for steps in split for index, _, _ in steps)  # else one step per job: fit them all
+    later = [[p for index, pieces, _ in steps if index > 0 or not warm_free for p in pieces] for steps in split]
+    per_rank_steps = [statistics.fmean([s for _, _, s in steps] or [0.0]) for steps in split]
+    step_seconds = statistics.fmean(per_rank_steps)
+
+    def line(kinds: tuple[str, ...], pieces) -> tuple[float, float]:
+        return _line([(t, s) for k, t, s in pieces if k in kinds])
+
+    if method == "torch-1f1b":
+        lines = [(line(("F",), pieces), line(("B",), pieces)) for pieces in later]
+        cost = CostModel(forward_per_token=tuple(f[1] for f, _ in lines),
+                         backward_per_token=tuple(b[1] for _, b in lines),
+                         action_overhead=tuple((f[0] + b[0]) / 2 for f, b in lines),
+                         step_seconds=tuple(per_rank_steps), link_latency=fabric.latency,
+                         link_bandwidth=fabric.bandwidth, activation_bytes_per_token=activation_bytes_per_token)
+        fit = BaselineFit(method, cost, None, step_seconds, 0.0, 0.0)
+
+        def excess(k: int) -> float:
+            """Step k's chunk time beyond the lines, on its slowest rank."""
+            return max(sum(seconds - (cost.forward(rank, tokens) if kind == "F" else cost.backward(rank, tokens))
+                           for kind, tokens, seconds in split[rank][k][1]) for rank in range(world))
+    else:
+        def rounds(k: int) -> list[tuple[int, float]]:
+            """Step k's rounds: the largest micro-batch (padded tokens) and the slowest rank's time,
+            which includes its waits for the others."""
+            return [(max(t for _, t, _ in piece), max(sec for _, _, sec in piece))
+                    for piece in zip(*(split[rank][k][1] for rank in range(world)))]
+
+        a, b = _line([p for k, (index, _, _) in enumerate(split[0]) if index > 0 or not warm_free
+                      for p in rounds(k)])
+        fit = BaselineFit(method, None, (a, b), step_seconds, 0.0, 0.0)
+
+        def excess(k: int) -> float:
+            return sum(seconds - (a + b * tokens) for tokens, seconds in rounds(k))
+    firsts = [k for k, (index, _, _) in enumerate(split[0]) if index == 0]  # each job's first step
+    excess = [excess(k) for k in firsts]
+    warmup = statistics.fmean(excess) if excess and warm_free else 0.0
+    wall = max(r["wall_s"] for r in reports)
+    rest = wall - _model_makespan(fit, jobs, world) - warmup * len(jobs)
+    return replace(fit, warmup_s=warmup, per_unit_s=rest / max(_units(method, jobs), 1))
+
+
+def predict_baseline(fit: BaselineFit, jobs: dict, world: int, fabric: Fabric | None = None) -> Prediction:
+    """`fit`'s makespan of `jobs` on `world` ranks (on `fabric`'s link if given)."""
+    if fit.stage_cost is not None and fabric is not None:
+        fit = replace(fit, stage_cost=replace(fit.stage_cost, link_latency=fabric.latency,
+                                              link_bandwidth=fabric.bandwidth))
+    makespan = (_model_makespan(fit, jobs, world) + fit.warmup_s * len(jobs)
+                + fit.per_unit_s * _units(fit.method, jobs))
+    bubble = 0.0
+    if fit.stage_cost is not None:
+        bubble = simulate(build_schedule(torch_job_steps(jobs), world, "1f1b"), fit.stage_cost).bubble
+    return Prediction(makespan, bubble)

@@ -17,10 +17,10 @@ over the makespan), the average job completion time (from the method's start to 
 step), the makespan, per-stage utilisation (busy over wall), peak memory per rank and the bytes
 each rank sent to the others. Prints a table and writes benchmarks/results/<scenario>.json.
 
-Before the methods, a calibration run (a quarter of the steps, our `1f1b`, on the same ranks and
-links; once per rank count of our methods) fits the simulator's costs (`benchmarks.calibration`);
-after them, the simulator's prediction of each of our methods' makespan is printed next to the
-measured one. The baselines run other runtimes and are not predicted.
+Before the methods, short calibration runs (a quarter of the steps, on the same ranks and links:
+ours with `1f1b` once per rank count, each baseline on its own runtime) fit the simulator's costs
+(`benchmarks.calibration`); after them, the predicted makespan of every method is printed next to
+the measured one.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.calibration import LOOPBACK, TWO_HOSTS, Fit, fit_run, predict, schedule_of
+from benchmarks.calibration import (
+    LOOPBACK, TWO_HOSTS, fit_baseline, fit_run, predict, predict_baseline, prepared_jobs, schedule_of,
+)
 from benchmarks.scenarios import SCENARIOS, Scenario, Workspace, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -327,38 +329,49 @@ def consistency(results: dict[str, MethodResult]) -> list[dict]:
     return checks
 
 
-def calibrate(methods: list[Method], scenario: Scenario, workspace: Workspace, timeout_s: float
-              ) -> dict[int, tuple[Fit, float]]:
-    """Per rank count of our `methods`: the fitted costs of a short run of the workload (a quarter
-    of the steps, `1f1b`, on the scenario's own ranks and links) and that run's makespan."""
+def calibrate(methods: list[Method], scenario: Scenario, workspace: Workspace, timeout_s: float) -> dict[str, dict]:
+    """Fitted costs per method family, from short runs of the workload (a quarter of the steps, odd
+    jobs with micro-batches twice as large, on the scenario's own ranks and links): ours once per
+    rank count (key ``ours-<ranks>``, `1f1b`), each baseline on its own runtime (key: the method)."""
     workload = workspace.workload
-    short = prepare(workspace.root / "calibration", replace(workload, steps=max(1, workload.steps // 4)))
+    short = prepare(workspace.root / "calibration", replace(workload, steps=max(1, workload.steps // 4)),
+                    mixed_micro=True)
     fabric = TWO_HOSTS if scenario.hosts == "netns" else LOOPBACK
-    fits = {}
-    for ranks in sorted({m.ranks for m in methods if m.schedule is not None}):
-        method = Method(f"calibrate-{ranks}", f"calibration run, {ranks} rank(s)", ranks, "1f1b")
+    act = workload.model.hidden * 4
+    runs = [Method(f"calibrate-{ranks}", f"calibration run, {ranks} rank(s)", ranks, "1f1b")
+            for ranks in sorted({m.ranks for m in methods if m.schedule is not None})]
+    runs += [m for m in methods if m.schedule is None]
+    fits: dict[str, dict] = {}
+    for method in runs:
         result = run_method(method, scenario, short, timeout_s)
-        fit = fit_run(short.root / method.key / "out", short.root / f"{method.key}.yaml", ranks, fabric,
-                      workload.model.hidden * 4)
-        fits[ranks] = (fit, result.makespan_s)
-        print(f"calibration, {ranks} rank(s): {result.makespan_s:.2f}s for {short.workload.steps} step(s) per job",
-              flush=True)
+        config, out = short.root / f"{method.key}.yaml", short.root / method.key
+        if method.schedule is not None:
+            key, fit = f"ours-{method.ranks}", fit_run(out / "out", config, method.ranks, fabric, act)
+        else:
+            reports = [json.loads(p.read_text()) for p in sorted(out.glob("result-rank*.json"))]
+            key, fit = method.key, fit_baseline(method.key, reports, prepared_jobs(config, method.ranks), fabric, act)
+        fits[key] = {"fit": fit, "makespan_s": result.makespan_s, "steps_per_job": short.workload.steps}
+        print(f"calibration run of {key}: {result.makespan_s:.2f}s", flush=True)
     return fits
 
 
-def add_predictions(results: dict[str, MethodResult], workspace: Workspace, fits: dict[int, tuple[Fit, float]]
-                    ) -> list[dict]:
-    """Predict each of our methods' makespan (the launcher's own action lists for its config) and
+def add_predictions(results: dict[str, MethodResult], workspace: Workspace, fits: dict[str, dict]) -> list[dict]:
+    """Predict each method's makespan (ours: the launcher's own action lists for its config) and
     check it is within 10% of the measured one."""
     checks = []
     for method in METHODS:
         r = results.get(method.key)
-        if r is None or method.schedule is None or method.ranks not in fits:
+        key = f"ours-{method.ranks}" if method.schedule is not None else method.key
+        if r is None or key not in fits:
             continue
-        p = predict(schedule_of(workspace.root / f"{method.key}.yaml", method.ranks), fits[method.ranks][0])
+        config, fit = workspace.root / f"{method.key}.yaml", fits[key]["fit"]
+        if method.schedule is not None:
+            p = predict(schedule_of(config, method.ranks), fit)
+        else:
+            p = predict_baseline(fit, prepared_jobs(config, method.ranks), method.ranks)
         r.predicted_makespan_s, r.predicted_bubble = p.makespan_s, p.bubble
         ratio = p.makespan_s / r.makespan_s
-        checks.append({"target": f"simulator predicts ours {method.key}'s makespan within 10%", "ratio": ratio,
+        checks.append({"target": f"simulator predicts {method.key}'s makespan within 10%", "ratio": ratio,
                        "pass": abs(ratio - 1) <= 0.10})
     return checks
 
@@ -367,7 +380,7 @@ def print_predictions(results: dict[str, MethodResult]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="simulator, calibrated on the calibration run: predicted vs measured makespan")
+    table = Table(title="simulator, calibrated on the calibration runs: predicted vs measured makespan")
     for i, col in enumerate(["method", "predicted s", "measured s", "error", "predicted bubble", "utilization"]):
         table.add_column(col, justify="left" if i == 0 else "right")
     for r in results.values():
@@ -460,8 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         "total_s": total_s,
         "definitions": DEFINITIONS,
         "methods": {k: asdict(r) for k, r in results.items()},
-        "calibration": {str(ranks): {"steps_per_job": max(1, workload.steps // 4), "makespan_s": makespan,
-                                     **fit.as_dict()} for ranks, (fit, makespan) in fits.items()},
+        "calibration": {key: {"steps_per_job": f["steps_per_job"], "makespan_s": f["makespan_s"], **f["fit"].as_dict()}
+                        for key, f in fits.items()},
         "targets": checks,
         "consistency": sanity,
     }

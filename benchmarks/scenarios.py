@@ -92,6 +92,16 @@ class Workspace:
     model: Path
     data: tuple[Path, ...]
     workload: Workload
+    mixed_micro: bool = False
+    """Odd-numbered jobs use micro-batches twice the workload's (where the step still splits into an
+    even number): a calibration run then sees the larger micro-batches that fusing jobs forms."""
+
+    def micro_batch_size(self, job: int) -> int:
+        w = self.workload
+        double = 2 * w.micro_batch_size
+        if self.mixed_micro and job % 2 and w.batch_size % (2 * double) == 0:
+            return double
+        return w.micro_batch_size
 
     def config(self, name: str, schedule: str, streams: int | None = None) -> Path:
         """The run config of one method: same jobs, its own output_dir, schedule and lora streams."""
@@ -104,7 +114,7 @@ class Workspace:
             "jobs": [
                 {"name": f"job{i}", "data": str(path), "template": "plain", "rank": w.rank, "alpha": w.alpha,
                  "dropout": w.dropout, "lr": w.lr, "batch_size": w.batch_size,
-                 "micro_batch_size": w.micro_batch_size, "max_steps": w.steps, "max_seq_len": 256,
+                 "micro_batch_size": self.micro_batch_size(i), "max_steps": w.steps, "max_seq_len": 256,
                  "save_every": None, "keep_last": 1, "target_modules": list(ALL_TARGETS)}
                 for i, path in enumerate(self.data)
             ],
@@ -114,7 +124,7 @@ class Workspace:
         return path
 
 
-def prepare(root: Path, workload: Workload) -> Workspace:
+def prepare(root: Path, workload: Workload, mixed_micro: bool = False) -> Workspace:
     """Write the model and every job's data under `root` (a fresh directory)."""
     from mlora_pp.tiny import make_tiny_model
 
@@ -124,4 +134,4 @@ def prepare(root: Path, workload: Workload) -> Workspace:
                             intermediate=m.intermediate)
     rows = workload.batch_size * workload.steps  # exactly the steps' rows: every step is a full batch
     data = tuple(_dataset(root / f"job{i}.jsonl", i, rows, workload.words) for i in range(workload.jobs))
-    return Workspace(root, model, data, workload)
+    return Workspace(root, model, data, workload, mixed_micro)

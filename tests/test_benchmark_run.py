@@ -30,8 +30,7 @@ def test_quick_loopback_runs_every_method_on_the_same_tokens(tmp_path):
     for key in ("lora", "1f1b", "gpipe", "torch-1f1b", "fsdp2"):  # the 2-rank methods exchanged data
         assert all(v > 0 for v in methods[key]["sent_mib"]), key
     assert "method" in proc.stdout and "tokens/s" in proc.stdout  # the table
-    ours = {m.key for m in METHODS if m.schedule is not None}  # the simulator, calibrated on a short run
-    assert set(result["calibration"]) == {"1", "2"}
-    for key, r in methods.items():
-        assert (r["predicted_makespan_s"] is not None) == (key in ours), key
+    # the simulator, calibrated on short runs: ours per rank count, each baseline on its own runtime
+    assert set(result["calibration"]) == {"ours-1", "ours-2", "torch-1f1b", "fsdp2", "peft"}
+    assert all(r["predicted_makespan_s"] > 0 for r in methods.values())
     assert "predicted vs measured makespan" in proc.stdout

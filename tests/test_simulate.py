@@ -3,7 +3,7 @@ simulator's costs to a run's trace (fast, no processes)."""
 
 import pytest
 
-from benchmarks.calibration import LOOPBACK, fit_cost, predict
+from benchmarks.calibration import LOOPBACK, fit_baseline, fit_cost, predict, predict_baseline, torch_job_steps
 from benchmarks.simulate import HARDWARE, Shape, gpu_cost, grid
 from mlora_pp.schedule import CostModel, JobSteps, build_schedule
 from mlora_pp.sim import simulate
@@ -85,3 +85,74 @@ def test_cost_aware_lora_with_extra_in_flight():
     for hw in ("8hosts-1gbit", "h100-nvlink"):
         assert by[(hw, "lora")]["max_in_flight"] == 6
         assert by[(hw, "lora")]["bubble"] <= by[(hw, "1f1b")]["bubble"]
+
+
+def fake_jobs(steps: int, seed: int = 0) -> dict:
+    """Stand-ins for prepared jobs: what the baseline models read (plans of row ids, row lengths)."""
+    import random
+    from types import SimpleNamespace
+
+    rnd = random.Random(seed)
+    jobs = {}
+    for j in range(3):
+        examples = [SimpleNamespace(input_ids=[0] * rnd.randint(40, 90)) for _ in range(8 * steps)]
+        plans = [SimpleNamespace(micro_batches=[[8 * s + 2 * m, 8 * s + 2 * m + 1] for m in range(4)])
+                 for s in range(steps)]
+        jobs[f"j{j}"] = SimpleNamespace(name=f"j{j}", examples=examples, plans=plans)
+    return jobs
+
+
+def test_data_parallel_baseline_fit_recovers_its_line_warmup_and_per_step_time():
+    """Ranks in lock-step (a round of micro-batches lasts as long as its largest), each job's first
+    round slow (lazy initialisation): that goes to the warm-up, not the line."""
+    a, b, step, per_step, warmup = 0.03, 2e-4, 0.01, 0.004, 0.2
+    jobs = fake_jobs(2)
+    reports = [{"wall_s": 0.0, "timings": []} for _ in range(2)]
+    wall = 0.0
+    def rounds(job, plan) -> list[list[int]]:  # each rank's micro-batch of each round, in padded tokens
+        tokens = [len(ids) * max(len(job.examples[i].input_ids) for i in ids) for ids in plan.micro_batches]
+        return [tokens[k:k + 2] for k in range(0, len(tokens), 2)]
+
+    for job in jobs.values():
+        for s, plan in enumerate(job.plans):
+            for k, pair in enumerate(rounds(job, plan)):
+                seconds = a + b * max(pair) + (warmup if s == 0 and k == 0 else 0.0)  # ranks in lock-step
+                for rank, tokens in enumerate(pair):
+                    reports[rank]["timings"].append(("FB", tokens, seconds))
+                wall += seconds
+            for r in reports:
+                r["timings"].append(("S", 0, step))
+            wall += step + per_step
+    for r in reports:
+        r["wall_s"] = wall
+    fit = fit_baseline("fsdp2", reports, jobs, LOOPBACK, 2048)
+    assert fit.micro_batch == pytest.approx((a, b)) and fit.step_seconds == pytest.approx(step)
+    assert fit.warmup_s == pytest.approx(warmup) and fit.per_unit_s == pytest.approx(per_step)
+    longer = fake_jobs(6, seed=1)
+    expected = sum(sum(a + b * max(pair) for pair in rounds(job, plan)) + step + per_step
+                   for job in longer.values() for plan in job.plans) + 3 * warmup
+    assert predict_baseline(fit, longer, 2).makespan_s == pytest.approx(expected)
+
+
+def test_torch_pipeline_fit_recovers_its_stage_costs():
+    truth = CostModel(forward_per_token=(2e-4, 3e-4), backward_per_token=(2.5e-4, 3.5e-4), step_seconds=(0.01, 0.02),
+                      action_overhead=(0.004, 0.002), link_latency=LOOPBACK.latency,
+                      link_bandwidth=LOOPBACK.bandwidth, activation_bytes_per_token=2048)
+    def shapes(jobs) -> int:  # the stage/schedule pairs torch-1f1b builds: per job, per padded length
+        return sum(len({max(len(job.examples[i].input_ids) for ids in plan.micro_batches for i in ids)
+                        for plan in job.plans}) for job in jobs.values())
+
+    jobs, per_shape = fake_jobs(2), 0.03
+    schedule = build_schedule(torch_job_steps(jobs), 2, "1f1b")
+    timeline = simulate(schedule, truth)
+    tokens = {mb.id: mb.tokens for mb in schedule.micro_batches}
+    reports = [{"wall_s": timeline.makespan + per_shape * shapes(jobs),
+                "timings": [(t.action.kind, tokens.get(t.action.micro_batch, 0), t.end - t.start) for t in stage]}
+               for stage in timeline.stages]
+    fit = fit_baseline("torch-1f1b", reports, jobs, LOOPBACK, 2048)
+    for name in ("forward_per_token", "backward_per_token", "step_seconds", "action_overhead"):
+        assert getattr(fit.stage_cost, name) == pytest.approx(getattr(truth, name), rel=1e-6), name
+    assert fit.warmup_s == pytest.approx(0.0, abs=1e-9) and fit.per_unit_s == pytest.approx(per_shape)
+    longer = fake_jobs(5, seed=2)
+    expected = simulate(build_schedule(torch_job_steps(longer), 2, "1f1b"), truth).makespan + per_shape * shapes(longer)
+    assert predict_baseline(fit, longer, 2).makespan_s == pytest.approx(expected)

@@ -17,7 +17,7 @@ over the makespan), the average job completion time (from the method's start to 
 step), the makespan, per-stage utilisation (busy over wall), peak memory per rank and the bytes
 each rank sent to the others. Prints a table and writes benchmarks/results/<scenario>.json.
 
-Before the methods, short calibration runs (a quarter of the steps, on the same ranks and links:
+Before the methods, short calibration runs (half the steps, on the same ranks and links:
 ours with `1f1b` once per rank count, each baseline on its own runtime) fit the simulator's costs
 (`benchmarks.calibration`); after them, the predicted makespan of every method is printed next to
 the measured one.
@@ -101,7 +101,7 @@ class MethodResult:
     wire_mib: list[float] | None = None
     """Bytes each host's veth sent (two-hosts scenario only): everything on the wire, headers included."""
     predicted_makespan_s: float | None = None
-    """The simulator's prediction, calibrated on the calibration run (ours only)."""
+    """The simulator's prediction, calibrated on the method family's short calibration run."""
     predicted_bubble: float | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -330,11 +330,11 @@ def consistency(results: dict[str, MethodResult]) -> list[dict]:
 
 
 def calibrate(methods: list[Method], scenario: Scenario, workspace: Workspace, timeout_s: float) -> dict[str, dict]:
-    """Fitted costs per method family, from short runs of the workload (a quarter of the steps, odd
+    """Fitted costs per method family, from short runs of the workload (half the steps, odd
     jobs with micro-batches twice as large, on the scenario's own ranks and links): ours once per
     rank count (key ``ours-<ranks>``, `1f1b`), each baseline on its own runtime (key: the method)."""
     workload = workspace.workload
-    short = prepare(workspace.root / "calibration", replace(workload, steps=max(1, workload.steps // 4)),
+    short = prepare(workspace.root / "calibration", replace(workload, steps=max(1, workload.steps // 2)),
                     mixed_micro=True)
     fabric = TWO_HOSTS if scenario.hosts == "netns" else LOOPBACK
     act = workload.model.hidden * 4

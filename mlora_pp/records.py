@@ -2,9 +2,10 @@
 
 Every stage but rank 0 sends each finished step's record as soon as it has it: the last stage's
 carries the loss, every stage's says whether that stage failed the job there (non-finite gradients
-can show on one stage only). Rank 0 receives them on a background thread and delivers them between its own actions, so waiting for a loss never stalls
-the pipeline (a blocking receive on the main thread could deadlock: the last stage may first need
-an activation that rank 0 sends later). A thread, not a polled receive: Gloo's `is_completed()`
+can show on one stage only). Rank 0 receives them on a background thread and delivers them
+between its own actions, so waiting for a loss never stalls the pipeline (a blocking receive on
+the main thread could deadlock: the last stage may first need an activation that rank 0 sends
+later). A thread, not a polled receive: Gloo's `is_completed()`
 stays false until `wait()` is called, so a polled receive only delivered everything at the end
 (metrics times all equal, a frozen progress table). Records travel on their own group, received
 from any source, in send order per sender; each carries its job's index and its stage. Every

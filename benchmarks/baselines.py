@@ -150,26 +150,34 @@ def train_peft(cfg: RunConfig, jobs: dict[str, AdapterJob], tokenizer, report: R
         model = peft_model(cfg, job.config)
         optimizer = make_optimizer(model, job.config)
         clock.resume()
-        for step, plan in enumerate(job.plans):
-            set_lr(optimizer, job, step)
-            loss, tokens = 0.0, 0
-            for micro in range(len(plan.micro_batches)):
-                rows = job.rows(step, micro)
-                ids, labels = collate(rows, pad_id(tokenizer))
-                started = time.perf_counter()
-                part = token_loss_sum(model(input_ids=ids).logits, labels) / plan.loss_tokens
-                part.backward()
-                report.timed("FB", ids.numel(), started)
-                loss += float(part.detach())
-                tokens += _tokens(rows)
-            started = time.perf_counter()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            report.timed("S", 0, started)
-            report.steps.append(StepLog(job.name, step + 1, tokens, loss, clock.now()))
+        train_steps(model, optimizer, job, tokenizer, report, clock)
         clock.pause()
         del model, optimizer
     report.wall_s = report.busy_s = clock.done
+
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, job: AdapterJob, tokenizer, report: RankReport,
+                clock: TrainClock, rank: int = 0, world: int = 1) -> None:
+    """Every step of `job`, data parallel over `world` ranks: this rank takes micro-batches rank,
+    rank + world, ... of each step, and its loss is scaled by `world` (FSDP2 averages gradients
+    over ranks; ours sums the step)."""
+    for step, plan in enumerate(job.plans):
+        set_lr(optimizer, job, step)
+        loss, tokens = 0.0, 0
+        for micro in range(rank, len(plan.micro_batches), world):
+            rows = job.rows(step, micro)
+            ids, labels = collate(rows, pad_id(tokenizer))
+            started = time.perf_counter()
+            part = token_loss_sum(model(input_ids=ids).logits, labels) / plan.loss_tokens
+            (part * world).backward()
+            report.timed("FB", ids.numel(), started)
+            loss += float(part.detach())
+            tokens += _tokens(rows)
+        started = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        report.timed("S", 0, started)
+        report.steps.append(StepLog(job.name, step + 1, tokens, loss, clock.now()))
 
 
 # ---------------------------------------------------------------------------------------- fsdp2
@@ -228,23 +236,7 @@ def train_fsdp2(cfg: RunConfig, jobs: dict[str, AdapterJob], tokenizer, env: Dis
         optimizer = make_optimizer(model, job.config)
         dist.barrier()
         clock.resume()
-        for step, plan in enumerate(job.plans):
-            set_lr(optimizer, job, step)
-            loss, tokens = 0.0, 0
-            for micro in range(env.rank, len(plan.micro_batches), env.world):
-                rows = job.rows(step, micro)
-                ids, labels = collate(rows, pad_id(tokenizer))
-                started = time.perf_counter()
-                part = token_loss_sum(model(input_ids=ids).logits, labels) / plan.loss_tokens
-                (part * env.world).backward()  # FSDP2 averages gradients over ranks; ours sums the step
-                report.timed("FB", ids.numel(), started)
-                loss += float(part.detach())
-                tokens += _tokens(rows)
-            started = time.perf_counter()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            report.timed("S", 0, started)
-            report.steps.append(StepLog(job.name, step + 1, tokens, loss, clock.now()))
+        train_steps(model, optimizer, job, tokenizer, report, clock, env.rank, env.world)
         clock.pause()
         del model, optimizer
     report.wall_s = clock.done

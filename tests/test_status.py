@@ -154,8 +154,8 @@ def test_missing_totals_without_run_line(tmp_path):
     assert (x.state, x.step, x.total_steps, x.eta_s) == ("running", 3, None, None)
     assert x.tokens_per_s == pytest.approx(600 / 2.0)  # from its first record: that record's own tokens left out
     assert y.state == "failed"
-    row = next(line for line in table_text(status).splitlines() if line.startswith("│ x "))  # not the title:
-    assert " 3 " in row and "3/" not in row  # the output path may hold "3/" (pytest-193/)
+    row = next(line for line in table_text(status).splitlines() if line.startswith("│ x "))  # x's row only:
+    assert " 3 " in row and "3/" not in row  # the title's output path may hold "3/" (pytest-193/)
 
     with (out / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"event": "done", "time": 4.0}) + "\n")

@@ -12,14 +12,13 @@ import pytest
 import yaml
 
 from test_pipeline import torchrun
-from test_training import JOBS, adapter, assert_adapters_equal, make_raw, write_dataset
+from test_training import JOBS, adapter, assert_adapters_equal, make_raw, make_workspace
 from test_checkpoint import assert_same
 
 from mlora_pp.config import LORA_TARGETS, ConfigError, parse_config
 from mlora_pp.memory import MemoryModel, admission_check, fit_activation, largest_micro, predicted_peak
 from mlora_pp.schedule import JobSteps, ScheduleError, admission, build_schedule
 from mlora_pp.sim import simulate
-from mlora_pp.tiny import make_tiny_model
 from mlora_pp.training import load_tokenizer, prepare_jobs
 
 
@@ -137,10 +136,7 @@ def test_admission_check_and_predicted_peak_follow_the_model():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("admit")
-    model = make_tiny_model(root / "model", layers=4, seed=7)
-    data = {job["name"]: write_dataset(root / f"{job['name']}.jsonl", seed=i) for i, job in enumerate(JOBS)}
-    return root, model, data
+    return make_workspace(tmp_path_factory.mktemp("admit"))
 
 
 BIG_JOBS = [dict(job, rank=64, alpha=64, target_modules=list(LORA_TARGETS)) for job in JOBS]

@@ -22,7 +22,7 @@ import yaml
 from safetensors import safe_open
 
 from test_pipeline import torchrun
-from test_training import JOBS, adapter, assert_adapters_equal, make_raw, rel_err, write_dataset
+from test_training import JOBS, adapter, assert_adapters_equal, make_raw, make_workspace, rel_err
 
 import launcher.__main__ as launcher
 from mlora_pp.checkpoint import (
@@ -31,7 +31,6 @@ from mlora_pp.checkpoint import (
 from mlora_pp.config import ConfigError, parse_config
 from mlora_pp.runtime import StageWorker
 from mlora_pp.schedule import build_schedule
-from mlora_pp.tiny import make_tiny_model
 from mlora_pp.training import load_tokenizer, prepare_jobs, train
 
 CK_JOBS = [dict(job, save_every=1) for job in JOBS]  # a checkpoint after every step: many kill points
@@ -44,10 +43,7 @@ class Stop(BaseException):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    model = make_tiny_model(root / "model", layers=4, seed=7)
-    data = {job["name"]: write_dataset(root / f"{job['name']}.jsonl", seed=i) for i, job in enumerate(JOBS)}
-    return root, model, data
+    return make_workspace(tmp_path_factory.mktemp("ckpt"))
 
 
 def raw_config(workspace, out: str, jobs=None, **pipeline) -> dict:

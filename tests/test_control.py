@@ -19,14 +19,13 @@ import yaml
 
 from test_checkpoint import CK_JOBS, assert_checkpoints_complete, assert_same
 from test_pipeline import torchrun
-from test_training import JOBS, adapter, make_raw, rel_err, write_dataset
+from test_training import JOBS, adapter, make_raw, make_workspace, rel_err
 
 import launcher.__main__ as launcher
 from mlora_pp.checkpoint import CHECKPOINTS, checkpoint_weights, newest_checkpoint, read_checkpoint, step_dirs
 from mlora_pp.config import parse_config
 from mlora_pp.control import PLAN_EVERY, ControlDir
 from mlora_pp.schedule import JobSteps, build_schedule, cut_actions, remaining_steps
-from mlora_pp.tiny import make_tiny_model
 from mlora_pp.training import train
 
 
@@ -61,10 +60,7 @@ def test_a_cut_then_the_next_plan_run_every_part_and_step_once():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("control")
-    model = make_tiny_model(root / "model", layers=4, seed=7)
-    data = {job["name"]: write_dataset(root / f"{job['name']}.jsonl", seed=i) for i, job in enumerate(JOBS)}
-    return root, model, data
+    return make_workspace(tmp_path_factory.mktemp("control"))
 
 
 def raw(workspace, out: str, jobs) -> dict:

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_training import JOBS, adapter, assert_adapters_equal, make_raw, write_dataset
+from test_training import JOBS, adapter, assert_adapters_equal, make_raw, make_workspace
 
 from mlora_pp.config import parse_config
-from mlora_pp.tiny import make_tiny_model
 from mlora_pp.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,10 +40,7 @@ def torchrun(nproc: int, config: Path, timeout: float = 300, **extra_env: str) -
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipe")
-    model = make_tiny_model(root / "model", layers=4, seed=7)
-    data = {job["name"]: write_dataset(root / f"{job['name']}.jsonl", seed=i) for i, job in enumerate(JOBS)}
-    return root, model, data
+    return make_workspace(tmp_path_factory.mktemp("pipe"))
 
 
 def write_config(workspace, out: str, timeout_s: float = 60, quantize: str = "none", **pipeline) -> Path:

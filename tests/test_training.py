@@ -39,12 +39,16 @@ def write_dataset(path: Path, seed: int, n: int = 24) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    model = make_tiny_model(root / "model", layers=3, seed=7)
+def make_workspace(root: Path, layers: int = 4) -> tuple[Path, Path, dict[str, Path]]:
+    """A tiny random LLaMA and one dataset per job of `JOBS` under `root`: (root, model, data)."""
+    model = make_tiny_model(root / "model", layers=layers, seed=7)
     data = {job["name"]: write_dataset(root / f"{job['name']}.jsonl", seed=i) for i, job in enumerate(JOBS)}
     return root, model, data
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("train"), layers=3)
 
 
 def make_raw(workspace, jobs, out: str, model: dict | None = None, **pipeline) -> dict:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -278,8 +279,10 @@ _compiled_drop_span: list[Callable[..., Tensor] | None] = []
 def _drop_span_compiled() -> Callable[..., Tensor] | None:
     """`_drop_span` compiled into one kernel (torch.compile), or None where that is off or failed.
 
-    Eager, the hash is a dozen passes over a T x F int32 tensor, each one kernel launch; compiled
-    it is one pass that reads v and writes the result. MLORA_PP_COMPILE=0 turns it off.
+    Eager, the hash is a dozen passes over a T x F int32 tensor (on CPU, 4.5x the time of the
+    compiled kernel at 132 x 512); compiled it is one pass that reads v and writes the result.
+    MLORA_PP_COMPILE=0 turns it off. On CPU it needs a C++ compiler; without one the first call
+    warns and every later call runs eagerly, with the same bits.
     """
     if not _compiled_drop_span:
         enabled = os.environ.get("MLORA_PP_COMPILE", "1") != "0"
@@ -288,20 +291,31 @@ def _drop_span_compiled() -> Callable[..., Tensor] | None:
 
 
 def _dropped(v: Tensor, pos_seeds: Tensor, feat_seeds: Tensor, thresh: Tensor) -> Tensor:
-    """`_drop_span` of v: one compiled kernel on accelerators, chunk by chunk (hash kept in cache) on CPU."""
-    if v.device.type != "cpu":
-        fn = _drop_span_compiled()
-        if fn is not None:
-            try:
-                return fn(v, pos_seeds, feat_seeds, thresh)
-            except Exception as exc:  # no Triton, or a compiler bug: the eager hash gives the same bits
-                warnings.warn(f"compiling the dropout hash failed ({type(exc).__name__}: {exc}); running it eagerly")
-                _compiled_drop_span[0] = None
+    """`_drop_span` of v: one compiled kernel where torch.compile works, else chunk by chunk (the
+    eager hash's temporaries kept in cache)."""
+    fn = _drop_span_compiled()
+    if fn is not None:
+        try:
+            return fn(v, pos_seeds, feat_seeds, thresh)
+        except Exception as exc:  # no compiler, no Triton, or a compiler bug: the eager hash gives the same bits
+            warnings.warn(f"compiling the dropout hash failed ({type(exc).__name__}: {exc}); running it eagerly")
+            _compiled_drop_span[0] = None
     out = torch.empty_like(v)
     step = _chunk_rows(v.shape[1], v.device)
     for c in range(0, v.shape[0], step):
         out[c : c + step] = _drop_span(v[c : c + step], pos_seeds[c : c + step], feat_seeds, thresh[c : c + step])
     return out
+
+
+def warm_up_dropout(device: torch.device | str, dtype: torch.dtype = torch.float32) -> float:
+    """Compile the dropout kernel for `device` and `dtype` now (seconds spent), so that the first
+    training step does not pay for it. Shapes are dynamic: one compile serves every batch."""
+    start = time.perf_counter()
+    if _drop_span_compiled() is not None:
+        v = torch.ones(3, 16, dtype=dtype, device=device)
+        seeds = torch.arange(3, dtype=torch.int32, device=device)
+        _dropped(v, seeds, torch.arange(16, dtype=torch.int32, device=device), seeds)
+    return time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------- grouped_mm support
@@ -352,9 +366,11 @@ class _Group:
     end: int
     slot: int
     pos_seeds: Tensor | None = None
-    """loop path: dropout seeds per flat row, only when this group's dropout is active."""
+    """loop path: int32 dropout seeds per flat row, only when this group's dropout is active."""
     drops: bool = False
     """Whether this group's dropout is active."""
+    thresh: Tensor | None = None
+    """loop path, with pos_seeds: int32 [rows] `_threshold` of the group's dropout, for `_dropped`."""
 
 
 @dataclass(frozen=True)
@@ -412,6 +428,11 @@ class _Plan:
         """[groups, ...] stack of each group's weights in `layout` (a `_Cast` field); one kernel."""
         assert self.casts is not None and self.gap_cast is not None
         return torch.stack([getattr(self.casts[g.slot] if g.slot >= 0 else self.gap_cast, layout) for g in self.groups])
+
+    def dropped_rows(self, v: Tensor, g: _Group) -> Tensor:
+        """loop path: v [rows of g, F] with g's dropout mask applied (no 1/(1-p))."""
+        assert self.feat_seeds is not None and g.pos_seeds is not None and g.thresh is not None
+        return _dropped(v, g.pos_seeds, self.feat_seeds, g.thresh)
 
     def dropped(self, v: Tensor) -> Tensor:
         """v over the span with each row's dropout mask applied (no 1/(1-p)); v itself without dropout."""
@@ -493,16 +514,7 @@ def _loop_forward(plan: _Plan, x: Tensor, out: Tensor, As: list[Tensor], Bs: lis
         xs = x[g.start : g.end]
         a_t = As[g.slot].t()
         if g.pos_seeds is not None:
-            # Mask and shrink chunk by chunk: the dropped copy of x never exists in full.
-            assert plan.feat_seeds is not None
-            p = plan.dropouts[g.slot]
-            thresh, step = _threshold(p), _chunk_rows(xs.shape[1], xs.device)
-            zero = torch.zeros((), dtype=x.dtype, device=x.device)
-            s = torch.empty(xs.shape[0], a_t.shape[1], dtype=x.dtype, device=x.device)
-            for c in range(0, xs.shape[0], step):
-                drop = _element_hash(g.pos_seeds[c : c + step], plan.feat_seeds) < thresh
-                torch.mm(torch.where(drop, zero, xs[c : c + step]), a_t, out=s[c : c + step])
-            s.mul_(1.0 / (1.0 - p))
+            s = torch.mm(plan.dropped_rows(xs, g), a_t).mul_(1.0 / (1.0 - plan.dropouts[g.slot]))
         else:
             s = xs @ a_t
         b_t, scale = Bs[g.slot].t(), plan.scales[g.slot]
@@ -536,28 +548,14 @@ def _loop_backward(
         if not (need_a or need_x):
             continue
         dsq = torch.mm(dys, Bs[g.slot]).mul_(scale / (1.0 - p))  # dS / (1 - p)
-        xs = x[g.start : g.end]
-        if g.pos_seeds is None:
-            if need_a:
-                _accumulate(dA, g.slot, torch.mm(dsq.t(), xs))
-            if dx is not None:
+        if need_a:
+            xs = x[g.start : g.end]
+            _accumulate(dA, g.slot, torch.mm(dsq.t(), xs if g.pos_seeds is None else plan.dropped_rows(xs, g)))
+        if dx is not None:
+            if g.pos_seeds is None:
                 torch.mm(dsq, As[g.slot], out=dx[g.start : g.end])
-            continue
-        assert plan.feat_seeds is not None
-        thresh, step = _threshold(p), _chunk_rows(xs.shape[1], xs.device)
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        da = torch.zeros_like(As[g.slot]) if need_a else None
-        for c in range(0, xs.shape[0], step):
-            drop = _element_hash(g.pos_seeds[c : c + step], plan.feat_seeds) < thresh
-            dsc = dsq[c : c + step]
-            if da is not None:
-                da.addmm_(dsc.t(), torch.where(drop, zero, xs[c : c + step]))
-            if dx is not None:
-                dxc = dx[g.start + c : g.start + c + dsc.shape[0]]
-                torch.mm(dsc, As[g.slot], out=dxc)
-                dxc.masked_fill_(drop, 0)
-        if da is not None:
-            _accumulate(dA, g.slot, da)
+            else:
+                dx[g.start : g.end] = plan.dropped_rows(torch.mm(dsq, As[g.slot]), g)
     return dx, dA, dB
 
 
@@ -706,7 +704,7 @@ class BatchedLoRALinear(nn.Module):
     def _feature_seeds(self, device: torch.device) -> Tensor:
         seeds = self._feat_seeds.get(device)
         if seeds is None:
-            seeds = self._feat_seeds[device] = _feature_seeds(self.in_features, device)
+            seeds = self._feat_seeds[device] = _as_int32(_feature_seeds(self.in_features, device))
         return seeds
 
     def resolve_path(self, x: Tensor) -> str:
@@ -767,12 +765,15 @@ class BatchedLoRALinear(nn.Module):
                 names.append(seg.adapter)
             start, end = seg.row_start * seq, seg.row_end * seq
             drops = batch.training and spec.dropout > 0.0
-            pos = None
+            pos = thresh = None
             if drops and path == "loop":
                 if pos_all is None:
-                    pos_all = _position_seeds(self.context.key_seeds(x.device), self.module_id)
+                    pos_all = self.context.position_seeds(x.device, self.module_id)
                 pos = pos_all[start:end]
-            groups.append(_Group(start, end, slot, pos, drops))
+                thresh = self.context.cached(
+                    ("thresh", x.device, end - start, spec.dropout),
+                    lambda: torch.full((end - start,), _threshold(spec.dropout), dtype=torch.int32, device=x.device))
+            groups.append(_Group(start, end, slot, pos, drops, thresh))
         # Gaps before the first and after the last participating segment are simply left out.
         while groups and groups[0].slot < 0:
             groups.pop(0)

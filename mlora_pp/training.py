@@ -32,6 +32,7 @@ from mlora_pp.config import ConfigError, RunConfig, parse_config
 from mlora_pp.control import CONTROL, ControlDir, PlanChannel, config_mapping
 from mlora_pp.data import DataError, plan_steps
 from mlora_pp.job import AdapterJob, load_job
+from mlora_pp.lora import warm_up_dropout
 from mlora_pp.memory import (
     MemoryModel, SavedTensorMeter, admission_check, budget_bytes, fit, human_bytes, largest_micro, predicted_peak,
     probe_micro_batches, process_peak_rss, static_bytes,
@@ -387,6 +388,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
                         lora_path=cfg.pipeline.lora_path, device=device)
     stage.recompute = cfg.pipeline.recompute
     attach_adapters(stage, jobs, cfg.seed)
+    if any(c.dropout > 0 for c in cfg.jobs):
+        warm_up_dropout(device, stage.dtype)  # compiling the dropout kernel is set-up, not a training step
 
     def load_checkpoints() -> None:
         for name, point in points.items():

@@ -436,3 +436,38 @@ def test_grouped_weight_casts_follow_optimizer_updates():
         job.optimizer_step()
         y_ref, *_ = _reference(_base(False), module, batch, x, torch.zeros(batch.rows, SEQ, OUT))
         _close(module(x), y_ref)
+
+
+# ----------------------------------------------------------------------- compiled dropout kernel
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """The compiled dropout kernel on (the suite turns it off, see conftest.py); fails on fallback."""
+    import shutil
+
+    if not (shutil.which("c++") or shutil.which("g++") or shutil.which("gcc")):
+        pytest.skip("no C++ compiler: torch.compile cannot build CPU kernels here")
+    monkeypatch.setenv("MLORA_PP_COMPILE", "1")
+    monkeypatch.setattr(lora, "_compiled_drop_span", [])
+    yield
+    assert lora._compiled_drop_span and lora._compiled_drop_span[0] is not None, "fell back to the eager hash"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_dropout_kernel_gives_the_eager_bits(compiled, dtype):
+    g = _gen(5)
+    for rows, feats in ((7, 32), (130, 512), (3, 1024)):
+        v = torch.randn(rows, feats, generator=g).to(dtype)
+        pos = torch.randint(-(2**31), 2**31 - 1, (rows,), generator=g, dtype=torch.int32)
+        feat = lora._as_int32(lora._feature_seeds(feats, "cpu"))
+        thresh = torch.tensor([lora._threshold(0.3)] * (rows - 1) + [lora._I32_MIN], dtype=torch.int32)
+        got = lora._dropped(v, pos, feat, thresh)
+        assert torch.equal(got, lora._drop_span(v, pos, feat, thresh))
+        assert torch.equal(got[-1], v[-1])  # _I32_MIN keeps the whole row
+    assert lora.warm_up_dropout("cpu", dtype) < 60
+
+
+@pytest.mark.parametrize("path", ["loop", "grouped"])
+def test_matches_reference_with_compiled_dropout(compiled, path):
+    _run_and_compare(path, LAYOUTS["gap_in_middle"], dropouts=True, bias=True)

@@ -147,7 +147,7 @@ def prepared_jobs(config: Path, ranks: int) -> dict:
 def schedule_of(config: Path, ranks: int) -> Schedule:
     """The action lists the launcher builds for `config` on `ranks` stages (a fresh run, no budget)."""
     cfg, jobs = _prepared(config, ranks)
-    return build_schedule([j.job_steps() for j in jobs.values()], ranks, cfg.pipeline.schedule, cfg.pipeline.fuses_jobs,
+    return build_schedule([j.job_steps() for j in jobs.values()], ranks, cfg.pipeline.schedule, cfg.pipeline.fuse,
                           hide_latency=cfg.pipeline.hide_latency, streams=cfg.pipeline.streams)
 
 

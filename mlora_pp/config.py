@@ -64,9 +64,8 @@ class PipelineConfig:
     """Recompute each stage's forward in backward instead of keeping its activations."""
     streams: int | None = None
     """lora: how many independent streams the jobs are fused into (jobs of a stream share micro-batches);
-    null: automatic (the fewest balanced streams that keep the pipeline full, see
-    `mlora_pp.schedule.group_jobs`). Fewer, larger micro-batches cost less per token where
-    micro-batches are small, and hold more activations each."""
+    null: automatic (fused only when there are more than stages + 1 jobs). Fewer, larger micro-batches
+    cost less per token where micro-batches are small, and hold more activations each."""
     hide_latency: bool = False
     """lora: keep about twice the micro-batches in flight (2S-1 on stage 0, two fewer per stage) so
     that messages between stages never stretch a slot; costs about twice the activation memory."""
@@ -77,12 +76,6 @@ class PipelineConfig:
     """Cap on every stage's predicted peak memory: bytes (a number above 1 or "12GiB"), or a
     fraction (0 < x <= 1) of the device's memory (on CPU, of the process's memory limit). Jobs
     that do not fit next to the running ones wait. null: every job runs at once."""
-
-    @property
-    def fuses_jobs(self) -> bool:
-        """Whether lora may fuse jobs: `fuse`, and only under fifo unless `streams` asks for it
-        (priority and shortest-first order who finishes first; fused jobs finish together)."""
-        return self.fuse and (self.admission == "fifo" or self.streams is not None)
 
 
 @dataclass

@@ -93,12 +93,12 @@ def micro_shape(mb: MicroBatch) -> tuple[int, int]:
 
 
 def largest_micro(jobs: Sequence[JobSteps], running: Iterable[str], num_stages: int, policy: str, fuse: bool,
-                  streams: int | None = None, hide_latency: bool = False) -> tuple[int, int]:
+                  streams: int | None = None) -> tuple[int, int]:
     """(tokens, length) bounding every micro-batch the `running` jobs can form: per lora stream,
     the running members' largest rows summed, padded to their longest row; else one job's largest."""
     running = set(running)
     if policy == "lora" and fuse:
-        groups = group_jobs(jobs, num_stages, fuse, streams, hide_latency)
+        groups = group_jobs(jobs, num_stages, fuse, streams)
     else:
         groups = [[j] for j in jobs if j.steps]
     best = (0, 0)
@@ -113,13 +113,12 @@ def largest_micro(jobs: Sequence[JobSteps], running: Iterable[str], num_stages: 
 
 
 def admission_check(models: Sequence[MemoryModel], jobs: Sequence[JobSteps], budget: float, in_flight: int,
-                    policy: str, fuse: bool, streams: int | None = None,
-                    hide_latency: bool = False) -> Callable[[frozenset[str]], bool]:
+                    policy: str, fuse: bool, streams: int | None = None) -> Callable[[frozenset[str]], bool]:
     """Whether a set of running jobs keeps every stage's predicted peak within `budget` (pure)."""
     num_stages = len(models)
 
     def fits(running: frozenset[str]) -> bool:
-        tokens, length = largest_micro(jobs, running, num_stages, policy, fuse, streams, hide_latency)
+        tokens, length = largest_micro(jobs, running, num_stages, policy, fuse, streams)
         return all(m.peak(running, in_flight, tokens, length) <= budget for m in models)
 
     return fits

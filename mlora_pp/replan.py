@@ -146,11 +146,11 @@ class Replanner:
         fits = None
         if self.budget is not None and self.models is not None:
             fits = admission_check(self.models, steps, self.budget, self.in_flight, self.cfg.pipeline.schedule,
-                                   self.cfg.pipeline.fuses_jobs, self.cfg.pipeline.streams, self.cfg.pipeline.hide_latency)
+                                   self.cfg.pipeline.fuse, self.cfg.pipeline.streams)
         priority = {c.name: c.priority for c in self.cfg.jobs}
         order = admission(steps, self.cfg.pipeline.admission, priority, fits)
         policy = self.cfg.pipeline.schedule
-        return build_schedule(steps, self.world, policy, self.cfg.pipeline.fuses_jobs,
+        return build_schedule(steps, self.world, policy, self.cfg.pipeline.fuse,
                               max_in_flight=self.in_flight if policy == "lora" else None, admission=order,
                               hide_latency=self.cfg.pipeline.hide_latency, streams=self.cfg.pipeline.streams)
 

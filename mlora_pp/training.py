@@ -232,8 +232,7 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
     budget = min(budgets) if budgets else None
     steps = [j.job_steps() for j in jobs.values() if j.name not in cancelled]
     live = [j for j in steps if j.steps]
-    policy, fuse, stages = cfg.pipeline.schedule, cfg.pipeline.fuses_jobs, env.world
-    grouping = dict(streams=cfg.pipeline.streams, hide_latency=cfg.pipeline.hide_latency)  # how lora fuses jobs
+    policy, fuse, stages = cfg.pipeline.schedule, cfg.pipeline.fuse, env.world
     if policy == "gpipe":  # every micro-batch of a step is forwarded before the first backward
         options = [max(len(m) for j in live for m in j.micro_batches)]
     elif policy == "1f1b":
@@ -246,13 +245,13 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
     if budget is not None:
 
         def fitting(bound: int) -> bool:
-            check = admission_check(models, steps, budget, bound, policy, fuse, **grouping)
+            check = admission_check(models, steps, budget, bound, policy, fuse, cfg.pipeline.streams)
             return all(check(frozenset({j.name})) for j in live)
 
         chosen = next((bound for bound in options if fitting(bound)), None)
         if chosen is None and policy != "gpipe":  # gpipe holds a whole step in flight however it is cut
             for name in [j.name for j in live]:  # smaller micro-batches for the jobs that do not fit alone
-                while not admission_check(models, steps, budget, options[-1], policy, fuse, **grouping)(
+                while not admission_check(models, steps, budget, options[-1], policy, fuse, cfg.pipeline.streams)(
                         frozenset({name})) and _halve_micro_batches(jobs[name]):
                     steps = [jobs[j.name].job_steps() for j in steps]
                     live = [j for j in steps if j.steps]
@@ -263,12 +262,12 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
             chosen = next((bound for bound in options if fitting(bound)), None)
         if chosen is not None:
             in_flight = chosen
-            fits = admission_check(models, steps, budget, chosen, policy, fuse, **grouping)
+            fits = admission_check(models, steps, budget, chosen, policy, fuse, cfg.pipeline.streams)
         else:
             worst = max(live, key=lambda j: max(
                 m.peak({j.name}, options[-1],
-                       *largest_micro(steps, {j.name}, stages, policy, fuse, **grouping)) for m in models))
-            tokens, length = largest_micro(steps, {worst.name}, stages, policy, fuse, **grouping)
+                       *largest_micro(steps, {j.name}, stages, policy, fuse, cfg.pipeline.streams)) for m in models))
+            tokens, length = largest_micro(steps, {worst.name}, stages, policy, fuse, cfg.pipeline.streams)
             need = max(models, key=lambda m: m.peak({worst.name}, options[-1], tokens, length))
             raise ConfigError(
                 f"{source(cfg)}: pipeline.memory_budget: job {worst.name!r} alone needs about "
@@ -372,7 +371,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     for name, point in points.items():
         jobs[name].steps_done = point.step
     schedule = build_schedule([j.job_steps() for j in jobs.values() if j.name not in cancelled], env.world,
-                              cfg.pipeline.schedule, cfg.pipeline.fuses_jobs, hide_latency=cfg.pipeline.hide_latency,
+                              cfg.pipeline.schedule, cfg.pipeline.fuse, hide_latency=cfg.pipeline.hide_latency,
                               streams=cfg.pipeline.streams)
     profiled: ProfiledPlan | None = None
     if cfg.pipeline.balance == "profile" and schedule.micro_batches:  # nothing left to train: keep the estimate

@@ -61,17 +61,14 @@ def test_lora_bubble_unfused(stages):
 
 @pytest.mark.parametrize("stages", [2, 3, 4])
 def test_lora_bubble_fused(stages):
-    """G = G_min groups of k equal jobs: the same slot count, each slot k times longer; the bubble
-    is only the fill and the drain, (S-1)/(M+S-1)."""
+    """G = S+1 groups of k equal jobs: the same slot count, each slot k times longer."""
     for fused, n, k in itertools.product((2, 3), (1, 3), (1, 2)):
-        g = 1 + -(-stages // n)
-        jobs = [job(f"j{i}", k, n) for i in range(fused * g)]
+        jobs = [job(f"j{i}", k, n) for i in range(fused * (stages + 1))]
         s, t = run("lora", stages, jobs)
         assert max(len(mb.parts) for mb in s.micro_batches) == fused
-        assert len(group_jobs(jobs, stages)) == g
-        assert t.makespan == pytest.approx(lora_slots(stages, g, n, k) * 3 * fused)
-        assert t.bubble == pytest.approx(lora_bubble(stages, g, n, k))
-        assert t.bubble == pytest.approx((stages - 1) / (g * n * k + stages - 1))
+        assert len(group_jobs(jobs, stages)) == stages + 1
+        assert t.makespan == pytest.approx(lora_slots(stages, stages + 1, n, k) * 3 * fused)
+        assert t.bubble == pytest.approx(lora_bubble(stages, stages + 1, n, k))
 
 
 def test_lora_fills_the_bubbles_1f1b_leaves():
@@ -80,10 +77,8 @@ def test_lora_fills_the_bubbles_1f1b_leaves():
         _, lora = run("lora", 2, jobs)
         _, base = run("1f1b", 2, jobs)
         assert base.bubble == pytest.approx(1 / 3)
-        groups = len(group_jobs(jobs, 2))
-        assert lora.bubble == pytest.approx(lora_bubble(2, groups, 2, 3))
-        # only the fill and the drain: one (fused) slot of M = 6 * groups
-        assert lora.bubble == pytest.approx(1 / (6 * groups + 1)) and lora.bubble < base.bubble / 4
+        assert lora.bubble == pytest.approx(lora_bubble(2, len(group_jobs(jobs, 2)), 2, 3))
+        assert lora.bubble < base.bubble / 5
     # mixed jobs too (lengths, rows, steps differ)
     jobs = [JobSteps(f"m{i}", tuple(tuple((1 + (i + s) % 3, 8 * (1 + i % 4)) for _ in range(1 + i % 3))
                                    for s in range(2 + i % 2))) for i in range(6)]

@@ -144,11 +144,19 @@ def prepared_jobs(config: Path, ranks: int) -> dict:
     return _prepared(config, ranks)[1]
 
 
-def schedule_of(config: Path, ranks: int) -> Schedule:
-    """The action lists the launcher builds for `config` on `ranks` stages (a fresh run, no budget)."""
+def schedule_of(config: Path, ranks: int, out: Path | None = None) -> Schedule:
+    """The action lists the launcher builds for `config` on `ranks` stages (a fresh run, no budget).
+    With `out`, the finished run's output directory, the lora streams it chose (recorded in its
+    metrics.jsonl: `pipeline.streams: null` picks them from a probe at start-up) are used."""
     cfg, jobs = _prepared(config, ranks)
+    streams = cfg.pipeline.streams
+    if out is not None:
+        runs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"run"' in line]
+        runs = [r for r in runs if r.get("event") == "run"]
+        if runs and "streams" in runs[0]:
+            streams = runs[0]["streams"]
     return build_schedule([j.job_steps() for j in jobs.values()], ranks, cfg.pipeline.schedule, cfg.pipeline.fuse,
-                          hide_latency=cfg.pipeline.hide_latency, streams=cfg.pipeline.streams)
+                          hide_latency=cfg.pipeline.hide_latency, streams=streams)
 
 
 def fit_run(out: Path, config: Path, ranks: int, fabric: Fabric, activation_bytes_per_token: float) -> Fit:
@@ -156,7 +164,7 @@ def fit_run(out: Path, config: Path, ranks: int, fabric: Fabric, activation_byte
     events = json.loads((out / "trace.json").read_text())["traceEvents"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     walls = [r["wall_s"] for r in records if r.get("event") == "stage"]
-    return fit_cost(events, schedule_of(config, ranks), walls, fabric, activation_bytes_per_token)
+    return fit_cost(events, schedule_of(config, ranks, out), walls, fabric, activation_bytes_per_token)
 
 
 # ------------------------------------------------------------------------------------- baselines

@@ -366,7 +366,7 @@ def add_predictions(results: dict[str, MethodResult], workspace: Workspace, fits
             continue
         config, fit = workspace.root / f"{method.key}.yaml", fits[key]["fit"]
         if method.schedule is not None:
-            p = predict(schedule_of(config, method.ranks), fit)
+            p = predict(schedule_of(config, method.ranks, workspace.root / method.key / "out"), fit)
         else:
             p = predict_baseline(fit, prepared_jobs(config, method.ranks), method.ranks)
         r.predicted_makespan_s, r.predicted_bubble = p.makespan_s, p.bubble

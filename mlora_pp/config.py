@@ -64,8 +64,11 @@ class PipelineConfig:
     """Recompute each stage's forward in backward instead of keeping its activations."""
     streams: int | None = None
     """lora: how many independent streams the jobs are fused into (jobs of a stream share micro-batches);
-    null: automatic (fused only when there are more than stages + 1 jobs). Fewer, larger micro-batches
-    cost less per token where micro-batches are small, and hold more activations each."""
+    null: automatic. With more jobs than the fewest streams that keep the pipeline full, every stage
+    times two jobs' micro-batches apart and fused at start-up, and the streams predicted fastest
+    from that are used (`mlora_pp.schedule.choose_streams`); otherwise jobs are fused only when
+    there are more than stages + 1 of them. Fewer, larger micro-batches cost less per token where
+    each forward and backward has a large fixed cost, and hold more activations each."""
     hide_latency: bool = False
     """lora: keep about twice the micro-batches in flight (2S-1 on stage 0, two fewer per stage) so
     that messages between stages never stretch a slot; costs about twice the activation memory."""

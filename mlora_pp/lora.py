@@ -296,7 +296,9 @@ def _dropped(v: Tensor, pos_seeds: Tensor, feat_seeds: Tensor, thresh: Tensor) -
     fn = _drop_span_compiled()
     if fn is not None:
         try:
-            return fn(v, pos_seeds, feat_seeds, thresh)
+            # One grad mode and no requires_grad flags: else each combination is its own compile.
+            with torch.no_grad():
+                return fn(v.detach(), pos_seeds, feat_seeds, thresh)
         except Exception as exc:  # no compiler, no Triton, or a compiler bug: the eager hash gives the same bits
             warnings.warn(f"compiling the dropout hash failed ({type(exc).__name__}: {exc}); running it eagerly")
             _compiled_drop_span[0] = None
@@ -313,8 +315,8 @@ def warm_up_dropout(device: torch.device | str, dtype: torch.dtype = torch.float
     start = time.perf_counter()
     if _drop_span_compiled() is not None:
         v = torch.ones(3, 16, dtype=dtype, device=device)
-        seeds = torch.arange(3, dtype=torch.int32, device=device)
-        _dropped(v, seeds, torch.arange(16, dtype=torch.int32, device=device), seeds)
+        rows = torch.arange(3, dtype=torch.int32, device=device)
+        _dropped(v, rows, torch.arange(16, dtype=torch.int32, device=device), rows.clone())  # aliases would guard
     return time.perf_counter() - start
 
 

@@ -40,7 +40,8 @@ from mlora_pp.model import StageModel, StageSpec, build_stage
 from mlora_pp.partition import split_layers, stage_costs
 from mlora_pp.preflight import agree
 from mlora_pp.runtime import StageWorker
-from mlora_pp.schedule import MicroBatch, Schedule
+from mlora_pp.memory import micro_shape
+from mlora_pp.schedule import CostModel, MicroBatch, Schedule
 from mlora_pp.transport import PipelineError
 
 REPEATS = 5
@@ -262,3 +263,91 @@ def compare(plan: ProfiledPlan, busy_s: list[float]) -> str:
 def spread(busy_s: list[float]) -> float:
     """How much the slowest stage's busy time exceeds the fastest's, relative to the fastest."""
     return max(busy_s) / max(min(busy_s), 1e-9) - 1.0
+
+
+# ------------------------------------------------------------------------------- fusion probe
+# Whether fusing jobs into one micro-batch pays depends on what each forward and backward costs
+# beyond its tokens (Python, kernel launches, small GEMMs): `schedule.choose_streams` weighs that
+# against the longer fill and drain of larger micro-batches. Each stage times it here.
+
+
+@dataclass(frozen=True)
+class FusionProfile:
+    """One stage's forward + backward seconds for two micro-batches of different jobs, apart (the
+    two summed) and fused into one, with their padded tokens (first, second, fused)."""
+
+    stage: int
+    apart_s: float
+    fused_s: float
+    tokens: tuple[int, int, int]
+
+    def overhead_and_rate(self) -> tuple[float, float]:
+        """(seconds per forward + backward beyond its tokens, seconds per padded token), from
+        t = overhead + rate * tokens: apart = 2 overhead + rate (t1 + t2), fused = overhead + rate tf."""
+        t1, t2, tf = self.tokens
+        det = 2 * tf - (t1 + t2)
+        overhead = (self.apart_s * tf - self.fused_s * (t1 + t2)) / det
+        rate = (2 * self.fused_s - self.apart_s) / det
+        if rate <= 0 or overhead < 0:  # noise beyond the model: no overhead, all per token
+            return 0.0, self.fused_s / tf
+        return overhead, rate
+
+
+def fusion_pair(schedule: Schedule) -> tuple[MicroBatch, MicroBatch, MicroBatch] | None:
+    """Two one-job micro-batches of different jobs, as alike in padded length as the run has (near
+    its median), and the two fused; None with fewer than two jobs."""
+    parts = sorted((p for mb in schedule.micro_batches for p in mb.parts), key=lambda p: (p.tokens / p.rows, p.job))
+    middle = len(parts) / 2
+    pairs = [(abs(a.tokens / a.rows - b.tokens / b.rows), abs(i - middle), i)
+             for i, (a, b) in enumerate(zip(parts, parts[1:])) if a.job != b.job]
+    if not pairs:
+        return None
+    a, b = parts[min(pairs)[2]], parts[min(pairs)[2] + 1]
+    return MicroBatch(-1, (a,)), MicroBatch(-1, (b,)), MicroBatch(-1, (a, b))
+
+
+def measure_fusion(worker: StageWorker, pair: tuple[MicroBatch, MicroBatch, MicroBatch],
+                   repeats: int = REPEATS) -> FusionProfile:
+    """Time `fusion_pair`'s micro-batches on this stage (interleaved rounds, medians). Inputs of
+    later stages and output gradients are random (only shapes matter); gradients are cleared."""
+    generator = torch.Generator(worker.device).manual_seed(0)
+
+    def forward_backward(mb: MicroBatch) -> Callable[[], None]:
+        def run() -> None:
+            input_ids, labels, batch = worker.inputs(mb)
+            x = input_ids
+            if not worker.is_first:
+                x = torch.randn(worker.activation_shape(mb), generator=generator, device=worker.device,
+                                dtype=worker.stage.dtype).requires_grad_(True)
+            out, total, _ = worker._compute(mb, x, labels, batch)
+            if worker.is_last:
+                total.backward()
+            else:
+                out.backward(torch.randn(out.shape, generator=generator, device=worker.device, dtype=out.dtype))
+        return run
+
+    first, second, fused = pair
+    medians = _interleaved_medians({"first": forward_backward(first), "second": forward_backward(second),
+                                    "fused": forward_backward(fused)}, worker.device, repeats)
+    for name in worker.jobs:
+        for param in worker.stage.adapter_parameters(name):
+            param.grad = None
+    t1, t2, tf = (micro_shape(mb)[0] for mb in pair)
+    return FusionProfile(worker.stage_index, medians["first"] + medians["second"], medians["fused"], (t1, t2, tf))
+
+
+def fusion_cost(profiles: list[FusionProfile]) -> CostModel:
+    """The per-stage `CostModel` of the profiles (forward a third of a forward + backward, as in
+    `CostModel`'s default backward_ratio of 2), for `schedule.choose_streams`."""
+    fits = [p.overhead_and_rate() for p in sorted(profiles, key=lambda p: p.stage)]
+    return CostModel(forward_per_token=tuple(rate / 3 for _, rate in fits), backward_ratio=2.0,
+                     action_overhead=tuple(overhead / 2 for overhead, _ in fits))
+
+
+def describe_fusion(profiles: list[FusionProfile]) -> str:
+    """One line: per stage, the measured seconds beyond the tokens and per token."""
+    parts = []
+    for p in sorted(profiles, key=lambda p: p.stage):
+        overhead, rate = p.overhead_and_rate()
+        parts.append(f"stage {p.stage} {overhead * 1e3:.1f} ms + {rate * 1e6:.0f} us/token")
+    return ", ".join(parts)

@@ -29,7 +29,7 @@ from mlora_pp.data import DataError
 from mlora_pp.job import AdapterJob, StepStats, load_job
 from mlora_pp.memory import MemoryModel, admission_check
 from mlora_pp.model import StageModel
-from mlora_pp.schedule import Schedule, admission, build_schedule, remaining_steps
+from mlora_pp.schedule import CostModel, Schedule, admission, build_schedule, choose_streams, remaining_steps
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -62,6 +62,9 @@ class Replanner:
     models: list[MemoryModel] | None
     budget: int | None
     in_flight: int
+    fusion: CostModel | None = None
+    """The per-action costs the fusion probe measured at start-up (`pipeline.streams: null`): each
+    new plan's streams are chosen from them for its own jobs (`choose_streams`)."""
     channel: PlanChannel | None = None
     control: ControlDir | None = None  # rank 0
     manifests: ManifestWriter | None = None  # rank 0
@@ -143,16 +146,19 @@ class Replanner:
         steps += [self.jobs[name].job_steps() for name in new]
         if not steps:
             return None
+        streams = self.cfg.pipeline.streams
+        if streams is None and self.fusion is not None:
+            streams = choose_streams(steps, self.world, self.fusion, self.cfg.pipeline.hide_latency)
         fits = None
         if self.budget is not None and self.models is not None:
             fits = admission_check(self.models, steps, self.budget, self.in_flight, self.cfg.pipeline.schedule,
-                                   self.cfg.pipeline.fuse, self.cfg.pipeline.streams)
+                                   self.cfg.pipeline.fuse, streams)
         priority = {c.name: c.priority for c in self.cfg.jobs}
         order = admission(steps, self.cfg.pipeline.admission, priority, fits)
         policy = self.cfg.pipeline.schedule
         return build_schedule(steps, self.world, policy, self.cfg.pipeline.fuse,
                               max_in_flight=self.in_flight if policy == "lora" else None, admission=order,
-                              hide_latency=self.cfg.pipeline.hide_latency, streams=self.cfg.pipeline.streams)
+                              hide_latency=self.cfg.pipeline.hide_latency, streams=streams)
 
     def _cancel(self, name: str) -> None:
         job = self.jobs[name]

@@ -328,12 +328,15 @@ def form_micro_batches(jobs: Sequence[JobSteps], policy: str, fuse: bool = True)
     return [MicroBatch(i, parts) for i, parts in enumerate(groups)]
 
 
+def _fused_micro_tokens(group: Sequence[JobSteps]) -> list[int]:
+    """Padded tokens of each of a group's micro-batches fused slot by slot (rows padded to the longest)."""
+    streams = [_parts(j) for j in group]
+    return [MicroBatch(0, tuple(s[i] for s in streams if i < len(s))).tokens for i in range(max(len(s) for s in streams))]
+
+
 def _fused_tokens(group: Sequence[JobSteps]) -> int:
     """Padded tokens of a group's micro-batches fused slot by slot (rows padded to the longest)."""
-    streams = [_parts(j) for j in group]
-    return sum(
-        MicroBatch(0, tuple(s[i] for s in streams if i < len(s))).tokens for i in range(max(len(s) for s in streams))
-    )
+    return sum(_fused_micro_tokens(group))
 
 
 def _pack_lpt(live: list[tuple[int, JobSteps]], count: int) -> list[list[tuple[int, JobSteps]]]:
@@ -367,6 +370,24 @@ def _rows(job: JobSteps) -> int:
     return sum(r for micros in job.micro_batches for r, _ in micros)
 
 
+_Members = list[list[tuple[int, JobSteps]]]
+
+
+def _packing(live: list[tuple[int, JobSteps]], count: int) -> tuple[_Members, tuple[int, float]]:
+    """The better of the two packings of `live` into `count` groups (fewer padded tokens), with its
+    (padded tokens, largest over smallest group load)."""
+    options = []
+    for k, members in enumerate((_pack_lpt(live, count), _pack_by_length(live, count))):
+        loads = [_fused_tokens([j for _, j in m]) for m in members if m]
+        options.append(((sum(loads), max(loads) / max(1, min(loads))), k, members))
+    padded, _, members = min(options, key=lambda o: (o[0][0], o[1]))
+    return members, padded
+
+
+def _balanced(padded: int, spread: float, raw: int) -> bool:
+    return padded <= (1 + BALANCE) * raw and spread <= 1 + BALANCE
+
+
 def group_jobs(
     jobs: Sequence[JobSteps], num_stages: int, fuse: bool = True, streams: int | None = None
 ) -> list[list[JobSteps]]:
@@ -394,32 +415,78 @@ def group_jobs(
     if streams is not None and streams < 1:
         raise ScheduleError(f"streams: need at least 1, got {streams}")
     raw = sum(j.tokens for _, j in live)
-
-    def cost(members: list[list[tuple[int, JobSteps]]]) -> tuple[int, float]:
-        loads = [_fused_tokens([j for _, j in m]) for m in members if m]
-        return sum(loads), max(loads) / max(1, min(loads))
-
-    def best(count: int) -> tuple[list[list[tuple[int, JobSteps]]], tuple[int, float]]:
-        options = [(cost(m), k, m) for k, m in enumerate((_pack_lpt(live, count), _pack_by_length(live, count)))]
-        padded, k, members = min(options, key=lambda o: (o[0][0], o[1]))
-        return members, padded
-
     if not fuse:
         members = [[ij] for ij in live]
     elif num_stages == 1 and streams is None:
         members = [live]
     elif streams is not None:
-        members, _ = best(min(streams, len(live)))
+        members, _ = _packing(live, min(streams, len(live)))
     else:
         members = [[ij] for ij in live]
         for g in range(num_stages + 1, len(live)):
-            candidate, (padded, spread) = best(g)
-            if padded <= (1 + BALANCE) * raw and spread <= 1 + BALANCE:
+            candidate, (padded, spread) = _packing(live, g)
+            if _balanced(padded, spread, raw):
                 members = candidate
                 break
     groups = [sorted(m, key=lambda ij: ij[0]) for m in members if m]
     groups.sort(key=lambda m: m[0][0])
     return [[j for _, j in m] for m in groups]
+
+
+FUSION_MARGIN = 0.03
+"""`choose_streams` departs from `group_jobs`'s rule only for a predicted gain above this fraction."""
+
+
+def min_streams(jobs: Sequence[JobSteps], num_stages: int, hide_latency: bool = False) -> int:
+    """The fewest lora streams that keep S stages busy with a slot to spare: 1 + ceil(W / N), W the
+    micro-batches a stream's round trip spans on stage 0 (the in-flight window: S, or 2S-1 with
+    `hide_latency`), N the fewest micro-batches in any step of `jobs`. With (G-1)*N >= W the other
+    streams cover a stream's round trip (`lora_bubble`), and the extra slot absorbs what the unit
+    model leaves out (optimizer steps, messages, jobs of unequal length)."""
+    window = 2 * num_stages - 1 if hide_latency and num_stages > 1 else num_stages
+    n = min((len(micros) for j in jobs for micros in j.micro_batches if micros), default=1)
+    return 1 + -(-window // n)
+
+
+def grouping_seconds(groups: Sequence[Sequence[JobSteps]], num_stages: int, cost: CostModel) -> float:
+    """Predicted busy time of the slowest stage for these lora streams: every fused micro-batch's
+    forward and backward, plus S-1 of the largest for the fill and the drain. Fusing k jobs saves
+    the per-action overhead of k-1 micro-batches and lengthens the fill and drain k times."""
+    fused = [t for g in groups for t in _fused_micro_tokens(g)]
+    if not fused:
+        return 0.0
+
+    def slot(s: int, tokens: int) -> float:
+        return cost.forward(s, tokens) + cost.backward(s, tokens)
+
+    return max(sum(slot(s, t) for t in fused) + (num_stages - 1) * slot(s, max(fused)) for s in range(num_stages))
+
+
+def choose_streams(jobs: Sequence[JobSteps], num_stages: int, cost: CostModel, hide_latency: bool = False
+                   ) -> int | None:
+    """lora streams for `pipeline.streams: null` on hardware whose per-action cost was measured:
+    of every balanced packing into G >= `min_streams` groups (each job alone included), the one
+    `grouping_seconds` predicts fastest, if it beats `group_jobs`'s rule by `FUSION_MARGIN`; else
+    None (keep the rule). Without a per-action cost in `cost` fusion cannot pay: None."""
+    if num_stages < 2 or not any(cost.action_overhead if isinstance(cost.action_overhead, tuple)
+                                 else (cost.action_overhead,)):
+        return None
+    live = [(i, j) for i, j in enumerate(jobs) if j.steps]
+    if not live:
+        return None
+    raw = sum(j.tokens for _, j in live)
+    rule = grouping_seconds(group_jobs(jobs, num_stages), num_stages, cost)
+    best: tuple[float, int] | None = None
+    for g in range(min_streams([j for _, j in live], num_stages, hide_latency), len(live) + 1):
+        members, (padded, spread) = _packing(live, g) if g < len(live) else ([[ij] for ij in live], (raw, 1.0))
+        if g < len(live) and not _balanced(padded, spread, raw):
+            continue
+        seconds = grouping_seconds([[j for _, j in m] for m in members if m], num_stages, cost)
+        if best is None or seconds < best[0]:
+            best = (seconds, g)
+    if best is None or best[0] >= (1 - FUSION_MARGIN) * rule:
+        return None
+    return best[1]
 
 
 # ---------------------------------------------------------------------------------------------

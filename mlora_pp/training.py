@@ -17,7 +17,7 @@ import datetime
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +42,13 @@ from mlora_pp.model import StageModel, StageSpec, build_stage
 from mlora_pp.partition import stage_specs
 from mlora_pp.peft_format import AdapterSpec, save_adapter
 from mlora_pp.preflight import agree, check_inputs, load_tokenizer, source  # noqa: F401 (load_tokenizer re-exported)
-from mlora_pp.profiling import ProfiledPlan, compare, describe, measure, profile_stages
+from mlora_pp.profiling import (
+    FusionProfile, ProfiledPlan, compare, describe, describe_fusion, fusion_cost, fusion_pair, measure, measure_fusion, profile_stages,
+)
 from mlora_pp.records import RecordInbox, RecordSender
 from mlora_pp.replan import Replanner
 from mlora_pp.runtime import StageWorker, StepRecord, TraceEvent
-from mlora_pp.schedule import Schedule, admission, build_schedule
+from mlora_pp.schedule import Schedule, admission, build_schedule, choose_streams, min_streams
 from mlora_pp.transport import PipelineError, StageTransport
 
 
@@ -185,6 +187,10 @@ class MemoryPlan:
     budget: int | None
     in_flight: int
     schedule: Schedule
+    streams: int | None = None
+    """lora streams the run uses: `pipeline.streams`, or the ones `choose_streams` picked; None: the rule."""
+    fusion: list[FusionProfile] = field(default_factory=list)
+    """Each stage's fusion probe, when one ran."""
 
     def record(self, rank: int, measured: int, method: str, schedules: list[Schedule],
                models: list[MemoryModel]) -> dict:
@@ -215,11 +221,27 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
                  unbounded: Schedule, device: torch.device, cancelled: dict[str, int]) -> MemoryPlan:
     """Fit every stage's memory model on probes of the run's shapes, share them, and build the
     schedule that admits jobs by `pipeline.admission` within `pipeline.memory_budget` (every rank
-    decides the same from the same numbers)."""
+    decides the same from the same numbers). With `pipeline.streams: null` and more lora jobs than
+    `min_streams`, each stage also times two jobs' micro-batches apart and fused, and the streams
+    are chosen from those costs (`choose_streams`)."""
     probes = probe_micro_batches(unbounded)
-    mine = agree(env.rank, env.world, lambda: (
-        fit(StageWorker(stage, jobs, unbounded, stage_index=env.rank, device=device), env.rank, probes),
-        budget_bytes(cfg.pipeline.memory_budget, device) if cfg.pipeline.memory_budget is not None else None))
+    steps = [j.job_steps() for j in jobs.values() if j.name not in cancelled]
+    live = [j for j in steps if j.steps]
+    policy, fuse, stages = cfg.pipeline.schedule, cfg.pipeline.fuse, env.world
+    # With streams left automatic and more jobs than the fewest streams that keep the pipeline
+    # full, whether to fuse them depends on the per-action cost: every stage measures it.
+    pair = None
+    if (policy == "lora" and fuse and cfg.pipeline.streams is None and stages > 1
+            and len(live) > min_streams(live, stages, cfg.pipeline.hide_latency)):
+        pair = fusion_pair(unbounded)
+
+    def measure_here() -> tuple:
+        worker = StageWorker(stage, jobs, unbounded, stage_index=env.rank, device=device)
+        return (fit(worker, env.rank, probes),
+                budget_bytes(cfg.pipeline.memory_budget, device) if cfg.pipeline.memory_budget is not None else None,
+                measure_fusion(worker, pair) if pair is not None else None)
+
+    mine = agree(env.rank, env.world, measure_here)
     shared = [mine]
     if env.world > 1:
         shared = [None] * env.world
@@ -227,12 +249,13 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
             dist.all_gather_object(shared, mine)
         except RuntimeError as exc:
             raise PipelineError(f"rank {env.rank}: lost a rank while exchanging memory models ({exc})") from None
-    models = [m for m, _ in shared]
-    budgets = [b for _, b in shared if b is not None]
+    models = [m for m, _, _ in shared]
+    budgets = [b for _, b, _ in shared if b is not None]
     budget = min(budgets) if budgets else None
-    steps = [j.job_steps() for j in jobs.values() if j.name not in cancelled]
-    live = [j for j in steps if j.steps]
-    policy, fuse, stages = cfg.pipeline.schedule, cfg.pipeline.fuse, env.world
+    profiles = [p for _, _, p in shared if p is not None]
+    streams = cfg.pipeline.streams
+    if pair is not None and len(profiles) == stages:
+        streams = choose_streams(live, stages, fusion_cost(profiles), cfg.pipeline.hide_latency)
     if policy == "gpipe":  # every micro-batch of a step is forwarded before the first backward
         options = [max(len(m) for j in live for m in j.micro_batches)]
     elif policy == "1f1b":
@@ -245,13 +268,13 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
     if budget is not None:
 
         def fitting(bound: int) -> bool:
-            check = admission_check(models, steps, budget, bound, policy, fuse, cfg.pipeline.streams)
+            check = admission_check(models, steps, budget, bound, policy, fuse, streams)
             return all(check(frozenset({j.name})) for j in live)
 
         chosen = next((bound for bound in options if fitting(bound)), None)
         if chosen is None and policy != "gpipe":  # gpipe holds a whole step in flight however it is cut
             for name in [j.name for j in live]:  # smaller micro-batches for the jobs that do not fit alone
-                while not admission_check(models, steps, budget, options[-1], policy, fuse, cfg.pipeline.streams)(
+                while not admission_check(models, steps, budget, options[-1], policy, fuse, streams)(
                         frozenset({name})) and _halve_micro_batches(jobs[name]):
                     steps = [jobs[j.name].job_steps() for j in steps]
                     live = [j for j in steps if j.steps]
@@ -262,12 +285,12 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
             chosen = next((bound for bound in options if fitting(bound)), None)
         if chosen is not None:
             in_flight = chosen
-            fits = admission_check(models, steps, budget, chosen, policy, fuse, cfg.pipeline.streams)
+            fits = admission_check(models, steps, budget, chosen, policy, fuse, streams)
         else:
             worst = max(live, key=lambda j: max(
                 m.peak({j.name}, options[-1],
-                       *largest_micro(steps, {j.name}, stages, policy, fuse, cfg.pipeline.streams)) for m in models))
-            tokens, length = largest_micro(steps, {worst.name}, stages, policy, fuse, cfg.pipeline.streams)
+                       *largest_micro(steps, {j.name}, stages, policy, fuse, streams)) for m in models))
+            tokens, length = largest_micro(steps, {worst.name}, stages, policy, fuse, streams)
             need = max(models, key=lambda m: m.peak({worst.name}, options[-1], tokens, length))
             raise ConfigError(
                 f"{source(cfg)}: pipeline.memory_budget: job {worst.name!r} alone needs about "
@@ -282,8 +305,8 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
     priority = {c.name: c.priority for c in cfg.jobs}
     order = admission(steps, cfg.pipeline.admission, priority, fits)
     schedule = build_schedule(steps, stages, policy, fuse, max_in_flight=in_flight if policy == "lora" else None,
-                              admission=order, hide_latency=cfg.pipeline.hide_latency, streams=cfg.pipeline.streams)
-    return MemoryPlan(models, budget, in_flight, schedule)
+                              admission=order, hide_latency=cfg.pipeline.hide_latency, streams=streams)
+    return MemoryPlan(models, budget, in_flight, schedule, streams, profiles)
 
 
 def train(cfg: RunConfig, *, progress: bool | None = None, fresh: bool = False) -> TrainResult:
@@ -425,7 +448,14 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
                                                           "priority": c.priority} for c in cfg.jobs},
                        "admission": cfg.pipeline.admission, "stages": env.world, "schedule": cfg.pipeline.schedule,
                        "memory_budget_bytes": memory.budget if memory is not None else None,
+                       "streams": memory.streams if memory is not None else cfg.pipeline.streams,
+                       "fusion_probe": [asdict(p) for p in memory.fusion] if memory is not None else [],
                        "wall_clock": time.time(), "time": 0.0})
+        if memory is not None and memory.fusion:
+            fused = memory.streams is not None
+            print(f"fusion: each forward + backward costs {describe_fusion(memory.fusion)}; "
+                  + (f"jobs fused into {memory.streams} streams" if fused else "jobs kept apart (fusing would not pay)"),
+                  flush=True)
         for name, point in points.items():
             total = jobs[name].total_steps
             line = (f"already finished {point.step}/{total} steps ({point.directory}); --fresh starts over"
@@ -522,6 +552,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         layers_per_stage=[spec.last_layer - spec.first_layer for spec in specs],
         models=memory.models if memory is not None else None, budget=memory.budget if memory is not None else None,
         in_flight=memory.in_flight if memory is not None else (schedule.max_in_flight or env.world),
+        fusion=fusion_cost(memory.fusion) if memory is not None and len(memory.fusion) == env.world else None,
         channel=PlanChannel(env.rank, env.world, plans, cfg.pipeline.timeout_s) if env.world > 1 else None,
         control=ControlDir(cfg.output_dir) if is_rank0 else None, manifests=manifests,
         on_change=changed if is_rank0 else None, job_order=job_order, cancelled=dict(cancelled))

@@ -73,6 +73,15 @@ def test_pipeline_equals_single_rank(workspace, single_rank, stages, policy):
     assert {(r["job"], r["step"]) for r in records if "job" in r and "event" not in r} == {
         ("alpha", s) for s in (1, 2, 3)} | {("beta", s) for s in (1, 2)} | {("gamma", s) for s in (1, 2, 3, 4)}
     assert (workspace[0] / out / "trace.json").is_file()
+    run = next(r for r in records if r.get("event") == "run")
+    if policy == "lora" and stages == 2:
+        # 3 jobs, more than the 2 streams that keep 2 stages full: each stage timed fusion. 3 jobs
+        # do not split into 2 balanced streams, so they stay apart (the rule's choice: None).
+        assert [p["stage"] for p in run["fusion_probe"]] == [0, 1]
+        assert all(p["apart_s"] > 0 and p["fused_s"] > 0 for p in run["fusion_probe"])
+        assert run["streams"] is None
+    else:
+        assert run["fusion_probe"] == [] and run["streams"] is None
     # Records reach rank 0 while the pipeline runs, not all at the end: the first is logged well
     # before the last (a polled Gloo receive once delivered them all at the final drain).
     times = [r["time"] for r in records if "loss" in r]

@@ -17,7 +17,9 @@ from test_training import adapter, assert_adapters_equal
 from mlora_pp.config import ConfigError, parse_config
 from mlora_pp.model import read_model_config
 from mlora_pp.partition import plan_stages, split_layers, stage_costs
-from mlora_pp.profiling import LayerProfile, plan_from_profiles, representative, spread
+from mlora_pp.profiling import (
+    FusionProfile, LayerProfile, fusion_cost, fusion_pair, plan_from_profiles, representative, spread,
+)
 from mlora_pp.schedule import JobSteps, build_schedule
 from mlora_pp.tiny import WORDS, make_tiny_model
 from mlora_pp.training import train
@@ -181,3 +183,29 @@ def test_two_profiled_stages_are_within_ten_percent(work):
     assert reference.returncode == 0, reference.stderr[-4000:]
     for job in ("j0", "j1", "j2"):
         assert_adapters_equal(adapter(out, job), adapter(work[0] / "two-auto", job))
+
+
+# ------------------------------------------------------------------------------ fusion probe
+
+
+def test_fusion_profile_recovers_overhead_and_rate():
+    overhead, rate = 0.012, 4e-4
+    for t1, t2, tf in ((130, 130, 260), (120, 140, 280), (64, 200, 400)):
+        p = FusionProfile(0, 2 * overhead + rate * (t1 + t2), overhead + rate * tf, (t1, t2, tf))
+        assert p.overhead_and_rate() == pytest.approx((overhead, rate))
+    # fused slower than apart (noise, or a machine where fusing costs): no overhead, all per token
+    p = FusionProfile(1, 0.100, 0.120, (100, 100, 200))
+    assert p.overhead_and_rate() == pytest.approx((0.0, 0.120 / 200))
+    cost = fusion_cost([FusionProfile(1, 2 * 0.02 + 200 * 1e-3, 0.02 + 200 * 1e-3, (100, 100, 200)),
+                        FusionProfile(0, 2 * overhead + 200 * rate, overhead + 200 * rate, (100, 100, 200))])
+    assert cost.forward(0, 100) + cost.backward(0, 100) == pytest.approx(overhead + 100 * rate)
+    assert cost.forward(1, 100) + cost.backward(1, 100) == pytest.approx(0.02 + 100 * 1e-3)
+    assert cost.action_overhead == pytest.approx((overhead / 2, 0.01))
+
+
+def test_fusion_pair_takes_two_jobs_of_like_length():
+    jobs = [JobSteps("long", (((2, 400),) * 2,)), JobSteps("a", (((2, 100),) * 2,)), JobSteps("b", (((2, 104),) * 2,))]
+    first, second, fused = fusion_pair(build_schedule(jobs, 2, "lora"))
+    assert {first.parts[0].job, second.parts[0].job} == {"a", "b"}
+    assert fused.parts == first.parts + second.parts
+    assert fusion_pair(build_schedule(jobs[:1], 2, "lora")) is None

@@ -8,8 +8,11 @@ from mlora_pp.schedule import (
     CostModel,
     JobSteps,
     build_schedule,
+    choose_streams,
     flush_bubble,
     group_jobs,
+    grouping_seconds,
+    min_streams,
     lora_bubble,
     lora_slots,
 )
@@ -126,3 +129,50 @@ def test_render_timeline():
     assert [line[:8] for line in lines[1:]] == ["stage 0:", "stage 1:", "stage 2:"]
     assert lines[1][9:].startswith("F0") and "." in lines[3]
     assert len({len(line) for line in lines[1:]}) == 1
+
+
+# ------------------------------------------------------------------ fusion chosen by per-action cost
+
+
+def test_min_streams_covers_the_round_trip_with_a_slot_to_spare():
+    for stages, n in itertools.product((2, 3, 4, 8), (1, 2, 3, 4, 8)):
+        g = min_streams([job("a", 2, n), job("b", 1, n + 1)], stages)
+        assert (g - 1) * n >= stages and (g - 2) * n < stages
+        assert min_streams([job("a", 2, n)], stages, hide_latency=True) == 1 + -(-(2 * stages - 1) // n)
+    assert min_streams([job("a", 2, 1)], 3) == 4  # steps of one micro-batch: S+1, the rule of group_jobs
+    # the step with the fewest micro-batches sets N
+    assert min_streams([job("a", 2, 4), JobSteps("b", (((2, TOKENS),) * 4, ((2, TOKENS),)))], 2) == 3
+
+
+def overhead_cost(overhead: float) -> CostModel:
+    """Forward 1 and backward 2 per micro-batch of one job, plus `overhead` per action."""
+    return CostModel(forward_per_token=1 / TOKENS, backward_ratio=2.0, action_overhead=overhead)
+
+
+def test_choose_streams_fuses_only_where_the_overhead_outweighs_the_longer_fill():
+    jobs = [job(f"j{i}", 8, 4) for i in range(4)]  # the CPU benchmark's shape: 4 jobs, 2 stages
+    assert choose_streams(jobs, 2, unit()) is None  # token-linear costs: fusion cannot pay
+    assert choose_streams(jobs, 1, overhead_cost(1.0)) is None  # one stage fuses every job anyway
+    assert choose_streams(jobs, 2, overhead_cost(0.01)) is None  # too little to beat the longer fill
+    # a quarter of a slot per action (as measured on the CPU benchmark): 2 streams of 2 jobs
+    assert choose_streams(jobs, 2, overhead_cost(0.75)) == 2
+    # never fewer streams than keep the pipeline full, however large the overhead
+    assert choose_streams(jobs, 2, overhead_cost(100.0)) == min_streams(jobs, 2) == 2
+    many = [job(f"j{i}", 2, 4) for i in range(30)]
+    assert choose_streams(many, 8, overhead_cost(0.0)) is None
+    assert choose_streams(many, 8, overhead_cost(100.0)) == min_streams(many, 8) == 3
+
+
+@pytest.mark.parametrize("stages, count, overhead", [(2, 4, 0.75), (3, 6, 0.5), (4, 9, 1.0), (2, 6, 0.9)])
+def test_chosen_streams_are_faster_in_the_simulator(stages, count, overhead):
+    """The choice is made from a closed formula; the simulator, replaying the actual schedules
+    under the same costs, must agree that it beats group_jobs's rule."""
+    jobs = [job(f"j{i}", 4, 4) for i in range(count)]
+    cost = overhead_cost(overhead)
+    g = choose_streams(jobs, stages, cost)
+    assert g is not None
+    chosen = simulate(build_schedule(jobs, stages, "lora", cost=cost, streams=g), cost)
+    rule = simulate(build_schedule(jobs, stages, "lora", cost=cost), cost)
+    assert chosen.makespan < rule.makespan
+    assert grouping_seconds(group_jobs(jobs, stages, streams=g), stages, cost) < \
+        grouping_seconds(group_jobs(jobs, stages), stages, cost)

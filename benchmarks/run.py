@@ -4,7 +4,10 @@
 
 Methods, each in fresh processes on the same ranks (2 ranks, one per stage or shard; the machine's
 cores split evenly between a method's ranks, so a one-process method gets them all):
-- ``lora``: our launcher, `lora` schedule (jobs interleaved and fused);
+- ``lora``: our launcher, `lora` schedule (jobs interleaved; fused into the streams its start-up
+  fusion probe picks);
+- ``lora-apart``: the same with `pipeline.fuse: false` (each job its own stream), to show what
+  fusion is worth;
 - ``1f1b``, ``gpipe``: our launcher with those schedules, which run the jobs one after another
   (one launcher invocation, the schedule puts job after job; no fusion);
 - ``torch-1f1b``: `torch.distributed.pipelining.Schedule1F1B`, one job after another;
@@ -58,8 +61,8 @@ class Method:
     ranks: int
     schedule: str | None = None
     """Our launcher's pipeline.schedule; None for a baseline of `benchmarks.baselines`."""
-    streams: int | None = None
-    """Our launcher's pipeline.streams (None: automatic)."""
+    fuse: bool = True
+    """Our launcher's pipeline.fuse (False: each job its own lora stream)."""
 
     def module_args(self, config: Path, out: Path) -> list[str]:
         if self.schedule is not None:
@@ -69,7 +72,7 @@ class Method:
 
 METHODS: tuple[Method, ...] = (
     Method("lora", "ours: lora (fused, interleaved)", 2, "lora"),
-    Method("lora-2s", "ours: lora, jobs fused into 2 streams", 2, "lora", streams=2),
+    Method("lora-apart", "ours: lora, no fusion (each job its own stream)", 2, "lora", fuse=False),
     Method("1f1b", "ours: 1f1b (job after job)", 2, "1f1b"),
     Method("gpipe", "ours: gpipe (job after job)", 2, "gpipe"),
     Method("torch-1f1b", "torch pipelining Schedule1F1B", 2),
@@ -245,7 +248,7 @@ def run_method(method: Method, scenario: Scenario, workspace: Workspace, timeout
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    config = workspace.config(method.key, method.schedule or "1f1b", method.streams)
+    config = workspace.config(method.key, method.schedule or "1f1b", fuse=method.fuse)
     cmd, env = command(method, scenario, config, out)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

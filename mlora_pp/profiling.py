@@ -306,8 +306,13 @@ def fusion_pair(schedule: Schedule) -> tuple[MicroBatch, MicroBatch, MicroBatch]
     return MicroBatch(-1, (a,)), MicroBatch(-1, (b,)), MicroBatch(-1, (a, b))
 
 
+FUSION_REPEATS = 7
+"""Timed rounds of the fusion probe: its estimate of the per-action cost is a small difference of
+two larger times (11-18 ms of about 150 ms on the CPU benchmark across runs at 5 rounds)."""
+
+
 def measure_fusion(worker: StageWorker, pair: tuple[MicroBatch, MicroBatch, MicroBatch],
-                   repeats: int = REPEATS) -> FusionProfile:
+                   repeats: int = FUSION_REPEATS) -> FusionProfile:
     """Time `fusion_pair`'s micro-batches on this stage (interleaved rounds, medians). Inputs of
     later stages and output gradients are random (only shapes matter); gradients are cleared."""
     generator = torch.Generator(worker.device).manual_seed(0)

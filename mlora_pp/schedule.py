@@ -433,8 +433,9 @@ def group_jobs(
     return [[j for _, j in m] for m in groups]
 
 
-FUSION_MARGIN = 0.03
-"""`choose_streams` departs from `group_jobs`'s rule only for a predicted gain above this fraction."""
+FUSION_MARGIN = 0.01
+"""`choose_streams` departs from `group_jobs`'s rule only for a predicted gain above this fraction,
+so that a probe's noise does not flip between two groupings of about the same cost."""
 
 
 def min_streams(jobs: Sequence[JobSteps], num_stages: int, hide_latency: bool = False) -> int:

@@ -36,11 +36,11 @@ import torch.nn.functional as F
 
 from mlora_pp.data import IGNORE_INDEX
 from mlora_pp.job import AdapterJob
+from mlora_pp.memory import micro_shape
 from mlora_pp.model import StageModel, StageSpec, build_stage
 from mlora_pp.partition import split_layers, stage_costs
 from mlora_pp.preflight import agree
 from mlora_pp.runtime import StageWorker
-from mlora_pp.memory import micro_shape
 from mlora_pp.schedule import CostModel, MicroBatch, Schedule
 from mlora_pp.transport import PipelineError
 

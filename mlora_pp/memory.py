@@ -173,22 +173,14 @@ def probe(worker, micro_batches: Sequence[MicroBatch]) -> list[tuple[int, int, i
     generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG as training expects it
     samples = []
     for mb in micro_batches:
-        input_ids, labels, batch = worker.inputs(mb)
-        if worker.is_first:
-            x = input_ids
-        else:
-            shape = worker.activation_shape(mb)
-            x = torch.randn(shape, generator=generator, device=device, dtype=stage.dtype).requires_grad_(True)
+        input_ids, x, labels, batch = worker.probe_inputs(mb, generator)
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
         with meter.measure() as held:
             out, total, _ = worker._compute(mb, x, labels, batch)
-        if worker.is_last:
-            total.backward()
-        else:
-            torch.autograd.backward(out, torch.randn(out.shape, generator=generator, device=device, dtype=out.dtype))
+        worker.probe_backward(out, total, generator)
         if cuda:
             torch.cuda.synchronize(device)
             measured = torch.cuda.max_memory_allocated(device) - base

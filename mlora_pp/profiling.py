@@ -319,16 +319,9 @@ def measure_fusion(worker: StageWorker, pair: tuple[MicroBatch, MicroBatch, Micr
 
     def forward_backward(mb: MicroBatch) -> Callable[[], None]:
         def run() -> None:
-            input_ids, labels, batch = worker.inputs(mb)
-            x = input_ids
-            if not worker.is_first:
-                x = torch.randn(worker.activation_shape(mb), generator=generator, device=worker.device,
-                                dtype=worker.stage.dtype).requires_grad_(True)
+            _, x, labels, batch = worker.probe_inputs(mb, generator)
             out, total, _ = worker._compute(mb, x, labels, batch)
-            if worker.is_last:
-                total.backward()
-            else:
-                out.backward(torch.randn(out.shape, generator=generator, device=worker.device, dtype=out.dtype))
+            worker.probe_backward(out, total, generator)
         return run
 
     first, second, fused = pair

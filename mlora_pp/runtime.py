@@ -134,6 +134,26 @@ class StageWorker:
         batch = LoRABatch(tuple(segments), seq_len=input_ids.shape[1], training=True)
         return input_ids.to(self.device), labels.to(self.device), batch
 
+    def probe_inputs(self, mb: MicroBatch, generator: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, LoRABatch]:
+        """For start-up probes outside the schedule: token ids, this stage's input (random
+        activations on later stages: only their shape matters), labels and LoRA layout of `mb`."""
+        input_ids, labels, batch = self.inputs(mb)
+        x = input_ids
+        if not self.is_first:
+            x = torch.randn(self.activation_shape(mb), generator=generator, device=self.device,
+                            dtype=self.stage.dtype).requires_grad_(True)
+        return input_ids, x, labels, batch
+
+    def probe_backward(self, out: torch.Tensor, total: torch.Tensor | None, generator: torch.Generator) -> None:
+        """The backward of a probe's `_compute`: from the loss on the last stage, else from a random
+        output gradient. Adapter gradients accumulate; the probe clears them."""
+        if self.is_last:
+            assert total is not None
+            total.backward()
+        else:
+            out.backward(torch.randn(out.shape, generator=generator, device=self.device, dtype=out.dtype))
+
     def activation_shape(self, mb: MicroBatch) -> tuple[int, int, int]:
         """[rows, padded length, hidden] of the activations of `mb`: known on every rank from the data plan."""
         rows = [ex for part in mb.parts for ex in self.jobs[part.job].rows(part.step, part.micro)]

@@ -151,8 +151,8 @@ def schedule_of(config: Path, ranks: int, out: Path | None = None) -> Schedule:
     cfg, jobs = _prepared(config, ranks)
     streams = cfg.pipeline.streams
     if out is not None:
-        runs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"run"' in line]
-        runs = [r for r in runs if r.get("event") == "run"]
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        runs = [r for r in records if r.get("event") == "run"]
         if runs and "streams" in runs[0]:
             streams = runs[0]["streams"]
     return build_schedule([j.job_steps() for j in jobs.values()], ranks, cfg.pipeline.schedule, cfg.pipeline.fuse,

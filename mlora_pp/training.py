@@ -43,7 +43,8 @@ from mlora_pp.partition import stage_specs
 from mlora_pp.peft_format import AdapterSpec, save_adapter
 from mlora_pp.preflight import agree, check_inputs, load_tokenizer, source  # noqa: F401 (load_tokenizer re-exported)
 from mlora_pp.profiling import (
-    FusionProfile, ProfiledPlan, compare, describe, describe_fusion, fusion_cost, fusion_pair, measure, measure_fusion, profile_stages,
+    FusionProfile, ProfiledPlan, compare, describe, describe_fusion, fusion_cost, fusion_pair, measure, measure_fusion,
+    profile_stages,
 )
 from mlora_pp.records import RecordInbox, RecordSender
 from mlora_pp.replan import Replanner

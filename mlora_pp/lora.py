@@ -300,7 +300,8 @@ def _dropped(v: Tensor, pos_seeds: Tensor, feat_seeds: Tensor, thresh: Tensor) -
             with torch.no_grad():
                 return fn(v.detach(), pos_seeds, feat_seeds, thresh)
         except Exception as exc:  # no compiler, no Triton, or a compiler bug: the eager hash gives the same bits
-            warnings.warn(f"compiling the dropout hash failed ({type(exc).__name__}: {exc}); running it eagerly")
+            first = (str(exc).strip().splitlines() or [""])[0][:200]  # compiler errors run to pages
+            warnings.warn(f"compiling the dropout hash failed ({type(exc).__name__}: {first}); running it eagerly")
             _compiled_drop_span[0] = None
     out = torch.empty_like(v)
     step = _chunk_rows(v.shape[1], v.device)

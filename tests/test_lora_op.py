@@ -471,3 +471,20 @@ def test_compiled_dropout_kernel_gives_the_eager_bits(compiled, dtype):
 @pytest.mark.parametrize("path", ["loop", "grouped"])
 def test_matches_reference_with_compiled_dropout(compiled, path):
     _run_and_compare(path, LAYOUTS["gap_in_middle"], dropouts=True, bias=True)
+
+
+def test_a_failed_compile_warns_in_one_line_and_gives_the_eager_bits(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("C++ compile error\n" + "compiler output\n" * 50)
+
+    monkeypatch.setattr(lora, "_compiled_drop_span", [broken])
+    g = _gen(6)
+    v = torch.randn(9, 32, generator=g)
+    pos = torch.randint(-(2**31), 2**31 - 1, (9,), generator=g, dtype=torch.int32)
+    feat = lora._as_int32(lora._feature_seeds(32, "cpu"))
+    thresh = torch.full((9,), lora._threshold(0.3), dtype=torch.int32)
+    with pytest.warns(UserWarning) as caught:
+        got = lora._dropped(v, pos, feat, thresh)
+    assert len(caught) == 1 and "\n" not in str(caught[0].message) and "C++ compile error" in str(caught[0].message)
+    assert torch.equal(got, lora._drop_span(v, pos, feat, thresh))
+    assert lora._compiled_drop_span == [None]  # later calls go straight to the eager hash

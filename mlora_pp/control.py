@@ -29,7 +29,7 @@ import yaml
 
 from mlora_pp.config import ConfigError, RunConfig, parse_config
 from mlora_pp.durable import write_atomic
-from mlora_pp.transport import PipelineError
+from mlora_pp.transport import PendingSends, PipelineError
 
 PLAN_EVERY = 8
 """Rank 0 looks for requests before injecting micro-batches PLAN_EVERY, 2*PLAN_EVERY, ... and at the end."""
@@ -184,20 +184,20 @@ class PlanChannel:
         self.rank, self.world, self.group = rank, world, group
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.timeout_s = timeout_s
-        self._sends: list[tuple[Any, torch.Tensor]] = []
+        self._sends = PendingSends(rank, timeout_s, poll=False)
 
     def announce(self, point: int, change: Change | None) -> None:
         payload = change.encode() if change else b""
         header = torch.tensor([point, len(payload)], dtype=torch.int64)
         body = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else None
         for peer in range(1, self.world):
+            what = f"sending the plan at micro-batch {point} to rank {peer}"
             try:
-                self._sends.append((dist.isend(header, peer, group=self.group), header))
+                self._sends.add(dist.isend(header, peer, group=self.group), what, peer, header)
                 if body is not None:
-                    self._sends.append((dist.isend(body, peer, group=self.group), body))
+                    self._sends.add(dist.isend(body, peer, group=self.group), what, peer, body)
             except RuntimeError as exc:
-                raise PipelineError(f"rank 0: lost rank {peer} while sending the plan at micro-batch {point} "
-                                    f"({exc})") from None
+                raise PipelineError(f"rank 0: lost rank {peer} while {what} ({exc})") from None
 
     def await_decision(self, point: int) -> Change | None:
         header = torch.empty(2, dtype=torch.int64)
@@ -223,12 +223,7 @@ class PlanChannel:
                                 f"at micro-batch {point}")
 
     def flush(self) -> None:
-        for work, _ in self._sends:
-            try:
-                work.wait(self.timeout)
-            except RuntimeError as exc:
-                raise PipelineError(f"rank 0: lost a rank while sending plans ({exc})") from None
-        self._sends.clear()
+        self._sends.flush()
 
 
 # ------------------------------------------------------------------------------------------ the CLI

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from mlora_pp.runtime import FAILURES, StepRecord
-from mlora_pp.transport import PipelineError
+from mlora_pp.transport import PendingSends, PipelineError
 
 _FIELDS = 8  # job index, step, loss, loss_tokens, tokens, lr, status (0 ok, -1 skipped, k: FAILURES[k - 1]), stage
 _TAG = 0
@@ -51,35 +51,27 @@ class RecordSender:
         self.rank = rank
         self.group = group
         self.dst = dst
-        self._pending: list[tuple[Any, torch.Tensor]] = []
+        self._pending = PendingSends(rank, timeout_s=_RECORD_WAIT.total_seconds(), poll=False)
 
     def __call__(self, record: StepRecord) -> None:
         payload = _encode(self.names.index(record.job), record, self.rank)
+        what = f"sending the step records of {record.job!r} to rank {self.dst}"
         try:
             work = dist.isend(payload, self.dst, group=self.group, tag=_TAG)
         except RuntimeError as exc:
-            raise PipelineError(
-                f"rank {self.rank}: lost rank {self.dst} while sending the step records of {record.job!r} ({exc})"
-            ) from None
-        self._pending.append((work, payload))
+            raise PipelineError(f"rank {self.rank}: lost rank {self.dst} while {what} ({exc})") from None
+        self._pending.add(work, what, self.dst, payload)
 
-    def finish(self, timeout_s: float, rank: int) -> None:
-        """Send the end marker, then wait for every send."""
+    def finish(self, timeout_s: float) -> None:
+        """Send the end marker, then wait (at most `timeout_s`) for every send."""
         end = torch.full((_FIELDS,), float(_END), dtype=torch.float64)
         end[-1] = self.rank
+        what = f"ending the step records to rank {self.dst}"
         try:
-            self._pending.append((dist.isend(end, self.dst, group=self.group, tag=_TAG), end))
+            self._pending.add(dist.isend(end, self.dst, group=self.group, tag=_TAG), what, self.dst, end)
         except RuntimeError as exc:
-            raise PipelineError(f"rank {self.rank}: lost rank {self.dst} while ending the step records ({exc})") from None
-        self.flush(timeout_s, rank)
-
-    def flush(self, timeout_s: float, rank: int) -> None:
-        for work, _ in self._pending:
-            try:
-                work.wait(datetime.timedelta(seconds=timeout_s))
-            except RuntimeError as exc:
-                raise PipelineError(f"rank {rank}: lost rank {self.dst} while sending step records ({exc})") from None
-        self._pending.clear()
+            raise PipelineError(f"rank {self.rank}: lost rank {self.dst} while {what} ({exc})") from None
+        self._pending.flush(timeout_s)
 
 
 class RecordInbox:

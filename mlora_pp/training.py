@@ -568,7 +568,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         if replanner.channel is not None and is_rank0:
             replanner.channel.flush()
         if sender is not None:
-            sender.finish(cfg.pipeline.timeout_s, env.rank)
+            sender.finish(cfg.pipeline.timeout_s)
         if inbox is not None:
             inbox.drain(cfg.pipeline.timeout_s, env.rank)
             release()

@@ -1,0 +1,78 @@
+"""StageTransport between two Gloo ranks: sent tensors are dropped once their send has gone, and a
+peer that never takes a message fails `flush` with a message naming both ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_RANK = textwrap.dedent("""
+    import datetime, os, sys, time
+    import torch, torch.distributed as dist
+    from mlora_pp.transport import ACTIVATION, PipelineError, StageTransport
+    torch.set_num_threads(1)
+    rank, mode = int(os.environ["RANK"]), sys.argv[1]
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    transport = StageTransport(rank, timeout_s=2.0, device=torch.device("cpu"))
+    shape = (64, 1024)
+    if rank == 0:
+        for i in range(20):
+            transport.send(torch.full(shape, float(i)), 1, ACTIVATION, i)
+        if mode == "taken":
+            dist.barrier()  # rank 1 has received all 20
+            deadline = time.monotonic() + 10
+            while transport.pending_sends() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            print("pending", transport.pending_sends(), flush=True)
+        else:
+            try:
+                transport.flush()
+                print("flushed", flush=True)
+            except PipelineError as exc:
+                print("error", exc, flush=True)
+            dist.barrier()
+    else:
+        if mode == "taken":
+            got = [transport.recv(0, ACTIVATION, i, shape, torch.float32)[0, 0].item() for i in range(20)]
+            assert got == [float(i) for i in range(20)], got
+        dist.barrier()
+    transport.flush()  # nothing left (taken), or rank 1 never posts: only rank 0 raised above
+    dist.destroy_process_group()
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_ranks(mode: str) -> list[str]:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK, mode], cwd=ROOT, env=dict(env, RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert procs[1].returncode == 0, outs[1]
+    if mode == "taken":
+        assert procs[0].returncode == 0, outs[0]
+    return outs
+
+
+def test_sent_tensors_are_dropped_once_received_without_a_flush():
+    """Gloo's is_completed() stays False until wait(): polling it kept all 20 sends (and their
+    tensors) until the run's end. Once rank 1 has them all, none may be held."""
+    out = _two_ranks("taken")[0]
+    assert "pending 0" in out, out
+
+
+def test_a_send_nobody_takes_fails_flush_naming_the_ranks():
+    out = _two_ranks("never")[0]
+    assert "error rank 0: timed out after 2s sending the activation of micro-batch 0 to rank 1" in out, out
+    assert "(rank 1 did not take it)" in out, out

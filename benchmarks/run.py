@@ -121,8 +121,11 @@ DEFINITIONS: dict[str, str] = {
                    "torch-1f1b: time inside PipelineStage.forward_one_chunk/backward_one_chunk plus the "
                    "optimizer. fsdp2: not measured (null). One process: busy = wall",
     "peak_rss_mib": "per rank: the process's resident-set high-water mark (getrusage ru_maxrss), whole process",
-    "peak_heap_mib": "per rank: peak of glibc malloc's bytes in use (mallinfo2, sampled every 2 ms): "
+    "peak_heap_mib": "per rank: peak of glibc malloc's bytes in use (mallinfo2, sampled every 20 ms): "
                      "every CPU tensor plus the interpreter's malloc'd objects",
+    "environment": "every method runs with MKL_DISABLE_FAST_MM=1, as our launcher sets by default: MKL's "
+                   "memory manager otherwise keeps every GEMM buffer it has used (about 21 MiB per rank "
+                   "for ours, 10 for FSDP2), which is not a property of the method",
     "sent_mib": "per rank: bytes sent to other ranks by the training data path. Ours: activation and "
                 "gradient tensors plus their headers, counted in StageTransport. torch-1f1b: activations "
                 "and gradients, from their shapes. fsdp2: what a ring algorithm sends for FSDP2's "
@@ -147,7 +150,7 @@ def command(method: Method, scenario: Scenario, config: Path, out: Path) -> tupl
     """The command line and environment that run `method` on the scenario's ranks."""
     probed = ["-m", "benchmarks.probe", str(out), *method.module_args(config, out)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
-               HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS=str(threads(method)))
+               HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS=str(threads(method)), MKL_DISABLE_FAST_MM="1")
     if method.ranks == 1:
         return [sys.executable, *probed], env
     if scenario.hosts == "netns":

@@ -272,8 +272,6 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
             check = admission_check(models, steps, budget, bound, policy, fuse, streams)
             return all(check(frozenset({j.name})) for j in live)
 
-        if streams != cfg.pipeline.streams and not fitting(options[0]):
-            streams = cfg.pipeline.streams  # fused micro-batches hold more activations: memory first
         chosen = next((bound for bound in options if fitting(bound)), None)
         if chosen is None and policy != "gpipe":  # gpipe holds a whole step in flight however it is cut
             for name in [j.name for j in live]:  # smaller micro-batches for the jobs that do not fit alone

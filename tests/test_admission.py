@@ -131,6 +131,24 @@ def test_admission_check_and_predicted_peak_follow_the_model():
         assert predicted_peak(model, schedule, stage) <= 2000
 
 
+def test_jobs_fused_into_one_stream_are_admitted_by_their_fused_micro_batches():
+    """Fused, two running jobs form micro-batches of both jobs' rows: a budget that holds two jobs'
+    state and one job's activations admits them together apart, one at a time fused, and the
+    fused schedule stays within it."""
+    jobs = equal_jobs(2)
+    model = MemoryModel(0, static=1000, per_token=10.0, per_token_length=0.0, job={"j0": 100, "j1": 100})
+    both = frozenset({"j0", "j1"})
+    assert largest_micro(jobs, both, 2, "lora", True, streams=2) == (40, 20)
+    assert largest_micro(jobs, both, 2, "lora", True, streams=1) == (80, 20)
+    budget = 1000 + 200 + 2 * 400
+    apart = admission_check([model, model], jobs, budget, in_flight=2, policy="lora", fuse=True, streams=2)
+    fused = admission_check([model, model], jobs, budget, in_flight=2, policy="lora", fuse=True, streams=1)
+    assert apart(both) and not fused(both) and fused(frozenset({"j0"}))
+    schedule = build_schedule(jobs, 2, max_in_flight=2, streams=1, admission=admission(jobs, "fifo", fits=fused))
+    for stage in range(2):
+        assert predicted_peak(model, schedule, stage) <= budget
+
+
 # -------------------------------------------------------------------------------- a real run, 2 stages
 
 

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from mlora_pp.lora import LoRABatch, LoRASegment
-from mlora_pp.model import StageSpec, build_stage
+from mlora_pp.model import SiluMul, StageSpec, SwiGLU, build_stage
 from mlora_pp.peft_format import AdapterSpec, save_adapter
 from mlora_pp.tiny import make_tiny_model
 
@@ -164,3 +164,31 @@ def test_two_stages_compose_to_the_whole_model(tmp_path):
     ids = torch.randint(3, whole.config.vocab_size, (3, 8))
     with torch.no_grad():
         torch.testing.assert_close(last(first(ids, None), None), whole(ids, None), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_keeps_two_tensors_and_gives_autograds_gradients_bit_for_bit(dtype):
+    """The MLP's middle keeps gate and up for backward, not silu(gate) as well, and its gradients
+    are exactly those of plain autograd's silu-then-multiply."""
+    gen = torch.Generator().manual_seed(0)
+    gate, up, grad = (torch.randn(6, 37, generator=gen).to(dtype) for _ in range(3))
+
+    def run(fn):
+        g, u = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = fn(g, u)
+        out.backward(grad)
+        return out.detach(), g.grad, u.grad, {t.untyped_storage().data_ptr() for t in saved}
+
+    ours, reference = run(SiluMul.apply), run(lambda g, u: torch.nn.functional.silu(g) * u)
+    for a, b in zip(ours[:3], reference[:3]):
+        assert torch.equal(a, b)
+    assert len(ours[3]) == 2 and len(reference[3]) == 3
+
+
+def test_stage_mlp_is_swiglu_under_transformers_module_paths(model_dir):
+    stage = build_stage(model_dir)
+    layer = stage.layers[str(stage.spec.first_layer)]
+    assert isinstance(layer.mlp, SwiGLU)
+    assert "layers.0.mlp.down_proj" in stage.lora_modules()

@@ -2,6 +2,7 @@
 
 Bad input ends with one line naming the file and field, exit code 2, no traceback (``--debug``
 shows it). A lost rank or a failed write (disk full, read-only) ends with one line and exit code 1.
+A run in which some jobs failed (non-finite) finishes the others and exits 3 from rank 0.
 Jobs resume from their checkpoints in output_dir; ``--fresh`` deletes those and starts over.
 ``python -m launcher status OUTPUT_DIR [--watch SECONDS | --json]`` shows a run's jobs (mlora_pp.status);
 ``python -m launcher submit OUTPUT_DIR JOB.yaml`` and ``cancel OUTPUT_DIR NAME`` change a running run
@@ -27,6 +28,8 @@ from mlora_pp.transport import PipelineError
 
 EXIT_BAD_INPUT = 2
 EXIT_PIPELINE_FAILED = 1
+EXIT_JOBS_FAILED = 3
+"""The run finished, but some jobs failed (their outputs are their last good checkpoints)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: cancelled before its first step: no adapter written")
     for name in sorted(set(result.failed) - set(result.adapters)):
         print(f"{name}: FAILED ({result.failed[name]}) before its first checkpoint: no adapter written")
-    print(f"done in {result.wall_s:.1f}s")
-    return 0
+    print(f"done in {result.wall_s:.1f}s" + (f"; {len(result.failed)} job(s) failed" if result.failed else ""))
+    return EXIT_JOBS_FAILED if result.failed else 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -294,11 +295,21 @@ def failed_run_checks(out: Path, reference: Path, same=assert_adapter_same, reas
 BAD_LR = [CK_JOBS[0], dict(CK_JOBS[1], lr=1e10), CK_JOBS[2]]
 
 
-def test_non_finite_job_fails_alone(workspace, reference):
-    cfg = config(workspace, "bad-lr", BAD_LR)
-    result = train(cfg, progress=False)
-    assert set(result.failed) == {"beta"} and result.steps == {**STEPS, "beta": 1}
-    failed_run_checks(cfg.output_dir, reference)
+def assert_jobs_failed_exit(proc) -> None:
+    """torchrun fails when a rank does: rank 0 exited EXIT_JOBS_FAILED and no other rank failed."""
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    failures = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*exitcode\s*:\s*(-?\d+)", proc.stderr)
+    assert failures and set(failures) == {("0", str(launcher.EXIT_JOBS_FAILED))}, proc.stderr[-4000:]
+    assert "error:" not in proc.stderr, proc.stderr[-4000:]
+
+
+def test_non_finite_job_fails_alone(workspace, reference, capsys):
+    """Through the launcher: the other jobs finish, and the run exits EXIT_JOBS_FAILED (3)."""
+    config_path = yaml_config(workspace, "bad-lr", BAD_LR)
+    assert launcher.main([str(config_path), "--no-live"]) == launcher.EXIT_JOBS_FAILED
+    out = capsys.readouterr().out
+    assert "beta: FAILED (non-finite" in out and "; 1 job(s) failed" in out, out[-2000:]
+    failed_run_checks(workspace[0] / "bad-lr", reference)
 
 
 # ---------------------------------------------------------------------------------------------- 2 stages
@@ -367,7 +378,7 @@ def test_non_finite_job_fails_alone_on_two_stages(workspace, reference_two, rank
         index = next(i for i, a in enumerate(stage0) if a.kind == "S" and a.job == "beta" and a.step == 1)
         env["MLORA_PP_FAULT"] = f"0:{index}:delay"
     proc = torchrun(2, yaml_config(workspace, out, BAD_LR), **env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_jobs_failed_exit(proc)
     assert "beta: FAILED (non-finite" in proc.stdout, proc.stdout[-2000:]
     failed_run_checks(workspace[0] / out, reference_two)
 
@@ -388,7 +399,7 @@ def test_a_middle_stage_failure_is_heard_mid_run_on_three_stages(workspace, refe
     stage1 = build_schedule([j.job_steps() for j in jobs.values()], 3, "lora", True).stages[1]
     index = next(i for i, a in enumerate(stage1) if a.kind == "S" and a.job == "beta" and a.step == 1)
     proc = torchrun(3, yaml_config(workspace, out), MLORA_PP_FAULT=f"1:{index}:nan")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_jobs_failed_exit(proc)
     assert "beta: FAILED (non-finite gradients at step 2 on stage 1" in proc.stdout, proc.stdout[-2000:]
     records = failed_run_checks(workspace[0] / out, reference, assert_adapters_equal,
                                 "non-finite gradients at step 2 on stage 1")

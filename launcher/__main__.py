@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.config)
         result = train(cfg, progress=False if args.no_live else None, fresh=args.fresh)
+        # This rank's work is done. A SIGTERM from now on is torchrun reacting to another rank's exit
+        # code (rank 0's EXIT_JOBS_FAILED) and must not turn this finished rank into a failed one.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except (ConfigError, DataError, ModelError) as exc:
         # Every rank found the same bad input at the same moment; torchrun stopping the others as soon
         # as one exits must not turn their line into "stopped by the launcher".

@@ -14,7 +14,9 @@ function of (seed, job, epoch). The seed and the data position (epoch, rows cons
 for humans and for validation. Tensors are keyed by module path, so a checkpoint written by S
 stages resumes on any number of stages.
 
-Every file goes to a temporary name in its directory, is flushed, fsynced and renamed, then the
+A stage's parts are written on a background thread (`PartWriter`): the optimizer step only copies
+the job's state and goes on, while serializing, hashing and the fsynced writes overlap the next
+actions. Every file goes to a temporary name in its directory, is flushed, fsynced and renamed, then the
 directory is fsynced. A step directory is complete only when its manifest exists and every file it
 lists has the recorded size and SHA-256; anything else is ignored and, at the next start, deleted.
 Pruning deletes a manifest before the files it lists. Only JSON and safetensors are ever read.
@@ -26,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -199,18 +202,103 @@ def stage_tensors(stage: StageModel, job: AdapterJob) -> dict[str, torch.Tensor]
     return tensors
 
 
+def write_part(directory: Path, rank: int, tensors: dict[str, torch.Tensor], description: dict) -> None:
+    """One stage's part of a checkpoint: its tensors, then the description that marks it complete."""
+    data = safetensors_bytes(tensors, metadata={"format": "pt"})
+    tensor_name, json_name = part_names(rank)
+    description = {**description, "file": tensor_name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    write_file(directory / tensor_name, data, rank)
+    write_file(directory / json_name, _json_bytes(description), rank)
+
+
+class PartWriter:
+    """Writes this stage's checkpoint parts on a daemon thread, one after another in the order given.
+
+    At most `depth` parts wait, so a slow disk slows training instead of filling memory with
+    copies. A failed write (disk full, read-only) stops the writer: nothing after it is written, as
+    after a crash there, and the error is raised on the training thread at the next `submit` or at
+    `flush`. Every wait is bounded by the pipeline timeout.
+    """
+
+    def __init__(self, rank: int, timeout_s: float, depth: int = 2):
+        self.rank = rank
+        self.timeout_s = timeout_s
+        self.depth = depth
+        self._parts: deque[tuple[Path, dict[str, torch.Tensor], dict]] = deque()
+        self._busy: Path | None = None  # the step directory being written
+        self._error: BaseException | None = None
+        self._closed = False
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, directory: Path, tensors: dict[str, torch.Tensor], description: dict) -> None:
+        """Queue a part (its tensors already copied off the live state)."""
+        with self._changed:
+            self._wait(lambda: len(self._parts) < self.depth, "a free place in the checkpoint queue")
+            self._parts.append((directory, tensors, description))
+            self._changed.notify_all()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"checkpoints-rank{self.rank}", daemon=True)
+            self._thread.start()
+
+    def flush(self) -> None:
+        """Wait until every queued part is on disk; raise the writer's error if it had one."""
+        with self._changed:
+            self._wait(lambda: not self._parts and self._busy is None, "the checkpoint parts to be written")
+
+    def close(self) -> None:
+        """Finish what is queued (bounded, errors ignored: the run is ending) and stop the thread."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._error is not None or (not self._parts and self._busy is None),
+                                   timeout=self.timeout_s)
+            self._closed = True
+            self._changed.notify_all()
+
+    def _wait(self, ready, what: str) -> None:
+        if self._error is not None:
+            raise self._error
+        done = self._changed.wait_for(lambda: self._error is not None or ready(), timeout=self.timeout_s)
+        if self._error is not None:
+            raise self._error
+        if not done:
+            raise CheckpointError(f"rank {self.rank}: timed out after {self.timeout_s:g}s waiting for {what} "
+                                  f"(writing {self._busy})")
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._parts or self._closed)
+                if not self._parts:
+                    return
+                directory, tensors, description = self._parts.popleft()
+                self._busy = directory
+            try:
+                write_part(directory, self.rank, tensors, description)
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread, which raises it
+                with self._changed:
+                    self._error, self._busy = exc, None
+                    self._parts.clear()
+                    self._changed.notify_all()
+                return
+            with self._changed:
+                self._busy = None
+                self._changed.notify_all()
+
+
 @dataclass
 class StageSaver:
-    """On every rank: after a job's good optimizer step, write this stage's part if a checkpoint is due.
+    """On every rank: after a job's good optimizer step, queue this stage's part if a checkpoint is due.
 
     Used as `StageWorker.after_step`: returns False, writing nothing, when the updated weights are
-    not finite, so a failed job's last checkpoint is always a good one.
+    not finite, so a failed job's last checkpoint is always a good one. The state is copied here;
+    `writer` writes it in the background.
     """
 
     output_dir: Path
     stage: StageModel
     rank: int
     seed: int
+    writer: PartWriter
 
     def __call__(self, job: AdapterJob) -> bool:
         if not due(job.config, job.steps_done, job.total_steps):
@@ -222,19 +310,13 @@ class StageSaver:
 
     def save(self, job: AdapterJob) -> None:
         tensors = stage_tensors(self.stage, job)
-        data = safetensors_bytes(tensors, metadata={"format": "pt"})
-        directory = step_dir(self.output_dir, job.name, job.steps_done)
-        tensor_name, json_name = part_names(self.rank)
         epoch, index = job.data_position()
         description = {
             "format": FORMAT, "job": job.name, "step": job.steps_done, "total_steps": job.total_steps,
-            "stage": self.rank, "file": tensor_name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-            "modules": sorted({key.split(".lora_")[0] for key in tensors}), "seed": self.seed,
+            "stage": self.rank, "modules": sorted({key.split(".lora_")[0] for key in tensors}), "seed": self.seed,
             "data_position": {"epoch": epoch, "index": index}, "time": time.time(),
         }
-        # Tensors first, their description second: a description marks a part complete.
-        write_file(directory / tensor_name, data, self.rank)
-        write_file(directory / json_name, _json_bytes(description), self.rank)
+        self.writer.submit(step_dir(self.output_dir, job.name, job.steps_done), tensors, description)
 
 
 class ManifestWriter:

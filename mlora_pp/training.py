@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from mlora_pp.checkpoint import (
-    CheckpointError, ManifestWriter, ResumePlan, ResumePoint, StageSaver, check_space, check_writable,
+    CheckpointError, ManifestWriter, PartWriter, ResumePlan, ResumePoint, StageSaver, check_space, check_writable,
     checkpoint_weights, clear_stale, newest_checkpoint, plan_resume, restore, write_file,
 )
 from mlora_pp.config import ConfigError, RunConfig, parse_config
@@ -542,9 +542,10 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         metrics.write({"event": "admitted", "job": job, "time": time.perf_counter() - start})
 
     cpu = device.type != "cuda"
+    parts = PartWriter(env.rank, cfg.pipeline.timeout_s)
     worker = StageWorker(stage, jobs, schedule, stage_index=env.rank, transport=transport, device=device,
                          on_step=on_step, after_action=after_action if is_rank0 else None,
-                         after_step=StageSaver(cfg.output_dir, stage, env.rank, cfg.seed),
+                         after_step=StageSaver(cfg.output_dir, stage, env.rank, cfg.seed, parts),
                          on_failed=fail if is_rank0 else None, on_start=admitted if is_rank0 else None,
                          meter=SavedTensorMeter(list(stage.parameters()) + list(stage.buffers())) if cpu else None,
                          static_bytes=static_bytes(stage) if cpu else 0)
@@ -563,6 +564,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         torch.cuda.reset_peak_memory_stats(device)
     try:
         worker.run()
+        parts.flush()  # every part is on disk before the gather: rank 0 then writes the last manifests
         if replanner.channel is not None and is_rank0:
             replanner.channel.flush()
         if sender is not None:
@@ -597,6 +599,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
                     fail(job, good_steps, reason)
             manifests.drain(cfg.pipeline.timeout_s)  # every part was written before the gather
     finally:
+        parts.close()
         if board is not None:
             board.close()
     steps = {n: failed[n][0] if n in failed else replanner.cancelled.get(n, j.steps_done) for n, j in jobs.items()}

@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from test_pipeline import torchrun
 from test_training import JOBS, adapter, assert_adapters_equal, make_raw, make_workspace, rel_err
 
 import launcher.__main__ as launcher
+import mlora_pp.checkpoint as checkpoint_module
 from mlora_pp.checkpoint import (
-    CHECKPOINTS, MANIFEST, checkpoint_weights, newest_checkpoint, read_checkpoint, step_dirs,
+    CHECKPOINTS, MANIFEST, CheckpointError, PartWriter, checkpoint_weights, newest_checkpoint, read_checkpoint,
+    step_dirs,
 )
 from mlora_pp.config import ConfigError, parse_config
 from mlora_pp.runtime import StageWorker
@@ -406,3 +409,49 @@ def test_a_middle_stage_failure_is_heard_mid_run_on_three_stages(workspace, refe
     failed_at = next(i for i, r in enumerate(records) if r.get("event") == "failed")
     gamma_end = next(i for i, r in enumerate(records) if r.get("job") == "gamma" and r.get("step") == STEPS["gamma"])
     assert failed_at < gamma_end, "the failure was heard only at the end of the run"
+
+
+# ---------------------------------------------------------------------------------------------- the part writer
+
+
+def test_part_writer_writes_behind_training_in_order_and_bounds_its_queue(tmp_path, monkeypatch):
+    """submit returns while the disk is still busy; parts land in order; a full queue waits, bounded
+    by the timeout, with a message naming the rank and what is being written."""
+    release, written = threading.Event(), []
+
+    def slow_write(directory, rank, tensors, description):
+        assert release.wait(30)
+        written.append(description["step"])
+
+    monkeypatch.setattr(checkpoint_module, "write_part", slow_write)
+    writer = PartWriter(rank=1, timeout_s=0.5, depth=2)
+    for step in (1, 2, 3):  # one being written, two waiting
+        writer.submit(tmp_path / f"step-{step}", {}, {"step": step})
+    assert written == []
+    with pytest.raises(CheckpointError, match=r"rank 1: timed out after 0.5s waiting for a free place in the "
+                                              r"checkpoint queue \(writing .*step-1\)"):
+        writer.submit(tmp_path / "step-4", {}, {"step": 4})
+    release.set()
+    writer.flush()
+    assert written == [1, 2, 3]
+    writer.close()
+
+
+def test_part_writer_failure_stops_it_and_is_raised_on_the_training_thread(tmp_path, monkeypatch):
+    written = []
+
+    def failing_write(directory, rank, tensors, description):
+        if description["step"] == 2:
+            raise CheckpointError(f"rank {rank}: cannot write {directory} (No space left on device)")
+        written.append(description["step"])
+
+    monkeypatch.setattr(checkpoint_module, "write_part", failing_write)
+    writer = PartWriter(rank=0, timeout_s=5)
+    writer.submit(tmp_path / "a", {}, {"step": 1})
+    writer.submit(tmp_path / "b", {}, {"step": 2})
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        writer.flush()
+    with pytest.raises(CheckpointError, match="No space left on device"):  # and at the next part
+        writer.submit(tmp_path / "c", {}, {"step": 3})
+    writer.close()
+    assert written == [1]

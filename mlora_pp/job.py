@@ -90,6 +90,24 @@ class AdapterJob:
             micro_batches.append(tuple(micros))
         return JobSteps(self.name, tuple(micro_batches), first_step=self.steps_done)
 
+    def halve_micro_batches(self) -> bool:
+        """Re-plan with micro-batches of half the rows (or half the token budget); False when they are
+        one row already. The steps keep their rows, and a row's dropout key is its place in the step,
+        so only the summation order changes."""
+        rows = self.largest_micro_rows()
+        if rows <= 1:
+            return False
+        c = self.config
+        tokens = c.micro_batch_tokens
+        self.plans = plan_steps(self.examples, batch_size=c.batch_size, micro_batch_size=max(1, rows // 2),
+                                epochs=c.epochs, max_steps=c.max_steps, seed=self.seed, job=c.name,
+                                micro_batch_tokens=max(1, tokens // 2) if tokens is not None else None)
+        return True
+
+    def largest_micro_rows(self) -> int:
+        """Rows of the job's largest micro-batch."""
+        return max(len(m) for plan in self.plans for m in plan.micro_batches)
+
     def data_position(self) -> tuple[int, int]:
         """(epoch, rows of that epoch's shuffled order consumed) after `steps_done` steps, for humans:
         the order itself is a pure function of (seed, job, epoch), so resuming needs only the step."""

@@ -124,6 +124,12 @@ def admission_check(models: Sequence[MemoryModel], jobs: Sequence[JobSteps], bud
     return fits
 
 
+def cut_message(job: str, rows: int, configured: int) -> str:
+    """What rank 0 prints when a job's micro-batches were cut to fit the budget."""
+    return (f"memory: job {job!r} runs micro-batches of at most {rows} row{'s' * (rows > 1)} instead of "
+            f"{configured} to fit the budget")
+
+
 def predicted_peak(model: MemoryModel, schedule: Schedule, stage: int) -> float:
     """The model's peak over this stage's actions, in order: running jobs (first forward to last
     optimizer step here) and the micro-batches in flight after each action."""

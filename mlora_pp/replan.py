@@ -12,7 +12,9 @@ gradients it has accumulated), minus cancelled jobs, plus the new jobs, admitted
 A cancelled job drops its unfinished step and keeps the adapter of its last finished one (every
 stage checkpoints it, so a restart keeps it too). A submitted job is tokenized on every rank
 (its data file must be readable there, like the config's), gets its adapter and optimizer on every
-stage, and is checkpointed like the others.
+stage, and is checkpointed like the others. Under `pipeline.memory_budget` rank 0 checks that a
+submitted job fits alone, cutting its micro-batches as at start-up (every rank then cuts them
+alike), and rejects it if even 1-row micro-batches do not fit.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from mlora_pp.config import ConfigError, JobConfig, RunConfig, parse_config
 from mlora_pp.control import PLAN_EVERY, Change, ControlDir, PlanChannel, config_mapping, validate_submission
 from mlora_pp.data import DataError
 from mlora_pp.job import AdapterJob, StepStats, load_job
-from mlora_pp.memory import MemoryModel, admission_check
+from mlora_pp.memory import MemoryModel, admission_check, cut_message, human_bytes, largest_micro
 from mlora_pp.model import StageModel
 from mlora_pp.schedule import CostModel, Schedule, admission, build_schedule, choose_streams, remaining_steps
 
@@ -37,14 +39,18 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 def lora_state_bytes(config: Any, layers: int, rank: int, targets: list[str], float32: bool = True) -> int:
     """A job's gradients and AdamW moments on `layers` decoder layers, from the model's shapes (what
     `mlora_pp.memory.job_state_bytes` counts on a built stage, for a stage this rank does not hold)."""
+    return lora_params(config, layers, rank, targets) * (12 if float32 else 14)
+
+
+def lora_params(config: Any, layers: int, rank: int, targets: list[str]) -> int:
+    """Entries of a job's LoRA A and B matrices on `layers` decoder layers (fp32 master weights)."""
     h, heads = config.hidden_size, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     shapes = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv * head_dim), "v_proj": (h, kv * head_dim),
               "o_proj": (heads * head_dim, h), "gate_proj": (h, config.intermediate_size),
               "up_proj": (h, config.intermediate_size), "down_proj": (config.intermediate_size, h)}
-    params = layers * sum(rank * sum(shapes[t]) for t in targets)
-    return params * (12 if float32 else 14)
+    return layers * sum(rank * sum(shapes[t]) for t in targets)
 
 
 @dataclass
@@ -99,12 +105,19 @@ class Replanner:
         assert self.control is not None
         submit: list[dict] = []
         cancel: list[str] = []
-        cfg = self.cfg
+        cfg, models = self.cfg, self.models
+        accepted: list[str] = []  # submissions taken at this point, in order
         for request in self.control.pending():
             try:
                 if request.kind == "submit":
-                    cfg = validate_submission(cfg, request.body.get("job"), str(request.path))
-                    self._loaded[cfg.jobs[-1].name] = load_job(cfg.jobs[-1], self.tokenizer, cfg.seed)
+                    checked = validate_submission(cfg, request.body.get("job"), str(request.path))
+                    job = load_job(checked.jobs[-1], self.tokenizer, checked.seed)
+                    with_job = self._models_with(checked.jobs[-1], models)
+                    if self._fit_alone(job, with_job):
+                        print(cut_message(job.name, job.largest_micro_rows(), job.config.micro_batch_size), flush=True)
+                    self._others_still_fit(job.name, with_job, cancel, [self._loaded[n] for n in accepted])
+                    cfg, models, self._loaded[job.name] = checked, with_job, job
+                    accepted.append(job.name)
                     submit.append(request.body["job"])
                 elif request.kind == "cancel":
                     name = request.body.get("name")
@@ -123,6 +136,55 @@ class Replanner:
         change = Change(tuple(submit), tuple(cancel))
         self.control.log_accepted(change, {n: self.jobs[n].steps_done for n in cancel if n in self.jobs})
         return change
+
+    def _models_with(self, config: JobConfig, models: list[MemoryModel] | None) -> list[MemoryModel] | None:
+        """`models` with a submitted job (from the model's shapes): its LoRA weights held for good,
+        like every start-up job's, and its gradients and AdamW state while it runs."""
+        if models is None:
+            return None
+        float32 = self.cfg.model.dtype == "float32"
+        targets = list(config.target_modules)
+        return [dataclasses.replace(
+            m, static=m.static + 4 * lora_params(self.stage.config, layers, config.rank, targets),
+            job={**m.job, config.name: lora_state_bytes(self.stage.config, layers, config.rank, targets, float32)})
+            for m, layers in zip(models, self.layers_per_stage)]
+
+    def _others_still_fit(self, name: str, models: list[MemoryModel] | None, cancelling: list[str],
+                          submitted: list[AdapterJob]) -> None:
+        """Under a budget: every unfinished job, and those `submitted` at this point before it, must
+        still fit alone next to a new job's weights (a running job's micro-batches are not cut
+        mid-run); ConfigError if one does not."""
+        if self.budget is None or models is None:
+            return
+        policy, fuse, streams = self.cfg.pipeline.schedule, self.cfg.pipeline.fuse, self.cfg.pipeline.streams
+        steps = [j.job_steps() for n, j in self.jobs.items()
+                 if n not in self.cancelled and n not in cancelling and j.steps_done < j.total_steps]
+        steps += [j.job_steps() for j in submitted]
+        fits = admission_check(models, steps, self.budget, self.in_flight, policy, fuse, streams)
+        for j in steps:
+            if not fits(frozenset({j.name})):
+                raise ConfigError(f"memory: next to job {name!r}'s LoRA weights, job {j.name!r} would no longer "
+                                  f"fit pipeline.memory_budget ({human_bytes(self.budget)}) on its own")
+
+    def _fit_alone(self, job: AdapterJob, models: list[MemoryModel] | None) -> bool:
+        """Under a budget: halve `job`'s micro-batches until it fits alone at the run's in-flight
+        count, as start-up does (True if they were cut); ConfigError (a rejection) when 1-row
+        micro-batches do not fit."""
+        if self.budget is None or models is None:
+            return False
+        policy, fuse, streams = self.cfg.pipeline.schedule, self.cfg.pipeline.fuse, self.cfg.pipeline.streams
+        while True:
+            steps = [job.job_steps()]
+            if admission_check(models, steps, self.budget, self.in_flight, policy, fuse, streams)(frozenset({job.name})):
+                break
+            if not job.halve_micro_batches():
+                tokens, length = largest_micro(steps, {job.name}, self.world, policy, fuse, streams)
+                need = max(models, key=lambda m: m.peak({job.name}, self.in_flight, tokens, length))
+                raise ConfigError(
+                    f"memory: job {job.name!r} alone needs about "
+                    f"{human_bytes(need.peak({job.name}, self.in_flight, tokens, length))} on stage {need.stage} "
+                    f"even with 1-row micro-batches, more than pipeline.memory_budget ({human_bytes(self.budget)})")
+        return job.largest_micro_rows() < job.config.micro_batch_size
 
     def _check_cancel(self, name: Any, cancelling: list[str]) -> None:
         job = self.jobs.get(name)
@@ -187,10 +249,8 @@ class Replanner:
         self.jobs[config.name] = job
         self.job_order.append(config.name)
         if self.models is not None:
-            float32 = self.cfg.model.dtype == "float32"
-            self.models = [dataclasses.replace(m, job={**m.job, config.name: lora_state_bytes(
-                self.stage.config, layers, config.rank, list(config.target_modules), float32)})
-                for m, layers in zip(self.models, self.layers_per_stage)]
+            self.models = self._models_with(config, self.models)
+            self._fit_alone(job, self.models)  # rank 0 cut it already while checking it; the others alike
         if self.manifests is not None:
             self.manifests.add(job, resume_fields(self.cfg, config))
         if self.on_change is not None:

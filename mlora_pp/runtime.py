@@ -31,6 +31,7 @@ from mlora_pp.faults import Fault
 from mlora_pp.job import AdapterJob
 from mlora_pp.lora import LoRABatch, LoRASegment
 from mlora_pp.memory import SavedTensorMeter, live_job_bytes
+from mlora_pp.memory import static_bytes as count_static_bytes
 from mlora_pp.model import StageModel
 from mlora_pp.schedule import Action, MicroBatch, Schedule, cut_actions
 from mlora_pp.transport import ACTIVATION, GRADIENT, StageTransport
@@ -322,8 +323,9 @@ class StageWorker:
             tail = cut_actions(self.schedule, self.stage_index, position, point)
             count, _ = self._execute(tail, fault, count, [])
             following = self.replan.apply(change, self.schedule, point)
-            if self.meter is not None:  # cancelled jobs freed their state outside any action
+            if self.meter is not None:  # cancelled jobs freed their state, submitted ones added weights
                 self._job_bytes = {name: live_job_bytes([job]) for name, job in self.jobs.items()}
+                self.static_bytes = count_static_bytes(self.stage)
             if following is None:  # every job left was cancelled
                 break
             self.schedule = following

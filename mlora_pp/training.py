@@ -30,12 +30,12 @@ from mlora_pp.checkpoint import (
 )
 from mlora_pp.config import ConfigError, RunConfig, parse_config
 from mlora_pp.control import CONTROL, ControlDir, PlanChannel, config_mapping
-from mlora_pp.data import DataError, plan_steps
+from mlora_pp.data import DataError
 from mlora_pp.job import AdapterJob, load_job
 from mlora_pp.lora import warm_up_dropout
 from mlora_pp.memory import (
-    MemoryModel, SavedTensorMeter, admission_check, budget_bytes, fit, human_bytes, largest_micro, predicted_peak,
-    probe_micro_batches, process_peak_rss, static_bytes,
+    MemoryModel, SavedTensorMeter, admission_check, budget_bytes, cut_message, fit, human_bytes, largest_micro,
+    predicted_peak, probe_micro_batches, process_peak_rss, static_bytes,
 )
 from mlora_pp.metrics import MetricsLog, ProgressBoard
 from mlora_pp.model import StageModel, StageSpec, build_stage
@@ -203,21 +203,6 @@ class MemoryPlan:
                 "model": models[rank].record()}
 
 
-def _halve_micro_batches(job: AdapterJob) -> bool:
-    """Re-plan `job` with micro-batches of half the rows (or half the token budget); False when they
-    are one row already. The steps keep their rows, and a row's dropout key is its place in the step,
-    so only the summation order changes."""
-    rows = max(len(m) for plan in job.plans for m in plan.micro_batches)
-    if rows <= 1:
-        return False
-    c = job.config
-    tokens = c.micro_batch_tokens
-    job.plans = plan_steps(job.examples, batch_size=c.batch_size, micro_batch_size=max(1, rows // 2),
-                           epochs=c.epochs, max_steps=c.max_steps, seed=job.seed, job=c.name,
-                           micro_batch_tokens=max(1, tokens // 2) if tokens is not None else None)
-    return True
-
-
 def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str, AdapterJob],
                  unbounded: Schedule, device: torch.device, cancelled: dict[str, int]) -> MemoryPlan:
     """Fit every stage's memory model on probes of the run's shapes, share them, and build the
@@ -276,13 +261,12 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
         if chosen is None and policy != "gpipe":  # gpipe holds a whole step in flight however it is cut
             for name in [j.name for j in live]:  # smaller micro-batches for the jobs that do not fit alone
                 while not admission_check(models, steps, budget, options[-1], policy, fuse, streams)(
-                        frozenset({name})) and _halve_micro_batches(jobs[name]):
+                        frozenset({name})) and jobs[name].halve_micro_batches():
                     steps = [jobs[j.name].job_steps() for j in steps]
                     live = [j for j in steps if j.steps]
-                rows = max(len(m) for plan in jobs[name].plans for m in plan.micro_batches)
+                rows = jobs[name].largest_micro_rows()
                 if rows < cfg.job(name).micro_batch_size and env.rank == 0:
-                    print(f"memory: job {name!r} runs micro-batches of at most {rows} row{'s' * (rows > 1)} "
-                          f"instead of {cfg.job(name).micro_batch_size} to fit the budget", flush=True)
+                    print(cut_message(name, rows, cfg.job(name).micro_batch_size), flush=True)
             chosen = next((bound for bound in options if fitting(bound)), None)
         if chosen is not None:
             in_flight = chosen

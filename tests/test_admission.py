@@ -16,10 +16,13 @@ from test_training import JOBS, adapter, assert_adapters_equal, make_raw, make_w
 from test_checkpoint import assert_same
 
 from mlora_pp.config import LORA_TARGETS, ConfigError, parse_config
+from mlora_pp.control import ControlDir
 from mlora_pp.memory import MemoryModel, admission_check, fit_activation, largest_micro, predicted_peak
+from mlora_pp.model import read_model_config
+from mlora_pp.replan import lora_params
 from mlora_pp.schedule import JobSteps, ScheduleError, admission, build_schedule
 from mlora_pp.sim import simulate
-from mlora_pp.training import load_tokenizer, prepare_jobs
+from mlora_pp.training import load_tokenizer, prepare_jobs, train
 
 
 def equal_jobs(count: int, steps: int = 3, micros: int = 2) -> list[JobSteps]:
@@ -261,3 +264,52 @@ def test_memory_budget_is_validated(workspace, value, message):
         parse_config(raw, "test.yaml")
     with pytest.raises(ConfigError, match=r"pipeline\.admission: must be one of fifo, priority, shortest-first"):
         parse_config(make_raw(workspace, JOBS, "x", admission="lifo"), "test.yaml")
+
+
+def test_a_submitted_job_is_cut_to_fit_the_budget_or_rejected(workspace, capsys):
+    """One rank under a budget that the start-up jobs fill: a submitted job that fits only with
+    smaller micro-batches runs them, as a start-up job would; one too big even with 1-row
+    micro-batches, and one whose weights would leave a running job no room, are rejected (they
+    used to end the run on every rank). The run goes on within the budget."""
+    start = [dict(job, max_seq_len=64, data=str(workspace[2][job["name"]])) for job in BIG_JOBS[:2]]
+    narrow = dict(start[0], name="narrow", rank=4, alpha=4, batch_size=8, micro_batch_size=8)
+    huge = dict(start[0], name="huge", rank=1024, alpha=1024)
+    wide = dict(start[0], name="wide")
+    free = parse_config(make_raw(workspace, BIG_JOBS[:2], "submit-free", schedule="lora"), "test.yaml")
+    train(free, progress=False)
+    records = [json.loads(line) for line in (free.output_dir / "metrics.jsonl").read_text().splitlines()]
+    model = MemoryModel(**next(r for r in records if r.get("event") == "memory")["model"])
+    model_config = read_model_config(workspace[1])
+
+    def need(job: dict, micro_batch_size: int | None = None, extra_static: int = 0) -> float:
+        """Alone, with its weights and state from the shapes (a start-up job's weights are in static)."""
+        job = dict(job, micro_batch_size=micro_batch_size or job["micro_batch_size"])
+        cfg = parse_config(dict(make_raw(workspace, [], "x"), jobs=[job]), "test.yaml")
+        steps = [j.job_steps() for j in prepare_jobs(cfg, load_tokenizer(workspace[1])).values()]
+        params = lora_params(model_config, 4, job["rank"], list(job["target_modules"]))
+        weights = 0 if job["name"] in model.job else 4 * params
+        m = MemoryModel(0, model.static + weights + extra_static, model.per_token, model.per_token_length,
+                        {job["name"]: 12 * params})
+        return m.peak({job["name"]}, 1, *largest_micro(steps, {job["name"]}, 1, "lora", True))
+
+    budget = int(max(need(job) for job in start) * 1.01)
+    rows = next(r for r in (8, 4, 2, 1) if need(narrow, r) <= budget)
+    assert rows < 8 and need(huge, 1) > budget, "the budget must bind"
+    wide_weights = 4 * lora_params(model_config, 4, wide["rank"], list(wide["target_modules"]))
+    assert need(wide, 1) <= budget < max(need(job, extra_static=wide_weights) for job in start)
+    out = workspace[0] / "submit-budget"
+    control = ControlDir(out)
+    for job in (narrow, huge, wide):
+        control.request("submit", {"job": job})
+    cfg = parse_config(make_raw(workspace, BIG_JOBS[:2], "submit-budget", schedule="lora", memory_budget=budget),
+                       "test.yaml")
+    result = train(cfg, progress=False)
+    assert f"memory: job 'narrow' runs micro-batches of at most {rows} row" in capsys.readouterr().out
+    assert result.steps == {"alpha": 3, "beta": 2, "narrow": 3}
+    outcomes = [json.loads(p.read_text())["outcome"] for p in sorted((out / "control" / "done").glob("*.json"))]
+    assert outcomes[0] == "accepted"
+    assert outcomes[1].startswith("rejected: memory: job 'huge' alone needs about ") and "1-row" in outcomes[1]
+    assert outcomes[2].startswith("rejected: memory: next to job 'wide''s LoRA weights, job '"), outcomes[2]
+    memory = next(r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+                  if r.get("event") == "memory")
+    assert memory["predicted_peak_bytes"] <= budget and memory["measured_peak_bytes"] <= budget, memory

@@ -273,21 +273,40 @@ def _drop_span(v: Tensor, pos_seeds: Tensor, feat_seeds: Tensor, thresh: Tensor)
     return torch.where(h < thresh[:, None], torch.zeros((), dtype=v.dtype, device=v.device), v)
 
 
+def _drop_span_pair(a: Tensor, b: Tensor, pos_seeds: Tensor, feat_seeds: Tensor, thresh: Tensor
+                    ) -> tuple[Tensor, Tensor]:
+    """`_drop_span` of two tensors of one shape under one mask, the hash computed once: backward
+    needs both the input and the input gradient masked."""
+    drop = _element_hash(pos_seeds, feat_seeds) < thresh[:, None]
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    return torch.where(drop, zero, a), torch.where(drop, zero, b)
+
+
 _compiled_drop_span: list[Callable[..., Tensor] | None] = []
+_compiled_drop_span_pair: list[Callable[..., tuple[Tensor, Tensor]] | None] = []
 
 
 def _drop_span_compiled() -> Callable[..., Tensor] | None:
-    """`_drop_span` compiled into one kernel (torch.compile), or None where that is off or failed.
+    """`_drop_span` compiled into one kernel (torch.compile), or None where that is off or failed
+    (`_drop_span_pair` likewise, in `_compiled_drop_span_pair`).
 
     Eager, the hash is a dozen passes over a T x F int32 tensor (on CPU, 4.5x the time of the
     compiled kernel at 132 x 512); compiled it is one pass that reads v and writes the result.
     MLORA_PP_COMPILE=0 turns it off. On CPU it needs a C++ compiler; without one the first call
     warns and every later call runs eagerly, with the same bits.
     """
-    if not _compiled_drop_span:
-        enabled = os.environ.get("MLORA_PP_COMPILE", "1") != "0"
-        _compiled_drop_span.append(torch.compile(_drop_span, dynamic=True, fullgraph=True) if enabled else None)
+    enabled = os.environ.get("MLORA_PP_COMPILE", "1") != "0"
+    for kernels, fn in ((_compiled_drop_span, _drop_span), (_compiled_drop_span_pair, _drop_span_pair)):
+        if not kernels:
+            kernels.append(torch.compile(fn, dynamic=True, fullgraph=True) if enabled else None)
     return _compiled_drop_span[0]
+
+
+def _compile_failed(exc: Exception) -> None:
+    first = (str(exc).strip().splitlines() or [""])[0][:200]  # compiler errors run to pages
+    warnings.warn(f"compiling the dropout hash failed ({type(exc).__name__}: {first}); running it eagerly")
+    _compiled_drop_span[0] = None
+    _compiled_drop_span_pair[0] = None
 
 
 def _dropped(v: Tensor, pos_seeds: Tensor, feat_seeds: Tensor, thresh: Tensor) -> Tensor:
@@ -300,14 +319,26 @@ def _dropped(v: Tensor, pos_seeds: Tensor, feat_seeds: Tensor, thresh: Tensor) -
             with torch.no_grad():
                 return fn(v.detach(), pos_seeds, feat_seeds, thresh)
         except Exception as exc:  # no compiler, no Triton, or a compiler bug: the eager hash gives the same bits
-            first = (str(exc).strip().splitlines() or [""])[0][:200]  # compiler errors run to pages
-            warnings.warn(f"compiling the dropout hash failed ({type(exc).__name__}: {first}); running it eagerly")
-            _compiled_drop_span[0] = None
+            _compile_failed(exc)
     out = torch.empty_like(v)
     step = _chunk_rows(v.shape[1], v.device)
     for c in range(0, v.shape[0], step):
         out[c : c + step] = _drop_span(v[c : c + step], pos_seeds[c : c + step], feat_seeds, thresh[c : c + step])
     return out
+
+
+def _dropped_pair(a: Tensor, b: Tensor, pos_seeds: Tensor, feat_seeds: Tensor, thresh: Tensor
+                  ) -> tuple[Tensor, Tensor]:
+    """(`_dropped` of a, of b) under one mask: one compiled kernel and one call, not two."""
+    _drop_span_compiled()
+    fn = _compiled_drop_span_pair[0]
+    if fn is not None:
+        try:
+            with torch.no_grad():
+                return fn(a.detach(), b.detach(), pos_seeds, feat_seeds, thresh)
+        except Exception as exc:  # as in `_dropped`
+            _compile_failed(exc)
+    return _dropped(a, pos_seeds, feat_seeds, thresh), _dropped(b, pos_seeds, feat_seeds, thresh)
 
 
 def warm_up_dropout(device: torch.device | str, dtype: torch.dtype = torch.float32) -> float:
@@ -317,7 +348,9 @@ def warm_up_dropout(device: torch.device | str, dtype: torch.dtype = torch.float
     if _drop_span_compiled() is not None:
         v = torch.ones(3, 16, dtype=dtype, device=device)
         rows = torch.arange(3, dtype=torch.int32, device=device)
-        _dropped(v, rows, torch.arange(16, dtype=torch.int32, device=device), rows.clone())  # aliases would guard
+        features = torch.arange(16, dtype=torch.int32, device=device)
+        _dropped(v, rows, features, rows.clone())  # aliases would guard
+        _dropped_pair(v, v.clone(), rows, features, rows.clone())
     return time.perf_counter() - start
 
 
@@ -437,6 +470,20 @@ class _Plan:
         assert self.feat_seeds is not None and g.pos_seeds is not None and g.thresh is not None
         return _dropped(v, g.pos_seeds, self.feat_seeds, g.thresh)
 
+    def dropped_rows_pair(self, a: Tensor, b: Tensor, g: _Group) -> tuple[Tensor, Tensor]:
+        """loop path: `dropped_rows` of a and of b (same shape), the mask computed once."""
+        assert self.feat_seeds is not None and g.pos_seeds is not None and g.thresh is not None
+        return _dropped_pair(a, b, g.pos_seeds, self.feat_seeds, g.thresh)
+
+    def dropped_pair(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """`dropped` of a and of b (same shape), the mask computed once."""
+        r = self.rows
+        assert r is not None
+        if r.thresh is None:
+            return a, b
+        assert self.feat_seeds is not None and r.pos_seeds is not None
+        return _dropped_pair(a, b, r.pos_seeds, self.feat_seeds, r.thresh)
+
     def dropped(self, v: Tensor) -> Tensor:
         """v over the span with each row's dropout mask applied (no 1/(1-p)); v itself without dropout."""
         r = self.rows
@@ -551,14 +598,20 @@ def _loop_backward(
         if not (need_a or need_x):
             continue
         dsq = torch.mm(dys, Bs[g.slot]).mul_(scale / (1.0 - p))  # dS / (1 - p)
-        if need_a:
-            xs = x[g.start : g.end]
-            _accumulate(dA, g.slot, torch.mm(dsq.t(), xs if g.pos_seeds is None else plan.dropped_rows(xs, g)))
-        if dx is not None:
-            if g.pos_seeds is None:
+        xs = x[g.start : g.end]
+        if g.pos_seeds is None:
+            if need_a:
+                _accumulate(dA, g.slot, torch.mm(dsq.t(), xs))
+            if dx is not None:
                 torch.mm(dsq, As[g.slot], out=dx[g.start : g.end])
-            else:
-                dx[g.start : g.end] = plan.dropped_rows(torch.mm(dsq, As[g.slot]), g)
+        elif need_a and dx is not None:  # both masked: one hash
+            x_kept, dx_kept = plan.dropped_rows_pair(xs, torch.mm(dsq, As[g.slot]), g)
+            _accumulate(dA, g.slot, torch.mm(dsq.t(), x_kept))
+            dx[g.start : g.end] = dx_kept
+        elif need_a:
+            _accumulate(dA, g.slot, torch.mm(dsq.t(), plan.dropped_rows(xs, g)))
+        elif dx is not None:
+            dx[g.start : g.end] = plan.dropped_rows(torch.mm(dsq, As[g.slot]), g)
     return dx, dA, dB
 
 
@@ -607,10 +660,13 @@ def _grouped_backward(
         dsq = torch._grouped_mm(dys, plan.stack("b"), offs=rows.offs)  # scale * dY B, [span, R]
         if rows.inv_keep is not None:
             dsq.mul_(rows.inv_keep)
-        if need_a:
-            collect(dA, torch._grouped_mm(dsq.t(), plan.dropped(x[lo:hi]), offs=rows.offs).float(), transpose=False)
+        x_kept = None
         if need_x:
-            dxs = plan.dropped(torch._grouped_mm(dsq, plan.stack("a"), offs=rows.offs))  # [span, in]
+            dxs = torch._grouped_mm(dsq, plan.stack("a"), offs=rows.offs)  # [span, in]
+            if need_a:  # x and dx under one mask: one hash
+                x_kept, dxs = plan.dropped_pair(x[lo:hi], dxs)
+            else:
+                dxs = plan.dropped(dxs)
             if lo == 0 and hi == x.shape[0]:
                 dx = dxs
             else:
@@ -618,6 +674,9 @@ def _grouped_backward(
                 dx[:lo].zero_()
                 dx[lo:hi].copy_(dxs)
                 dx[hi:].zero_()
+        if need_a:
+            x_kept = plan.dropped(x[lo:hi]) if x_kept is None else x_kept
+            collect(dA, torch._grouped_mm(dsq.t(), x_kept, offs=rows.offs).float(), transpose=False)
     return dx, dA, dB
 
 

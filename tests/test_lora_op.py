@@ -450,8 +450,10 @@ def compiled(monkeypatch):
         pytest.skip("no C++ compiler: torch.compile cannot build CPU kernels here")
     monkeypatch.setenv("MLORA_PP_COMPILE", "1")
     monkeypatch.setattr(lora, "_compiled_drop_span", [])
+    monkeypatch.setattr(lora, "_compiled_drop_span_pair", [])
     yield
     assert lora._compiled_drop_span and lora._compiled_drop_span[0] is not None, "fell back to the eager hash"
+    assert lora._compiled_drop_span_pair and lora._compiled_drop_span_pair[0] is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -465,6 +467,9 @@ def test_compiled_dropout_kernel_gives_the_eager_bits(compiled, dtype):
         got = lora._dropped(v, pos, feat, thresh)
         assert torch.equal(got, lora._drop_span(v, pos, feat, thresh))
         assert torch.equal(got[-1], v[-1])  # _I32_MIN keeps the whole row
+        w = torch.randn(rows, feats, generator=g).to(dtype)
+        pair = lora._dropped_pair(v, w, pos, feat, thresh)  # backward's input and input gradient
+        assert torch.equal(pair[0], got) and torch.equal(pair[1], lora._drop_span(w, pos, feat, thresh))
     assert lora.warm_up_dropout("cpu", dtype) < 60
 
 
@@ -478,6 +483,7 @@ def test_a_failed_compile_warns_in_one_line_and_gives_the_eager_bits(monkeypatch
         raise RuntimeError("C++ compile error\n" + "compiler output\n" * 50)
 
     monkeypatch.setattr(lora, "_compiled_drop_span", [broken])
+    monkeypatch.setattr(lora, "_compiled_drop_span_pair", [broken])
     g = _gen(6)
     v = torch.randn(9, 32, generator=g)
     pos = torch.randint(-(2**31), 2**31 - 1, (9,), generator=g, dtype=torch.int32)
@@ -487,4 +493,6 @@ def test_a_failed_compile_warns_in_one_line_and_gives_the_eager_bits(monkeypatch
         got = lora._dropped(v, pos, feat, thresh)
     assert len(caught) == 1 and "\n" not in str(caught[0].message) and "C++ compile error" in str(caught[0].message)
     assert torch.equal(got, lora._drop_span(v, pos, feat, thresh))
-    assert lora._compiled_drop_span == [None]  # later calls go straight to the eager hash
+    assert lora._compiled_drop_span == [None] and lora._compiled_drop_span_pair == [None]  # eager from now on
+    pair = lora._dropped_pair(v, v + 1, pos, feat, thresh)
+    assert torch.equal(pair[0], got) and torch.equal(pair[1], lora._drop_span(v + 1, pos, feat, thresh))

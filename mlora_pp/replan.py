@@ -113,9 +113,10 @@ class Replanner:
                     checked = validate_submission(cfg, request.body.get("job"), str(request.path))
                     job = load_job(checked.jobs[-1], self.tokenizer, checked.seed)
                     with_job = self._models_with(checked.jobs[-1], models)
-                    if self._fit_alone(job, with_job):
-                        print(cut_message(job.name, job.largest_micro_rows(), job.config.micro_batch_size), flush=True)
+                    cut = self._fit_alone(job, with_job)
                     self._others_still_fit(job.name, with_job, cancel, [self._loaded[n] for n in accepted])
+                    if cut:
+                        print(cut_message(job.name, job.largest_micro_rows(), job.config.micro_batch_size), flush=True)
                     cfg, models, self._loaded[job.name] = checked, with_job, job
                     accepted.append(job.name)
                     submit.append(request.body["job"])

@@ -147,7 +147,7 @@ class PendingSends:
 
 def _completion_polls(group: Any) -> bool:
     """Whether the group's works report completion without a `wait()` (NCCL's do, Gloo's do not)."""
-    return dist.is_initialized() and dist.get_backend(group) == "nccl"
+    return dist.is_initialized() and "nccl" in str(dist.get_backend(group))  # "nccl", or "cpu:gloo,cuda:nccl"
 
 
 class StageTransport:

@@ -9,7 +9,9 @@ Grid mode. For every (stages, jobs) the action lists are built exactly as the la
 (`build_schedule(job_steps, stages, policy)`, default `CostModel`, fusion on) for `lora`, `1f1b`
 and `gpipe`, then `mlora_pp.sim.simulate` replays each list under each hardware cost model below.
 Reported: makespan, bubble (idle stage-seconds over stages x makespan, optimizer steps counted as
-busy) and lora's speedup over 1f1b (1f1b makespan / lora makespan). Prints a table and writes
+busy) and lora's speedup over 1f1b (1f1b makespan / lora makespan) and over FSDP2 on the same
+GPUs, data-parallel (`fsdp_makespan`: an analytic model of the benchmark's FSDP2 baseline, not a
+replayed schedule). Prints a table and writes
 benchmarks/results/sim.json.
 
 Cost model assumptions (all stated here, none measured):
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -139,6 +142,32 @@ def gpu_cost(device: Device, fabric: Fabric, shape: Shape, stages: int) -> CostM
                      activation_bytes_per_token=shape.hidden * shape.bytes_per_value)
 
 
+def fsdp_makespan(device: Device, fabric: Fabric, shape: Shape, gpus: int, jobs: int, steps: int,
+                  micros: int) -> tuple[float, float]:
+    """(makespan, bubble) of FSDP2 on the pipeline's `gpus`, data-parallel, one job after another, as
+    the benchmark's baseline runs it. Every layer all-gathers its frozen bf16 weights before its
+    forward and again before its backward (reshard after forward); each gather overlaps the
+    previous layer's compute (prefetch), so a layer takes the longer of the two. The backward's
+    reduce-scatter of the LoRA gradients (fp32) rides with the second gather. A step's
+    micro-batches go to the ranks in rounds (rank r takes r, r+W, ...), so W ranks finish M
+    micro-batches in ceil(M/W) rounds; the AdamW step over the sharded LoRA parameters follows.
+    Memory is not modelled (the frozen 70B-shaped base sharded over 4 ranks is 27 GB a rank).
+    Bubble: GPU-seconds not computing over gpus x makespan."""
+    fwd, bwd = shape.flops_per_token()
+    rate = device.flops * EFFICIENCY
+    t_f, t_b = shape.tokens * fwd / rate, shape.tokens * bwd / rate  # one layer, one micro-batch
+    ring = (gpus - 1) / gpus
+    hops = (gpus - 1) * fabric.latency
+    gather = ring * shape.weights() * shape.bytes_per_value / fabric.bandwidth + hops if gpus > 1 else 0.0
+    scatter = ring * shape.lora_params() * 4 / fabric.bandwidth + hops if gpus > 1 else 0.0
+    layer_round = max(t_f, gather) + max(t_b, gather + scatter)
+    optimizer = shape.layers * shape.lora_params() * 28 / (device.memory_bandwidth * EFFICIENCY) / gpus
+    step = math.ceil(micros / gpus) * shape.layers * layer_round + optimizer
+    makespan = jobs * steps * step
+    busy = jobs * steps * (micros * shape.layers * (t_f + t_b) + gpus * optimizer)
+    return makespan, 1.0 - busy / (gpus * makespan)
+
+
 def default_steps(jobs: int) -> int:
     return 4 if jobs > 128 else 8
 
@@ -182,8 +211,13 @@ def grid(stages: list[int], jobs: list[int], hardware: list[str], shape: Shape =
                                  "policy": policy, "max_in_flight": made[policy].max_in_flight,
                                  "micro_batches": len(made[policy].micro_batches),
                                  "makespan_s": t.makespan, "bubble": t.bubble, "tokens_per_s": tokens / t.makespan})
-                for r in rows[-len(POLICIES):]:
-                    r["speedup_vs_1f1b"] = found["1f1b"].makespan / found[r["policy"]].makespan
+                fsdp, fsdp_bubble = fsdp_makespan(*HARDWARE[hw], shape, s, j, k, micros)
+                rows.append({"hardware": hw, "stages": s, "jobs": j, "steps": k, "micros_per_step": micros,
+                             "policy": "fsdp2", "max_in_flight": None, "micro_batches": j * k * micros,
+                             "makespan_s": fsdp, "bubble": fsdp_bubble, "tokens_per_s": tokens / fsdp})
+                for r in rows[-len(POLICIES) - 1:]:
+                    r["speedup_vs_1f1b"] = found["1f1b"].makespan / r["makespan_s"]
+                    r["speedup_vs_fsdp2"] = fsdp / r["makespan_s"]
             if progress:
                 print(f"  {s} stages x {j} jobs: {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
     return rows
@@ -195,14 +229,16 @@ def print_grid(rows: list[dict]) -> None:
 
     table = Table(title=f"simulated on GPU cost models ({EFFICIENCY:.0%} of datasheet peak; see module docstring)")
     for i, col in enumerate(["hardware", "stages", "jobs x steps", "lora bubble", "1f1b bubble", "gpipe bubble",
-                             "lora makespan s", "1f1b makespan s", "lora speedup vs 1f1b"]):
+                             "FSDP2 bubble", "lora makespan s", "1f1b makespan s", "FSDP2 makespan s",
+                             "lora vs 1f1b", "lora vs FSDP2"]):
         table.add_column(col, justify="left" if i == 0 else "right")
     by = {(r["hardware"], r["stages"], r["jobs"], r["policy"]): r for r in rows}
     for hw, s, j in dict.fromkeys((r["hardware"], r["stages"], r["jobs"]) for r in rows):
-        lo, f1, gp = (by[(hw, s, j, p)] for p in ("lora", "1f1b", "gpipe"))
+        lo, f1, gp, fs = (by[(hw, s, j, p)] for p in ("lora", "1f1b", "gpipe", "fsdp2"))
         table.add_row(hw, str(s), f"{j} x {lo['steps']}", f"{lo['bubble']:.2%}", f"{f1['bubble']:.2%}",
-                      f"{gp['bubble']:.2%}", f"{lo['makespan_s']:.3g}", f"{f1['makespan_s']:.3g}",
-                      f"{lo['speedup_vs_1f1b']:.2f}x")
+                      f"{gp['bubble']:.2%}", f"{fs['bubble']:.2%}", f"{lo['makespan_s']:.3g}",
+                      f"{f1['makespan_s']:.3g}", f"{fs['makespan_s']:.3g}", f"{lo['speedup_vs_1f1b']:.2f}x",
+                      f"{lo['speedup_vs_fsdp2']:.2f}x")
     Console(width=200).print(table)
 
 

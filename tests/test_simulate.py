@@ -3,15 +3,17 @@ simulator's costs to a run's trace (fast, no processes)."""
 
 import pytest
 
-from benchmarks.calibration import LOOPBACK, fit_baseline, fit_cost, predict, predict_baseline, torch_job_steps
-from benchmarks.simulate import HARDWARE, Shape, gpu_cost, grid
+from benchmarks.calibration import (
+    LOOPBACK, Fabric, fit_baseline, fit_cost, predict, predict_baseline, torch_job_steps,
+)
+from benchmarks.simulate import HARDWARE, Device, Shape, fsdp_makespan, gpu_cost, grid
 from mlora_pp.schedule import CostModel, JobSteps, build_schedule
 from mlora_pp.sim import simulate
 
 
 def test_small_grid_lora_bubble_at_most_1f1b():
     rows = grid([2, 4], [2, 6], list(HARDWARE), micros=2, steps=2)
-    assert len(rows) == 2 * 2 * len(HARDWARE) * 3
+    assert len(rows) == 2 * 2 * len(HARDWARE) * 4  # lora, 1f1b, gpipe, fsdp2
     by = {(r["hardware"], r["stages"], r["jobs"], r["policy"]): r for r in rows}
     for hw in HARDWARE:
         for s in (2, 4):
@@ -19,7 +21,27 @@ def test_small_grid_lora_bubble_at_most_1f1b():
                 lora, base = by[(hw, s, j, "lora")], by[(hw, s, j, "1f1b")]
                 assert lora["bubble"] <= base["bubble"] + 1e-9, (hw, s, j)
                 assert lora["speedup_vs_1f1b"] == pytest.approx(base["makespan_s"] / lora["makespan_s"])
-                assert all(by[(hw, s, j, p)]["makespan_s"] > 0 for p in ("lora", "1f1b", "gpipe"))
+                assert all(by[(hw, s, j, p)]["makespan_s"] > 0 for p in ("lora", "1f1b", "gpipe", "fsdp2"))
+                fsdp = by[(hw, s, j, "fsdp2")]["makespan_s"]
+                assert lora["speedup_vs_fsdp2"] == pytest.approx(fsdp / lora["makespan_s"])
+
+
+def test_fsdp_model_is_compute_bound_on_a_fast_link_and_gather_bound_on_a_slow_one():
+    """Against hand arithmetic: 4 ranks, 8 micro-batches a step (2 rounds), 3 jobs x 2 steps."""
+    shape = Shape(layers=4)
+    device = Device("test", flops=2e15, memory_bandwidth=1e12)
+    fwd, bwd = shape.flops_per_token()
+    t_f, t_b = shape.tokens * fwd / 1e15, shape.tokens * bwd / 1e15  # at EFFICIENCY 0.5
+    optimizer = 4 * shape.lora_params() * 28 / 0.5e12 / 4
+    fast, bubble = fsdp_makespan(device, Fabric("fast", 1e18, 0.0), shape, 4, 3, 2, 8)
+    assert fast == pytest.approx(6 * (2 * 4 * (t_f + t_b) + optimizer)) and bubble == pytest.approx(0.0, abs=1e-9)
+    slow, bubble = fsdp_makespan(device, Fabric("slow", 1e9, 0.0), shape, 4, 3, 2, 8)
+    gather = 0.75 * shape.weights() * 2 / 1e9
+    scatter = 0.75 * shape.lora_params() * 4 / 1e9
+    assert slow == pytest.approx(6 * (2 * 4 * (2 * gather + scatter) + optimizer))
+    assert 0.9 < bubble < 1.0
+    _, idle = fsdp_makespan(device, Fabric("fast", 1e18, 0.0), shape, 16, 3, 2, 8)  # 8 of 16 ranks work
+    assert idle == pytest.approx(0.5, abs=0.01)
 
 
 def test_gpu_cost_is_per_stage_share_of_the_model():

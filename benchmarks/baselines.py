@@ -292,6 +292,27 @@ class _BusyTimer:
         setattr(obj, name, timed)
 
 
+def _log_setup(schedule: object, report: RankReport, tokens: int) -> None:
+    """Log torch's lazy set-up of a schedule's stage as an "I" piece (with the padded tokens of one
+    micro-batch, which shape inference runs through the stage): on its first step it warms up
+    P2P and infers shapes by running the stage, before any chunk. Torch calls `_initialize_stage`
+    (a private hook, checked here) on every step; only the call that does the work is logged."""
+    original = getattr(schedule, "_initialize_stage", None)
+    if original is None:
+        raise SystemExit("torch-1f1b: this torch's Schedule1F1B has no _initialize_stage to time")
+
+    def timed(*args, **kwargs):
+        if getattr(schedule, "_stage_forward_initialized", False):
+            return original(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            report.timed("I", tokens, start)
+
+    schedule._initialize_stage = timed  # type: ignore[attr-defined]
+
+
 def train_torch_1f1b(cfg: RunConfig, jobs: dict[str, AdapterJob], tokenizer, specs: list[StageSpec],
                      env: DistEnv, report: RankReport) -> None:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
@@ -319,8 +340,9 @@ def train_torch_1f1b(cfg: RunConfig, jobs: dict[str, AdapterJob], tokenizer, spe
                 stage = PipelineStage(part, env.rank, env.world, torch.device("cpu"))
                 timer.wrap(stage, "forward_one_chunk", "F", rows // micros * length)
                 timer.wrap(stage, "backward_one_chunk", "B", rows // micros * length)
-                runners[(length, micros)] = Schedule1F1B(stage, n_microbatches=micros, loss_fn=loss_fn,
-                                                         scale_grads=False)
+                schedule = Schedule1F1B(stage, n_microbatches=micros, loss_fn=loss_fn, scale_grads=False)
+                _log_setup(schedule, report, rows // micros * length)
+                runners[(length, micros)] = schedule
             return runners[(length, micros)]
 
         dist.barrier()

@@ -181,9 +181,13 @@ class BaselineFit:
     of the frozen weights and reduce-scatters, the slope its compute), a step on the data-parallel
     ranks lasting as long as its slowest rank's micro-batches, plus S. The lines are fitted to the
     steps after each job's first; `warmup_s` is the first step's excess over them (lazy
-    initialisation), once per job. `per_unit_s` is the rest of the calibration run's measured time,
-    per optimizer step (fsdp2, peft) or per stage/schedule pair torch-1f1b builds (one per job and
-    padded length: shape inference happens there), added to every prediction."""
+    initialisation), once per job. torch-1f1b's `setup` is a line over micro-batch tokens of the
+    lazy set-up each new stage/schedule pair does before its first chunk (one pair per job and
+    padded length: P2P warm-up and shape inference, which runs the stage; logged as "I"), the
+    slowest rank's per pair, fitted without the run's first (one-off process warm-up). Its slope
+    matters: the calibration's jobs with larger micro-batches pay about twice the set-up of the
+    full run's. `per_unit_s` is the rest of the calibration run's measured time, per optimizer step
+    (fsdp2, peft) or per stage/schedule pair (torch-1f1b), added to every prediction."""
 
     method: str
     stage_cost: CostModel | None
@@ -191,11 +195,12 @@ class BaselineFit:
     step_seconds: float
     warmup_s: float
     per_unit_s: float
+    setup: tuple[float, float] | None = None  # torch-1f1b: (seconds per pair, per micro-batch token)
 
     def as_dict(self) -> dict:
         return {"method": self.method, "stage_cost": None if self.stage_cost is None else asdict(self.stage_cost),
                 "micro_batch": self.micro_batch, "step_seconds": self.step_seconds, "warmup_s": self.warmup_s,
-                "per_unit_s": self.per_unit_s}
+                "per_unit_s": self.per_unit_s, "setup": self.setup}
 
 
 def _longest(job, ids) -> int:
@@ -217,19 +222,32 @@ def torch_job_steps(jobs: dict) -> list:
     return out
 
 
+def torch_pairs(jobs: dict) -> list[int]:
+    """The stage/schedule pairs torch-1f1b builds, in run order (per job, per distinct (padded
+    length, micro-batches) of its steps), each as its micro-batches' padded tokens."""
+    out = []
+    for job in jobs.values():
+        seen = set()
+        for plan in job.plans:
+            key = (max(_longest(job, ids) for ids in plan.micro_batches), len(plan.micro_batches))
+            if key not in seen:
+                seen.add(key)
+                out.append(len(plan.micro_batches[0]) * key[0])
+    return out
+
+
 def _units(method: str, jobs: dict) -> int:
-    """Optimizer steps, or for torch-1f1b the stage/schedule pairs it builds (per job, per distinct
-    (padded length, micro-batches) of its steps)."""
+    """Optimizer steps, or for torch-1f1b the stage/schedule pairs it builds."""
     if method != "torch-1f1b":
         return sum(len(job.plans) for job in jobs.values())
-    return sum(len({(max(_longest(job, ids) for ids in plan.micro_batches), len(plan.micro_batches))
-                    for plan in job.plans}) for job in jobs.values())
+    return len(torch_pairs(jobs))
 
 
 def _model_makespan(fit: BaselineFit, jobs: dict, world: int) -> float:
-    """The fitted lines' makespan of `jobs` (no warm-up, no per-unit time)."""
+    """The fitted lines' makespan of `jobs` (no warm-up, no per-unit time), with torch-1f1b's set-up."""
     if fit.stage_cost is not None:
-        return simulate(build_schedule(torch_job_steps(jobs), world, "1f1b"), fit.stage_cost).makespan
+        setup = sum(fit.setup[0] + fit.setup[1] * tokens for tokens in torch_pairs(jobs)) if fit.setup else 0.0
+        return simulate(build_schedule(torch_job_steps(jobs), world, "1f1b"), fit.stage_cost).makespan + setup
     assert fit.micro_batch is not None
     a, b = fit.micro_batch
     total = 0.0
@@ -255,6 +273,8 @@ def _steps_of(report: dict, jobs: dict) -> list[tuple[int, list[tuple[str, int, 
     order = [s for job in jobs.values() for s in range(len(job.plans))]
     steps, pieces = [], []
     for kind, tokens, seconds in report["timings"]:
+        if kind == "I":
+            continue
         if kind == "S":
             steps.append((order[len(steps)], pieces, seconds))
             pieces = []
@@ -284,7 +304,9 @@ def fit_baseline(method: str, reports: list[dict], jobs: dict, fabric: Fabric,
                          action_overhead=tuple((f[0] + b[0]) / 2 for f, b in lines),
                          step_seconds=tuple(per_rank_steps), link_latency=fabric.latency,
                          link_bandwidth=fabric.bandwidth, activation_bytes_per_token=activation_bytes_per_token)
-        fit = BaselineFit(method, cost, None, step_seconds, 0.0, 0.0)
+        setups = [[(t, s) for k, t, s in r["timings"] if k == "I"] for r in reports]
+        pairs = [max(p, key=lambda ts: ts[1]) for p in zip(*setups)][1:]  # slowest rank's; not the first
+        fit = BaselineFit(method, cost, None, step_seconds, 0.0, 0.0, _line(pairs) if pairs else None)
 
         def excess(k: int) -> float:
             """Step k's chunk time beyond the lines, on its slowest rank."""

@@ -4,7 +4,7 @@ simulator's costs to a run's trace (fast, no processes)."""
 import pytest
 
 from benchmarks.calibration import (
-    LOOPBACK, Fabric, fit_baseline, fit_cost, predict, predict_baseline, torch_job_steps,
+    LOOPBACK, Fabric, fit_baseline, fit_cost, predict, predict_baseline, torch_job_steps, torch_pairs,
 )
 from benchmarks.simulate import HARDWARE, Device, Shape, fsdp_makespan, gpu_cost, grid
 from mlora_pp.schedule import CostModel, JobSteps, build_schedule
@@ -177,4 +177,35 @@ def test_torch_pipeline_fit_recovers_its_stage_costs():
     assert fit.warmup_s == pytest.approx(0.0, abs=1e-9) and fit.per_unit_s == pytest.approx(per_shape)
     longer = fake_jobs(5, seed=2)
     expected = simulate(build_schedule(torch_job_steps(longer), 2, "1f1b"), truth).makespan + per_shape * shapes(longer)
+    assert predict_baseline(fit, longer, 2).makespan_s == pytest.approx(expected)
+
+
+def test_torch_pipeline_fit_charges_each_pairs_setup_by_its_micro_batch_size():
+    """torch builds a stage/schedule pair per job and padded length and sets it up lazily (shape
+    inference runs the stage on a micro-batch): the "I" pieces' line over micro-batch tokens is
+    fitted, the run's first (process warm-up) left to the per-pair rest, and a run whose
+    micro-batches differ from the calibration's is charged by its own sizes."""
+    truth = CostModel(forward_per_token=(2e-4, 3e-4), backward_per_token=(2.5e-4, 3.5e-4), step_seconds=(0.01, 0.02),
+                      action_overhead=(0.004, 0.002), link_latency=LOOPBACK.latency,
+                      link_bandwidth=LOOPBACK.bandwidth, activation_bytes_per_token=2048)
+    a, b, first_extra, per_pair = 0.05, 8e-4, 0.3, 0.01
+    jobs = fake_jobs(3)
+    pairs = torch_pairs(jobs)
+    assert len(pairs) > 3 and len(set(pairs)) > 1
+    schedule = build_schedule(torch_job_steps(jobs), 2, "1f1b")
+    timeline = simulate(schedule, truth)
+    tokens = {mb.id: mb.tokens for mb in schedule.micro_batches}
+    setups = [a + b * t + (first_extra if k == 0 else 0.0) for k, t in enumerate(pairs)]
+    reports = []
+    for rank, stage in enumerate(timeline.stages):
+        chunks = [(t.action.kind, tokens.get(t.action.micro_batch, 0), t.end - t.start) for t in stage]
+        # the set-up pieces sit before their pair's chunks; the fit reads them wherever they are
+        reports.append({"wall_s": timeline.makespan + sum(setups) + per_pair * len(pairs),
+                        "timings": [("I", t, s * (1.0 if rank else 0.9)) for t, s in zip(pairs, setups)] + chunks})
+    fit = fit_baseline("torch-1f1b", reports, jobs, LOOPBACK, 2048)
+    assert fit.setup == pytest.approx((a, b), rel=1e-6)  # the slowest rank's (rank 1 here)
+    assert fit.per_unit_s == pytest.approx(per_pair + first_extra / len(pairs))
+    longer = fake_jobs(5, seed=3)
+    expected = (simulate(build_schedule(torch_job_steps(longer), 2, "1f1b"), truth).makespan
+                + sum(a + b * t + fit.per_unit_s for t in torch_pairs(longer)))
     assert predict_baseline(fit, longer, 2).makespan_s == pytest.approx(expected)

@@ -149,14 +149,14 @@ def schedule_of(config: Path, ranks: int, out: Path | None = None) -> Schedule:
     With `out`, the finished run's output directory, the lora streams it chose (recorded in its
     metrics.jsonl: `pipeline.streams: null` picks them from a probe at start-up) are used."""
     cfg, jobs = _prepared(config, ranks)
-    streams = cfg.pipeline.streams
+    streams, hide = cfg.pipeline.streams, cfg.pipeline.hide_latency is True
     if out is not None:
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
         runs = [r for r in records if r.get("event") == "run"]
-        if runs and "streams" in runs[0]:
-            streams = runs[0]["streams"]
+        if runs:
+            streams, hide = runs[0].get("streams", streams), runs[0].get("hide_latency", hide)
     return build_schedule([j.job_steps() for j in jobs.values()], ranks, cfg.pipeline.schedule, cfg.pipeline.fuse,
-                          hide_latency=cfg.pipeline.hide_latency, streams=streams)
+                          hide_latency=hide, streams=streams)
 
 
 def fit_run(out: Path, config: Path, ranks: int, fabric: Fabric, activation_bytes_per_token: float) -> Fit:

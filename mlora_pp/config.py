@@ -69,9 +69,11 @@ class PipelineConfig:
     from that are used (`mlora_pp.schedule.choose_streams`); otherwise jobs are fused only when
     there are more than stages + 1 of them. Fewer, larger micro-batches cost less per token where
     each forward and backward has a large fixed cost, and hold more activations each."""
-    hide_latency: bool = False
+    hide_latency: bool | str = False
     """lora: keep about twice the micro-batches in flight (2S-1 on stage 0, two fewer per stage) so
-    that messages between stages never stretch a slot; costs about twice the activation memory."""
+    that messages between stages never stretch a slot; costs about twice the activation memory.
+    auto (needs `memory_budget`): do so when every job fits the budget at once with 2S-1 micro-batches
+    in flight, else keep the default windows."""
     admission: str = "fifo"
     """Who gets the pipeline first: fifo (config order; running jobs share it evenly), priority
     (jobs[].priority, highest first) or shortest-first (fewest tokens left first)."""
@@ -256,6 +258,12 @@ def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> 
             budget_spec(cfg.pipeline.memory_budget)
         except ValueError as exc:
             raise err("pipeline.memory_budget", str(exc)) from None
+    if isinstance(cfg.pipeline.hide_latency, str):
+        if cfg.pipeline.hide_latency != "auto":
+            raise err("pipeline.hide_latency", f"must be true, false or auto; got {cfg.pipeline.hide_latency!r}")
+        if cfg.pipeline.memory_budget is None:
+            raise err("pipeline.hide_latency", "auto needs pipeline.memory_budget: it hides latency only when "
+                                               "every job fits the budget with twice the micro-batches in flight")
     if cfg.log_every < 1:
         raise err("log_every", "must be at least 1")
     if not cfg.jobs:

@@ -68,6 +68,8 @@ class Replanner:
     models: list[MemoryModel] | None
     budget: int | None
     in_flight: int
+    hide_latency: bool = False
+    """Whether the run's plans hide latency (start-up decided it: `pipeline.hide_latency`)."""
     fusion: CostModel | None = None
     """The per-action costs the fusion probe measured at start-up (`pipeline.streams: null`): each
     new plan's streams are chosen from them for its own jobs (`choose_streams`)."""
@@ -211,7 +213,7 @@ class Replanner:
             return None
         streams = self.cfg.pipeline.streams
         if streams is None and self.fusion is not None:
-            streams = choose_streams(steps, self.world, self.fusion, self.cfg.pipeline.hide_latency)
+            streams = choose_streams(steps, self.world, self.fusion, self.hide_latency)
         fits = None
         if self.budget is not None and self.models is not None:
             fits = admission_check(self.models, steps, self.budget, self.in_flight, self.cfg.pipeline.schedule,
@@ -221,7 +223,7 @@ class Replanner:
         policy = self.cfg.pipeline.schedule
         return build_schedule(steps, self.world, policy, self.cfg.pipeline.fuse,
                               max_in_flight=self.in_flight if policy == "lora" else None, admission=order,
-                              hide_latency=self.cfg.pipeline.hide_latency, streams=streams)
+                              hide_latency=self.hide_latency, streams=streams)
 
     def _cancel(self, name: str) -> None:
         job = self.jobs[name]

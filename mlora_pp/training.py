@@ -192,6 +192,8 @@ class MemoryPlan:
     """lora streams the run uses: `pipeline.streams`, or the ones `choose_streams` picked; None: the rule."""
     fusion: list[FusionProfile] = field(default_factory=list)
     """Each stage's fusion probe, when one ran."""
+    hide_latency: bool = False
+    """Whether the schedule hides latency (`pipeline.hide_latency`: true, or auto and it fits)."""
 
     def record(self, rank: int, measured: int, method: str, schedules: list[Schedule],
                models: list[MemoryModel]) -> dict:
@@ -199,6 +201,7 @@ class MemoryPlan:
         `models` include jobs submitted mid-run) against measured peak."""
         predicted = max(predicted_peak(models[rank], schedule, rank) for schedule in schedules)
         return {"event": "memory", "rank": rank, "budget_bytes": self.budget, "in_flight": self.in_flight,
+                "hide_latency": self.hide_latency,
                 "predicted_peak_bytes": int(predicted), "measured_peak_bytes": measured, "method": method,
                 "model": models[rank].record()}
 
@@ -214,11 +217,14 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
     steps = [j.job_steps() for j in jobs.values() if j.name not in cancelled]
     live = [j for j in steps if j.steps]
     policy, fuse, stages = cfg.pipeline.schedule, cfg.pipeline.fuse, env.world
+    hide = may_hide = False  # hide = the windows of pipeline.hide_latency; may_hide: true, or auto
+    if policy == "lora" and stages > 1:
+        hide, may_hide = cfg.pipeline.hide_latency is True, cfg.pipeline.hide_latency is not False
     # With streams left automatic and more jobs than the fewest streams that keep the pipeline
     # full, whether to fuse them depends on the per-action cost: every stage measures it.
     pair = None
     if (policy == "lora" and fuse and cfg.pipeline.streams is None and stages > 1
-            and len(live) > min_streams(live, stages, cfg.pipeline.hide_latency)):
+            and len(live) > min_streams(live, stages, may_hide)):
         pair = fusion_pair(unbounded)
 
     def measure_here() -> tuple:
@@ -241,12 +247,18 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
     profiles = [p for _, _, p in shared if p is not None]
     streams = cfg.pipeline.streams
     if pair is not None and len(profiles) == stages:
-        streams = choose_streams(live, stages, fusion_cost(profiles), cfg.pipeline.hide_latency)
+        streams = choose_streams(live, stages, fusion_cost(profiles), may_hide)
+    if may_hide and not hide and budget is not None:  # auto: only if it costs no job its place
+        wide = 2 * stages - 1
+        hide = admission_check(models, steps, budget, wide, policy, fuse, streams)(frozenset(j.name for j in live))
+        if env.rank == 0:
+            print(f"memory: hide_latency auto: {'on' if hide else 'off'} (every job with {wide} micro-batches "
+                  f"in flight {'fits' if hide else 'does not fit'} the budget)", flush=True)
     if policy == "gpipe":  # every micro-batch of a step is forwarded before the first backward
         options = [max(len(m) for j in live for m in j.micro_batches)]
     elif policy == "1f1b":
         options = [stages]
-    elif cfg.pipeline.hide_latency and stages > 1:  # its windows are fixed: 2S-1, two fewer per stage
+    elif hide:  # its windows are fixed: 2S-1, two fewer per stage
         options = [2 * stages - 1]
     else:  # lora: fewer micro-batches in flight (more bubble) before refusing a job
         options = list(range(stages, 0, -1))
@@ -290,8 +302,8 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
     priority = {c.name: c.priority for c in cfg.jobs}
     order = admission(steps, cfg.pipeline.admission, priority, fits)
     schedule = build_schedule(steps, stages, policy, fuse, max_in_flight=in_flight if policy == "lora" else None,
-                              admission=order, hide_latency=cfg.pipeline.hide_latency, streams=streams)
-    return MemoryPlan(models, budget, in_flight, schedule, streams, profiles)
+                              admission=order, hide_latency=hide, streams=streams)
+    return MemoryPlan(models, budget, in_flight, schedule, streams, profiles, hide)
 
 
 def train(cfg: RunConfig, *, progress: bool | None = None, fresh: bool = False) -> TrainResult:
@@ -379,7 +391,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     for name, point in points.items():
         jobs[name].steps_done = point.step
     schedule = build_schedule([j.job_steps() for j in jobs.values() if j.name not in cancelled], env.world,
-                              cfg.pipeline.schedule, cfg.pipeline.fuse, hide_latency=cfg.pipeline.hide_latency,
+                              cfg.pipeline.schedule, cfg.pipeline.fuse, hide_latency=cfg.pipeline.hide_latency is True,
                               streams=cfg.pipeline.streams)
     profiled: ProfiledPlan | None = None
     if cfg.pipeline.balance == "profile" and schedule.micro_batches:  # nothing left to train: keep the estimate
@@ -434,6 +446,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
                        "admission": cfg.pipeline.admission, "stages": env.world, "schedule": cfg.pipeline.schedule,
                        "memory_budget_bytes": memory.budget if memory is not None else None,
                        "streams": memory.streams if memory is not None else cfg.pipeline.streams,
+                       "hide_latency": memory.hide_latency if memory is not None else cfg.pipeline.hide_latency is True,
                        "fusion_probe": [asdict(p) for p in memory.fusion] if memory is not None else [],
                        "wall_clock": time.time(), "time": 0.0})
         if memory is not None and memory.fusion:
@@ -538,6 +551,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         layers_per_stage=[spec.last_layer - spec.first_layer for spec in specs],
         models=memory.models if memory is not None else None, budget=memory.budget if memory is not None else None,
         in_flight=memory.in_flight if memory is not None else (schedule.max_in_flight or env.world),
+        hide_latency=memory.hide_latency if memory is not None else cfg.pipeline.hide_latency is True,
         fusion=fusion_cost(memory.fusion) if memory is not None and len(memory.fusion) == env.world else None,
         channel=PlanChannel(env.rank, env.world, plans, cfg.pipeline.timeout_s) if env.world > 1 else None,
         control=ControlDir(cfg.output_dir) if is_rank0 else None, manifests=manifests,

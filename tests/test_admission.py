@@ -242,6 +242,44 @@ def test_a_budget_that_fits_only_smaller_micro_batches_cuts_them(workspace, free
         assert_adapters_equal(adapter(workspace[0] / "cut", job["name"]), adapter(workspace[0] / "free", job["name"]))
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_hide_latency_auto_hides_it_only_when_every_job_fits_with_the_wider_windows(workspace, free, on):
+    """`hide_latency: auto` under a budget: 2S-1 micro-batches in flight on stage 0 (two fewer per
+    stage) when every job fits at once with that many, else the default windows with every job still
+    at once (it never costs a job its place). The adapters equal the unbudgeted run's either way."""
+    _, models = free
+    steps = plan(workspace)
+    everyone = frozenset(j.name for j in steps)
+
+    def peak(in_flight: int) -> float:
+        return max(m.peak(everyone, in_flight, *largest_micro(steps, everyone, 2, "lora", True)) for m in models)
+
+    assert peak(3) > peak(2) * 1.02, "the wider windows must cost memory"
+    budget = int(peak(3) * 1.02) if on else int((peak(2) + peak(3)) / 2)
+    proc, records = run(workspace, f"auto-{on}", memory_budget=budget, hide_latency="auto")
+    word = "on" if on else "off"
+    assert f"memory: hide_latency auto: {word} (every job with 3 micro-batches in flight" in proc.stdout
+    memory = [r for r in records if r.get("event") == "memory"]
+    assert len(memory) == 2
+    for r in memory:
+        assert r["hide_latency"] is on and r["in_flight"] == (3 if on else 2), r
+        assert r["measured_peak_bytes"] <= budget, r
+    run_record = next(r for r in records if r.get("event") == "run")
+    assert run_record["hide_latency"] is on
+    admitted = [r for r in records if r.get("event") == "admitted"]
+    assert len(admitted) == len(steps) and all(r["time"] < 5.0 for r in admitted), admitted  # all at once
+    assert_same(workspace[0] / f"auto-{on}", workspace[0] / "free", tol=1e-5)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("auto", "auto needs pipeline.memory_budget"), ("sometimes", "must be true, false or auto")])
+def test_hide_latency_is_validated(workspace, value, message):
+    with pytest.raises(ConfigError, match=rf"pipeline\.hide_latency: .*{message}"):
+        parse_config(make_raw(workspace, JOBS, "x", hide_latency=value), "test.yaml")
+    cfg = parse_config(make_raw(workspace, JOBS, "x", hide_latency="auto", memory_budget="1GiB"), "test.yaml")
+    assert cfg.pipeline.hide_latency == "auto"
+
+
 def test_a_budget_no_job_fits_is_refused_before_training(workspace):
     raw = make_raw(workspace, JOBS, "tiny-budget", schedule="lora", timeout_s=30, memory_budget="64KiB")
     path = workspace[0] / "tiny-budget.yaml"

@@ -1,8 +1,9 @@
 """The simulator calibrated on real runs: costs fitted to short runs' timed pieces, then predictions.
 
-`benchmarks.run` first trains a short version of its workload (the same model and jobs, half
+`benchmarks.run` trains a short version of its workload (the same model and jobs, half
 the steps, odd jobs with micro-batches twice as large, so that the fit spans the sizes fusion
-forms; `1f1b`) on the scenario's own ranks and links, so every
+forms; `1f1b`) just before the first method each calibration predicts, on the scenario's own
+ranks and links, so every
 action runs as it does in the measured runs: both cores busy, the probe sampling, the real
 transport, step records and checkpoint writes. `fit_cost` reads that run's trace (each action's
 compute time, waits for peers excluded) and fits, per stage:

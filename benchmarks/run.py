@@ -20,10 +20,11 @@ over the makespan), the average job completion time (from the method's start to 
 step), the makespan, per-stage utilisation (busy over wall), peak memory per rank and the bytes
 each rank sent to the others. Prints a table and writes benchmarks/results/<scenario>.json.
 
-Before the methods, short calibration runs (half the steps, on the same ranks and links:
-ours with `1f1b` once per rank count, each baseline on its own runtime) fit the simulator's costs
-(`benchmarks.calibration`); after them, the predicted makespan of every method is printed next to
-the measured one.
+Short calibration runs (half the steps, on the same ranks and links: ours with `1f1b` once per
+rank count, each baseline on its own runtime) fit the simulator's costs (`benchmarks.calibration`).
+Each runs just before the first method it calibrates, so that the machine's drift (5-10% over
+minutes here) separates a prediction from its measurement as little as it can. At the end, the
+predicted makespan of every method is printed next to the measured one.
 """
 
 from __future__ import annotations
@@ -335,30 +336,35 @@ def consistency(results: dict[str, MethodResult]) -> list[dict]:
     return checks
 
 
-def calibrate(methods: list[Method], scenario: Scenario, workspace: Workspace, timeout_s: float) -> dict[str, dict]:
-    """Fitted costs per method family, from short runs of the workload (half the steps, odd
-    jobs with micro-batches twice as large, on the scenario's own ranks and links): ours once per
-    rank count (key ``ours-<ranks>``, `1f1b`), each baseline on its own runtime (key: the method)."""
+def family(method: Method) -> str:
+    """The calibration that predicts `method`: ours once per rank count, each baseline its own."""
+    return f"ours-{method.ranks}" if method.schedule is not None else method.key
+
+
+def calibration_workspace(workspace: Workspace) -> Workspace:
+    """The short workload the calibration runs train: half the steps, odd jobs with micro-batches
+    twice as large (so that the fit spans the sizes fusion forms)."""
     workload = workspace.workload
-    short = prepare(workspace.root / "calibration", replace(workload, steps=max(1, workload.steps // 2)),
-                    mixed_micro=True)
+    return prepare(workspace.root / "calibration", replace(workload, steps=max(1, workload.steps // 2)),
+                   mixed_micro=True)
+
+
+def calibrate(method: Method, scenario: Scenario, short: Workspace, timeout_s: float) -> dict:
+    """Fitted costs of `method`'s family (`family`), from its short run on the scenario's own ranks
+    and links: ours with `1f1b`, a baseline on its own runtime."""
     fabric = TWO_HOSTS if scenario.hosts == "netns" else LOOPBACK
-    act = workload.model.hidden * 4
-    runs = [Method(f"calibrate-{ranks}", f"calibration run, {ranks} rank(s)", ranks, "1f1b")
-            for ranks in sorted({m.ranks for m in methods if m.schedule is not None})]
-    runs += [m for m in methods if m.schedule is None]
-    fits: dict[str, dict] = {}
-    for method in runs:
-        result = run_method(method, scenario, short, timeout_s)
-        config, out = short.root / f"{method.key}.yaml", short.root / method.key
-        if method.schedule is not None:
-            key, fit = f"ours-{method.ranks}", fit_run(out / "out", config, method.ranks, fabric, act)
-        else:
-            reports = [json.loads(p.read_text()) for p in sorted(out.glob("result-rank*.json"))]
-            key, fit = method.key, fit_baseline(method.key, reports, prepared_jobs(config, method.ranks), fabric, act)
-        fits[key] = {"fit": fit, "makespan_s": result.makespan_s, "steps_per_job": short.workload.steps}
-        print(f"calibration run of {key}: {result.makespan_s:.2f}s", flush=True)
-    return fits
+    act, key = short.workload.model.hidden * 4, family(method)
+    if method.schedule is not None:
+        method = Method(f"calibrate-{method.ranks}", f"calibration run, {method.ranks} rank(s)", method.ranks, "1f1b")
+    result = run_method(method, scenario, short, timeout_s)
+    config, out = short.root / f"{method.key}.yaml", short.root / method.key
+    if method.schedule is not None:
+        fit = fit_run(out / "out", config, method.ranks, fabric, act)
+    else:
+        reports = [json.loads(p.read_text()) for p in sorted(out.glob("result-rank*.json"))]
+        fit = fit_baseline(method.key, reports, prepared_jobs(config, method.ranks), fabric, act)
+    print(f"calibration run of {key}: {result.makespan_s:.2f}s", flush=True)
+    return {"fit": fit, "makespan_s": result.makespan_s, "steps_per_job": short.workload.steps}
 
 
 def add_predictions(results: dict[str, MethodResult], workspace: Workspace, fits: dict[str, dict]) -> list[dict]:
@@ -367,7 +373,7 @@ def add_predictions(results: dict[str, MethodResult], workspace: Workspace, fits
     checks = []
     for method in METHODS:
         r = results.get(method.key)
-        key = f"ours-{method.ranks}" if method.schedule is not None else method.key
+        key = family(method)
         if r is None or key not in fits:
             continue
         config, fit = workspace.root / f"{method.key}.yaml", fits[key]["fit"]
@@ -451,9 +457,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         root = args.workdir or Path(tmp)
         workspace = prepare(root, workload)
-        fits = calibrate(chosen, scenario, workspace, args.timeout)
+        short = calibration_workspace(workspace)
+        fits: dict[str, dict] = {}
         results: dict[str, MethodResult] = {}
         for method in chosen:
+            if family(method) not in fits:
+                fits[family(method)] = calibrate(method, scenario, short, args.timeout)
             results[method.key] = run_method(method, scenario, workspace, args.timeout)
             r = results[method.key]
             print(f"{method.key:10s} {r.tokens_per_s:8.0f} tokens/s  makespan {r.makespan_s:6.2f}s  "

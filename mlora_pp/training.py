@@ -212,7 +212,8 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
     schedule that admits jobs by `pipeline.admission` within `pipeline.memory_budget` (every rank
     decides the same from the same numbers). With `pipeline.streams: null` and more lora jobs than
     `min_streams`, each stage also times two jobs' micro-batches apart and fused, and the streams
-    are chosen from those costs (`choose_streams`)."""
+    are chosen from those costs (`choose_streams`). With `pipeline.hide_latency: auto`, the wider
+    windows are taken when every job fits the budget at once with them."""
     probes = probe_micro_batches(unbounded)
     steps = [j.job_steps() for j in jobs.values() if j.name not in cancelled]
     live = [j for j in steps if j.steps]

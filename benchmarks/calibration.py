@@ -2,14 +2,13 @@
 
 `benchmarks.run` trains a short version of its workload (the same model and jobs, half
 the steps, odd jobs with micro-batches twice as large, so that the fit spans the sizes fusion
-forms; `lora` with one pair of jobs fused, `1f1b` on one rank) just before the first method each calibration predicts, on the scenario's own
+forms; `1f1b`) just before the first method each calibration predicts, on the scenario's own
 ranks and links, so every
 action runs as it does in the measured runs: both cores busy, the probe sampling, the real
 transport, step records and checkpoint writes. `fit_cost` reads that run's trace (each action's
 compute time, waits for peers excluded) and fits, per stage:
-- F and B: seconds = overhead + per-token x padded tokens + per extra job fused into the
-  micro-batch (least squares; one overhead and one fused-job cost per stage, the means of F's and
-  B's);
+- F and B: seconds = overhead + per-token x padded tokens (least squares; one overhead per stage,
+  the mean of the two intercepts);
 - S: the mean of the steps that are not a job's last, and the mean of the last ones (those write
   the job's final checkpoint);
 - the time outside any action within the training window (start-up and the end of the run), from
@@ -69,30 +68,6 @@ def _line(points: list[tuple[int, float]]) -> tuple[float, float]:
     return max(my - slope * mx, 0.0), slope
 
 
-def _plane(points: list[tuple[int, int, float]]) -> tuple[float, float, float]:
-    """(intercept, per token, per extra fused job) of seconds over (tokens, extra jobs, seconds),
-    least squares, each at least 0; the plain `_line` (no job term) where no micro-batch is fused."""
-    if not any(extra for _, extra, _ in points):
-        a, b = _line([(t, y) for t, _, y in points])
-        return a, b, 0.0
-    n = len(points)
-    mt, me, my = (statistics.fmean(p[i] for p in points) for i in range(3))
-    stt = sum((t - mt) ** 2 for t, _, _ in points)
-    see = sum((e - me) ** 2 for _, e, _ in points)
-    ste = sum((t - mt) * (e - me) for t, e, _ in points)
-    sty = sum((t - mt) * (y - my) for t, _, y in points)
-    sey = sum((e - me) * (y - my) for _, e, y in points)
-    det = stt * see - ste * ste
-    if n < 4 or det <= 1e-12 * stt * see:
-        a, b = _line([(t, y) for t, _, y in points])
-        return a, b, 0.0
-    b, c = (sty * see - sey * ste) / det, (sey * stt - sty * ste) / det
-    if b < 0 or c < 0:  # one term alone explains it better than a negative one
-        a, b = _line([(t, y) for t, _, y in points])
-        return a, b, 0.0
-    return max(my - b * mt - c * me, 0.0), b, c
-
-
 def final_steps(schedule: Schedule) -> dict[str, int]:
     """Job -> the step index of its last S in `schedule`."""
     last: dict[str, int] = {}
@@ -106,17 +81,16 @@ def fit_cost(events: list[dict], schedule: Schedule, walls: list[float], fabric:
              activation_bytes_per_token: float) -> Fit:
     """Fit a `CostModel` to the trace events (`mlora_pp.training.write_trace`) of a run of `schedule`."""
     tokens = {mb.id: mb.tokens for mb in schedule.micro_batches}
-    extra = {mb.id: len(set(mb.jobs)) - 1 for mb in schedule.micro_batches}
     last = final_steps(schedule)
     slices = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("F", "B", "S")]
     if not slices:
         raise ValueError("the calibration run's trace has no actions")
     stages = schedule.num_stages
-    forward, backward, overhead, fused, step, final = [], [], [], [], [], []
+    forward, backward, overhead, step, final = [], [], [], [], []
     samples = {"F": 0, "B": 0, "S": 0}
     for s in range(stages):
         mine = [e for e in slices if e["tid"] == s]
-        by_kind: dict[str, list[tuple[int, int, float]]] = {"F": [], "B": []}
+        by_kind: dict[str, list[tuple[int, float]]] = {"F": [], "B": []}
         steps: tuple[list[float], list[float]] = ([], [])
         for e in mine:
             seconds = e["dur"] / 1e6
@@ -124,22 +98,20 @@ def fit_cost(events: list[dict], schedule: Schedule, walls: list[float], fabric:
                 job, index = e["name"].split(" ", 1)[1].rsplit(":", 1)
                 steps[int(index) == last.get(job)].append(seconds)
             else:
-                mb = int(e["name"].split()[0][1:])
-                by_kind[e["cat"]].append((tokens[mb], extra[mb], seconds))
+                by_kind[e["cat"]].append((tokens[int(e["name"].split()[0][1:])], seconds))
         for kind in samples:
             samples[kind] += len(by_kind[kind]) if kind != "S" else len(mine) - len(by_kind["F"]) - len(by_kind["B"])
-        (f0, f1, f2), (b0, b1, b2) = _plane(by_kind["F"]), _plane(by_kind["B"])
+        (f0, f1), (b0, b1) = _line(by_kind["F"]), _line(by_kind["B"])
         forward.append(f1)
         backward.append(b1)
         overhead.append((f0 + b0) / 2)
-        fused.append((f2 + b2) / 2)
         step.append(statistics.fmean(steps[0]) if steps[0] else statistics.fmean(steps[1]))
         final.append(statistics.fmean(steps[1]) if steps[1] else step[-1])
     span = (max(e["ts"] + e["dur"] for e in events if e.get("ph") == "X")
             - min(e["ts"] for e in events if e.get("ph") == "X")) / 1e6
     cost = CostModel(forward_per_token=tuple(forward), backward_per_token=tuple(backward), step_seconds=tuple(step),
                      action_overhead=tuple(overhead), link_latency=fabric.latency, link_bandwidth=fabric.bandwidth,
-                     activation_bytes_per_token=activation_bytes_per_token, fused_job_overhead=tuple(fused))
+                     activation_bytes_per_token=activation_bytes_per_token)
     return Fit(cost, max(0.0, max(walls) - span), tuple(final), samples)
 
 

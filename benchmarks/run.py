@@ -20,9 +20,8 @@ over the makespan), the average job completion time (from the method's start to 
 step), the makespan, per-stage utilisation (busy over wall), peak memory per rank and the bytes
 each rank sent to the others. Prints a table and writes benchmarks/results/<scenario>.json.
 
-Short calibration runs (half the steps, on the same ranks and links: ours once per rank count,
-`lora` with one pair of jobs fused on several ranks and `1f1b` on one, each baseline on its own
-runtime) fit the simulator's costs (`benchmarks.calibration`).
+Short calibration runs (half the steps, on the same ranks and links: ours with `1f1b` once per
+rank count, each baseline on its own runtime) fit the simulator's costs (`benchmarks.calibration`).
 Each runs just before the first method it calibrates, so that the machine's drift (5-10% over
 minutes here) separates a prediction from its measurement as little as it can. At the end, the
 predicted makespan of every method is printed next to the measured one.
@@ -65,8 +64,6 @@ class Method:
     """Our launcher's pipeline.schedule; None for a baseline of `benchmarks.baselines`."""
     fuse: bool = True
     """Our launcher's pipeline.fuse (False: each job its own lora stream)."""
-    streams: int | None = None
-    """Our launcher's pipeline.streams (None: automatic)."""
 
     def module_args(self, config: Path, out: Path) -> list[str]:
         if self.schedule is not None:
@@ -255,7 +252,7 @@ def run_method(method: Method, scenario: Scenario, workspace: Workspace, timeout
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    config = workspace.config(method.key, method.schedule or "1f1b", fuse=method.fuse, streams=method.streams)
+    config = workspace.config(method.key, method.schedule or "1f1b", fuse=method.fuse)
     cmd, env = command(method, scenario, config, out)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -354,15 +351,10 @@ def calibration_workspace(workspace: Workspace) -> Workspace:
 
 def calibrate(method: Method, scenario: Scenario, short: Workspace, timeout_s: float) -> dict:
     """Fitted costs of `method`'s family (`family`), from its short run on the scenario's own ranks
-    and links: ours with `lora` and one pair of jobs fused (`1f1b` on one rank), a baseline on its
-    own runtime."""
+    and links: ours with `1f1b`, a baseline on its own runtime."""
     fabric = TWO_HOSTS if scenario.hosts == "netns" else LOOPBACK
     act, key = short.workload.model.hidden * 4, family(method)
-    if method.schedule is not None and method.ranks > 1 and len(short.data) > 1:
-        # lora with one pair of jobs fused: the fit then sees what a fused micro-batch costs
-        method = Method(f"calibrate-{method.ranks}", f"calibration run, {method.ranks} ranks", method.ranks, "lora",
-                        streams=len(short.data) - 1)
-    elif method.schedule is not None:
+    if method.schedule is not None:
         method = Method(f"calibrate-{method.ranks}", f"calibration run, {method.ranks} rank(s)", method.ranks, "1f1b")
     result = run_method(method, scenario, short, timeout_s)
     config, out = short.root / f"{method.key}.yaml", short.root / method.key

@@ -103,15 +103,14 @@ class Workspace:
             return double
         return w.micro_batch_size
 
-    def config(self, name: str, schedule: str, fuse: bool = True, streams: int | None = None) -> Path:
-        """The run config of one method: same jobs, its own output_dir, schedule and lora fusion
-        (`streams`: pipeline.streams, None for automatic)."""
+    def config(self, name: str, schedule: str, fuse: bool = True) -> Path:
+        """The run config of one method: same jobs, its own output_dir, schedule and lora fusion."""
         w = self.workload
         raw = {
             "model": {"path": str(self.model)},
             "output_dir": str(self.root / name / "out"),
             "seed": 0,
-            "pipeline": {"schedule": schedule, "timeout_s": 300, "fuse": fuse, "streams": streams},
+            "pipeline": {"schedule": schedule, "timeout_s": 300, "fuse": fuse},
             "jobs": [
                 {"name": f"job{i}", "data": str(path), "template": "plain", "rank": w.rank, "alpha": w.alpha,
                  "dropout": w.dropout, "lr": w.lr, "batch_size": w.batch_size,

@@ -217,8 +217,6 @@ class CostModel:
     F of a micro-batch on stage s takes `action_overhead[s] + forward_per_token[s] * tokens` (padded
     tokens), B `action_overhead[s] + backward_per_token[s] * tokens` (default: `backward_ratio`
     times the forward's per-token part), S `step_seconds[s]`; each may be one value for every stage.
-    A micro-batch that fuses k jobs adds `fused_job_overhead[s] * (k - 1)` to its F and to its B
-    (each job's adapters run their own small kernels in every projection).
     A message of `tokens * activation_bytes_per_token` bytes occupies its link (one per direction
     per adjacent pair, FIFO) for bytes / `link_bandwidth` and arrives `link_latency` later; sends
     are asynchronous, so communication overlaps compute.
@@ -232,10 +230,8 @@ class CostModel:
     link_bandwidth: float = math.inf
     activation_bytes_per_token: float = 0.0
     backward_per_token: float | tuple[float, ...] | None = None
-    fused_job_overhead: float | tuple[float, ...] = 0.0
 
-    _PER_STAGE = ("forward_per_token", "backward_per_token", "step_seconds", "action_overhead",
-                  "fused_job_overhead")
+    _PER_STAGE = ("forward_per_token", "backward_per_token", "step_seconds", "action_overhead")
 
     def __post_init__(self) -> None:
         values: list[tuple[str, float]] = []
@@ -269,16 +265,13 @@ class CostModel:
     def _per_token(self, stage: int) -> float:
         return self._at(self.forward_per_token, stage)
 
-    def _fixed(self, stage: int, jobs: int) -> float:
-        return self._at(self.action_overhead, stage) + self._at(self.fused_job_overhead, stage) * max(jobs - 1, 0)
+    def forward(self, stage: int, tokens: int) -> float:
+        return self._at(self.action_overhead, stage) + self._per_token(stage) * tokens
 
-    def forward(self, stage: int, tokens: int, jobs: int = 1) -> float:
-        return self._fixed(stage, jobs) + self._per_token(stage) * tokens
-
-    def backward(self, stage: int, tokens: int, jobs: int = 1) -> float:
+    def backward(self, stage: int, tokens: int) -> float:
         per_token = (self.backward_ratio * self._per_token(stage) if self.backward_per_token is None
                      else self._at(self.backward_per_token, stage))
-        return self._fixed(stage, jobs) + per_token * tokens
+        return self._at(self.action_overhead, stage) + per_token * tokens
 
     def step(self, stage: int) -> float:
         return self._at(self.step_seconds, stage)
@@ -687,7 +680,7 @@ class _Clock:
             start, s, kind = best
             if kind == "F":
                 mb = self._inject(start) if s == 0 else self.micro_batches[self.fwd_q[s].popleft()[1]]
-                end = start + self.cost.forward(s, mb.tokens, len(set(mb.jobs)))
+                end = start + self.cost.forward(s, mb.tokens)
                 self.actions[s].append(Action("F", mb.id))
                 self.in_flight[s] += 1
                 self.in_flight_tokens[s] += mb.tokens
@@ -697,7 +690,7 @@ class _Clock:
                     self.bwd_q[s].append((end, mb.id))
             else:
                 mb = self.micro_batches[self.bwd_q[s].popleft()[1]]
-                end = start + self.cost.backward(s, mb.tokens, len(set(mb.jobs)))
+                end = start + self.cost.backward(s, mb.tokens)
                 self.actions[s].append(Action("B", mb.id))
                 self.in_flight[s] -= 1
                 self.in_flight_tokens[s] -= mb.tokens

@@ -2,7 +2,6 @@
 simulator's costs to a run's trace (fast, no processes)."""
 
 import pytest
-from dataclasses import replace
 
 from benchmarks.calibration import (
     LOOPBACK, Fabric, fit_baseline, fit_cost, predict, predict_baseline, torch_job_steps, torch_pairs,
@@ -92,31 +91,6 @@ def test_calibration_recovers_the_costs_a_trace_was_made_with():
         schedule = build_schedule(long, 2, policy)
         expected = simulate(schedule, truth, final_step_seconds=final).makespan + 0.25
         assert predict(schedule, fit).makespan_s == pytest.approx(expected, rel=1e-6), policy
-
-
-def test_calibration_separates_what_fusing_a_job_costs_from_its_tokens():
-    """A run that fuses one pair of jobs (lora, streams = jobs - 1) and keeps the others apart, with
-    micro-batches of 2 and 4 rows: the fit recovers the per-token costs, the overhead and what each
-    extra fused job adds to an action; a fully fused schedule is then predicted as the truth does.
-    Without the fused-job term that prediction would be low by its count of fused actions."""
-    truth = CostModel(forward_per_token=(2e-4, 3e-4), backward_per_token=(2.2e-4, 3.1e-4), step_seconds=0.01,
-                      action_overhead=(0.004, 0.006), fused_job_overhead=(0.003, 0.005),
-                      link_latency=LOOPBACK.latency, link_bandwidth=LOOPBACK.bandwidth, activation_bytes_per_token=2048)
-    lengths = [100, 140, 180, 260]
-    short = [JobSteps(f"j{i}", tuple(tuple((2 if i % 2 == 0 else 4, lengths[(i + s + m) % 4]) for m in range(4 - 2 * (i % 2)))
-                                     for s in range(2))) for i in range(4)]
-    calibration = build_schedule(short, 2, "lora", streams=3)
-    assert any(len(set(mb.jobs)) == 2 for mb in calibration.micro_batches)
-    assert any(len(set(mb.jobs)) == 1 for mb in calibration.micro_batches)
-    events, walls = trace_of(simulate(calibration, truth), outside=0.0)
-    fit = fit_cost(events, calibration, walls, LOOPBACK, 2048)
-    for name in ("forward_per_token", "backward_per_token", "action_overhead", "fused_job_overhead"):
-        assert getattr(fit.cost, name) == pytest.approx(getattr(truth, name), rel=1e-6), name
-    fused = build_schedule([JobSteps(j.name, j.micro_batches * 3) for j in short], 2, "lora", streams=2)
-    expected = simulate(fused, truth).makespan
-    assert predict(fused, fit).makespan_s == pytest.approx(expected, rel=1e-6)
-    plain = simulate(fused, replace(truth, fused_job_overhead=0.0)).makespan
-    assert plain < expected * 0.99
 
 
 def test_only_a_jobs_last_step_costs_the_final_step_time():

@@ -13,11 +13,16 @@ compute time, waits for peers excluded) and fits, per stage:
   the job's final checkpoint);
 - the time outside any action within the training window (start-up and the end of the run), from
   the stages' `wall_s` minus the trace's span.
-The link (bandwidth, latency) is the scenario's stated rate, not fitted. `predict` then replays the
-exact action lists of each of our methods' full runs (`mlora_pp.sim.simulate`). The external
+The link (bandwidth, latency) is the scenario's stated rate, not fitted. What each job beyond the
+first adds to a fused micro-batch's F and B (its adapters' own small kernels: 3-8 ms per F + B on
+this CPU, about 5% of a fused action) cannot come from a calibration that fuses nothing: it is read
+from the measured run's own start-up fusion probe (`fused_job_overhead`), which times, before the
+training window, one job's two micro-batches as one against two jobs' fused at like tokens, in
+interleaved rounds. `predict` then replays the exact action lists of each of our methods' full runs
+(`mlora_pp.sim.simulate`). The external
 baselines are fitted to their own short runs (`fit_baseline`, `predict_baseline`; see
 `BaselineFit`). The calibration runs are separate runs with a different number of steps, so no
-measured makespan feeds its own prediction.
+measured makespan (nor any timing from a run's training window) feeds its own prediction.
 """
 
 from __future__ import annotations
@@ -121,11 +126,15 @@ class Prediction:
     bubble: float
 
 
-def predict(schedule: Schedule, fit: Fit, fabric: Fabric | None = None) -> Prediction:
-    """Replay `schedule` under the fitted costs (on `fabric`'s link if given): its makespan plus
-    the time outside actions. A job's last S costs the fitted final-step time."""
+def predict(schedule: Schedule, fit: Fit, fabric: Fabric | None = None,
+            fused_job_overhead: tuple[float, ...] | None = None) -> Prediction:
+    """Replay `schedule` under the fitted costs (on `fabric`'s link if given; with what each extra
+    job of a fused micro-batch adds to its F and B, per stage, if given): its makespan plus the time
+    outside actions. A job's last S costs the fitted final-step time."""
     cost = fit.cost if fabric is None else replace(fit.cost, link_latency=fabric.latency,
                                                   link_bandwidth=fabric.bandwidth)
+    if fused_job_overhead is not None:
+        cost = replace(cost, fused_job_overhead=fused_job_overhead)
     timeline = simulate(schedule, cost, final_step_seconds=fit.final_step_seconds)
     return Prediction(timeline.makespan + fit.outside_s, timeline.bubble)
 
@@ -145,6 +154,27 @@ def prepared_jobs(config: Path, ranks: int) -> dict:
     return _prepared(config, ranks)[1]
 
 
+def run_record(out: Path) -> dict:
+    """The `event: run` record of a finished run's metrics.jsonl under its output directory `out`."""
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        if line.strip() and (record := json.loads(line)).get("event") == "run":
+            return record
+    raise ValueError(f"{out / 'metrics.jsonl'} has no run record")
+
+
+def fused_job_overhead(out: Path) -> tuple[float, ...] | None:
+    """Per stage, seconds each job beyond the first adds to a fused micro-batch's F and B, from the
+    run's own start-up fusion probe (timed before its training window, interleaved rounds: one
+    job's two micro-batches as one against two jobs' fused, at like tokens; half on F, half on B).
+    None when the run did not probe (no fusion to choose) or its probe had no lone time."""
+    from mlora_pp.profiling import FusionProfile
+
+    probes = sorted(run_record(out).get("fusion_probe") or [], key=lambda p: p["stage"])
+    if not probes or any(p.get("lone_s") is None for p in probes):
+        return None
+    return tuple(FusionProfile(**{**p, "tokens": tuple(p["tokens"])}).job_overhead() / 2 for p in probes)
+
+
 def schedule_of(config: Path, ranks: int, out: Path | None = None) -> Schedule:
     """The action lists the launcher builds for `config` on `ranks` stages (a fresh run, no budget).
     With `out`, the finished run's output directory, the lora streams it chose (recorded in its
@@ -152,10 +182,8 @@ def schedule_of(config: Path, ranks: int, out: Path | None = None) -> Schedule:
     cfg, jobs = _prepared(config, ranks)
     streams, hide = cfg.pipeline.streams, cfg.pipeline.hide_latency is True
     if out is not None:
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        runs = [r for r in records if r.get("event") == "run"]
-        if runs:
-            streams, hide = runs[0].get("streams", streams), runs[0].get("hide_latency", hide)
+        run = run_record(out)
+        streams, hide = run.get("streams", streams), run.get("hide_latency", hide)
     return build_schedule([j.job_steps() for j in jobs.values()], ranks, cfg.pipeline.schedule, cfg.pipeline.fuse,
                           hide_latency=hide, streams=streams)
 

@@ -45,7 +45,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.calibration import (
-    LOOPBACK, TWO_HOSTS, fit_baseline, fit_run, predict, predict_baseline, prepared_jobs, schedule_of,
+    LOOPBACK, TWO_HOSTS, fit_baseline, fit_run, fused_job_overhead, predict, predict_baseline, prepared_jobs,
+    schedule_of,
 )
 from benchmarks.scenarios import SCENARIOS, Scenario, Workspace, prepare
 
@@ -378,7 +379,8 @@ def add_predictions(results: dict[str, MethodResult], workspace: Workspace, fits
             continue
         config, fit = workspace.root / f"{method.key}.yaml", fits[key]["fit"]
         if method.schedule is not None:
-            p = predict(schedule_of(config, method.ranks, workspace.root / method.key / "out"), fit)
+            out = workspace.root / method.key / "out"
+            p = predict(schedule_of(config, method.ranks, out), fit, fused_job_overhead=fused_job_overhead(out))
         else:
             p = predict_baseline(fit, prepared_jobs(config, method.ranks), method.ranks)
         r.predicted_makespan_s, r.predicted_bubble = p.makespan_s, p.bubble

@@ -41,7 +41,7 @@ from mlora_pp.model import StageModel, StageSpec, build_stage
 from mlora_pp.partition import split_layers, stage_costs
 from mlora_pp.preflight import agree
 from mlora_pp.runtime import StageWorker
-from mlora_pp.schedule import CostModel, MicroBatch, Schedule
+from mlora_pp.schedule import CostModel, MicroBatch, MicroBatchPart, Schedule
 from mlora_pp.transport import PipelineError
 
 REPEATS = 5
@@ -274,28 +274,49 @@ def spread(busy_s: list[float]) -> float:
 @dataclass(frozen=True)
 class FusionProfile:
     """One stage's forward + backward seconds for two micro-batches of different jobs, apart (the
-    two summed) and fused into one, with their padded tokens (first, second, fused)."""
+    two summed) and fused into one, with their padded tokens (first, second, fused); and, where a
+    job has two micro-batches of like length, those two as one micro-batch of that one job (`lone`),
+    which tells what fusing costs per job beyond the tokens it adds."""
 
     stage: int
     apart_s: float
     fused_s: float
     tokens: tuple[int, int, int]
+    lone_s: float | None = None
+    lone_tokens: int | None = None
 
     def overhead_and_rate(self) -> tuple[float, float]:
         """(seconds per forward + backward beyond its tokens, seconds per padded token), from
-        t = overhead + rate * tokens: apart = 2 overhead + rate (t1 + t2), fused = overhead + rate tf."""
+        t = overhead + rate * tokens: apart = 2 overhead + rate (t1 + t2), and lone = overhead +
+        rate tl (or, without a lone time, fused = overhead + rate tf: then what an extra job costs
+        is netted out of the overhead)."""
         t1, t2, tf = self.tokens
-        det = 2 * tf - (t1 + t2)
-        overhead = (self.apart_s * tf - self.fused_s * (t1 + t2)) / det
-        rate = (2 * self.fused_s - self.apart_s) / det
+        single, tokens = (self.fused_s, tf) if self.lone_s is None else (self.lone_s, self.lone_tokens)
+        det = 2 * tokens - (t1 + t2)
+        overhead = (self.apart_s * tokens - single * (t1 + t2)) / det if det else -1.0
+        rate = (2 * single - self.apart_s) / det if det else -1.0
         if rate <= 0 or overhead < 0:  # noise beyond the model: no overhead, all per token
-            return 0.0, self.fused_s / tf
+            return 0.0, single / tokens
         return overhead, rate
 
+    def job_overhead(self) -> float:
+        """Seconds per forward + backward that each job beyond the first adds to a fused
+        micro-batch, beyond its tokens (its adapters' own small kernels); 0 without a lone time."""
+        if self.lone_s is None:
+            return 0.0
+        overhead, rate = self.overhead_and_rate()
+        return max(0.0, self.fused_s - overhead - rate * self.tokens[2])
 
-def fusion_pair(schedule: Schedule) -> tuple[MicroBatch, MicroBatch, MicroBatch] | None:
+
+FusionProbe = tuple[MicroBatch, MicroBatch, MicroBatch, MicroBatch | None]
+"""Micro-batches the fusion probe times: first, second (different jobs), the two fused, and two of
+one job's micro-batches as one (None when no job has two)."""
+
+
+def fusion_pair(schedule: Schedule) -> FusionProbe | None:
     """Two one-job micro-batches of different jobs, as alike in padded length as the run has (near
-    its median), and the two fused; None with fewer than two jobs."""
+    its median), the two fused, and two micro-batches of one job as alike (near the fused pair's
+    length) as one; None with fewer than two jobs."""
     parts = sorted((p for mb in schedule.micro_batches for p in mb.parts), key=lambda p: (p.tokens / p.rows, p.job))
     middle = len(parts) / 2
     pairs = [(abs(a.tokens / a.rows - b.tokens / b.rows), abs(i - middle), i)
@@ -303,7 +324,17 @@ def fusion_pair(schedule: Schedule) -> tuple[MicroBatch, MicroBatch, MicroBatch]
     if not pairs:
         return None
     a, b = parts[min(pairs)[2]], parts[min(pairs)[2] + 1]
-    return MicroBatch(-1, (a,)), MicroBatch(-1, (b,)), MicroBatch(-1, (a, b))
+    length = (a.tokens / a.rows + b.tokens / b.rows) / 2
+    own: dict[str, list[MicroBatchPart]] = {}
+    for p in parts:
+        own.setdefault(p.job, []).append(p)
+    same = [(abs(x.tokens / x.rows - y.tokens / y.rows) + abs((x.tokens / x.rows + y.tokens / y.rows) / 2 - length),
+             x.job, k) for x_job in own.values() for k, (x, y) in enumerate(zip(x_job, x_job[1:]))]
+    lone = None
+    if same:
+        _, job, k = min(same)
+        lone = MicroBatch(-1, (own[job][k], own[job][k + 1]))
+    return MicroBatch(-1, (a,)), MicroBatch(-1, (b,)), MicroBatch(-1, (a, b)), lone
 
 
 FUSION_REPEATS = 7
@@ -311,10 +342,10 @@ FUSION_REPEATS = 7
 two larger times (11-18 ms of about 150 ms on the CPU benchmark across runs at 5 rounds)."""
 
 
-def measure_fusion(worker: StageWorker, pair: tuple[MicroBatch, MicroBatch, MicroBatch],
-                   repeats: int = FUSION_REPEATS) -> FusionProfile:
+def measure_fusion(worker: StageWorker, probe: FusionProbe, repeats: int = FUSION_REPEATS) -> FusionProfile:
     """Time `fusion_pair`'s micro-batches on this stage (interleaved rounds, medians). Inputs of
-    later stages and output gradients are random (only shapes matter); gradients are cleared."""
+    later stages and output gradients are random (only shapes matter); gradients are cleared. The
+    lone micro-batch runs as one job's rows in one adapter segment, as the schedule's own would."""
     generator = torch.Generator(worker.device).manual_seed(0)
 
     def forward_backward(mb: MicroBatch) -> Callable[[], None]:
@@ -324,28 +355,35 @@ def measure_fusion(worker: StageWorker, pair: tuple[MicroBatch, MicroBatch, Micr
             worker.probe_backward(out, total, generator)
         return run
 
-    first, second, fused = pair
-    medians = _interleaved_medians({"first": forward_backward(first), "second": forward_backward(second),
-                                    "fused": forward_backward(fused)}, worker.device, repeats)
+    first, second, fused, lone = probe
+    timed = {"first": forward_backward(first), "second": forward_backward(second), "fused": forward_backward(fused)}
+    if lone is not None:
+        timed["lone"] = forward_backward(lone)
+    medians = _interleaved_medians(timed, worker.device, repeats)
     for name in worker.jobs:
         for param in worker.stage.adapter_parameters(name):
             param.grad = None
-    t1, t2, tf = (micro_shape(mb)[0] for mb in pair)
-    return FusionProfile(worker.stage_index, medians["first"] + medians["second"], medians["fused"], (t1, t2, tf))
+    t1, t2, tf = (micro_shape(mb)[0] for mb in (first, second, fused))
+    return FusionProfile(worker.stage_index, medians["first"] + medians["second"], medians["fused"], (t1, t2, tf),
+                         medians.get("lone"), micro_shape(lone)[0] if lone is not None else None)
 
 
 def fusion_cost(profiles: list[FusionProfile]) -> CostModel:
     """The per-stage `CostModel` of the profiles (forward a third of a forward + backward, as in
-    `CostModel`'s default backward_ratio of 2), for `schedule.choose_streams`."""
-    fits = [p.overhead_and_rate() for p in sorted(profiles, key=lambda p: p.stage)]
+    `CostModel`'s default backward_ratio of 2; the overheads split evenly between F and B), for
+    `schedule.choose_streams`."""
+    ordered = sorted(profiles, key=lambda p: p.stage)
+    fits = [p.overhead_and_rate() for p in ordered]
     return CostModel(forward_per_token=tuple(rate / 3 for _, rate in fits), backward_ratio=2.0,
-                     action_overhead=tuple(overhead / 2 for overhead, _ in fits))
+                     action_overhead=tuple(overhead / 2 for overhead, _ in fits),
+                     fused_job_overhead=tuple(p.job_overhead() / 2 for p in ordered))
 
 
 def describe_fusion(profiles: list[FusionProfile]) -> str:
-    """One line: per stage, the measured seconds beyond the tokens and per token."""
+    """One line: per stage, the measured seconds beyond the tokens, per token and per fused job."""
     parts = []
     for p in sorted(profiles, key=lambda p: p.stage):
         overhead, rate = p.overhead_and_rate()
-        parts.append(f"stage {p.stage} {overhead * 1e3:.1f} ms + {rate * 1e6:.0f} us/token")
+        extra = f" (+ {p.job_overhead() * 1e3:.1f} ms per fused job)" if p.lone_s is not None else ""
+        parts.append(f"stage {p.stage} {overhead * 1e3:.1f} ms + {rate * 1e6:.0f} us/token{extra}")
     return ", ".join(parts)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -138,8 +138,16 @@ class StageWorker:
     def probe_inputs(self, mb: MicroBatch, generator: torch.Generator
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, LoRABatch]:
         """For start-up probes outside the schedule: token ids, this stage's input (random
-        activations on later stages: only their shape matters), labels and LoRA layout of `mb`."""
+        activations on later stages: only their shape matters), labels and LoRA layout of `mb`.
+        Adjacent parts of one job form one segment, as one micro-batch of that job's rows would."""
         input_ids, labels, batch = self.inputs(mb)
+        segments: list[LoRASegment] = []
+        for seg in batch.segments:
+            if segments and segments[-1].adapter == seg.adapter:
+                last = segments.pop()
+                seg = LoRASegment(seg.adapter, last.row_start, seg.row_end, last.dropout_keys + seg.dropout_keys)
+            segments.append(seg)
+        batch = replace(batch, segments=tuple(segments))
         x = input_ids
         if not self.is_first:
             x = torch.randn(self.activation_shape(mb), generator=generator, device=self.device,

@@ -217,6 +217,8 @@ class CostModel:
     F of a micro-batch on stage s takes `action_overhead[s] + forward_per_token[s] * tokens` (padded
     tokens), B `action_overhead[s] + backward_per_token[s] * tokens` (default: `backward_ratio`
     times the forward's per-token part), S `step_seconds[s]`; each may be one value for every stage.
+    A micro-batch that fuses k jobs adds `fused_job_overhead[s] * (k - 1)` to its F and to its B
+    (each job's adapters run their own small kernels in every projection).
     A message of `tokens * activation_bytes_per_token` bytes occupies its link (one per direction
     per adjacent pair, FIFO) for bytes / `link_bandwidth` and arrives `link_latency` later; sends
     are asynchronous, so communication overlaps compute.
@@ -230,8 +232,10 @@ class CostModel:
     link_bandwidth: float = math.inf
     activation_bytes_per_token: float = 0.0
     backward_per_token: float | tuple[float, ...] | None = None
+    fused_job_overhead: float | tuple[float, ...] = 0.0
 
-    _PER_STAGE = ("forward_per_token", "backward_per_token", "step_seconds", "action_overhead")
+    _PER_STAGE = ("forward_per_token", "backward_per_token", "step_seconds", "action_overhead",
+                  "fused_job_overhead")
 
     def __post_init__(self) -> None:
         values: list[tuple[str, float]] = []
@@ -265,13 +269,16 @@ class CostModel:
     def _per_token(self, stage: int) -> float:
         return self._at(self.forward_per_token, stage)
 
-    def forward(self, stage: int, tokens: int) -> float:
-        return self._at(self.action_overhead, stage) + self._per_token(stage) * tokens
+    def _fixed(self, stage: int, jobs: int) -> float:
+        return self._at(self.action_overhead, stage) + self._at(self.fused_job_overhead, stage) * max(jobs - 1, 0)
 
-    def backward(self, stage: int, tokens: int) -> float:
+    def forward(self, stage: int, tokens: int, jobs: int = 1) -> float:
+        return self._fixed(stage, jobs) + self._per_token(stage) * tokens
+
+    def backward(self, stage: int, tokens: int, jobs: int = 1) -> float:
         per_token = (self.backward_ratio * self._per_token(stage) if self.backward_per_token is None
                      else self._at(self.backward_per_token, stage))
-        return self._at(self.action_overhead, stage) + per_token * tokens
+        return self._fixed(stage, jobs) + per_token * tokens
 
     def step(self, stage: int) -> float:
         return self._at(self.step_seconds, stage)
@@ -329,10 +336,15 @@ def form_micro_batches(jobs: Sequence[JobSteps], policy: str, fuse: bool = True)
     return [MicroBatch(i, parts) for i, parts in enumerate(groups)]
 
 
+def _fused_micros(group: Sequence[JobSteps]) -> list[MicroBatch]:
+    """A group's micro-batches fused slot by slot."""
+    streams = [_parts(j) for j in group]
+    return [MicroBatch(0, tuple(s[i] for s in streams if i < len(s))) for i in range(max(len(s) for s in streams))]
+
+
 def _fused_micro_tokens(group: Sequence[JobSteps]) -> list[int]:
     """Padded tokens of each of a group's micro-batches fused slot by slot (rows padded to the longest)."""
-    streams = [_parts(j) for j in group]
-    return [MicroBatch(0, tuple(s[i] for s in streams if i < len(s))).tokens for i in range(max(len(s) for s in streams))]
+    return [mb.tokens for mb in _fused_micros(group)]
 
 
 def _fused_tokens(group: Sequence[JobSteps]) -> int:
@@ -453,15 +465,17 @@ def min_streams(jobs: Sequence[JobSteps], num_stages: int, hide_latency: bool = 
 def grouping_seconds(groups: Sequence[Sequence[JobSteps]], num_stages: int, cost: CostModel) -> float:
     """Predicted busy time of the slowest stage for these lora streams: every fused micro-batch's
     forward and backward, plus S-1 of the largest for the fill and the drain. Fusing k jobs saves
-    the per-action overhead of k-1 micro-batches and lengthens the fill and drain k times."""
-    fused = [t for g in groups for t in _fused_micro_tokens(g)]
+    the per-action overhead of k-1 micro-batches (less what each extra job adds, `fused_job_overhead`)
+    and lengthens the fill and drain k times."""
+    fused = [(mb.tokens, len(mb.parts)) for g in groups for mb in _fused_micros(g)]
     if not fused:
         return 0.0
 
-    def slot(s: int, tokens: int) -> float:
-        return cost.forward(s, tokens) + cost.backward(s, tokens)
+    def slot(s: int, tokens: int, jobs: int) -> float:
+        return cost.forward(s, tokens, jobs) + cost.backward(s, tokens, jobs)
 
-    return max(sum(slot(s, t) for t in fused) + (num_stages - 1) * slot(s, max(fused)) for s in range(num_stages))
+    return max(sum(slot(s, t, k) for t, k in fused) + (num_stages - 1) * slot(s, *max(fused))
+               for s in range(num_stages))
 
 
 def choose_streams(jobs: Sequence[JobSteps], num_stages: int, cost: CostModel, hide_latency: bool = False
@@ -680,7 +694,7 @@ class _Clock:
             start, s, kind = best
             if kind == "F":
                 mb = self._inject(start) if s == 0 else self.micro_batches[self.fwd_q[s].popleft()[1]]
-                end = start + self.cost.forward(s, mb.tokens)
+                end = start + self.cost.forward(s, mb.tokens, len(set(mb.jobs)))
                 self.actions[s].append(Action("F", mb.id))
                 self.in_flight[s] += 1
                 self.in_flight_tokens[s] += mb.tokens
@@ -690,7 +704,7 @@ class _Clock:
                     self.bwd_q[s].append((end, mb.id))
             else:
                 mb = self.micro_batches[self.bwd_q[s].popleft()[1]]
-                end = start + self.cost.backward(s, mb.tokens)
+                end = start + self.cost.backward(s, mb.tokens, len(set(mb.jobs)))
                 self.actions[s].append(Action("B", mb.id))
                 self.in_flight[s] -= 1
                 self.in_flight_tokens[s] -= mb.tokens

@@ -119,7 +119,7 @@ def simulate(schedule: Schedule, cost: CostModel | None = None,
                 start = max(free[s], ready)
                 if action.kind == "F":
                     t = tokens(action, where)
-                    end = start + cost.forward(s, t)
+                    end = start + cost.forward(s, t, len(set(mbs[action.micro_batch].jobs)))
                     forwarded[s].add(action.micro_batch)
                     in_flight[s] += 1
                     peak[s] = max(peak[s], in_flight[s])
@@ -129,7 +129,7 @@ def simulate(schedule: Schedule, cost: CostModel | None = None,
                         fwd_sent[s].append((action.micro_batch, fwd_links[s].send(end, t)))
                 elif action.kind == "B":
                     t = tokens(action, where)
-                    end = start + cost.backward(s, t)
+                    end = start + cost.backward(s, t, len(set(mbs[action.micro_batch].jobs)))
                     in_flight[s] -= 1
                     if s < n - 1:
                         bwd_got[s] += 1

@@ -78,7 +78,7 @@ def test_pipeline_equals_single_rank(workspace, single_rank, stages, policy):
         # 3 jobs, more than the 2 streams that keep 2 stages full: each stage timed fusion. 3 jobs
         # do not split into 2 balanced streams, so they stay apart (the rule's choice: None).
         assert [p["stage"] for p in run["fusion_probe"]] == [0, 1]
-        assert all(p["apart_s"] > 0 and p["fused_s"] > 0 for p in run["fusion_probe"])
+        assert all(p["apart_s"] > 0 and p["fused_s"] > 0 and p["lone_s"] > 0 for p in run["fusion_probe"])
         assert run["streams"] is None
     else:
         assert run["fusion_probe"] == [] and run["streams"] is None

@@ -205,7 +205,30 @@ def test_fusion_profile_recovers_overhead_and_rate():
 
 def test_fusion_pair_takes_two_jobs_of_like_length():
     jobs = [JobSteps("long", (((2, 400),) * 2,)), JobSteps("a", (((2, 100),) * 2,)), JobSteps("b", (((2, 104),) * 2,))]
-    first, second, fused = fusion_pair(build_schedule(jobs, 2, "lora"))
+    first, second, fused, lone = fusion_pair(build_schedule(jobs, 2, "lora"))
     assert {first.parts[0].job, second.parts[0].job} == {"a", "b"}
     assert fused.parts == first.parts + second.parts
+    # one job's two micro-batches of like length, near the pair's (not the long job's)
+    assert len(lone.parts) == 2 and lone.parts[0].job == lone.parts[1].job in {"a", "b"}
+    assert lone.parts[0] != lone.parts[1]
     assert fusion_pair(build_schedule(jobs[:1], 2, "lora")) is None
+    one_each = [JobSteps("a", (((2, 100),),)), JobSteps("b", (((2, 104),),))]
+    assert fusion_pair(build_schedule(one_each, 2, "lora"))[3] is None
+
+
+def test_fusion_profile_with_a_lone_time_separates_what_an_extra_job_costs():
+    """apart = 2 o + r (t1 + t2), lone = o + r tl, fused = o + r tf + p: o, r and p come back; the
+    cost for choose_streams charges p (half on F, half on B) per job beyond the first."""
+    overhead, rate, extra = 0.012, 4e-4, 0.006
+    for t1, t2, tf, tl in ((130, 130, 260, 264), (120, 140, 280, 250), (64, 200, 400, 390)):
+        p = FusionProfile(0, 2 * overhead + rate * (t1 + t2), overhead + rate * tf + extra, (t1, t2, tf),
+                          overhead + rate * tl, tl)
+        assert p.overhead_and_rate() == pytest.approx((overhead, rate))
+        assert p.job_overhead() == pytest.approx(extra)
+    cost = fusion_cost([p])
+    assert cost.forward(0, 100, jobs=3) + cost.backward(0, 100, jobs=3) == pytest.approx(
+        overhead + 100 * rate + 2 * extra)
+    # without a lone time the extra job's cost is netted out of the overhead, as before
+    legacy = FusionProfile(0, 2 * overhead + rate * 260, overhead + rate * 260 + extra, (130, 130, 260))
+    assert legacy.job_overhead() == 0.0
+    assert legacy.overhead_and_rate() == pytest.approx((overhead - extra, rate + 2 * extra / 260))

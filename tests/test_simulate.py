@@ -1,10 +1,14 @@
 """benchmarks.simulate and benchmarks.calibration: the GPU grid on a small grid, and the fit of the
 simulator's costs to a run's trace (fast, no processes)."""
 
+import json
+from dataclasses import replace
+
 import pytest
 
 from benchmarks.calibration import (
-    LOOPBACK, Fabric, fit_baseline, fit_cost, predict, predict_baseline, torch_job_steps, torch_pairs,
+    LOOPBACK, Fabric, fit_baseline, fit_cost, fused_job_overhead, predict, predict_baseline, torch_job_steps,
+    torch_pairs,
 )
 from benchmarks.simulate import HARDWARE, Device, Shape, fsdp_makespan, gpu_cost, grid
 from mlora_pp.schedule import CostModel, JobSteps, build_schedule
@@ -91,6 +95,43 @@ def test_calibration_recovers_the_costs_a_trace_was_made_with():
         schedule = build_schedule(long, 2, policy)
         expected = simulate(schedule, truth, final_step_seconds=final).makespan + 0.25
         assert predict(schedule, fit).makespan_s == pytest.approx(expected, rel=1e-6), policy
+
+
+def test_fused_micro_batches_are_predicted_with_the_probes_per_job_cost(tmp_path):
+    """Fusion's extra cost per job cannot be fitted from a calibration that fuses nothing (1f1b);
+    the run's start-up probe (one job's two micro-batches as one against two jobs' fused) gives it.
+    A fused lora schedule replayed with that term is predicted as the truth does; without it, low."""
+    truth = CostModel(forward_per_token=(2e-4, 3e-4), backward_per_token=(2.2e-4, 3.1e-4), step_seconds=0.01,
+                      action_overhead=(0.004, 0.006), fused_job_overhead=(0.003, 0.005),
+                      link_latency=LOOPBACK.latency, link_bandwidth=LOOPBACK.bandwidth, activation_bytes_per_token=2048)
+    lengths = [100, 140, 180, 260]
+    short = [JobSteps(f"j{i}", tuple(tuple((2 if i % 2 == 0 else 4, lengths[(i + s + m) % 4])
+                                           for m in range(4 - 2 * (i % 2))) for s in range(2))) for i in range(4)]
+    calibration = build_schedule(short, 2, "1f1b")
+    events, walls = trace_of(simulate(calibration, truth), outside=0.0)
+    fit = fit_cost(events, calibration, walls, LOOPBACK, 2048)
+    # what the probe would time on each stage under the truth: apart, fused, lone at 130/130/260 tokens
+    probes = []
+    for s in (0, 1):
+        def fb(tokens: int, jobs: int = 1) -> float:
+            return truth.forward(s, tokens, jobs) + truth.backward(s, tokens, jobs)
+        probes.append({"stage": s, "apart_s": 2 * fb(130), "fused_s": fb(260, 2), "tokens": [130, 130, 260],
+                       "lone_s": fb(264), "lone_tokens": 264})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"event": "run", "streams": 2, "fusion_probe": probes}) + "\n")
+    assert fused_job_overhead(out) == pytest.approx(truth.fused_job_overhead)
+    run = [JobSteps(f"j{i}", tuple(tuple((2, lengths[(i + s + m) % 4]) for m in range(4)) for s in range(6)))
+           for i in range(4)]
+    fused = build_schedule(run, 2, "lora", streams=2)
+    assert all(len(set(mb.jobs)) == 2 for mb in fused.micro_batches)
+    expected = simulate(fused, truth).makespan
+    assert predict(fused, fit, fused_job_overhead=fused_job_overhead(out)).makespan_s == pytest.approx(expected, rel=1e-6)
+    assert predict(fused, fit).makespan_s < 0.97 * expected
+    # a run that did not probe, or an older probe without a lone time: no term
+    (out / "metrics.jsonl").write_text(json.dumps({"event": "run", "fusion_probe": [
+        {k: v for k, v in p.items() if not k.startswith("lone")} for p in probes]}) + "\n")
+    assert fused_job_overhead(out) is None
 
 
 def test_only_a_jobs_last_step_costs_the_final_step_time():

@@ -209,8 +209,10 @@ class BaselineFit:
     one line per micro-batch (forward + backward; for FSDP2 the intercept holds its all-gathers
     of the frozen weights and reduce-scatters, the slope its compute), a step on the data-parallel
     ranks lasting as long as its slowest rank's micro-batches, plus S. The lines are fitted to the
-    steps after each job's first; `warmup_s` is the first step's excess over them (lazy
-    initialisation), once per job. torch-1f1b's `setup` is a line over micro-batch tokens of the
+    steps after each job's first `warm_steps` (1; FSDP2's rounds stay slow for about 4); `warmup_s`
+    is those steps' excess over them (lazy initialisation, a fresh model's allocations), once per
+    job, from the jobs after the first; the first job's excess beyond that (the process's own
+    warm-up) is `first_job_s`, once per run. torch-1f1b's `setup` is a line over micro-batch tokens of the
     lazy set-up each new stage/schedule pair does before its first chunk (one pair per job and
     padded length: P2P warm-up and shape inference, which runs the stage; logged as "I"), the
     slowest rank's per pair, fitted without the run's first (one-off process warm-up). Its slope
@@ -225,11 +227,16 @@ class BaselineFit:
     warmup_s: float
     per_unit_s: float
     setup: tuple[float, float] | None = None  # torch-1f1b: (seconds per pair, per micro-batch token)
+    warm_steps: int = 1
+    """Steps at the start of each job that `warmup_s` covers (every predicted job must have as many)."""
+    first_job_s: float = 0.0
+    """What the run's first job's warm-up adds to `warmup_s` (the process's own), once per run."""
 
     def as_dict(self) -> dict:
         return {"method": self.method, "stage_cost": None if self.stage_cost is None else asdict(self.stage_cost),
                 "micro_batch": self.micro_batch, "step_seconds": self.step_seconds, "warmup_s": self.warmup_s,
-                "per_unit_s": self.per_unit_s, "setup": self.setup}
+                "warm_steps": self.warm_steps, "first_job_s": self.first_job_s, "per_unit_s": self.per_unit_s,
+                "setup": self.setup}
 
 
 def _longest(job, ids) -> int:
@@ -313,13 +320,16 @@ def _steps_of(report: dict, jobs: dict) -> list[tuple[int, list[tuple[str, int, 
 
 
 def fit_baseline(method: str, reports: list[dict], jobs: dict, fabric: Fabric,
-                 activation_bytes_per_token: float) -> BaselineFit:
+                 activation_bytes_per_token: float, warm_steps: int = 1) -> BaselineFit:
     """Fit `method`'s costs to its calibration run (`reports`: result-rank<R>.json of each rank,
-    `jobs`: that run's prepared jobs)."""
+    `jobs`: that run's prepared jobs). Each job's first `warm_steps` steps are its warm-up: their
+    excess over the lines, summed per job and averaged over jobs, is `warmup_s`; the lines are
+    fitted to the later steps (all steps if no job has more)."""
     world = len(reports)
     split = [_steps_of(r, jobs) for r in reports]
-    warm_free = any(index > 0 for steps in split for index, _, _ in steps)  # else one step per job: fit them all
-    later = [[p for index, pieces, _ in steps if index > 0 or not warm_free for p in pieces] for steps in split]
+    warm_free = any(index >= warm_steps for steps in split for index, _, _ in steps)
+    later = [[p for index, pieces, _ in steps if index >= warm_steps or not warm_free for p in pieces]
+             for steps in split]
     per_rank_steps = [statistics.fmean([s for _, _, s in steps] or [0.0]) for steps in split]
     step_seconds = statistics.fmean(per_rank_steps)
 
@@ -348,26 +358,36 @@ def fit_baseline(method: str, reports: list[dict], jobs: dict, fabric: Fabric,
             return [(max(t for _, t, _ in piece), max(sec for _, _, sec in piece))
                     for piece in zip(*(split[rank][k][1] for rank in range(world)))]
 
-        a, b = _line([p for k, (index, _, _) in enumerate(split[0]) if index > 0 or not warm_free
+        a, b = _line([p for k, (index, _, _) in enumerate(split[0]) if index >= warm_steps or not warm_free
                       for p in rounds(k)])
         fit = BaselineFit(method, None, (a, b), step_seconds, 0.0, 0.0)
 
         def excess(k: int) -> float:
             return sum(seconds - (a + b * tokens) for tokens, seconds in rounds(k))
-    firsts = [k for k, (index, _, _) in enumerate(split[0]) if index == 0]  # each job's first step
-    excess = [excess(k) for k in firsts]
-    warmup = statistics.fmean(excess) if excess and warm_free else 0.0
+    warming: dict[str, float] = {}  # job -> excess of its first warm_steps steps
+    order = [name for name, job in jobs.items() for _ in job.plans]
+    for k, (index, _, _) in enumerate(split[0]):
+        if index < warm_steps:
+            warming[order[k]] = warming.get(order[k], 0.0) + excess(k)
+    # the first job also pays the process's own warm-up, once however many jobs a run has
+    excesses = list(warming.values()) if warm_free else []
+    warmup = statistics.fmean(excesses[1:] or excesses) if excesses else 0.0
+    first_job = excesses[0] - warmup if excesses else 0.0
     wall = max(r["wall_s"] for r in reports)
-    rest = wall - _model_makespan(fit, jobs, world) - warmup * len(jobs)
-    return replace(fit, warmup_s=warmup, per_unit_s=rest / max(_units(method, jobs), 1))
+    rest = wall - _model_makespan(fit, jobs, world) - warmup * len(jobs) - first_job
+    return replace(fit, warmup_s=warmup, per_unit_s=rest / max(_units(method, jobs), 1), warm_steps=warm_steps,
+                   first_job_s=first_job)
 
 
 def predict_baseline(fit: BaselineFit, jobs: dict, world: int, fabric: Fabric | None = None) -> Prediction:
     """`fit`'s makespan of `jobs` on `world` ranks (on `fabric`'s link if given)."""
+    short = [name for name, job in jobs.items() if len(job.plans) < fit.warm_steps]
+    if short:
+        raise ValueError(f"jobs {short} have fewer steps than the {fit.warm_steps} the fitted warm-up covers")
     if fit.stage_cost is not None and fabric is not None:
         fit = replace(fit, stage_cost=replace(fit.stage_cost, link_latency=fabric.latency,
                                               link_bandwidth=fabric.bandwidth))
-    makespan = (_model_makespan(fit, jobs, world) + fit.warmup_s * len(jobs)
+    makespan = (_model_makespan(fit, jobs, world) + fit.warmup_s * len(jobs) + (fit.first_job_s if jobs else 0.0)
                 + fit.per_unit_s * _units(fit.method, jobs))
     bubble = 0.0
     if fit.stage_cost is not None:

@@ -342,17 +342,28 @@ def family(method: Method) -> str:
     return f"ours-{method.ranks}" if method.schedule is not None else method.key
 
 
-def calibration_workspace(workspace: Workspace) -> Workspace:
-    """The short workload the calibration runs train: half the steps, odd jobs with micro-batches
-    twice as large (so that the fit spans the sizes fusion forms)."""
+def calibration_workspace(workspace: Workspace, method: Method) -> Workspace:
+    """The short workload `method`'s calibration run trains, odd jobs with micro-batches twice as
+    large (so that the fit spans the sizes fusion forms): half the steps; for FSDP2 half the jobs
+    with every step instead, because its rounds stay slow for about the first 4 steps of each job
+    (a fresh model's allocations), so a run of half the steps never shows the steady rounds that
+    most of the measured run's steps are."""
     workload = workspace.workload
+    if method.key == "fsdp2":
+        return prepare(workspace.root / "calibration-fsdp2", replace(workload, jobs=max(1, workload.jobs // 2)),
+                       mixed_micro=True)
     return prepare(workspace.root / "calibration", replace(workload, steps=max(1, workload.steps // 2)),
                    mixed_micro=True)
 
 
+FSDP2_WARM_STEPS = 4
+"""Steps at the start of each FSDP2 job counted as its warm-up (see `calibration_workspace`)."""
+
+
 def calibrate(method: Method, scenario: Scenario, short: Workspace, timeout_s: float) -> dict:
-    """Fitted costs of `method`'s family (`family`), from its short run on the scenario's own ranks
-    and links: ours with `1f1b`, a baseline on its own runtime."""
+    """Fitted costs of `method`'s family (`family`), from its short run (`short`, from
+    `calibration_workspace`) on the scenario's own ranks and links: ours with `1f1b`, a baseline
+    on its own runtime."""
     fabric = TWO_HOSTS if scenario.hosts == "netns" else LOOPBACK
     act, key = short.workload.model.hidden * 4, family(method)
     if method.schedule is not None:
@@ -363,9 +374,11 @@ def calibrate(method: Method, scenario: Scenario, short: Workspace, timeout_s: f
         fit = fit_run(out / "out", config, method.ranks, fabric, act)
     else:
         reports = [json.loads(p.read_text()) for p in sorted(out.glob("result-rank*.json"))]
-        fit = fit_baseline(method.key, reports, prepared_jobs(config, method.ranks), fabric, act)
+        warm = min(FSDP2_WARM_STEPS, max(1, short.workload.steps // 2)) if method.key == "fsdp2" else 1
+        fit = fit_baseline(method.key, reports, prepared_jobs(config, method.ranks), fabric, act, warm_steps=warm)
     print(f"calibration run of {key}: {result.makespan_s:.2f}s", flush=True)
-    return {"fit": fit, "makespan_s": result.makespan_s, "steps_per_job": short.workload.steps}
+    return {"fit": fit, "makespan_s": result.makespan_s, "steps_per_job": short.workload.steps,
+            "jobs": short.workload.jobs}
 
 
 def add_predictions(results: dict[str, MethodResult], workspace: Workspace, fits: dict[str, dict]) -> list[dict]:
@@ -459,12 +472,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         root = args.workdir or Path(tmp)
         workspace = prepare(root, workload)
-        short = calibration_workspace(workspace)
         fits: dict[str, dict] = {}
+        shorts: dict[bool, Workspace] = {}  # the calibration workspaces, made once: FSDP2's, the others'
+
+        def short(method: Method) -> Workspace:
+            if (method.key == "fsdp2") not in shorts:
+                shorts[method.key == "fsdp2"] = calibration_workspace(workspace, method)
+            return shorts[method.key == "fsdp2"]
+
         results: dict[str, MethodResult] = {}
         for method in chosen:
             if family(method) not in fits:
-                fits[family(method)] = calibrate(method, scenario, short, args.timeout)
+                fits[family(method)] = calibrate(method, scenario, short(method), args.timeout)
             results[method.key] = run_method(method, scenario, workspace, args.timeout)
             r = results[method.key]
             print(f"{method.key:10s} {r.tokens_per_s:8.0f} tokens/s  makespan {r.makespan_s:6.2f}s  "
@@ -490,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         "total_s": total_s,
         "definitions": DEFINITIONS,
         "methods": {k: asdict(r) for k, r in results.items()},
-        "calibration": {key: {"steps_per_job": f["steps_per_job"], "makespan_s": f["makespan_s"], **f["fit"].as_dict()}
+        "calibration": {key: {"jobs": f["jobs"], "steps_per_job": f["steps_per_job"], "makespan_s": f["makespan_s"],
+                              **f["fit"].as_dict()}
                         for key, f in fits.items()},
         "targets": checks,
         "consistency": sanity,

@@ -197,6 +197,52 @@ def test_data_parallel_baseline_fit_recovers_its_line_warmup_and_per_step_time()
     assert predict_baseline(fit, longer, 2).makespan_s == pytest.approx(expected)
 
 
+def test_data_parallel_fit_with_a_warm_up_of_several_steps():
+    """FSDP2's rounds stay slow for the first few steps of each job: with warm_steps = 3 the line
+    comes from the later steps only and each job's warm-up is the excess of its first three; the
+    first job's extra (the process warming up) is counted once per run, not per job."""
+    a, b, step, decay, process = 0.05, 3e-4, 0.01, (0.12, 0.08, 0.04), 0.3
+    jobs = fake_jobs(6)
+    reports = [{"wall_s": 0.0, "timings": []} for _ in range(2)]
+    wall = 0.0
+    for job in jobs.values():
+        for s, plan in enumerate(job.plans):
+            tokens = [len(ids) * max(len(job.examples[i].input_ids) for i in ids) for ids in plan.micro_batches]
+            for k in range(0, len(tokens), 2):
+                pair = tokens[k:k + 2]
+                seconds = a + b * max(pair) + (decay[s] if s < len(decay) else 0.0)
+                seconds += process if job.name == "j0" and s == 0 and k == 0 else 0.0  # once per process
+                for rank, t in enumerate(pair):
+                    reports[rank]["timings"].append(("FB", t, seconds))
+                wall += seconds
+            for r in reports:
+                r["timings"].append(("S", 0, step))
+            wall += step
+    for r in reports:
+        r["wall_s"] = wall
+    fit = fit_baseline("fsdp2", reports, jobs, LOOPBACK, 2048, warm_steps=3)
+    rounds_per_step = 2  # fake_jobs: 4 micro-batches a step on 2 ranks
+    assert fit.micro_batch == pytest.approx((a, b))
+    assert fit.warmup_s == pytest.approx(rounds_per_step * sum(decay)) and fit.warm_steps == 3
+    assert fit.first_job_s == pytest.approx(process)
+    assert fit.per_unit_s == pytest.approx(0.0, abs=1e-9)
+    assert predict_baseline(fit, jobs, 2).makespan_s == pytest.approx(wall)
+    # a longer run of fewer jobs: predicted exactly; fitted with the first step only as warm-up, the lines absorb
+    # the later warm-up steps and predict it high
+    longer = dict(list(fake_jobs(12, seed=1).items())[:2])  # fewer jobs than the calibration's 3
+    truth = process
+    for job in longer.values():
+        for s, plan in enumerate(job.plans):
+            tokens = [len(ids) * max(len(job.examples[i].input_ids) for i in ids) for ids in plan.micro_batches]
+            truth += sum(a + b * max(tokens[k:k + 2]) + (decay[s] if s < len(decay) else 0.0)
+                         for k in range(0, len(tokens), 2)) + step
+    assert predict_baseline(fit, longer, 2).makespan_s == pytest.approx(truth)
+    one = fit_baseline("fsdp2", reports, jobs, LOOPBACK, 2048)
+    assert predict_baseline(one, longer, 2).makespan_s > 1.02 * truth
+    with pytest.raises(ValueError, match="fewer steps"):
+        predict_baseline(fit, fake_jobs(2), 2)
+
+
 def test_torch_pipeline_fit_recovers_its_stage_costs():
     truth = CostModel(forward_per_token=(2e-4, 3e-4), backward_per_token=(2.5e-4, 3.5e-4), step_seconds=(0.01, 0.02),
                       action_overhead=(0.004, 0.002), link_latency=LOOPBACK.latency,

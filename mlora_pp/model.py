@@ -178,6 +178,50 @@ class SiluMul(torch.autograd.Function):
         return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """The LLaMA-family RMSNorm with a frozen weight: weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype),
+    x32 = x in fp32. Keeps x in its own dtype and the fp32 rsqrt per row for backward.
+
+    transformers' version keeps the fp32 copy of x instead: in bf16 that is twice x's bytes, 20%
+    of everything a decoder layer keeps for backward (two norms a layer). The forward is the same
+    ops on the same values, so bit for bit the same; the backward is autograd's own sequence of
+    ops on the recomputed fp32 copy.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        x, weight, rstd = ctx.saved_tensors
+        x32 = x.to(torch.float32)
+        g = (grad * weight).to(torch.float32)
+        # d/dx of x32 * rstd, rstd = (mean(x32^2) + eps)^-1/2, in autograd's order of operations
+        grad_rstd = (g * x32).sum(-1, keepdim=True)
+        grad_square = (grad_rstd * (-0.5 * rstd.pow(3))).expand_as(x32) / x32.shape[-1]
+        return (g * rstd + grad_square * 2 * x32).to(x.dtype), None, None
+
+
+class RMSNorm(nn.Module):
+    """A frozen RMSNorm through `RMSNormFunction`, taking over transformers' module (same weight,
+    same eps, same state-dict key). Used where the model dtype is not fp32: in fp32 the upcast is
+    x itself, so transformers' graph already keeps nothing more."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight = norm.weight
+        self.variance_epsilon = norm.variance_epsilon
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad:
+            raise ModelError("RMSNorm: the norm weights are frozen; training them is not supported")
+        return RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
+
+
 class SwiGLU(nn.Module):
     """The LLaMA-family MLP, down(silu(gate(x)) * up(x)), through `SiluMul`. It takes over the
     projections of transformers' MLP under the same names, so module paths do not change."""
@@ -217,6 +261,12 @@ class StageModel(nn.Module):
                 for layer in self.layers.values():
                     layer.mlp = SwiGLU(layer.mlp)
             self.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps).to(dtype) if spec.has_head else None
+            if dtype != torch.float32:
+                for layer in self.layers.values():
+                    layer.input_layernorm = RMSNorm(layer.input_layernorm)
+                    layer.post_attention_layernorm = RMSNorm(layer.post_attention_layernorm)
+                if self.norm is not None:
+                    self.norm = RMSNorm(self.norm)
             self.lm_head = (
                 nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype) if spec.has_head else None
             )

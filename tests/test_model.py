@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from mlora_pp.lora import LoRABatch, LoRASegment
-from mlora_pp.model import SiluMul, StageSpec, SwiGLU, build_stage
+from mlora_pp.model import RMSNorm, SiluMul, StageSpec, SwiGLU, build_stage
 from mlora_pp.peft_format import AdapterSpec, save_adapter
 from mlora_pp.tiny import make_tiny_model
 
@@ -185,6 +185,52 @@ def test_silu_mul_keeps_two_tensors_and_gives_autograds_gradients_bit_for_bit(dt
     for a, b in zip(ours[:3], reference[:3]):
         assert torch.equal(a, b)
     assert len(ours[3]) == 2 and len(reference[3]) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_keeps_x_in_its_dtype_and_matches_transformers(dtype):
+    """Same output bit for bit as transformers' RMSNorm; input gradient as close to an fp64
+    reference as transformers' own; and for backward it keeps x (2 bytes a value) and one fp32 per
+    row, where transformers keeps the fp32 copy of x."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    x, grad = (torch.randn(3, 5, 64, generator=gen).to(dtype) for _ in range(2))
+    reference = LlamaRMSNorm(64, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        reference.weight.copy_(1 + 0.1 * torch.randn(64, generator=gen))
+    reference.weight.requires_grad_(False)
+    ours = RMSNorm(reference)
+
+    def run(module):
+        xi = x.clone().requires_grad_(True)
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = module(xi)
+        out.backward(grad)
+        kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
+                if t.untyped_storage().data_ptr() not in (xi.untyped_storage().data_ptr(),
+                                                          reference.weight.untyped_storage().data_ptr())}
+        return out.detach(), xi.grad, sum(kept.values())
+
+    (ours_out, ours_grad, ours_kept), (ref_out, ref_grad, ref_kept) = run(ours), run(reference)
+    assert torch.equal(ours_out, ref_out)
+    x64 = x.double().requires_grad_(True)
+    (reference.weight.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)).backward(grad.double())
+    ours_err, ref_err = ((g.double() - x64.grad).abs().max().item() for g in (ours_grad, ref_grad))
+    assert ours_err <= ref_err + 1e-2 * x64.grad.abs().max().item()
+    assert ours_kept == 3 * 5 * 4  # beyond x itself: one fp32 rsqrt per row
+    assert ref_kept >= x.numel() * 4  # the fp32 copy of x
+
+
+def test_stage_norms_are_ours_in_bf16_and_transformers_in_fp32(model_dir):
+    for dtype, ours in (("bfloat16", True), ("float32", False)):
+        stage = build_stage(model_dir, dtype=dtype)
+        layer = stage.layers[str(stage.spec.first_layer)]
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm, stage.norm):
+            assert isinstance(norm, RMSNorm) == ours and type(norm).__name__.endswith("RMSNorm")
+            assert not norm.weight.requires_grad
+        assert "layers.0.input_layernorm.weight" in dict(stage.named_parameters())
 
 
 def test_stage_mlp_is_swiglu_under_transformers_module_paths(model_dir):

@@ -10,7 +10,9 @@ from benchmarks.calibration import (
     LOOPBACK, Fabric, fit_baseline, fit_cost, fused_job_overhead, predict, predict_baseline, torch_job_steps,
     torch_pairs,
 )
-from benchmarks.simulate import HARDWARE, Device, Shape, fsdp_makespan, gpu_cost, grid
+from benchmarks.simulate import (
+    HARDWARE, Device, Shape, fsdp_makespan, gpu_cost, grid, saved_bytes_per_token, stage_memory,
+)
 from mlora_pp.schedule import CostModel, JobSteps, build_schedule
 from mlora_pp.sim import simulate
 
@@ -28,6 +30,52 @@ def test_small_grid_lora_bubble_at_most_1f1b():
                 assert all(by[(hw, s, j, p)]["makespan_s"] > 0 for p in ("lora", "1f1b", "gpipe", "fsdp2"))
                 fsdp = by[(hw, s, j, "fsdp2")]["makespan_s"]
                 assert lora["speedup_vs_fsdp2"] == pytest.approx(fsdp / lora["makespan_s"])
+
+
+def test_saved_activations_scale_with_the_widths_and_fill_the_stage_estimate():
+    """The 1/scale measurement scaled back up agrees with the full-width one (linear in the widths
+    but for rank-sized and rotary terms), and a stage's memory adds weights, LoRA state and its
+    micro-batches in flight."""
+    shape = Shape(hidden=512, intermediate=1792, heads=8, kv_heads=2, seq=64, rank=8)
+    full, scaled = saved_bytes_per_token(shape, scale=1), saved_bytes_per_token(shape, scale=2)
+    assert scaled == pytest.approx(full, rel=0.03)  # rank-sized, rotary and per-row terms do not scale
+    # the MLP's gate, up and their product (bf16) are kept for backward: a floor on the count
+    assert full > 3 * shape.intermediate * 2
+    per_stage = shape.layers // 4
+    expected = per_stage * (shape.weights() * 2 + 3 * shape.lora_params() * 16 + 5 * shape.tokens * full)
+    assert stage_memory(shape, 4, 3, 5, full) == pytest.approx(expected)
+    rows = grid([4], [2], ["h100-nvlink"], shape=shape, micros=2, steps=1, saved_per_token=full)
+    lora = next(r for r in rows if r["policy"] == "lora")
+    assert lora["stage_memory_gib"] == pytest.approx(
+        stage_memory(shape, 4, 2, lora["peak_in_flight"], full) / 2**30) and lora["fits_device"]
+
+
+def test_auto_hide_latency_takes_the_wide_windows_only_where_they_fit():
+    """As the launcher's `hide_latency: auto`, with the device's memory as the budget: on the
+    H100 model the wide windows of a small shape fit; at a per-token size that puts their fullest
+    stage between the default windows' and the wide ones' memory on A6000, the default is kept."""
+    shape = Shape(layers=8)
+    common = dict(micros=4, steps=2)
+    hide = {r["hardware"]: r for r in grid([8], [6], ["h100-nvlink"], shape=shape, hide_latency=True, **common,
+                                           saved_per_token=1e3) if r["policy"] == "lora"}
+    plain = {r["hardware"]: r for r in grid([8], [6], ["h100-nvlink"], shape=shape, **common,
+                                            saved_per_token=1e3) if r["policy"] == "lora"}
+    wide_in_flight, default_in_flight = hide["h100-nvlink"]["peak_in_flight"], plain["h100-nvlink"]["peak_in_flight"]
+    assert wide_in_flight > default_in_flight
+    fixed = stage_memory(shape, 8, 6, 0, 0.0)
+    # a per-token size at which the A6000 (48 GiB) holds the default windows but not the wide ones
+    between = (48 * 2**30 - fixed) / (shape.tokens * (shape.layers // 8) * (wide_in_flight + default_in_flight) / 2)
+    rows = grid([8], [6], ["h100-nvlink", "a6000-pcie4"], shape=shape, hide_latency="auto", saved_per_token=between,
+                **common)
+    lora = {r["hardware"]: r for r in rows if r["policy"] == "lora"}
+    assert not lora["a6000-pcie4"]["hide_latency"] and lora["a6000-pcie4"]["peak_in_flight"] == default_in_flight
+    assert lora["a6000-pcie4"]["fits_device"]
+    assert lora["h100-nvlink"]["hide_latency"] and lora["h100-nvlink"]["peak_in_flight"] == wide_in_flight
+    assert lora["h100-nvlink"]["bubble"] == pytest.approx(
+        next(r for r in grid([8], [6], ["h100-nvlink"], shape=shape, hide_latency=True, **common)
+             if r["policy"] == "lora")["bubble"])
+    with pytest.raises(ValueError, match="saved_per_token"):
+        grid([8], [6], ["h100-nvlink"], shape=shape, hide_latency="auto", **common)
 
 
 def test_fsdp_model_is_compute_bound_on_a_fast_link_and_gather_bound_on_a_slow_one():

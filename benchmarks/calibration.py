@@ -14,14 +14,14 @@ compute time, waits for peers excluded) and fits, per stage:
 - the time outside any action within the training window (start-up and the end of the run), from
   the stages' `wall_s` minus the trace's span.
 The link (bandwidth, latency) is the scenario's stated rate, not fitted. What each job beyond the
-first adds to a fused micro-batch's F and B (its adapters' own small kernels: 3-8 ms per F + B on
-this CPU, about 5% of a fused action) cannot come from a calibration that fuses nothing: it is read
+first adds to a fused micro-batch's F and B (its adapters' own small kernels: 4-12 ms per F + B on
+this CPU, 3-8% of a fused action) cannot come from a calibration that fuses nothing: it is read
 from the measured run's own start-up fusion probe (`fused_job_overhead`), which times, before the
 training window, one job's two micro-batches as one against two jobs' fused at like tokens, in
 interleaved rounds. `predict` then replays the exact action lists of each of our methods' full runs
 (`mlora_pp.sim.simulate`). The external
 baselines are fitted to their own short runs (`fit_baseline`, `predict_baseline`; see
-`BaselineFit`). The calibration runs are separate runs with a different number of steps, so no
+`BaselineFit`). The calibration runs are separate runs with other step or job counts, so no
 measured makespan (nor any timing from a run's training window) feeds its own prediction.
 """
 
@@ -212,8 +212,8 @@ class BaselineFit:
     steps after each job's first `warm_steps` (1; FSDP2's rounds stay slow for about 4); `warmup_s`
     is those steps' excess over them (lazy initialisation, a fresh model's allocations), once per
     job, from the jobs after the first; the first job's excess beyond that (the process's own
-    warm-up) is `first_job_s`, once per run. torch-1f1b's `setup` is a line over micro-batch tokens of the
-    lazy set-up each new stage/schedule pair does before its first chunk (one pair per job and
+    warm-up) is `first_job_s`, once per run. torch-1f1b's `setup` is a line over micro-batch tokens
+    of the lazy set-up each new stage/schedule pair does before its first chunk (one pair per job and
     padded length: P2P warm-up and shape inference, which runs the stage; logged as "I"), the
     slowest rank's per pair, fitted without the run's first (one-off process warm-up). Its slope
     matters: the calibration's jobs with larger micro-batches pay about twice the set-up of the
@@ -323,8 +323,9 @@ def fit_baseline(method: str, reports: list[dict], jobs: dict, fabric: Fabric,
                  activation_bytes_per_token: float, warm_steps: int = 1) -> BaselineFit:
     """Fit `method`'s costs to its calibration run (`reports`: result-rank<R>.json of each rank,
     `jobs`: that run's prepared jobs). Each job's first `warm_steps` steps are its warm-up: their
-    excess over the lines, summed per job and averaged over jobs, is `warmup_s`; the lines are
-    fitted to the later steps (all steps if no job has more)."""
+    excess over the lines, summed per job and averaged over the jobs after the first, is
+    `warmup_s`, and the first job's beyond that is `first_job_s`; the lines are fitted to the later
+    steps (all steps if no job has more)."""
     world = len(reports)
     split = [_steps_of(r, jobs) for r in reports]
     warm_free = any(index >= warm_steps for steps in split for index, _, _ in steps)

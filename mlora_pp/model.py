@@ -18,7 +18,6 @@ import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import safetensors
 
@@ -223,52 +222,16 @@ class RMSNorm(nn.Module):
         return RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
 
 
-@dataclass(frozen=True)
-class _Recomputed:
-    """Stands in for a saved view of silu(gate) * up: its shape, strides and offset."""
-
-    size: torch.Size
-    stride: tuple[int, ...]
-    offset: int
-
-
 class SwiGLU(nn.Module):
     """The LLaMA-family MLP, down(silu(gate(x)) * up(x)), through `SiluMul`. It takes over the
-    projections of transformers' MLP under the same names, so module paths do not change.
-
-    down_proj's adapters need their input, silu(gate) * up, for their weights' gradients, and
-    autograd would keep it: a [tokens, intermediate] tensor, 20% of what a 70B-shaped layer keeps.
-    `SiluMul` keeps gate and up anyway, so every saved view of that product is dropped and
-    recomputed from them in backward, by the same kernels on the same values: the same bits.
-    Every other tensor goes to the saved-tensor hooks already in force (`memory.SavedTensorMeter`,
-    activation checkpointing), as if these were not there.
-    """
+    projections of transformers' MLP under the same names, so module paths do not change."""
 
     def __init__(self, mlp: nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        product = SiluMul.apply(gate, up)
-        if not torch.is_grad_enabled():
-            return self.down_proj(product)
-        storage = product.untyped_storage()
-        gate, up = gate.detach(), up.detach()  # the same storages SiluMul keeps
-        outer = torch._C._autograd._top_saved_tensors_default_hooks(True)  # (pack, unpack) or None
-
-        def pack(t: torch.Tensor) -> Any:
-            if t.untyped_storage().data_ptr() == storage.data_ptr() and t.dtype == product.dtype:
-                return _Recomputed(t.size(), t.stride(), t.storage_offset())
-            return outer[0](t) if outer is not None else t
-
-        def unpack(saved: Any) -> torch.Tensor:
-            if isinstance(saved, _Recomputed):
-                return (F.silu(gate) * up).as_strided(saved.size, saved.stride, saved.offset)
-            return outer[1](saved) if outer is not None else saved
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            return self.down_proj(product)
+        return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
 
 
 class StageModel(nn.Module):

@@ -201,7 +201,7 @@ class PlanChannel:
 
     def await_decision(self, point: int) -> Change | None:
         header = torch.empty(2, dtype=torch.int64)
-        self._wait(dist.irecv(header, 0, group=self.group), point)
+        self._wait(self._post(header, point), point)
         got, size = (int(v) for v in header.tolist())
         if got != point:
             raise PipelineError(f"rank {self.rank}: expected rank 0's plan at micro-batch {point}, got it for "
@@ -209,8 +209,17 @@ class PlanChannel:
         if not size:
             return None
         body = torch.empty(size, dtype=torch.uint8)
-        self._wait(dist.irecv(body, 0, group=self.group), point)
+        self._wait(self._post(body, point), point)
         return Change.decode(bytes(body.tolist()))
+
+    def _post(self, buffer: torch.Tensor, point: int) -> Any:
+        """Post the receive of part of rank 0's plan. Gloo refuses the post itself once rank 0's
+        connection has closed, before any wait could time out."""
+        try:
+            return dist.irecv(buffer, 0, group=self.group)
+        except RuntimeError as exc:
+            raise PipelineError(f"rank {self.rank}: lost rank 0 while waiting for its plan at micro-batch {point} "
+                                f"({exc})") from None
 
     def _wait(self, work: Any, point: int) -> None:
         try:

@@ -430,9 +430,12 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         # Headers and the final merge (control), and step records (their own group, so a posted record
         # receive can never match a header) go over Gloo with CPU tensors whatever the data backend.
         timeout = datetime.timedelta(seconds=cfg.pipeline.timeout_s)
-        control = dist.new_group(backend="gloo", timeout=timeout)
-        records = dist.new_group(backend="gloo", timeout=timeout)
-        plans = dist.new_group(backend="gloo", timeout=timeout)
+        try:
+            control = dist.new_group(backend="gloo", timeout=timeout)
+            records = dist.new_group(backend="gloo", timeout=timeout)
+            plans = dist.new_group(backend="gloo", timeout=timeout)
+        except RuntimeError as exc:
+            raise PipelineError(f"rank {env.rank}: lost a rank while setting up the control groups ({exc})") from None
         transport = StageTransport(env.rank, cfg.pipeline.timeout_s, device, group=None, header_group=control)
 
     metrics = board = manifests = None

@@ -1,5 +1,6 @@
-"""StageTransport between two Gloo ranks: sent tensors are dropped once their send has gone, and a
-peer that never takes a message fails `flush` with a message naming both ranks."""
+"""StageTransport between two Gloo ranks: sent tensors are dropped once their send has gone, a peer
+that never takes a message fails `flush` with a message naming both ranks, and every receive a
+stage posts to a rank that has died fails with a `PipelineError` naming both ranks."""
 
 from __future__ import annotations
 
@@ -45,6 +46,47 @@ _RANK = textwrap.dedent("""
     transport.flush()  # nothing left (taken), or rank 1 never posts: only rank 0 raised above
     dist.destroy_process_group()
 """)
+
+
+_GONE = textwrap.dedent("""
+    import datetime, os, time
+    import torch, torch.distributed as dist
+    from mlora_pp.control import PlanChannel
+    from mlora_pp.transport import ACTIVATION, PipelineError, StageTransport
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    plans = dist.new_group(backend="gloo")
+    dist.barrier()
+    if rank == 0:
+        os._exit(0)  # gone, as after a SIGKILL: its connections close
+    time.sleep(1.0)
+    attempts = {
+        "activation": lambda: StageTransport(1, 5.0, torch.device("cpu")).recv(0, ACTIVATION, 3, (2, 4), torch.float32),
+        "plan": lambda: PlanChannel(1, 2, plans, 5.0).await_decision(8),
+    }
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            print(name, "no error", flush=True)
+        except PipelineError as exc:
+            print(name, "error", exc, flush=True)
+    os._exit(0)
+""")
+
+
+def test_a_receive_from_a_dead_rank_fails_naming_both():
+    """Gloo refuses to post a receive once the peer's connection has closed; that RuntimeError must
+    come out as a PipelineError like a failed wait. The plan channel once let it through: the
+    launcher printed a traceback and no `error: rank ...` line (a flaky SIGKILL test)."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", _GONE], cwd=ROOT, env=dict(env, RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    out = [p.communicate(timeout=120)[0] for p in procs][1]
+    assert procs[1].returncode == 0, out
+    assert "activation error rank 1: lost rank 0 while posting the receive of the activation of micro-batch 3" in out, out
+    assert "plan error rank 1: lost rank 0 while waiting for its plan at micro-batch 8" in out, out
 
 
 def _free_port() -> int:

@@ -63,17 +63,18 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stopped_by_launcher)
     try:
-        from mlora_pp.training import train
+        try:
+            from mlora_pp.training import train
 
-        cfg = load_config(args.config)
-        result = train(cfg, progress=False if args.no_live else None, fresh=args.fresh)
-        # This rank's work is done. A SIGTERM from now on is torchrun reacting to another rank's exit
-        # code (rank 0's EXIT_JOBS_FAILED) and must not turn this finished rank into a failed one.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            cfg = load_config(args.config)
+            result = train(cfg, progress=False if args.no_live else None, fresh=args.fresh)
+        finally:
+            # This rank has its outcome: a result, or its own error to report. A SIGTERM from now on
+            # is torchrun reacting to another rank's exit (a lost rank, rank 0's EXIT_JOBS_FAILED, the
+            # same bad input found everywhere) and must neither replace this rank's line nor break
+            # into its exit with a traceback (seen from interpreter-exit finalizers).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except (ConfigError, DataError, ModelError) as exc:
-        # Every rank found the same bad input at the same moment; torchrun stopping the others as soon
-        # as one exits must not turn their line into "stopped by the launcher".
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr, flush=True)

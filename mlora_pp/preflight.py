@@ -36,7 +36,7 @@ def source(cfg: RunConfig) -> str:
     return str(cfg.source) if cfg.source is not None else "<config>"
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (marked "..." if cut), or its type's name."""
     lines = str(exc).strip().splitlines()
     if not lines:
@@ -53,7 +53,7 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ModelError(f"{model_dir}: cannot load the tokenizer ({_first_line(exc)})") from None
+        raise ModelError(f"{model_dir}: cannot load the tokenizer ({first_line(exc)})") from None
 
 
 def projection_shapes(hf: PretrainedConfig) -> dict[str, tuple[int, int]]:
@@ -213,12 +213,12 @@ def agree(rank: int, world: int, prepare: Callable[[], T]) -> T:
         if isinstance(error, BAD_INPUT):
             mine = (next(cls.__name__ for cls in BAD_INPUT if isinstance(error, cls)), str(error))
         elif error is not None:
-            mine = ("bug", f"{error.__class__.__name__}: {_first_line(error)}")
+            mine = ("bug", f"{error.__class__.__name__}: {first_line(error)}")
         verdicts: list[tuple[str, str] | None] = [None] * world
         try:
             dist.all_gather_object(verdicts, mine)
         except RuntimeError as exc:
-            raise PipelineError(f"rank {rank}: lost a rank while checking the inputs ({_first_line(exc)})") from None
+            raise PipelineError(f"rank {rank}: lost a rank while checking the inputs ({first_line(exc)})") from None
         failed = [(r, v) for r, v in enumerate(verdicts) if v is not None]
         if error is not None and (mine[0] == "bug" or failed[0][0] == rank):
             raise error

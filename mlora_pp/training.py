@@ -41,7 +41,7 @@ from mlora_pp.metrics import MetricsLog, ProgressBoard
 from mlora_pp.model import StageModel, StageSpec, build_stage
 from mlora_pp.partition import stage_specs
 from mlora_pp.peft_format import AdapterSpec, save_adapter
-from mlora_pp.preflight import agree, check_inputs, load_tokenizer, source  # noqa: F401 (load_tokenizer re-exported)
+from mlora_pp.preflight import agree, check_inputs, first_line, load_tokenizer, source  # noqa: F401 (load_tokenizer re-exported)
 from mlora_pp.profiling import (
     FusionProfile, ProfiledPlan, compare, describe, describe_fusion, fusion_cost, fusion_pair, measure, measure_fusion,
     profile_stages,
@@ -319,7 +319,11 @@ def train(cfg: RunConfig, *, progress: bool | None = None, fresh: bool = False) 
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.pipeline.timeout_s))
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.pipeline.timeout_s))
+        except RuntimeError as exc:  # the store's wait for the other ranks, or its address unreachable
+            raise PipelineError(f"rank {env.rank}: could not join the other {env.world - 1} rank(s) within "
+                                f"{cfg.pipeline.timeout_s:g}s ({first_line(exc)})") from None
         started_group = True
     try:
         return _train(cfg, env, device, progress, fresh)

@@ -164,3 +164,20 @@ def test_frozen_stage_times_out_with_a_message(workspace):
     assert line is not None, proc.stderr[-4000:]
     assert line.startswith("error: rank 0:") and "from rank 1" in line
     assert elapsed < 8 + 60, elapsed
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_whose_peers_never_come_ends_within_the_timeout(workspace, rank):
+    """`python -m launcher` told it is one of 2 ranks, alone: rank 0 (the store's host) waits for the
+    other, rank 1 for the store's address. Each gives up after pipeline.timeout_s with one line
+    naming itself and what it waited for, not a torch.distributed traceback."""
+    config = write_config(workspace, f"alone-{rank}", timeout_s=3)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "launcher", str(config), "--no-live"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env=env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2",
+                                                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: rank {rank}: could not join the other 1 rank(s) within 3s ("), proc.stderr
+    assert time.monotonic() - start < 3 + 30

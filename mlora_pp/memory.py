@@ -132,13 +132,16 @@ def cut_message(job: str, rows: int, configured: int) -> str:
 
 def predicted_peak(model: MemoryModel, schedule: Schedule, stage: int) -> float:
     """The model's peak over this stage's actions, in order: running jobs (first forward to last
-    optimizer step here) and the micro-batches in flight after each action."""
+    optimizer step here; from the start for a job under way before the plan, whose state exists
+    already) and the micro-batches in flight after each action."""
     by_id = {mb.id: mb for mb in schedule.micro_batches}
     last = {}
+    running: set[str] = set()
     for mb in schedule.micro_batches:
         for p in mb.parts:
+            if p.job not in last and (p.step > 0 or p.micro > 0):  # its first part: steps are absolute
+                running.add(p.job)
             last[p.job] = max(last.get(p.job, -1), p.step)
-    running: set[str] = set()
     in_flight: dict[int, float] = {}
     peak = float(model.static)
     for action in schedule.stages[stage]:

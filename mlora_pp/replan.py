@@ -98,12 +98,12 @@ class Replanner:
         if self.rank != 0:
             assert self.channel is not None
             return self.channel.await_decision(point)
-        change = self._take_requests()
+        change = self._take_requests(point)
         if self.channel is not None:
             self.channel.announce(point, change)
         return change
 
-    def _take_requests(self) -> Change | None:
+    def _take_requests(self, point: int) -> Change | None:
         assert self.control is not None
         submit: list[dict] = []
         cancel: list[str] = []
@@ -116,7 +116,7 @@ class Replanner:
                     job = load_job(checked.jobs[-1], self.tokenizer, checked.seed)
                     with_job = self._models_with(checked.jobs[-1], models)
                     cut = self._fit_alone(job, with_job)
-                    self._others_still_fit(job.name, with_job, cancel, [self._loaded[n] for n in accepted])
+                    self._others_still_fit(job.name, with_job, cancel, [self._loaded[n] for n in accepted], point)
                     if cut:
                         print(cut_message(job.name, job.largest_micro_rows(), job.config.micro_batch_size), flush=True)
                     cfg, models, self._loaded[job.name] = checked, with_job, job
@@ -153,21 +153,28 @@ class Replanner:
             for m, layers in zip(models, self.layers_per_stage)]
 
     def _others_still_fit(self, name: str, models: list[MemoryModel] | None, cancelling: list[str],
-                          submitted: list[AdapterJob]) -> None:
-        """Under a budget: every unfinished job, and those `submitted` at this point before it, must
-        still fit alone next to a new job's weights (a running job's micro-batches are not cut
-        mid-run); ConfigError if one does not."""
+                          submitted: list[AdapterJob], point: int) -> None:
+        """Under a budget, next to a new job's weights: every unfinished job, and those `submitted`
+        at this point before it, must still fit alone (a running job's micro-batches are not cut
+        mid-run), and the jobs under way must still fit together (they hold their state, so the next
+        plan runs them all from its start); ConfigError if not."""
         if self.budget is None or models is None:
             return
         policy, fuse, streams = self.cfg.pipeline.schedule, self.cfg.pipeline.fuse, self.cfg.pipeline.streams
-        steps = [j.job_steps() for n, j in self.jobs.items()
-                 if n not in self.cancelled and n not in cancelling and j.steps_done < j.total_steps]
+        steps = [j for j in remaining_steps(self.schedules[-1], point)
+                 if j.name not in self.cancelled and j.name not in cancelling]
         steps += [j.job_steps() for j in submitted]
         fits = admission_check(models, steps, self.budget, self.in_flight, policy, fuse, streams)
         for j in steps:
             if not fits(frozenset({j.name})):
                 raise ConfigError(f"memory: next to job {name!r}'s LoRA weights, job {j.name!r} would no longer "
                                   f"fit pipeline.memory_budget ({human_bytes(self.budget)}) on its own")
+        under_way = frozenset(j.name for j in steps if j.holds_state)
+        if len(under_way) > 1 and not fits(under_way):
+            raise ConfigError(f"memory: next to job {name!r}'s LoRA weights, the jobs under way "
+                              f"({', '.join(sorted(under_way))}) would no longer fit pipeline.memory_budget "
+                              f"({human_bytes(self.budget)}) together; they hold their gradients and optimizer "
+                              "state until they finish")
 
     def _fit_alone(self, job: AdapterJob, models: list[MemoryModel] | None) -> bool:
         """Under a budget: halve `job`'s micro-batches until it fits alone at the run's in-flight

@@ -99,6 +99,12 @@ class JobSteps:
         return len(self.micro_batches)
 
     @property
+    def holds_state(self) -> bool:
+        """Whether the job was under way before this plan (resumed, or continued across a change of
+        plan): its AdamW moments or its partial step's gradients exist on every stage already."""
+        return self.first_step > 0 or self.first_micro > 0
+
+    @property
     def tokens(self) -> int:
         return sum(t for micros in self.micro_batches for _, t in micros)
 
@@ -114,7 +120,8 @@ class Admission:
     their state on every stage at once (None: any set may); a job starts once it fits next to the
     running ones and every job before it in `order` has started (no overtaking, so none starves),
     and it frees its place after its last optimizer step on stage 0 (every other stage has done
-    that step before). With `share` the running jobs share the pipeline evenly (the least advanced
+    that step before). A job under way before the plan (`holding`) keeps its place: priority picks
+    who starts next, it never pre-empts a job that holds its gradients and optimizer state. With `share` the running jobs share the pipeline evenly (the least advanced
     stream injects first: the fewest bubbles); without it the earlier job in `order` injects
     whenever it is ready and the others fill the gaps (earlier jobs finish sooner).
     """
@@ -122,6 +129,9 @@ class Admission:
     order: tuple[str, ...]
     fits: Callable[[frozenset[str]], bool] | None = None
     share: bool = True
+    holding: frozenset[str] = frozenset()
+    """Jobs that hold their state already (`JobSteps.holds_state`): they run from the plan's start
+    whatever `fits` says. Queued, they would keep that memory while the budget check left it out."""
 
     @property
     def default(self) -> bool:
@@ -143,7 +153,7 @@ def admission(jobs: Sequence[JobSteps], policy: str, priority: dict[str, int] | 
     else:
         raise ScheduleError(f"unknown admission policy {policy!r} (one of {', '.join(ADMISSION)})")
     order = tuple(j.name for j in sorted(jobs, key=key))
-    return Admission(order, fits, share=policy == "fifo")
+    return Admission(order, fits, share=policy == "fifo", holding=frozenset(j.name for j in jobs if j.holds_state))
 
 
 @dataclass(frozen=True)
@@ -623,8 +633,15 @@ class _Clock:
         self.running: set[str] = set()
 
     def admit(self, now: float) -> None:
-        """Start queued jobs, in order, while the next one fits next to the running ones."""
+        """Start the jobs that hold their state already, then queued jobs, in order, while the next
+        one fits next to the running ones."""
         fits = self.admission.fits if self.admission is not None else None
+        holding = self.admission.holding if self.admission is not None else frozenset()
+        for name in [n for n in self.queue if n in holding]:
+            self.queue.remove(name)
+            self.running.add(name)
+            done, _ = self.stepped.get(name, (0, 0.0))
+            self.stepped[name] = (done, now)
         while self.queue and (fits is None or fits(frozenset(self.running | {self.queue[0]}))):
             name = self.queue.popleft()
             self.running.add(name)

@@ -302,6 +302,10 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
                   flush=True)
     priority = {c.name: c.priority for c in cfg.jobs}
     order = admission(steps, cfg.pipeline.admission, priority, fits)
+    if fits is not None and len(order.holding) > 1 and not fits(order.holding) and env.rank == 0:
+        print(f"memory: the resumed jobs {', '.join(sorted(order.holding))} are predicted over the budget together; "
+              "they hold their optimizer state, so they run at once anyway (queuing one would not free it)",
+              flush=True)
     schedule = build_schedule(steps, stages, policy, fuse, max_in_flight=in_flight if policy == "lora" else None,
                               admission=order, hide_latency=hide, streams=streams)
     return MemoryPlan(models, budget, in_flight, schedule, streams, profiles, hide)

@@ -5,6 +5,7 @@ against the same run without a budget."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -108,6 +109,40 @@ def test_a_job_that_does_not_fit_alone_is_refused():
         build_schedule(jobs, 2, admission=admission(jobs, "fifo", fits=lambda running: "j1" not in running))
     with pytest.raises(ScheduleError, match="'j1' does not fit on its own"):
         build_schedule(jobs, 2, "1f1b", admission=admission(jobs, "fifo", fits=lambda running: "j1" not in running))
+
+
+@pytest.mark.parametrize("under_way", [{"first_step": 1}, {"first_micro": 1}], ids=["resumed", "mid-step"])
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_a_job_under_way_keeps_its_place_before_a_more_urgent_one(stages, under_way):
+    """Room for one job at a time, a more urgent job arriving: a job under way before the plan
+    (resumed, or mid-step across a change of plan) holds its gradients and AdamW moments whether
+    it runs or not, so it runs first; the urgent job starts once it has finished. A job that has
+    not started yet is overtaken by the urgent one, as before."""
+    steps = tuple(((2, 40),) * 2 for _ in range(3))
+    urgent = JobSteps("urgent", steps)
+    for old, holds in ((JobSteps("old", steps, **under_way), True), (JobSteps("old", steps), False)):
+        jobs = [old, urgent]
+        order = admission(jobs, "priority", {"urgent": 5}, fits=lambda running: len(running) <= 1)
+        assert order.order == ("urgent", "old") and order.holding == ({"old"} if holds else set())
+        schedule = build_schedule(jobs, stages, "lora", admission=order)
+        for stage in range(stages):
+            spans = intervals(schedule, stage)
+            first, second = ("old", "urgent") if holds else ("urgent", "old")
+            assert spans[first][1] <= spans[second][0], (stage, spans)
+
+
+def test_predicted_peak_counts_a_job_under_way_from_the_plan_start():
+    """On one stage with no budget, the urgent job runs first and the resumed one after it: the
+    resumed job's AdamW moments are held while the urgent one runs, so the peak counts both."""
+    one_step = (((2, 40),),)
+    jobs = [JobSteps("resumed", one_step, first_step=4), JobSteps("urgent", one_step)]
+    schedule = build_schedule(jobs, 1, "lora", False, admission=admission(jobs, "priority", {"urgent": 5}))
+    assert [mb.jobs for mb in schedule.micro_batches] == [("urgent",), ("resumed",)]
+    model = MemoryModel(0, static=1000, per_token=10.0, per_token_length=0.0, job={"resumed": 100, "urgent": 30})
+    assert predicted_peak(model, schedule, 0) == 1000 + 100 + 30 + 400
+    fresh = [JobSteps("resumed", one_step), jobs[1]]
+    schedule = build_schedule(fresh, 1, "lora", False, admission=admission(fresh, "priority", {"urgent": 5}))
+    assert predicted_peak(model, schedule, 0) == 1000 + 100 + 400  # not started: counted from its first forward
 
 
 def test_activation_fit_recovers_exact_coefficients_and_stays_non_negative():
@@ -348,6 +383,42 @@ def test_a_submitted_job_is_cut_to_fit_the_budget_or_rejected(workspace, capsys)
     assert outcomes[0] == "accepted"
     assert outcomes[1].startswith("rejected: memory: job 'huge' alone needs about ") and "1-row" in outcomes[1]
     assert outcomes[2].startswith("rejected: memory: next to job 'wide''s LoRA weights, job '"), outcomes[2]
+    memory = next(r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+                  if r.get("event") == "memory")
+    assert memory["predicted_peak_bytes"] <= budget and memory["measured_peak_bytes"] <= budget, memory
+
+
+def test_a_submission_that_would_crowd_the_jobs_under_way_is_rejected(workspace):
+    """Two start-up jobs fit the budget together and are under way when a job is submitted whose
+    LoRA weights would leave them no room together, though each would still fit alone. They hold
+    their gradients and AdamW moments until they finish, so no plan can queue one of them to make
+    room: the submission is rejected, and the run stays within the budget."""
+    start = [dict(job, max_seq_len=64, data=str(workspace[2][job["name"]])) for job in BIG_JOBS[:2]]
+    names = {job["name"] for job in start}
+    wide = dict(start[0], name="wide")
+    free = parse_config(make_raw(workspace, BIG_JOBS[:2], "crowd-free", schedule="lora", fuse=False), "test.yaml")
+    train(free, progress=False)
+    records = [json.loads(line) for line in (free.output_dir / "metrics.jsonl").read_text().splitlines()]
+    model = MemoryModel(**next(r for r in records if r.get("event") == "memory")["model"])
+    steps = [j.job_steps() for j in prepare_jobs(free, load_tokenizer(workspace[1])).values()]
+    wide_weights = 4 * lora_params(read_model_config(workspace[1]), 4, wide["rank"], list(wide["target_modules"]))
+
+    def need(running: set[str], extra_static: int = 0) -> float:
+        m = dataclasses.replace(model, static=model.static + extra_static)
+        return m.peak(running, 1, *largest_micro(steps, running, 1, "lora", False))
+
+    budget = int(need(names) + wide_weights / 2)
+    assert need(names, wide_weights) > budget, "together, next to wide's weights, they must not fit"
+    assert all(need({n}, wide_weights) <= budget for n in names), "alone, each must still fit"
+    out = workspace[0] / "crowd-budget"
+    ControlDir(out).request("submit", {"job": wide})
+    cfg = parse_config(make_raw(workspace, BIG_JOBS[:2], "crowd-budget", schedule="lora", fuse=False,
+                                memory_budget=budget), "test.yaml")
+    result = train(cfg, progress=False)
+    assert result.steps == {"alpha": 3, "beta": 2}
+    (outcome,) = [json.loads(p.read_text())["outcome"] for p in sorted((out / "control" / "done").glob("*.json"))]
+    assert outcome.startswith("rejected: memory: next to job 'wide''s LoRA weights, the jobs under way (alpha, beta) "
+                              "would no longer fit pipeline.memory_budget"), outcome
     memory = next(r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
                   if r.get("event") == "memory")
     assert memory["predicted_peak_bytes"] <= budget and memory["measured_peak_bytes"] <= budget, memory

@@ -2,7 +2,8 @@
 
 Bad input ends with one line naming the file and field, exit code 2, no traceback (``--debug``
 shows it). A lost rank or a failed write (disk full, read-only) ends with one line and exit code 1.
-A run in which some jobs failed (non-finite) finishes the others and exits 3 from rank 0.
+A run in which some jobs failed (non-finite) finishes the others and exits 3 from rank 0; Ctrl-C
+ends each rank with one line and exit code 130.
 Jobs resume from their checkpoints in output_dir; ``--fresh`` deletes those and starts over.
 ``python -m launcher status OUTPUT_DIR [--watch SECONDS | --json]`` shows a run's jobs (mlora_pp.status);
 ``python -m launcher submit OUTPUT_DIR JOB.yaml`` and ``cancel OUTPUT_DIR NAME`` change a running run
@@ -30,6 +31,15 @@ EXIT_BAD_INPUT = 2
 EXIT_PIPELINE_FAILED = 1
 EXIT_JOBS_FAILED = 3
 """The run finished, but some jobs failed (their outputs are their last good checkpoints)."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT), the shell's convention: 128 + the signal's number."""
+
+
+def report(line: str) -> None:
+    """One line to stderr in one write: the ranks share torchrun's stderr, and print() writes the text
+    and its newline apart (stderr writes through), so two ranks' lines could run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,18 +87,26 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError) as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        report(f"error: {exc}")
         return EXIT_BAD_INPUT
     except (PipelineError, CheckpointError) as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        report(f"error: {exc}")
         return EXIT_PIPELINE_FAILED
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        # Nothing is lost beyond the steps since the newest checkpoint: every file is written aside and
+        # renamed, and a checkpoint counts once its manifest names every stage's part.
+        report(f"error: rank {os.environ.get('RANK', '0')}: interrupted (Ctrl-C); running this config again "
+               "resumes every job from its newest checkpoint")
+        return EXIT_INTERRUPTED
     except OSError as exc:  # a write outside the checkpoints (metrics, trace) on a full or read-only disk
         if args.debug:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: rank {os.environ.get('RANK', '0')}: {where}{exc.strerror or exc}", file=sys.stderr, flush=True)
+        report(f"error: rank {os.environ.get('RANK', '0')}: {where}{exc.strerror or exc}")
         return EXIT_PIPELINE_FAILED
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports for the run

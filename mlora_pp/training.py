@@ -13,6 +13,7 @@ its output is its last good checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -608,6 +609,15 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
                 for job, (good_steps, reason) in failures.items():
                     fail(job, good_steps, reason)
             manifests.drain(cfg.pipeline.timeout_s)  # every part was written before the gather
+    except BaseException:
+        # Stopped early (Ctrl-C, SIGTERM, a lost rank): this rank's queued parts go to disk, and rank 0
+        # writes the manifest of every checkpoint whose parts are all there, so the next run resumes
+        # from the newest step it can. Best effort: the error on its way out is what gets reported.
+        with contextlib.suppress(Exception):
+            parts.close()
+            if manifests is not None:
+                manifests.poll()
+        raise
     finally:
         parts.close()
         if board is not None:

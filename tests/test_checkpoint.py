@@ -178,6 +178,30 @@ def test_resume_after_a_stop_between_actions_is_exact(workspace, reference, monk
         assert sorted(r["step"] for r in records if r.get("job") == name and "loss" in r) == list(range(1, steps + 1))
 
 
+def test_a_run_stopped_early_completes_the_checkpoints_whose_parts_it_queued(workspace, monkeypatch):
+    """Stopped (as by Ctrl-C) right after gamma's second optimizer step, while its part is still being
+    written behind training: the way out finishes the write and rank 0 writes its manifest, so the
+    next run resumes gamma from step 2, not step 1."""
+    cfg = config(workspace, "stop-queued")
+    jobs = prepare_jobs(cfg, load_tokenizer(workspace[1]))
+    actions = build_schedule([j.job_steps() for j in jobs.values()], 1, "lora", True).stages[0]
+    index = next(i for i, a in enumerate(actions) if a.kind == "S" and a.job == "gamma" and a.step == 1)
+    slow = checkpoint_module.write_part
+
+    def write_part(directory, *args, **kwargs):
+        if directory.name == "step-2" and directory.parent.name == "gamma":
+            time.sleep(0.5)  # still writing when the stop comes
+        return slow(directory, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "write_part", write_part)
+    stop_after_actions(monkeypatch, index + 1)
+    with pytest.raises(Stop):
+        train(cfg, progress=False)
+    monkeypatch.undo()
+    assert_checkpoints_complete(cfg.output_dir)
+    assert newest_checkpoint(cfg.output_dir, "gamma")[0].step == 2
+
+
 @pytest.mark.parametrize("file", ["stage-0.safetensors", "stage-0.json", MANIFEST])
 def test_resume_after_a_stop_inside_a_checkpoint_write_is_exact(workspace, reference, monkeypatch, file):
     """Stopped between the temporary file and its rename: no file under the final name, no manifest

@@ -105,3 +105,40 @@ def test_sigterm_ends_a_single_rank_run_with_one_line(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == "error: rank 0: stopped by SIGTERM"
+
+
+def test_ctrl_c_ends_a_run_with_one_line_and_the_next_run_resumes(tmp_path):
+    """SIGINT (Ctrl-C) mid-run: one line, exit code 130, no traceback; run again, every job resumes
+    from its newest checkpoint (one after every step here) and finishes."""
+    import signal
+    import time
+
+    config = small_demo_config(tmp_path, steps=40)
+    raw = yaml.safe_load(config.read_text())
+    raw["log_every"] = 1
+    for job in raw["jobs"]:
+        job["save_every"] = 1
+    config.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", str(config), "--no-live"], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until every job has logged a step
+        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        logged = {r["job"] for r in records if "event" not in r}
+        if {job["name"] for job in raw["jobs"]} <= logged:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("error: rank 0: interrupted (Ctrl-C); running this config again resumes "
+                                            "every job from its newest checkpoint")
+    rerun = run(["-m", "launcher", str(config), "--no-live"], cwd=ROOT)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = [json.loads(line) for line in metrics.read_text().splitlines() if '"resumed"' in line]
+    assert {r["job"] for r in resumed} == {job["name"] for job in raw["jobs"]}, resumed
+    assert all(0 < r["step"] < 40 for r in resumed), resumed
+    for job in raw["jobs"]:
+        assert (tmp_path / "out" / job["name"] / "adapter_model.safetensors").is_file()

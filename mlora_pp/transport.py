@@ -163,6 +163,8 @@ class StageTransport:
         # one per group: a Gloo header send that never reports completion must not hold up NCCL's
         self._header_sends = PendingSends(rank, timeout_s, poll=_completion_polls(header_group))
         self._tensor_sends = PendingSends(rank, timeout_s, poll=_completion_polls(group))
+        self._stream_ordered = _completion_polls(group)
+        """NCCL tensors: a receive's wait orders the compute stream after it, without blocking the host."""
         self._posted: dict[tuple[int, int, int], tuple[Any, torch.Tensor, Any, torch.Tensor]] = {}
         self.waited_s = 0.0
         """Total time spent blocked on peers (not computing)."""
@@ -176,10 +178,18 @@ class StageTransport:
         except RuntimeError as exc:
             raise PipelineError(f"rank {self.rank}: lost rank {peer} while {what} ({exc})") from None
 
-    def _wait(self, work: Any, peer: int, what: str) -> None:
+    def _wait(self, work: Any, peer: int, what: str, host: bool = True) -> None:
+        """Wait for a receive; `host=False` (NCCL) only orders the current stream after it.
+
+        NCCL's wait with a timeout blocks the host until the transfer has completed on the device,
+        so the host could not queue the next kernels while the GPU worked through the ones before
+        it. Without one, a peer that stopped answering is still found in time: its header (on the
+        CPU group, waited with the timeout) comes first, and NCCL's watchdog ends a transfer that
+        outlives the process group's timeout (`pipeline.timeout_s`).
+        """
         start = time.perf_counter()
         try:
-            ok = work.wait(self.timeout)
+            ok = work.wait(self.timeout) if host else work.wait()
         except RuntimeError as exc:
             text = str(exc).lower()
             if "timeout" in text or "timed out" in text:
@@ -230,7 +240,7 @@ class StageTransport:
                 f"rank {self.rank}: expected {what} {tuple(shape)} from rank {peer}, got "
                 f"{describe(header.kind, header.micro_batch)} {header.shape}: the ranks run different schedules"
             )
-        self._wait(tensor_work, peer, f"{what} from rank {peer}")
+        self._wait(tensor_work, peer, f"{what} from rank {peer}", host=not self._stream_ordered)
         return out
 
     def pending_sends(self) -> int:

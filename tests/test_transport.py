@@ -118,3 +118,39 @@ def test_a_send_nobody_takes_fails_flush_naming_the_ranks():
     out = _two_ranks("never")[0]
     assert "error rank 0: timed out after 2s sending the activation of micro-batch 0 to rank 1" in out, out
     assert "(rank 1 did not take it)" in out, out
+
+
+def test_nccl_tensor_receives_do_not_block_the_host(monkeypatch):
+    """On NCCL a tensor's wait with a timeout blocks the host until the transfer is done on the
+    device; without one it only orders the compute stream after it. So the header (CPU group) is
+    waited with the timeout, and on NCCL the tensor without; on Gloo both with. (Wiring only: the
+    GPU effect needs two GPUs to see.)"""
+    import datetime
+
+    import torch
+
+    import mlora_pp.transport as transport
+    from mlora_pp.transport import ACTIVATION, Header, StageTransport
+
+    for backend, tensor_wait in (("nccl", ()), ("gloo", (datetime.timedelta(seconds=5),))):
+        waits = []
+
+        class Work:
+            def __init__(self, arrive):
+                self.arrive = arrive
+
+            def wait(self, *timeout):
+                waits.append(timeout)
+                self.arrive()
+                return True
+
+        def irecv(tensor, peer, group=None):
+            if group == "cpu":  # the header
+                return Work(lambda: tensor.copy_(Header(ACTIVATION, 3, (2, 4), torch.float32).encode()))
+            return Work(lambda: tensor.fill_(1.0))
+
+        monkeypatch.setattr(transport.dist, "irecv", irecv)
+        monkeypatch.setattr(transport, "_completion_polls", lambda group: group == "nccl")
+        stage = StageTransport(1, 5.0, torch.device("cpu"), group=backend, header_group="cpu")
+        assert torch.equal(stage.recv(0, ACTIVATION, 3, (2, 4), torch.float32), torch.ones(2, 4))
+        assert waits == [(datetime.timedelta(seconds=5),), tensor_wait], backend

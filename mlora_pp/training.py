@@ -42,13 +42,16 @@ from mlora_pp.metrics import MetricsLog, ProgressBoard
 from mlora_pp.model import StageModel, StageSpec, build_stage
 from mlora_pp.partition import stage_specs
 from mlora_pp.peft_format import AdapterSpec, save_adapter
-from mlora_pp.preflight import agree, check_inputs, first_line, load_tokenizer, source  # noqa: F401 (load_tokenizer re-exported)
+from mlora_pp.preflight import (  # noqa: F401 (load_tokenizer re-exported)
+    agree, check_inputs, check_output_dir, first_line, load_tokenizer, source,
+)
 from mlora_pp.profiling import (
     FusionProfile, ProfiledPlan, compare, describe, describe_fusion, fusion_cost, fusion_pair, measure, measure_fusion,
     profile_stages,
 )
 from mlora_pp.records import RecordInbox, RecordSender
 from mlora_pp.replan import Replanner
+from mlora_pp.run_lock import RunLock
 from mlora_pp.runtime import StageWorker, StepRecord, TraceEvent
 from mlora_pp.schedule import Schedule, admission, build_schedule, choose_streams, min_streams
 from mlora_pp.transport import PipelineError, StageTransport
@@ -330,9 +333,18 @@ def train(cfg: RunConfig, *, progress: bool | None = None, fresh: bool = False) 
             raise PipelineError(f"rank {env.rank}: could not join the other {env.world - 1} rank(s) within "
                                 f"{cfg.pipeline.timeout_s:g}s ({first_line(exc)})") from None
         started_group = True
+    lock = RunLock(cfg.output_dir)
+
+    def lock_output_dir() -> None:  # rank 0 writes results; a second run on them is refused everywhere
+        if env.rank == 0:
+            check_output_dir(cfg)  # a writable directory, where the lock lives
+            lock.acquire(source(cfg))
+
     try:
+        agree(env.rank, env.world, lock_output_dir)
         return _train(cfg, env, device, progress, fresh)
     finally:
+        lock.release()
         if started_group:
             dist.destroy_process_group()
 

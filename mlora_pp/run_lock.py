@@ -15,12 +15,14 @@ import fcntl
 import json
 import os
 import socket
+import time
 import warnings
 from pathlib import Path
 
 from mlora_pp.config import ConfigError
 
 LOCK_NAME = ".lock"
+_RETRY_S = 1.0
 
 
 class RunLock:
@@ -34,8 +36,16 @@ class RunLock:
         """Take the lock, or raise ConfigError naming the run that holds it; `where` prefixes the
         message (the config file). The directory must exist."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + _RETRY_S
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            while True:  # `holder` (launcher status) takes a shared lock for an instant: retry past it
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.05)
         except BlockingIOError:
             holder = _describe(_read(fd))
             os.close(fd)
@@ -59,6 +69,28 @@ class RunLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+
+def holder(output_dir: Path) -> dict | None:
+    """Who holds `output_dir`'s lock now (their record; {} where it cannot be read or locks do not
+    work there), or None when no run does. Takes a shared lock for an instant to find out."""
+    try:
+        fd = os.open(Path(output_dir) / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {}
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        found = _read(fd)
+        os.close(fd)
+        return found
+    except OSError:
+        os.close(fd)
+        return {}
+    os.close(fd)  # releases the shared lock
+    return None
 
 
 def _read(fd: int) -> dict:

@@ -4,7 +4,9 @@
 and ETA; ``--watch SECONDS`` refreshes it in place until the run is done, ``--json`` prints it for
 scripts. The file is append-only and a resumed run appends to it: the latest ``run`` line starts the
 current run, whose records alone give the speeds, while steps and losses carry over. Unknown events
-and unreadable lines (a line cut short by a crash) are skipped.
+and unreadable lines (a line cut short by a crash) are skipped. A run without its ``done`` line is
+"running" while its rank 0 holds the output_dir's lock (`mlora_pp.run_lock`) and "stopped" once no
+process does (killed, interrupted, a lost rank): running its config again resumes it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mlora_pp.run_lock import LOCK_NAME
+from mlora_pp.run_lock import holder as lock_holder
 
 METRICS_FILE = "metrics.jsonl"
 EXIT_OK = 0
@@ -42,7 +47,8 @@ class JobStatus:
 
 @dataclass
 class RunStatus:
-    """A run: `state` is "running" (no done line after the latest run line) or "finished"."""
+    """A run: `state` is "finished" (a done line after the latest run line), "running", or "stopped"
+    (no done line, and no process holds the output_dir's lock: the run ended without finishing)."""
 
     output_dir: str
     state: str = "running"
@@ -61,6 +67,11 @@ class RunStatus:
     @property
     def finished(self) -> bool:
         return self.state == "finished"
+
+    @property
+    def over(self) -> bool:
+        """Nothing more will be written: finished, or stopped."""
+        return self.state in ("finished", "stopped")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,21 +212,24 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
 
     if done:
         status.state, status.finished_s = "finished", done_at
-    elif status.last_record_s is not None and wall_clock is not None:
-        status.last_record_ago_s = max(0.0, now - (wall_clock + status.last_record_s))
-    elif status.last_record_s is not None:
-        status.last_record_ago_s = max(0.0, now - path.stat().st_mtime)  # no wall clock: the file's age
+    else:
+        if status.last_record_s is not None and wall_clock is not None:
+            status.last_record_ago_s = max(0.0, now - (wall_clock + status.last_record_s))
+        elif status.last_record_s is not None:
+            status.last_record_ago_s = max(0.0, now - path.stat().st_mtime)  # no wall clock: the file's age
+        if (output_dir / LOCK_NAME).exists() and lock_holder(output_dir) is None:  # runs that lock, only
+            status.state = "stopped"
 
     names = list(run_jobs or [])
     current = set(names)
     # Jobs heard of in the current run but missing from its run line; all jobs when there is none.
     names += [n for n, j in jobs.items() if n not in current and (run_jobs is None or j.steps_times or j.ended
                                                                    or j.admitted is not None)]
-    status.jobs = [_job_status(jobs[n], status.finished) for n in names]
+    status.jobs = [_job_status(jobs[n], status.finished, status.state == "stopped") for n in names]
     return status
 
 
-def _job_status(job: _Job, run_finished: bool) -> JobStatus:
+def _job_status(job: _Job, run_finished: bool, run_stopped: bool = False) -> JobStatus:
     tokens_per_s, per_step = _speed(job)
     if job.ended is not None:
         state = job.ended
@@ -227,6 +241,8 @@ def _job_status(job: _Job, run_finished: bool) -> JobStatus:
         state = "queued"
     if run_finished and state in ("running", "queued") and job.total is None:
         state = "done"  # a run that ended normally finished every job it did not fail or cancel
+    if run_stopped and state in ("running", "queued"):
+        state = "stopped"
     eta = None
     if state == "running" and job.total is not None and per_step is not None:
         eta = per_step * max(job.total - job.step, 0)
@@ -242,9 +258,12 @@ def _duration(seconds: float | None) -> str:
 
 
 def headline(status: RunStatus) -> str:
-    """The run state line: "finished in X s" or "running (last record N s ago)"."""
+    """The run state line: "finished in X s", "running (last record N s ago)" or "stopped ..."."""
     if status.finished:
         return "finished" if status.finished_s is None else f"finished in {status.finished_s:.1f} s"
+    if status.state == "stopped":
+        ago = "" if status.last_record_ago_s is None else f", last record {status.last_record_ago_s:.0f} s ago"
+        return f"stopped without finishing{ago}: run its config again to resume"
     if status.last_record_ago_s is None:
         return "running (no records yet)"
     return f"running (last record {status.last_record_ago_s:.0f} s ago)"
@@ -279,7 +298,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("output_dir", type=Path, help="the run's output_dir (holds metrics.jsonl)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--watch", type=float, metavar="SECONDS",
-                      help="refresh every SECONDS until the run is done (Ctrl-C stops)")
+                      help="refresh every SECONDS until the run has finished or stopped (Ctrl-C stops)")
     mode.add_argument("--json", action="store_true", help="print the status as JSON")
     args = parser.parse_args(argv)
     if args.watch is not None and args.watch <= 0:
@@ -306,7 +325,7 @@ def _watch(output_dir: Path, status: RunStatus, every: float, console) -> int:
 
     try:
         with Live(render(status), console=console, auto_refresh=False) as live:
-            while not status.finished:
+            while not status.over:
                 time.sleep(every)
                 status = read_status(output_dir)
                 live.update(render(status), refresh=True)

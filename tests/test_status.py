@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 import launcher.__main__ as launcher
-from mlora_pp.status import read_status, render
+from mlora_pp.status import headline, read_status, render
 
 WALL = 1_764_000_000.0
 
@@ -81,6 +81,37 @@ def test_every_job_state_in_a_running_run(tmp_path):
     for column in ("job", "step", "loss", "tokens/s", "ETA", "state"):
         assert column in text
     assert "3/10" in text and "0/4" in text and "queued" in text and "non-finite gradients" in text
+
+
+def test_a_run_without_its_done_line_is_running_while_locked_and_stopped_after(tmp_path, capsys):
+    """No done line: "running" while a process holds the output_dir's lock (as rank 0 does for the
+    whole run), "stopped" once none does (killed, interrupted); a run from before the lock (no lock
+    file) stays "running", as nothing tells otherwise. `--watch` returns at once on a stopped run."""
+    from mlora_pp.run_lock import RunLock
+
+    out = write_metrics(tmp_path / "run", [
+        run_line({"a": 4, "b": 2}),
+        {"event": "admitted", "job": "a", "time": 0.5}, {"event": "admitted", "job": "b", "time": 0.5},
+        step("a", 1, 1.0), step("b", 1, 1.0), step("b", 2, 2.0),
+    ])
+    assert read_status(out, now=WALL + 10.0).state == "running"  # no lock file
+    lock = RunLock(out)
+    lock.acquire("test")
+    try:
+        status = read_status(out, now=WALL + 10.0)
+        assert status.state == "running" and not status.over
+        assert {j.name: j.state for j in status.jobs} == {"a": "running", "b": "done"}
+    finally:
+        lock.release()
+    status = read_status(out, now=WALL + 10.0)
+    assert status.state == "stopped" and status.over and not status.finished
+    assert {j.name: j.state for j in status.jobs} == {"a": "stopped", "b": "done"}
+    assert all(j.eta_s is None for j in status.jobs)
+    assert headline(status) == "stopped without finishing, last record 8 s ago: run its config again to resume"
+    assert "stopped without finishing" in table_text(status)
+    assert launcher.main(["status", str(out), "--watch", "0.01"]) == 0  # returns: nothing more will come
+    assert launcher.main(["status", str(out), "--json"]) == 0
+    capsys.readouterr()
 
 
 def test_finished_run(tmp_path):

@@ -617,6 +617,33 @@ def check_writable(cfg: RunConfig, rank: int, source: str) -> None:
         ) from None
 
 
+def write_share_marker(cfg: RunConfig, rank: int, token: str) -> Path:
+    """This rank's marker under output_dir/checkpoints, holding `token` (host, pid, path), for
+    `unseen_markers`; the caller removes it."""
+    marker = Path(cfg.output_dir) / CHECKPOINTS / f".shared-test-rank{rank}"
+    marker.write_text(token)
+    return marker
+
+
+def unseen_markers(cfg: RunConfig, tokens: list[str], wait_s: float = 5.0) -> list[int]:
+    """The ranks whose marker (with their own token) rank 0 does not see in its output_dir within
+    `wait_s`: they write their parts somewhere rank 0, which writes the manifests, cannot read."""
+    directory = Path(cfg.output_dir) / CHECKPOINTS
+    deadline = time.monotonic() + wait_s
+
+    def seen(rank: int) -> bool:
+        try:
+            return (directory / f".shared-test-rank{rank}").read_text() == tokens[rank]
+        except OSError:
+            return False
+
+    while True:
+        unseen = [r for r in range(1, len(tokens)) if not seen(r)]
+        if not unseen or time.monotonic() >= deadline:
+            return unseen
+        time.sleep(0.2)
+
+
 def check_space(cfg: RunConfig, stage: StageModel, jobs: dict[str, AdapterJob], rank: int, source: str) -> None:
     """Refuse to start when the disk cannot hold this stage's checkpoints (keep_last + 1 of each job,
     the most that exist at once); the final adapters are small next to them."""

@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import json
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,8 @@ import torch.distributed as dist
 
 from mlora_pp.checkpoint import (
     CheckpointError, ManifestWriter, PartWriter, ResumePlan, ResumePoint, StageSaver, check_space, check_writable,
-    checkpoint_weights, clear_stale, newest_checkpoint, plan_resume, restore, write_file,
+    checkpoint_weights, clear_stale, newest_checkpoint, plan_resume, restore, unseen_markers, write_file,
+    write_share_marker,
 )
 from mlora_pp.config import ConfigError, RunConfig, parse_config
 from mlora_pp.control import CONTROL, ControlDir, PlanChannel, config_mapping
@@ -390,6 +392,37 @@ def _share_resume_points(plan: ResumePlan | None, env: DistEnv) -> dict[str, Res
     return box[0]
 
 
+def _check_shared_output_dir(cfg: RunConfig, env: DistEnv, where: str) -> None:
+    """Every rank writes its checkpoint parts and rank 0 their manifests, so all ranks must see one
+    output_dir. Found out here, not at the first checkpoint's manifest or the end of the run: each
+    rank leaves a marker and rank 0 looks for them (ConfigError on every rank if one is missing)."""
+    if env.world == 1:
+        return
+    token = f"{socket.gethostname()} pid {os.getpid()}: {Path(cfg.output_dir).resolve()}"
+    marker = write_share_marker(cfg, env.rank, token)
+    try:
+        tokens: list[Any] = [None] * env.world
+        try:
+            dist.all_gather_object(tokens, token)
+        except RuntimeError as exc:
+            raise PipelineError(f"rank {env.rank}: lost a rank while checking the output_dir ({exc})") from None
+
+        def rank0_sees_every_marker() -> None:
+            if env.rank != 0:
+                return
+            unseen = unseen_markers(cfg, tokens)
+            if unseen:
+                r = unseen[0]
+                raise ConfigError(
+                    f"{where}: output_dir: rank 0 does not see rank {r}'s files in {Path(cfg.output_dir).resolve()} "
+                    f"(rank {r} is {tokens[r]}): every rank must see the same output_dir, on one machine or a "
+                    "filesystem shared between the machines")
+
+        agree(env.rank, env.world, rank0_sees_every_marker)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
 def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | None, fresh: bool) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model_dir = Path(cfg.model.path)
@@ -410,6 +443,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         assert plan is not None
         clear_stale(cfg, plan, fresh)  # before any rank can write a part
     points = _share_resume_points(plan, env)
+    _check_shared_output_dir(cfg, env, where)
     for name, point in points.items():
         jobs[name].steps_done = point.step
     schedule = build_schedule([j.job_steps() for j in jobs.values() if j.name not in cancelled], env.world,

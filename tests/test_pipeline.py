@@ -181,3 +181,32 @@ def test_a_rank_whose_peers_never_come_ends_within_the_timeout(workspace, rank):
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith(f"error: rank {rank}: could not join the other 1 rank(s) within 3s ("), proc.stderr
     assert time.monotonic() - start < 3 + 30
+
+
+def test_an_output_dir_not_shared_by_the_ranks_is_refused_at_start(workspace, tmp_path):
+    """Two agents ('nodes') started in different directories with a relative output_dir: each rank
+    writes to its own copy, so rank 0 would never see rank 1's parts (it used to find out only when
+    waiting for the first manifest's parts, or at the end). Now every rank ends at start-up with the
+    same line naming both places, exit code 2, before any weight is read."""
+    raw = make_raw(workspace, JOBS, "unused", schedule="lora", timeout_s=30)
+    raw["output_dir"] = "out"  # relative: resolved against each agent's directory
+    config = workspace[0] / "not-shared.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    homes = [tmp_path / "node0", tmp_path / "node1"]
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "mlora-not-shared",
+           "-m", "launcher", str(config), "--no-live"]
+    agents = []
+    for home in homes:
+        home.mkdir()
+        agents.append(subprocess.Popen(cmd, cwd=home, env=env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True))
+    outputs = [a.communicate(timeout=300)[0] for a in agents]
+    lines = [[l for l in out.splitlines() if l.startswith("error:")] for out in outputs]
+    assert all(len(found) == 1 for found in lines) and lines[0] == lines[1], "\n".join(o[-3000:] for o in outputs)
+    assert f"output_dir: rank 0 does not see rank 1's files in {homes[0] / 'out'} (rank 1 is " in lines[0][0]
+    assert f"{homes[1] / 'out'}): every rank must see the same output_dir" in lines[0][0]
+    assert all(a.returncode != 0 for a in agents)
+    for home in homes:  # markers removed; no checkpoint written
+        assert [p.name for p in (home / "out" / "checkpoints").iterdir()] == []

@@ -3,7 +3,8 @@
 Bad input ends with one line naming the file and field, exit code 2, no traceback (``--debug``
 shows it). A lost rank or a failed write (disk full, read-only) ends with one line and exit code 1.
 A run in which some jobs failed (non-finite) finishes the others and exits 3 from rank 0; Ctrl-C
-ends each rank with one line and exit code 130.
+ends each rank with one line and exit code 130. SIGTERM while training (a scheduler pre-empting the
+run) stops it at the next decision point with every unfinished job checkpointed, exit code 143.
 Jobs resume from their checkpoints in output_dir; ``--fresh`` deletes those and starts over.
 ``python -m launcher status OUTPUT_DIR [--watch SECONDS | --json]`` shows a run's jobs (mlora_pp.status);
 ``python -m launcher submit OUTPUT_DIR JOB.yaml`` and ``cancel OUTPUT_DIR NAME`` change a running run
@@ -12,15 +13,18 @@ Jobs resume from their checkpoints in output_dir; ``--fresh`` deletes those and 
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import os
 import signal
 import sys
+import threading
 
 # MKL's own memory manager keeps every GEMM buffer it has used: 21-26 MiB of heap per rank on the
 # benchmark's model, for no speed we could measure. MKL reads this once, as torch loads it.
 os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
 
+from mlora_pp import stopping
 from mlora_pp.checkpoint import CheckpointError
 from mlora_pp.config import ConfigError, load_config
 from mlora_pp.data import DataError
@@ -33,6 +37,8 @@ EXIT_JOBS_FAILED = 3
 """The run finished, but some jobs failed (their outputs are their last good checkpoints)."""
 EXIT_INTERRUPTED = 130
 """Ctrl-C (SIGINT), the shell's convention: 128 + the signal's number."""
+EXIT_STOPPED = 143
+"""Stopped by SIGTERM (128 + 15) with every unfinished job checkpointed (`mlora_pp.stopping`)."""
 
 
 def report(line: str) -> None:
@@ -63,6 +69,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def stopped_by_launcher(signum, frame):
         rank = os.environ.get("RANK", "0")
+        if stopping.request():  # training: stop at the next decision point with every job checkpointed
+            timer = threading.Timer(stopping.GRACE_S, _thread.interrupt_main, args=(signal.SIGTERM,))
+            timer.daemon = True  # not done in time: this handler runs again and stops the rank at once
+            timer.start()
+            if rank == "0":
+                report(f"rank 0: SIGTERM: stopping at the next decision point, every unfinished job checkpointed "
+                       f"at its last finished step (at most {stopping.GRACE_S:g} s)")
+            return
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # torchrun sends SIGTERM to every rank once one rank has failed; its own report names that rank.
             raise PipelineError(
@@ -109,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         report(f"error: rank {os.environ.get('RANK', '0')}: {where}{exc.strerror or exc}")
         return EXIT_PIPELINE_FAILED
     if int(os.environ.get("RANK", "0")) != 0:
-        return 0  # rank 0 reports for the run
+        return EXIT_STOPPED if result.stopped else 0  # rank 0 reports for the run
     for name, path in result.adapters.items():
         if name in result.cancelled and name not in result.failed:
             print(f"{name}: cancelled after {result.cancelled[name]} steps -> {path}")
@@ -122,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: cancelled before its first step: no adapter written")
     for name in sorted(set(result.failed) - set(result.adapters)):
         print(f"{name}: FAILED ({result.failed[name]}) before its first checkpoint: no adapter written")
+    if result.stopped:
+        for name, steps in result.stopped.items():
+            print(f"{name}: stopped after {steps} of its steps; running this config again resumes it from there")
+        report(f"error: rank 0: stopped by SIGTERM after {result.wall_s:.1f}s; every unfinished job was checkpointed "
+               "at its last finished step: running this config again resumes them")
+        return EXIT_STOPPED
     print(f"done in {result.wall_s:.1f}s" + (f"; {len(result.failed)} job(s) failed" if result.failed else ""))
     return EXIT_JOBS_FAILED if result.failed else 0
 

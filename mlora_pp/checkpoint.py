@@ -346,9 +346,9 @@ class ManifestWriter:
         self.pending[job.name] = deque(s for s in range(job.steps_done + 1, job.total_steps + 1)
                                        if due(job.config, s, job.total_steps))
 
-    def cancel(self, job: str, steps_done: int, saved: bool) -> None:
-        """`job` was cancelled after `steps_done` steps: no later manifest; `saved`: every stage wrote
-        a part at `steps_done` (the job's last adapter) that needs its manifest."""
+    def stop_at(self, job: str, steps_done: int, saved: bool) -> None:
+        """`job` was cancelled or the run stopped after `steps_done` steps: no later manifest;
+        `saved`: every stage wrote a part at `steps_done` (its last finished step) that needs its manifest."""
         steps = self.pending[job]
         while steps and steps[-1] > steps_done:
             steps.pop()

@@ -39,21 +39,24 @@ EXIT_BAD_INPUT = 2
 
 @dataclass(frozen=True)
 class Change:
-    """What rank 0 accepted at one decision point: new jobs (their config mappings) and cancellations."""
+    """What rank 0 decided at one decision point: new jobs (their config mappings), cancellations, a stop."""
 
     submit: tuple[dict, ...] = ()
     cancel: tuple[str, ...] = ()
+    stop: bool = False
+    """A graceful stop (SIGTERM, `mlora_pp.stopping`): every rank checkpoints its unfinished jobs at
+    this point and the run ends."""
 
     def encode(self) -> bytes:
-        return json.dumps({"submit": list(self.submit), "cancel": list(self.cancel)}).encode()
+        return json.dumps({"submit": list(self.submit), "cancel": list(self.cancel), "stop": self.stop}).encode()
 
     @staticmethod
     def decode(data: bytes) -> "Change":
         raw = json.loads(data.decode())
-        return Change(tuple(raw["submit"]), tuple(raw["cancel"]))
+        return Change(tuple(raw["submit"]), tuple(raw["cancel"]), bool(raw.get("stop", False)))
 
     def __bool__(self) -> bool:
-        return bool(self.submit or self.cancel)
+        return bool(self.submit or self.cancel or self.stop)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from mlora_pp import stopping
 from mlora_pp.checkpoint import ManifestWriter, StageSaver, due, resume_fields
 from mlora_pp.config import ConfigError, JobConfig, RunConfig, parse_config
 from mlora_pp.control import PLAN_EVERY, Change, ControlDir, PlanChannel, config_mapping, validate_submission
@@ -81,6 +82,8 @@ class Replanner:
     job_order: list[str] = field(default_factory=list)
     """Job names by record index, shared with the step-record sender and inbox (extended alike)."""
     cancelled: dict[str, int] = field(default_factory=dict)
+    stopped: dict[str, int] = field(default_factory=dict)
+    """Jobs a graceful stop checkpointed: job -> its last finished step."""
     schedules: list[Schedule] = field(default_factory=list)
     """Every plan this rank ran, in order."""
     _loaded: dict[str, AdapterJob] = field(default_factory=dict, repr=False)
@@ -98,7 +101,7 @@ class Replanner:
         if self.rank != 0:
             assert self.channel is not None
             return self.channel.await_decision(point)
-        change = self._take_requests(point)
+        change = Change(stop=True) if stopping.requested() else self._take_requests(point)
         if self.channel is not None:
             self.channel.announce(point, change)
         return change
@@ -208,7 +211,11 @@ class Replanner:
     # ---------------------------------------------------------------------------------- applying
 
     def apply(self, change: Change, schedule: Schedule, point: int) -> Schedule | None:
-        """Apply `change` after the old plan's work below `point`; returns the next plan."""
+        """Apply `change` after the old plan's work below `point`; returns the next plan (None: the
+        run's training ends here)."""
+        if change.stop:
+            self._stop()
+            return None
         for name in change.cancel:
             self._cancel(name)
         new = [self._submit(raw) for raw in change.submit]
@@ -232,6 +239,20 @@ class Replanner:
                               max_in_flight=self.in_flight if policy == "lora" else None, admission=order,
                               hide_latency=self.hide_latency, streams=streams)
 
+    def _stop(self) -> None:
+        """A graceful stop: checkpoint every unfinished job at its last finished step (its weights and
+        AdamW state change only at its optimizer steps, so they are that step's, and every stage has
+        done the same steps below the point), unless a checkpoint of that step exists already."""
+        for name, job in self.jobs.items():
+            if name in self.cancelled or job.steps_done >= job.total_steps or job.failed is not None:
+                continue
+            saved = job.steps_done > 0 and not due(job.config, job.steps_done, job.total_steps)
+            if saved:
+                self.saver.save(job)
+            if self.manifests is not None:
+                self.manifests.stop_at(name, job.steps_done, saved)
+            self.stopped[name] = job.steps_done
+
     def _cancel(self, name: str) -> None:
         job = self.jobs[name]
         if job.optimizer is not None:
@@ -243,7 +264,7 @@ class Replanner:
             self.saver.save(job)
         job.release_state()
         if self.manifests is not None:
-            self.manifests.cancel(name, job.steps_done, saved)
+            self.manifests.stop_at(name, job.steps_done, saved)
         if self.on_change is not None:
             self.on_change("cancelled", {"job": name, "step": job.steps_done})
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mlora_pp import stopping
 from mlora_pp.checkpoint import (
     CheckpointError, ManifestWriter, PartWriter, ResumePlan, ResumePoint, StageSaver, check_space, check_writable,
     checkpoint_weights, clear_stale, newest_checkpoint, plan_resume, restore, unseen_markers, write_file,
@@ -73,6 +74,9 @@ class TrainResult:
     """Jobs resumed from a checkpoint: job -> its step."""
     cancelled: dict[str, int] = field(default_factory=dict)
     """Jobs cancelled (`launcher cancel`): job -> the steps it had finished."""
+    stopped: dict[str, int] = field(default_factory=dict)
+    """A graceful stop (SIGTERM) checkpointed these unfinished jobs: job -> their last finished step.
+    Their adapters are not written; running the config again resumes them."""
 
 
 @dataclass(frozen=True)
@@ -114,8 +118,9 @@ def attach_adapters(stage: StageModel, jobs: dict[str, AdapterJob], seed: int) -
 
 
 def save_adapters(weights: dict[str, dict], cfg: RunConfig, failed: dict[str, tuple[int, str]] | None = None,
-                  cancelled: dict[str, int] | None = None) -> dict[str, Path]:
-    """Write each job's merged adapter (all stages' modules) in PEFT format.
+                  cancelled: dict[str, int] | None = None, stopped: dict[str, int] | None = None) -> dict[str, Path]:
+    """Write each job's merged adapter (all stages' modules) in PEFT format; none for a job a graceful
+    stop left unfinished (`stopped`: it resumes from its checkpoint).
 
     A failed job gets its last complete checkpoint's adapter instead (none if it failed before its
     first checkpoint) and a `failed.json` saying why; a stale `failed.json` of a good job is removed.
@@ -127,6 +132,8 @@ def save_adapters(weights: dict[str, dict], cfg: RunConfig, failed: dict[str, tu
     cancelled = cancelled or {}
     for job in cfg.jobs:
         directory = cfg.output_dir / job.name
+        if job.name in (stopped or {}):
+            continue
         if job.name in cancelled and job.name not in failed:
             note = {"job": job.name, "cancelled_after_steps": cancelled[job.name]}
             write_file(directory / "cancelled.json", (json.dumps(note, indent=2) + "\n").encode(), 0)
@@ -528,7 +535,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         assert plan is not None
         manifests = ManifestWriter(cfg.output_dir, jobs, env.world, plan.fields, cfg.seed)
         for name, step in cancelled.items():
-            manifests.cancel(name, step, saved=False)
+            manifests.stop_at(name, step, saved=False)
         ControlDir(cfg.output_dir).write_config(cfg)
 
     def changed(event: str, fields: dict) -> None:
@@ -620,7 +627,11 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        worker.run()
+        stopping.set_accepting(True)  # from here SIGTERM stops at the next decision point, jobs checkpointed
+        try:
+            worker.run()
+        finally:
+            stopping.set_accepting(False)
         parts.flush()  # every part is on disk before the gather: rank 0 then writes the last manifests
         if replanner.channel is not None and is_rank0:
             replanner.channel.flush()
@@ -670,13 +681,13 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
             board.close()
     steps = {n: failed[n][0] if n in failed else replanner.cancelled.get(n, j.steps_done) for n, j in jobs.items()}
     result = TrainResult({}, steps, final_loss, time.perf_counter() - start, schedule,
-                         resumed={n: p.step for n, p in points.items()})
+                         resumed={n: p.step for n, p in points.items()}, stopped=dict(replanner.stopped))
     if is_rank0:
         merged = {name: {} for name in jobs}
         for slices, *_ in gathered:
             for name, weights in slices.items():
                 merged[name].update(weights)
-        result.adapters = save_adapters(merged, cfg, failed, replanner.cancelled)
+        result.adapters = save_adapters(merged, cfg, failed, replanner.cancelled, replanner.stopped)
         result.cancelled = dict(replanner.cancelled)
         result.failed = {n: reason for n, (_, reason) in failed.items()}
         result.stage_stats = [s for _, _, s, _ in gathered]
@@ -693,7 +704,10 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
             busy = [stats["busy_s"] for stats in result.stage_stats]
             metrics.write(profiled.record(busy))
             print(compare(profiled, busy), flush=True)
-        metrics.write({"event": "done", "time": time.perf_counter() - start})
+        for name, steps_done in replanner.stopped.items():  # no done line: the run did not finish
+            metrics.write({"event": "stopped", "job": name, "step": steps_done, "time": time.perf_counter() - start})
+        if not replanner.stopped:
+            metrics.write({"event": "done", "time": time.perf_counter() - start})
         metrics.close()
         write_trace(cfg.output_dir / "trace.json", [t for _, t, _, _ in gathered])
     return result

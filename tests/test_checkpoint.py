@@ -17,6 +17,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -408,7 +409,7 @@ def test_sigterm_is_ignored_once_a_rank_has_its_outcome(monkeypatch, capsys, out
         in_force.append(signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL))
         if outcome == "failed":
             raise launcher.PipelineError("rank 1: lost rank 0 while waiting for the activation of micro-batch 3")
-        return None  # rank 1 reports nothing
+        return SimpleNamespace(stopped={})  # rank 1 reports nothing
 
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setenv("RANK", "1")
@@ -428,6 +429,56 @@ def test_sigterm_is_ignored_once_a_rank_has_its_outcome(monkeypatch, capsys, out
         assert err.splitlines() == ["error: rank 1: lost rank 0 while waiting for the activation of micro-batch 3"]
     else:
         assert code == 0 and err == ""
+
+
+def test_sigterm_stops_with_every_job_checkpointed_and_the_next_run_resumes_exactly(workspace, reference_two):
+    """SIGTERM to torchrun mid-run, as a scheduler pre-empting it sends: torchrun passes it on, rank 0
+    stops at its next decision point and every rank saves every unfinished job at its last finished
+    step (no checkpoint was due: save_every 100). Exit non-zero with one line, no adapter for the
+    stopped jobs, status "stopped". Run again: each job resumes from that step and ends where an
+    uninterrupted 2-stage run does."""
+    import signal
+    import subprocess
+    import sys
+
+    from test_pipeline import ROOT, env, free_port
+
+    from mlora_pp.status import read_status
+
+    out = "preempted"
+    path = yaml_config(workspace, out, JOBS)
+    jobs = prepare_jobs(config(workspace, out, JOBS), load_tokenizer(workspace[1]))
+    stage0 = build_schedule([j.job_steps() for j in jobs.values()], 2, "lora", True).stages[0]
+    pause = next(i for i, a in enumerate(stage0) if a.kind == "S") + 1  # rank 0 waits 3 s after a first step
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "launcher", str(path), "--no-live"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(MLORA_PP_FAULT=f"0:{pause}:delay"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = workspace[0] / out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and '"admitted"' in metrics.read_text()):
+        time.sleep(0.1)
+    time.sleep(1.0)  # inside rank 0's pause
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0, stderr[-3000:]
+    assert any(l.startswith("error: rank 0: stopped by SIGTERM after ") for l in stderr.splitlines()), stderr[-3000:]
+    assert not re.search(r"^\[rank\d+\]: Traceback", stderr, re.M), stderr[-3000:]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    stopped = {r["job"]: r["step"] for r in records if r.get("event") == "stopped"}
+    assert set(stopped) == set(STEPS) and any(0 < stopped[n] < STEPS[n] for n in STEPS), stopped
+    assert not any(r.get("event") == "done" for r in records)
+    assert read_status(workspace[0] / out).state == "stopped"
+    for name, step in stopped.items():
+        found = newest_checkpoint(workspace[0] / out, name)
+        assert (found[0].step if found else 0) == step, (name, step)
+        assert not (workspace[0] / out / name / "adapter_model.safetensors").exists()
+    assert_checkpoints_complete(workspace[0] / out)
+    again = torchrun(2, path)
+    assert again.returncode == 0, again.stderr[-4000:]
+    resumed = [json.loads(line) for line in metrics.read_text().splitlines() if '"resumed"' in line]
+    assert {r["job"]: r["step"] for r in resumed} == {n: s for n, s in stopped.items() if s > 0}
+    assert_same(workspace[0] / out, reference_two)
 
 
 @pytest.mark.parametrize("rank0_late", [False, True], ids=["free", "rank0-late"])

@@ -90,21 +90,33 @@ def test_output_dir_that_is_a_file_is_one_line_exit_2(tmp_path):
     assert "output_dir:" in proc.stderr and "is not a directory" in proc.stderr
 
 
-def test_sigterm_ends_a_single_rank_run_with_one_line(tmp_path):
+def test_sigterm_stops_a_single_rank_run_with_its_jobs_checkpointed(tmp_path):
+    """SIGTERM while training: the run stops at its next decision point with every unfinished job
+    checkpointed at its last finished step, says so in one line, and exits 143."""
     import signal
     import time
 
     config = small_demo_config(tmp_path, steps=500)
+    raw = yaml.safe_load(config.read_text())
+    raw["log_every"] = 1
+    config.write_text(yaml.safe_dump(raw))
     proc = subprocess.Popen([sys.executable, "-m", "launcher", str(config), "--no-live"], cwd=ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "out" / "metrics.jsonl"
     deadline = time.monotonic() + 120
-    while not (tmp_path / "out" / "metrics.jsonl").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)  # wait until training has started
+    while time.monotonic() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
+        time.sleep(0.2)  # until training has started
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == "error: rank 0: stopped by SIGTERM"
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("error: rank 0: stopped by SIGTERM after ")
+    stopped = {r["job"]: r["step"] for r in map(json.loads, metrics.read_text().splitlines())
+               if r.get("event") == "stopped"}
+    assert set(stopped) == {job["name"] for job in raw["jobs"]} and all(0 < n < 500 for n in stopped.values())
+    for name, steps in stopped.items():
+        assert f"{name}: stopped after {steps} of its steps" in out
+        assert (tmp_path / "out" / "checkpoints" / name / f"step-{steps}" / "manifest.json").is_file()
 
 
 def test_ctrl_c_ends_a_run_with_one_line_and_the_next_run_resumes(tmp_path):

@@ -70,9 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     def stopped_by_launcher(signum, frame):
         rank = os.environ.get("RANK", "0")
         if stopping.request():  # training: stop at the next decision point with every job checkpointed
-            timer = threading.Timer(stopping.GRACE_S, _thread.interrupt_main, args=(signal.SIGTERM,))
-            timer.daemon = True  # not done in time: this handler runs again and stops the rank at once
-            timer.start()
+            # training not over in time: this handler runs again and stops the rank at once
+            stopping.arm(threading.Timer(stopping.GRACE_S, _thread.interrupt_main, args=(signal.SIGTERM,)))
             if rank == "0":
                 report(f"rank 0: SIGTERM: stopping at the next decision point, every unfinished job checkpointed "
                        f"at its last finished step (at most {stopping.GRACE_S:g} s)")

@@ -9,11 +9,14 @@ decides the stop at a decision point (`Change.stop`, every 8 micro-batches) and 
 it at the same micro-batch, as it does a cancellation.
 
 Only while the stages train (`accepting`): during set-up there is nothing to save and SIGTERM ends
-the rank at once, as before. A second SIGTERM, or a stop not done within `GRACE_S` (no decision
-point reached in time, rank 0 gone), also ends the rank at once.
+the rank at once, as before. A second SIGTERM, or training not over within `GRACE_S` (no decision
+point reached in time, rank 0 gone), also ends the rank at once. Once training is over (stopped or
+finished), the run's last writes are left to finish: the deadline (`arm`) is cancelled.
 """
 
 from __future__ import annotations
+
+import threading
 
 GRACE_S = 20.0
 """How long a requested stop may take before the rank stops at once: below the usual 30 s between
@@ -21,14 +24,27 @@ a scheduler's SIGTERM and its SIGKILL."""
 
 _accepting = False
 _requested = False
+_deadline: threading.Timer | None = None
 
 
 def set_accepting(flag: bool) -> None:
-    """Whether a stop request can be honoured now (the stages are training); leaving clears it."""
-    global _accepting, _requested
+    """Whether a stop request can be honoured now (the stages are training); leaving clears the
+    request and cancels its deadline."""
+    global _accepting, _requested, _deadline
     _accepting = flag
     if not flag:
         _requested = False
+        if _deadline is not None:
+            _deadline.cancel()
+            _deadline = None
+
+
+def arm(deadline: threading.Timer) -> None:
+    """Start the requested stop's deadline (what ends the rank if training is not over by then)."""
+    global _deadline
+    _deadline = deadline
+    deadline.daemon = True
+    deadline.start()
 
 
 def request() -> bool:

@@ -431,6 +431,26 @@ def test_sigterm_is_ignored_once_a_rank_has_its_outcome(monkeypatch, capsys, out
         assert code == 0 and err == ""
 
 
+def test_a_stop_request_is_honoured_only_while_training_and_its_deadline_ends_with_training():
+    """SIGTERM during set-up, or a second one, stops the rank at once (request refused); a request
+    while training is kept, and leaving training clears it and cancels its deadline, so the run's
+    last writes are not cut short."""
+    from mlora_pp import stopping
+
+    fired = []
+    stopping.set_accepting(False)
+    assert not stopping.request()
+    stopping.set_accepting(True)
+    try:
+        assert stopping.request() and stopping.requested()
+        assert not stopping.request()
+        stopping.arm(threading.Timer(0.2, fired.append, args=(1,)))
+    finally:
+        stopping.set_accepting(False)
+    time.sleep(0.4)
+    assert fired == [] and not stopping.requested()
+
+
 def test_sigterm_stops_with_every_job_checkpointed_and_the_next_run_resumes_exactly(workspace, reference_two):
     """SIGTERM to torchrun mid-run, as a scheduler pre-empting it sends: torchrun passes it on, rank 0
     stops at its next decision point and every rank saves every unfinished job at its last finished

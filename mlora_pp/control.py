@@ -29,6 +29,8 @@ import yaml
 
 from mlora_pp.config import ConfigError, RunConfig, parse_config
 from mlora_pp.durable import write_atomic
+from mlora_pp.run_lock import LOCK_NAME
+from mlora_pp.run_lock import holder as lock_holder
 from mlora_pp.transport import PendingSends, PipelineError
 
 PLAN_EVERY = 8
@@ -264,8 +266,15 @@ def submit_main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     path = control.request("submit", {"job": job})
-    print(f"submitted {job['name']!r}: the run picks it up within {PLAN_EVERY} micro-batches ({path})")
+    print(f"submitted {job['name']!r}: {_who_acts(output_dir)} picks it up within {PLAN_EVERY} micro-batches ({path})")
     return 0
+
+
+def _who_acts(output_dir: Path) -> str:
+    """The run that will see a request: the live one, or the next one when none holds the lock."""
+    if (output_dir / LOCK_NAME).exists() and lock_holder(output_dir) is None:
+        return "no run is using this output_dir now: the next run of its config"
+    return "the run"
 
 
 def cancel_main(argv: list[str]) -> int:
@@ -287,5 +296,5 @@ def cancel_main(argv: list[str]) -> int:
               file=sys.stderr)
         return EXIT_BAD_INPUT
     path = control.request("cancel", {"name": name})
-    print(f"cancel {name!r} requested: the run stops it within {PLAN_EVERY} micro-batches ({path})")
+    print(f"cancel {name!r} requested: {_who_acts(output_dir)} stops it within {PLAN_EVERY} micro-batches ({path})")
     return 0

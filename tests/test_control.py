@@ -25,6 +25,7 @@ import launcher.__main__ as launcher
 from mlora_pp.checkpoint import CHECKPOINTS, checkpoint_weights, newest_checkpoint, read_checkpoint, step_dirs
 from mlora_pp.config import parse_config
 from mlora_pp.control import PLAN_EVERY, ControlDir
+from mlora_pp.run_lock import RunLock
 from mlora_pp.schedule import JobSteps, build_schedule, cut_actions, remaining_steps
 from mlora_pp.training import train
 
@@ -186,8 +187,15 @@ def test_submit_and_cancel_commands_check_their_input(workspace, capsys, tmp_pat
     assert launcher.main(["cancel", str(out), "nobody"]) == 2
     assert "no job named 'nobody'" in capsys.readouterr().err
     assert launcher.main(["cancel", str(out), "gamma"]) == 0  # a waiting submission can be cancelled too
+    assert "cancel 'gamma' requested: the run stops it" in capsys.readouterr().out  # no lock file: said as before
+    lock = RunLock(out)  # a run held it, and ended: the next run will act on the requests
+    lock.acquire("test")
+    lock.release()
+    job_file.write_text(yaml.safe_dump(dict(job_mapping(workspace, JOBS[2]), name="delta")))
+    assert launcher.main(["submit", str(out), str(job_file)]) == 0
+    assert "no run is using this output_dir now: the next run of its config picks it up" in capsys.readouterr().out
     kinds = [json.loads(p.read_text())["kind"] for p in sorted((out / "control" / "requests").glob("*.json"))]
-    assert kinds == ["submit", "cancel"]
+    assert kinds == ["submit", "cancel", "submit"]
     assert not (out / CHECKPOINTS).exists()
 
 

@@ -66,10 +66,6 @@ class RunLock:
             os.close(self._fd)  # closing the only descriptor releases the flock
             self._fd = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
 
 def holder(output_dir: Path) -> dict | None:
     """Who holds `output_dir`'s lock now (their record; {} where it cannot be read or locks do not

@@ -110,6 +110,11 @@ class JobConfig:
     """Complete checkpoints kept per job; older ones are deleted once a newer one is complete."""
     priority: int = 0
     """With `pipeline.admission: priority`, higher runs first (ties: config order)."""
+    eval_data: Path | None = None
+    """Held-out records (same format and template as `data`): their token-mean loss is reported after
+    every `eval_every` steps and after the last step, without dropout and without a gradient."""
+    eval_every: int | None = None
+    """Evaluate after every this many optimizer steps (null: only after the last); needs `eval_data`."""
 
     @property
     def scale(self) -> float:
@@ -318,6 +323,10 @@ def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> 
             raise err(f"{at}.save_every", f"must be at least 1 or null; got {job.save_every}")
         if job.keep_last < 1:
             raise err(f"{at}.keep_last", f"must be at least 1; got {job.keep_last}")
+        if job.eval_every is not None and job.eval_every < 1:
+            raise err(f"{at}.eval_every", f"must be at least 1 or null; got {job.eval_every}")
+        if job.eval_every is not None and job.eval_data is None:
+            raise err(f"{at}.eval_every", "needs eval_data (the held-out records to evaluate on)")
 
 
 def budget_spec(value: float | str) -> tuple[str, float]:

@@ -390,7 +390,7 @@ class StepPlan:
         return sum(len(mb) for mb in self.micro_batches)
 
 
-def _cut_micro_batches(
+def cut_micro_batches(
     rows: list[int], lengths: Sequence[int], micro_batch_size: int, micro_batch_tokens: int | None
 ) -> tuple[tuple[int, ...], ...]:
     """Cut rows (already in order, longest first when sorted) into micro-batches."""
@@ -457,7 +457,7 @@ def plan_steps(
                 StepPlan(
                     step=len(plans),
                     epoch=epoch,
-                    micro_batches=_cut_micro_batches(rows, lengths, micro_batch_size, micro_batch_tokens),
+                    micro_batches=cut_micro_batches(rows, lengths, micro_batch_size, micro_batch_tokens),
                     loss_tokens=sum(loss_tokens[i] for i in rows),
                 )
             )

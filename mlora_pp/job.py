@@ -15,8 +15,8 @@ import torch
 from torch.autograd.graph import increment_version
 
 from mlora_pp.config import JobConfig
-from mlora_pp.data import Example, StepPlan, load_examples, load_template, plan_steps
-from mlora_pp.schedule import JobSteps
+from mlora_pp.data import DataError, Example, StepPlan, cut_micro_batches, load_examples, load_template, plan_steps
+from mlora_pp.schedule import EvalPoint, JobSteps, MicroBatchPart
 from mlora_pp.seeding import stable_seed
 
 
@@ -57,6 +57,12 @@ class AdapterJob:
     """Why the job stopped (non-finite loss, gradients or weights); None while it is healthy."""
     failed_step: int | None = None
     """Steps done well before it failed: its last good state is the checkpoint at or before this."""
+    eval_examples: list[Example] = field(default_factory=list)
+    """Held-out examples (`JobConfig.eval_data`); empty: the job is not evaluated."""
+    eval_batches: tuple[tuple[int, ...], ...] = ()
+    """`eval_examples` indices per evaluation micro-batch (longest first, cut like a training step)."""
+    eval_sums: dict[int, list] = field(default_factory=dict)
+    """Last stage: evaluation after k steps -> [summed cross-entropy so far, its loss tokens]."""
 
     @property
     def name(self) -> str:
@@ -68,6 +74,20 @@ class AdapterJob:
 
     def rows(self, step: int, micro: int) -> list[Example]:
         return [self.examples[i] for i in self.plans[step].micro_batches[micro]]
+
+    def part_rows(self, part: MicroBatchPart) -> list[Example]:
+        """The examples of one part of a micro-batch: training rows, or held-out rows to evaluate."""
+        if part.eval:
+            return [self.eval_examples[i] for i in self.eval_batches[part.micro]]
+        return self.rows(part.step, part.micro)
+
+    @property
+    def eval_points(self) -> list[int]:
+        """Steps done at which the job is evaluated: every `eval_every` steps and after the last."""
+        if not self.eval_examples:
+            return []
+        every = self.config.eval_every or self.total_steps
+        return sorted(set(range(every, self.total_steps, every)) | {self.total_steps})
 
     def row_offset(self, step: int, micro: int) -> int:
         """Index, within its step, of the first row of micro-batch `micro`."""
@@ -88,7 +108,10 @@ class AdapterJob:
                 longest = max(len(self.examples[i].input_ids) for i in ids)
                 micros.append((len(ids), longest * len(ids)))
             micro_batches.append(tuple(micros))
-        return JobSteps(self.name, tuple(micro_batches), first_step=self.steps_done)
+        evaluation = tuple((len(ids), len(ids) * max(len(self.eval_examples[i].input_ids) for i in ids))
+                           for ids in self.eval_batches)
+        evals = tuple(EvalPoint(k, evaluation) for k in self.eval_points if k > self.steps_done)
+        return JobSteps(self.name, tuple(micro_batches), first_step=self.steps_done, evals=evals)
 
     def halve_micro_batches(self) -> bool:
         """Re-plan with micro-batches of half the rows (or half the token budget); False when they are
@@ -102,6 +125,9 @@ class AdapterJob:
         self.plans = plan_steps(self.examples, batch_size=c.batch_size, micro_batch_size=max(1, rows // 2),
                                 epochs=c.epochs, max_steps=c.max_steps, seed=self.seed, job=c.name,
                                 micro_batch_tokens=max(1, tokens // 2) if tokens is not None else None)
+        if self.eval_examples:
+            self.eval_batches = eval_batches(self.eval_examples, max(1, rows // 2),
+                                             max(1, tokens // 2) if tokens is not None else None)
         return True
 
     def largest_micro_rows(self) -> int:
@@ -188,8 +214,20 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.stack(norms).isfinite().all())
 
 
+def eval_batches(examples: list[Example], micro_batch_size: int, micro_batch_tokens: int | None
+                 ) -> tuple[tuple[int, ...], ...]:
+    """Held-out examples cut into micro-batches like a training step's rows: longest first."""
+    lengths = [len(ex.input_ids) for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: (-lengths[i], i))
+    return cut_micro_batches(order, lengths, micro_batch_size, micro_batch_tokens)
+
+
+class EvalDataError(DataError):
+    """A problem with `JobConfig.eval_data` (reported against that field, not `data`)."""
+
+
 def load_job(config: JobConfig, tokenizer, seed: int, base_dir: Path | None = None) -> AdapterJob:
-    """Read and tokenize a job's data and plan all its steps."""
+    """Read and tokenize a job's data (and held-out data) and plan all its steps."""
     template = load_template(config.template, base_dir)
     examples = load_examples(Path(config.data), template, tokenizer, config.max_seq_len)
     plans = plan_steps(
@@ -202,4 +240,11 @@ def load_job(config: JobConfig, tokenizer, seed: int, base_dir: Path | None = No
         job=config.name,
         micro_batch_tokens=config.micro_batch_tokens,
     )
-    return AdapterJob(config=config, examples=examples, plans=plans, seed=seed)
+    job = AdapterJob(config=config, examples=examples, plans=plans, seed=seed)
+    if config.eval_data is not None:
+        try:
+            job.eval_examples = load_examples(Path(config.eval_data), template, tokenizer, config.max_seq_len)
+        except DataError as exc:
+            raise EvalDataError(str(exc)) from exc
+        job.eval_batches = eval_batches(job.eval_examples, config.micro_batch_size, config.micro_batch_tokens)
+    return job

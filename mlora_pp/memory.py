@@ -139,12 +139,16 @@ def predicted_peak(model: MemoryModel, schedule: Schedule, stage: int) -> float:
     running: set[str] = set()
     for mb in schedule.micro_batches:
         for p in mb.parts:
+            if p.eval:  # an evaluation holds no gradient, optimizer state or saved activation
+                continue
             if p.job not in last and (p.step > 0 or p.micro > 0):  # its first part: steps are absolute
                 running.add(p.job)
             last[p.job] = max(last.get(p.job, -1), p.step)
     in_flight: dict[int, float] = {}
     peak = float(model.static)
     for action in schedule.stages[stage]:
+        if action.kind == "F" and by_id[action.micro_batch].eval:
+            continue
         if action.kind == "F":
             mb = by_id[action.micro_batch]
             running.update(mb.jobs)
@@ -164,7 +168,8 @@ def probe_micro_batches(schedule: Schedule, count: int = PROBES) -> list[MicroBa
     """Up to `count` micro-batches of the run's distinct shapes, spread from smallest to largest."""
     shapes: dict[tuple[int, int], MicroBatch] = {}
     for mb in schedule.micro_batches:
-        shapes.setdefault(micro_shape(mb), mb)
+        if not mb.eval:  # an evaluation keeps no activations: nothing to measure
+            shapes.setdefault(micro_shape(mb), mb)
     ordered = [shapes[k] for k in sorted(shapes)]
     if len(ordered) <= count:
         return ordered

@@ -1,6 +1,7 @@
 """What a run reports: a JSONL metrics file and a live per-job progress table.
 
-`metrics.jsonl` gets one object per optimizer step of each job (job, step, loss, tokens, lr, time).
+`metrics.jsonl` gets one object per optimizer step of each job (job, step, loss, tokens, lr, time),
+and one per evaluation of a job with held-out data (event "eval", step, eval_loss).
 The progress board is a rich live table, one row per job (step/total, loss, tokens/s, ETA), when
 stdout is a terminal, and plain log lines otherwise (CI logs, pipes, files).
 """
@@ -42,6 +43,8 @@ class JobProgress:
     state: str = "running"
     resumed_at: int = 0
     """Steps already done by an earlier run (a resumed job): not counted in this run's speed."""
+    eval_loss: float | None = None
+    """The latest held-out loss (jobs with `eval_data`)."""
 
     def tokens_per_s(self, now: float) -> float:
         return self.tokens / max(now - self.started, 1e-9)
@@ -82,13 +85,16 @@ class ProgressBoard:
 
         now = time.perf_counter()
         table = Table(title="mlora_pp training", expand=False)
-        for column in ("job", "step", "loss", "tokens/s", "ETA", "state"):
+        evaluated = any(job.eval_loss is not None for job in self.jobs.values())
+        columns = ("job", "step", "loss") + (("eval loss",) if evaluated else ()) + ("tokens/s", "ETA", "state")
+        for column in columns:
             table.add_column(column, justify="left" if column in ("job", "state") else "right")
         for job in self.jobs.values():
             table.add_row(
                 job.name,
                 f"{job.step}/{job.total_steps}",
                 "-" if job.loss is None else f"{job.loss:.4f}",
+                *(("-" if job.eval_loss is None else f"{job.eval_loss:.4f}",) if evaluated else ()),
                 f"{job.tokens_per_s(now):.0f}",
                 _fmt_eta(job.eta_s(now)),
                 job.state,
@@ -112,6 +118,15 @@ class ProgressBoard:
                 file=self.stream,
                 flush=True,
             )
+
+    def evaluated(self, job: str, step: int, loss: float) -> None:
+        """`job`'s held-out loss after `step` steps."""
+        self.jobs[job].eval_loss = loss
+        if self._live is not None:
+            self._live.update(self._table())
+        else:
+            print(f"[{job}] eval after step {step}/{self.jobs[job].total_steps}: loss {loss:.4f}",
+                  file=self.stream, flush=True)
 
     def add(self, job: str, total_steps: int) -> None:
         """A job submitted while the run goes on."""

@@ -140,15 +140,18 @@ def check_job_files(cfg: RunConfig) -> None:
     """Every job's data file (and template file) exists and can be read."""
     for i, job in enumerate(cfg.jobs):
         at = f"{source(cfg)}: jobs[{i}]"
-        path = Path(job.data)
-        if not path.exists():
-            raise ConfigError(f"{at}.data: {path}: data file not found")
-        if not path.is_file():
-            raise ConfigError(f"{at}.data: {path}: not a file")
-        try:
-            _check_readable(path)
-        except OSError as exc:
-            raise ConfigError(f"{at}.data: {path}: cannot read data file ({_why(exc)})") from None
+        for name, value in (("data", job.data), ("eval_data", job.eval_data)):
+            if value is None:
+                continue
+            path = Path(value)
+            if not path.exists():
+                raise ConfigError(f"{at}.{name}: {path}: data file not found")
+            if not path.is_file():
+                raise ConfigError(f"{at}.{name}: {path}: not a file")
+            try:
+                _check_readable(path)
+            except OSError as exc:
+                raise ConfigError(f"{at}.{name}: {path}: cannot read data file ({_why(exc)})") from None
         if job.template not in BUILTIN_TEMPLATES:
             try:
                 load_template(job.template)

@@ -125,7 +125,7 @@ def pooled(profiles: list[LayerProfile]) -> list[LayerProfile]:
 
 def representative(schedule: Schedule) -> MicroBatch:
     """The micro-batch of median padded tokens (ties: the lowest id)."""
-    ordered = sorted(schedule.micro_batches, key=lambda mb: (mb.tokens, mb.id))
+    ordered = sorted((mb for mb in schedule.micro_batches if not mb.eval), key=lambda mb: (mb.tokens, mb.id))
     return ordered[len(ordered) // 2]
 
 
@@ -239,7 +239,8 @@ def profile_stages(measure_here: Callable[[], LayerProfile], num_layers: int, sc
         except RuntimeError as exc:
             raise PipelineError(f"rank {rank}: lost a rank while exchanging layer profiles ({exc})") from None
     job_steps = sum(1 for actions in schedule.stages[:1] for a in actions if a.kind == "S")
-    return plan_from_profiles(num_layers, profiles, sum(mb.tokens for mb in schedule.micro_batches), job_steps)
+    tokens = sum(mb.tokens for mb in schedule.micro_batches if not mb.eval)  # evaluations are small next to training
+    return plan_from_profiles(num_layers, profiles, tokens, job_steps)
 
 
 def describe(plan: ProfiledPlan) -> str:
@@ -317,7 +318,8 @@ def fusion_pair(schedule: Schedule) -> FusionProbe | None:
     """Two one-job micro-batches of different jobs, as alike in padded length as the run has (near
     its median), the two fused, and two micro-batches of one job as alike (near the fused pair's
     length) as one; None with fewer than two jobs."""
-    parts = sorted((p for mb in schedule.micro_batches for p in mb.parts), key=lambda p: (p.tokens / p.rows, p.job))
+    parts = sorted((p for mb in schedule.micro_batches for p in mb.parts if not p.eval),
+                   key=lambda p: (p.tokens / p.rows, p.job))
     middle = len(parts) / 2
     pairs = [(abs(a.tokens / a.rows - b.tokens / b.rows), abs(i - middle), i)
              for i, (a, b) in enumerate(zip(parts, parts[1:])) if a.job != b.job]

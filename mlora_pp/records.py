@@ -1,4 +1,4 @@
-"""Step records from every other stage to rank 0 (progress, metrics, failures).
+"""Step and evaluation records from every other stage to rank 0 (progress, metrics, failures).
 
 Every stage but rank 0 sends each finished step's record as soon as it has it: the last stage's
 carries the loss, every stage's says whether that stage failed the job there (non-finite gradients
@@ -24,10 +24,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from mlora_pp.runtime import FAILURES, StepRecord
+from mlora_pp.runtime import FAILURES, EvalRecord, StepRecord
 from mlora_pp.transport import PendingSends, PipelineError
 
-_FIELDS = 8  # job index, step, loss, loss_tokens, tokens, lr, status (0 ok, -1 skipped, k: FAILURES[k - 1]), stage
+_FIELDS = 8  # job index, step, loss, loss_tokens, tokens, lr, status (0 ok, -1 skipped, -2 eval, k: FAILURES[k - 1]), stage
+_EVAL = -2  # status of an evaluation's record
 _TAG = 0
 _END = -1  # job index of the end marker
 _RECORD_WAIT = datetime.timedelta(days=7)
@@ -36,7 +37,10 @@ timeout; a lost last stage shows up as an error here or in the pipeline's own wa
 bounds the final wait by the pipeline timeout."""
 
 
-def _encode(job: int, record: StepRecord, stage: int) -> torch.Tensor:
+def _encode(job: int, record: StepRecord | EvalRecord, stage: int) -> torch.Tensor:
+    if isinstance(record, EvalRecord):
+        values = [job, record.step, record.loss, record.loss_tokens, 0, 0.0, _EVAL, stage]
+        return torch.tensor(values, dtype=torch.float64)
     status = -1 if record.skipped else (FAILURES.index(record.failure) + 1 if record.failure else 0)
     values = [job, record.step, record.loss, record.loss_tokens, record.tokens, record.lr, status, stage]
     return torch.tensor(values, dtype=torch.float64)
@@ -53,7 +57,7 @@ class RecordSender:
         self.dst = dst
         self._pending = PendingSends(rank, timeout_s=_RECORD_WAIT.total_seconds(), poll=False)
 
-    def __call__(self, record: StepRecord) -> None:
+    def __call__(self, record: StepRecord | EvalRecord) -> None:
         payload = _encode(self.names.index(record.job), record, self.rank)
         what = f"sending the step records of {record.job!r} to rank {self.dst}"
         try:
@@ -78,7 +82,7 @@ class RecordInbox:
     """On rank 0: receive every job's step records from the other stages on a background thread."""
 
     def __init__(self, names: list[str], sources: list[int], group: Any,
-                 deliver: Callable[[StepRecord, int], None]):
+                 deliver: Callable[[StepRecord | EvalRecord, int], None]):
         self.names = names
         """Job names by index (a job submitted mid-run is appended on every rank alike)."""
         self.delivered = 0
@@ -110,8 +114,11 @@ class RecordInbox:
         if job == _END:
             self.open.discard(int(stage))
             return
-        failure = FAILURES[int(status) - 1] if status > 0 else None
         self.delivered += 1
+        if status == _EVAL:
+            self.deliver(EvalRecord(self.names[int(job)], int(step), loss, int(loss_tokens)), int(stage))
+            return
+        failure = FAILURES[int(status) - 1] if status > 0 else None
         self.deliver(StepRecord(self.names[int(job)], int(step), loss, int(loss_tokens), int(tokens), lr, failure,
                                 status < 0), int(stage))
 

@@ -7,7 +7,9 @@ sends the input's gradient back. Only the last stage computes losses. A micro-ba
 by part (each part is one job's rows), right-padded to the longest row, and carried to the
 batched LoRA operator as `LoRASegment`s. The loss of each part is its summed token cross-entropy
 divided by the number of loss tokens of that job's whole step, so gradient accumulation and
-fusion give exactly the gradient of the step's token-mean loss.
+fusion give exactly the gradient of the step's token-mean loss. An evaluation micro-batch (held-out
+rows) is forwarded without a graph or dropout; the last stage sums its cross-entropy per job and
+reports the token-mean loss of the whole held-out set once its last micro-batch is in.
 
 A job whose loss, gradients or updated weights become non-finite fails alone: its update is
 skipped, it is reported once (`StepRecord.failure`, `on_failed`), and from then on its steps are
@@ -57,6 +59,16 @@ FAILURES: tuple[str, ...] = ("non-finite loss", "non-finite gradients", "non-fin
 
 
 @dataclass
+class EvalRecord:
+    """One finished evaluation of one job on its held-out rows (the last stage knows the loss)."""
+
+    job: str
+    step: int  # optimizer steps done when evaluated
+    loss: float  # token-mean cross-entropy over every held-out loss token
+    loss_tokens: int
+
+
+@dataclass
 class TraceEvent:
     """One timed action, for the Chrome trace and utilisation."""
 
@@ -96,6 +108,8 @@ class StageWorker:
     """`mlora_pp.replan.Replanner`: decision points, rank 0's decisions, the next plan (None: one plan)."""
     on_start: Callable[[str], None] | None = None
     """(job) at the job's first forward on this stage."""
+    on_eval: Callable[[EvalRecord], None] | None = None
+    """On the last stage: a job's evaluation finished (every held-out micro-batch forwarded)."""
     meter: SavedTensorMeter | None = None
     """Counts the bytes autograd keeps per micro-batch (CPU memory accounting; None: not counted)."""
     static_bytes: int = 0
@@ -123,16 +137,17 @@ class StageWorker:
 
     def inputs(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, LoRABatch]:
         """Token ids and labels [rows, L] of a micro-batch, and its LoRA row layout."""
-        rows = [ex for part in mb.parts for ex in self.jobs[part.job].rows(part.step, part.micro)]
+        rows = [ex for part in mb.parts for ex in self.jobs[part.job].part_rows(part)]
         pad_id = self.stage.config.pad_token_id if self.stage.config.pad_token_id is not None else 0
         input_ids, labels = collate(rows, pad_id)
         segments, start = [], 0
         for part in mb.parts:
             job = self.jobs[part.job]
-            keys = job.dropout_keys(part.step, part.micro)
+            # an evaluation runs without dropout: its keys are never used
+            keys = (0,) * part.rows if part.eval else job.dropout_keys(part.step, part.micro)
             segments.append(LoRASegment(part.job, start, start + len(keys), keys))
             start += len(keys)
-        batch = LoRABatch(tuple(segments), seq_len=input_ids.shape[1], training=True)
+        batch = LoRABatch(tuple(segments), seq_len=input_ids.shape[1], training=not mb.eval)
         return input_ids.to(self.device), labels.to(self.device), batch
 
     def probe_inputs(self, mb: MicroBatch, generator: torch.Generator
@@ -165,7 +180,7 @@ class StageWorker:
 
     def activation_shape(self, mb: MicroBatch) -> tuple[int, int, int]:
         """[rows, padded length, hidden] of the activations of `mb`: known on every rank from the data plan."""
-        rows = [ex for part in mb.parts for ex in self.jobs[part.job].rows(part.step, part.micro)]
+        rows = [ex for part in mb.parts for ex in self.jobs[part.job].part_rows(part)]
         return (len(rows), max(len(ex.input_ids) for ex in rows), self.stage.config.hidden_size)
 
     def prefetch(self, expected: list[tuple[int, int, int]], done: int, posted: int, depth: int = 2,
@@ -185,6 +200,9 @@ class StageWorker:
 
     def forward(self, mb: MicroBatch) -> None:
         input_ids, labels, batch = self.inputs(mb)
+        if mb.eval:
+            self.evaluate(mb, input_ids, labels, batch)
+            return
         received = None
         if self.is_first:
             x = input_ids
@@ -208,6 +226,34 @@ class StageWorker:
             assert self.transport is not None
             self.transport.send(out, self.stage_index + 1, ACTIVATION, mb.id)
         self._in_flight[mb.id] = _InFlight(total if self.is_last else out, received, part_losses)
+
+    def evaluate(self, mb: MicroBatch, input_ids: torch.Tensor, labels: torch.Tensor, batch: LoRABatch) -> None:
+        """The forward of an evaluation micro-batch: no graph, nothing kept for a backward. The last
+        stage adds each part's summed cross-entropy to its evaluation and reports the evaluation
+        once its last micro-batch is in (a single device sync per evaluation)."""
+        x = input_ids
+        if not self.is_first:
+            assert self.transport is not None
+            x = self.transport.recv(self.stage_index - 1, ACTIVATION, mb.id, self.activation_shape(mb), self.stage.dtype)
+        with torch.no_grad():
+            out = self.stage(x, batch)
+        if not self.is_last:
+            assert self.transport is not None
+            self.transport.send(out, self.stage_index + 1, ACTIVATION, mb.id)
+            return
+        for segment, part in zip(batch.segments, mb.parts):
+            job = self.jobs[part.job]
+            rows = slice(segment.row_start, segment.row_end)
+            with torch.no_grad():
+                ce = F.cross_entropy(out[rows, :-1].reshape(-1, out.shape[-1]), labels[rows, 1:].reshape(-1),
+                                     ignore_index=IGNORE_INDEX, reduction="sum")
+            sums = job.eval_sums.setdefault(part.step, [out.new_zeros((), dtype=torch.float64), 0])
+            sums[0] = sums[0] + ce.double()
+            sums[1] += sum(ex.loss_tokens for ex in job.part_rows(part))
+            if part.last_in_step:
+                total, loss_tokens = job.eval_sums.pop(part.step)
+                if self.on_eval is not None:
+                    self.on_eval(EvalRecord(part.job, part.step, float(total) / max(loss_tokens, 1), loss_tokens))
 
     def _compute(
         self, mb: MicroBatch, x: torch.Tensor, labels: torch.Tensor, batch: LoRABatch
@@ -295,7 +341,7 @@ class StageWorker:
         if action.kind == "F":
             mb = self.schedule.micro_batches[action.micro_batch]
             self.forward(mb)
-            name = f"F{mb.id} " + "+".join(f"{p.job}:{p.step}.{p.micro}" for p in mb.parts)
+            name = f"{'E' if mb.eval else 'F'}{mb.id} " + "+".join(f"{p.job}:{p.step}.{p.micro}" for p in mb.parts)
         elif action.kind == "B":
             mb = self.schedule.micro_batches[action.micro_batch]
             self.backward(mb)

@@ -13,6 +13,12 @@ adjacent pair of stages, the same order of F ids and the same order of B ids (`v
 Micro-batch ids are their index in `Schedule.micro_batches`, numbered in the order stage 0
 forwards them; in every policy here the F order and the B order on every stage are ascending ids.
 
+Evaluations (`EvalPoint`: a job's held-out rows after k steps) are micro-batches of evaluation
+parts only, never fused with training rows: F on every stage and nothing else (no B, no S, no
+activation kept, so they count against no in-flight bound). They enter the job's parts right
+before its step k (`_parts`), so on every stage they run after the job's step k-1 update and
+before its step k update, and see the weights of step k; the last one follows the last step.
+
 Policies (with one stage every policy keeps the original lists: forward, backward, step in
 micro-batch order; the lora micro-batches fuse one micro-batch of every live job per slot):
 
@@ -81,6 +87,18 @@ BALANCE = 0.1  # fused lora streams may differ this much in total padded tokens
 
 
 @dataclass(frozen=True)
+class EvalPoint:
+    """A job's held-out evaluation after `after` optimizer steps: forward-only micro-batches that see
+    the weights of that step on every stage (no backward, no optimizer step, no activation kept)."""
+
+    after: int
+    micro_batches: tuple[tuple[int, int], ...]
+    """(rows, padded tokens) of each eval micro-batch, from `first_micro` on."""
+    first_micro: int = 0
+    """Index of the first listed micro-batch: a plan changed mid-evaluation continues it."""
+
+
+@dataclass(frozen=True)
 class JobSteps:
     """What the scheduler needs to know about one job: rows and tokens per micro-batch, per step."""
 
@@ -93,6 +111,8 @@ class JobSteps:
     first_micro: int = 0
     """Index of the first listed micro-batch within the first step: a plan changed mid-run (`cut`)
     continues a step whose first micro-batches already ran (their gradients are accumulated)."""
+    evals: tuple[EvalPoint, ...] = ()
+    """Evaluations still to run, each before step `after` (or after the last step listed)."""
 
     @property
     def steps(self) -> int:
@@ -106,6 +126,7 @@ class JobSteps:
 
     @property
     def tokens(self) -> int:
+        """Padded tokens of the training micro-batches (evaluations are forward-only and not counted)."""
         return sum(t for micros in self.micro_batches for _, t in micros)
 
 
@@ -166,12 +187,19 @@ class MicroBatchPart:
     last_in_step: bool
     rows: int
     tokens: int
+    eval: bool = False
+    """Held-out rows evaluated after `step` steps (`micro` indexes the eval set): forward only."""
 
 
 @dataclass(frozen=True)
 class MicroBatch:
     id: int
     parts: tuple[MicroBatchPart, ...]
+
+    @property
+    def eval(self) -> bool:
+        """A forward-only evaluation micro-batch (its parts are all eval parts: they never mix)."""
+        return bool(self.parts) and self.parts[0].eval
 
     @property
     def rows(self) -> int:
@@ -313,13 +341,25 @@ class Link:
         return self.free_at + self.cost.link_latency
 
 
-def _parts(job: JobSteps) -> list[MicroBatchPart]:
-    """A job's micro-batches, in training order."""
+def _parts(job: JobSteps, evals: bool = True) -> list[MicroBatchPart]:
+    """A job's micro-batches in training order; an evaluation after k steps comes right before
+    step k's first micro-batch (or after the last step)."""
+    points = {p.after: p for p in job.evals} if evals else {}
+
+    def evaluation(point: EvalPoint) -> list[MicroBatchPart]:
+        end = point.first_micro + len(point.micro_batches)
+        return [MicroBatchPart(job.name, point.after, micro, micro == end - 1, rows, tokens, eval=True)
+                for micro, (rows, tokens) in enumerate(point.micro_batches, start=point.first_micro)]
+
     out: list[MicroBatchPart] = []
     for step, micros in enumerate(job.micro_batches, start=job.first_step):
+        if step in points:
+            out += evaluation(points.pop(step))
         offset = job.first_micro if step == job.first_step else 0
         for micro, (rows, tokens) in enumerate(micros, start=offset):
             out.append(MicroBatchPart(job.name, step, micro, micro == offset + len(micros) - 1, rows, tokens))
+    for after in sorted(points):
+        out += evaluation(points[after])
     return out
 
 
@@ -334,8 +374,8 @@ def form_micro_batches(jobs: Sequence[JobSteps], policy: str, fuse: bool = True)
     if policy == "lora":
         for slot in range(max((len(s) for s in streams), default=0)):
             live = [s[slot] for s in streams if slot < len(s)]
-            if fuse:
-                groups.append(tuple(live))
+            if fuse:  # evaluation rows run without a gradient: never in a training micro-batch
+                groups += [g for g in (tuple(p for p in live if p.eval), tuple(p for p in live if not p.eval)) if g]
             else:
                 groups.extend((p,) for p in live)
     elif policy in ("gpipe", "1f1b"):
@@ -348,7 +388,7 @@ def form_micro_batches(jobs: Sequence[JobSteps], policy: str, fuse: bool = True)
 
 def _fused_micros(group: Sequence[JobSteps]) -> list[MicroBatch]:
     """A group's micro-batches fused slot by slot."""
-    streams = [_parts(j) for j in group]
+    streams = [_parts(j, evals=False) for j in group]
     return [MicroBatch(0, tuple(s[i] for s in streams if i < len(s))) for i in range(max(len(s) for s in streams))]
 
 
@@ -523,6 +563,8 @@ def _single_stage(micro_batches: Sequence[MicroBatch]) -> tuple[Action, ...]:
     actions: list[Action] = []
     for mb in micro_batches:
         actions.append(Action("F", mb.id))
+        if mb.eval:
+            continue
         actions.append(Action("B", mb.id))
         for part in mb.parts:
             if part.last_in_step:
@@ -531,11 +573,14 @@ def _single_stage(micro_batches: Sequence[MicroBatch]) -> tuple[Action, ...]:
 
 
 def _steps_in_order(micro_batches: Sequence[MicroBatch]) -> list[list[MicroBatch]]:
-    """Consecutive single-job micro-batches grouped by (job, step)."""
+    """Consecutive single-job micro-batches grouped by (job, step, evaluation or not)."""
     out: list[list[MicroBatch]] = []
+
+    def key(mb: MicroBatch) -> tuple[str, int, bool]:
+        return mb.parts[0].job, mb.parts[0].step, mb.eval
+
     for mb in micro_batches:
-        key = (mb.parts[0].job, mb.parts[0].step)
-        if out and (out[-1][0].parts[0].job, out[-1][0].parts[0].step) == key:
+        if out and key(out[-1][0]) == key(mb):
             out[-1].append(mb)
         else:
             out.append([mb])
@@ -548,6 +593,8 @@ def _gpipe(micro_batches: Sequence[MicroBatch], num_stages: int) -> tuple[tuple[
         actions: list[Action] = []
         for group in _steps_in_order(micro_batches):
             actions += [Action("F", mb.id) for mb in group]
+            if group[0].eval:
+                continue
             actions += [Action("B", mb.id) for mb in group]
             part = group[-1].parts[0]
             actions.append(Action("S", job=part.job, step=part.step))
@@ -560,6 +607,9 @@ def _one_f_one_b(micro_batches: Sequence[MicroBatch], num_stages: int) -> tuple[
     for s in range(num_stages):
         actions: list[Action] = []
         for group in _steps_in_order(micro_batches):
+            if group[0].eval:
+                actions += [Action("F", mb.id) for mb in group]
+                continue
             n = len(group)
             warm = min(num_stages - 1 - s, n)
             actions += [Action("F", mb.id) for mb in group[:warm]]
@@ -626,11 +676,15 @@ class _Clock:
         self.largest = max((st.largest for st in self.streams), default=0)
         self.pending = [dict(self.step_counts) for _ in range(n)]
         self.stepped: dict[str, tuple[int, float]] = {}  # job -> (steps done on stage 0, when)
-        self.last_step = {q[-1].job: q[-1].step for st in self.streams for q in st.parts if q}
+        self.last_step = {q[0].job: max(p.step for p in q if not p.eval)
+                          for st in self.streams for q in st.parts if any(not p.eval for p in q)}
         order = self.admission.order if self.admission is not None else tuple(self.last_step)
         self.urgency = {name: k for k, name in enumerate(order)}
         self.queue = deque(name for name in order if name in self.last_step)
         self.running: set[str] = set()
+        # Jobs done training: their remaining evaluations still run (they hold no gradients or optimizer
+        # state, so admission no longer counts them).
+        self.finished = {q[0].job for st in self.streams for q in st.parts if q and q[0].job not in self.last_step}
 
     def admit(self, now: float) -> None:
         """Start the jobs that hold their state already, then queued jobs, in order, while the next
@@ -651,7 +705,7 @@ class _Clock:
             raise ScheduleError(f"job {self.queue[0]!r} does not fit on its own (admission refuses it alone)")
 
     def _part_ready(self, part: MicroBatchPart) -> float:
-        if part.job not in self.running:
+        if part.job not in self.running and not (part.eval and part.job in self.finished):
             return math.inf
         done, when = self.stepped.get(part.job, (0, 0.0))
         return when if done == part.step else math.inf
@@ -690,9 +744,11 @@ class _Clock:
         else:  # the most urgent ready job's stream
             stream = min(ready, key=lambda st: (not st.mid_step, min(
                 self.urgency[q[0].job] for q in st.parts if q and self._part_ready(q[0]) <= start)))
-        parts = tuple(q.popleft() for q in stream.parts if q and self._part_ready(q[0]) <= start)
+        ready_queues = [q for q in stream.parts if q and self._part_ready(q[0]) <= start]
+        # evaluation rows run without a gradient: never fused with training rows, and they go first
+        parts = tuple(q.popleft() for q in ([q for q in ready_queues if q[0].eval] or ready_queues))
         mb = MicroBatch(len(self.micro_batches), parts)
-        stream.injected += sum(p.tokens for p in parts)
+        stream.injected += sum(p.tokens for p in parts if not p.eval)
         self.micro_batches.append(mb)
         return mb
 
@@ -713,11 +769,12 @@ class _Clock:
                 mb = self._inject(start) if s == 0 else self.micro_batches[self.fwd_q[s].popleft()[1]]
                 end = start + self.cost.forward(s, mb.tokens, len(set(mb.jobs)))
                 self.actions[s].append(Action("F", mb.id))
-                self.in_flight[s] += 1
-                self.in_flight_tokens[s] += mb.tokens
+                if not mb.eval:  # an evaluation keeps no activation for a backward
+                    self.in_flight[s] += 1
+                    self.in_flight_tokens[s] += mb.tokens
                 if s < n - 1:
                     self.fwd_q[s + 1].append((self.fwd_links[s].send(end, mb.tokens), mb.id))
-                else:
+                elif not mb.eval:
                     self.bwd_q[s].append((end, mb.id))
             else:
                 mb = self.micro_batches[self.bwd_q[s].popleft()[1]]
@@ -737,6 +794,7 @@ class _Clock:
                             self.stepped[part.job] = (part.step + 1, end)
                             if part.step == self.last_step[part.job]:  # finished on every stage
                                 self.running.discard(part.job)
+                                self.finished.add(part.job)
                                 self.admit(end)
             self.free[s] = end
         if any(not st.done for st in self.streams):  # pragma: no cover - the generator never stalls
@@ -750,25 +808,32 @@ def _counted(micro_batches: Sequence[MicroBatch], window: int, upstream: Sequenc
     before it backwards the micro-batch this stage would otherwise backward; else backward the
     oldest. A job's `S` follows its step's last backward. Independent of timing, so a message's
     latency shifts this stage's work without reordering it. The upstream rule keeps the lists
-    deadlock-free: the stage before backwards that micro-batch only after this stage does."""
+    deadlock-free: the stage before backwards that micro-batch only after this stage does.
+    Evaluation micro-batches are forwarded only and do not count against the window."""
     where = {(a.kind, a.micro_batch): i for i, a in enumerate(upstream) if a.kind != "S"}
     pending: dict[tuple[str, int], int] = {}
     stepped: dict[str, int] = {}
     for mb in micro_batches:
         for p in mb.parts:
-            pending[(p.job, p.step)] = pending.get((p.job, p.step), 0) + 1
+            if not p.eval:
+                pending[(p.job, p.step)] = pending.get((p.job, p.step), 0) + 1
             stepped.setdefault(p.job, p.step - 1)
+    training = [mb.id for mb in micro_batches if not mb.eval]
     out: list[Action] = []
-    f = b = 0
-    while b < len(micro_batches):
-        if (f < len(micro_batches) and f - b < window
+    f = b = forwarded = 0  # next forward, next backward (index into `training`), training forwards done
+    while f < len(micro_batches) or b < len(training):
+        in_flight = forwarded - b
+        if (f < len(micro_batches) and (micro_batches[f].eval or in_flight < window)
                 and all(stepped[p.job] == p.step - 1 for p in micro_batches[f].parts)
-                and (b == f or where[("F", f)] < where[("B", b)])):
+                and (in_flight == 0 or where[("F", f)] < where[("B", training[b])])):
             out.append(Action("F", f))
+            forwarded += not micro_batches[f].eval
             f += 1
             continue
-        out.append(Action("B", b))
-        for p in micro_batches[b].parts:
+        if in_flight == 0:  # pragma: no cover - a forward waits only for a step whose backwards are in flight
+            raise ScheduleError(f"counted order stuck before forward {f}")
+        out.append(Action("B", training[b]))
+        for p in micro_batches[training[b]].parts:
             pending[(p.job, p.step)] -= 1
             if pending[(p.job, p.step)] == 0:
                 out.append(Action("S", job=p.job, step=p.step))
@@ -788,6 +853,7 @@ def _lora(
     admission: Admission | None = None,
 ) -> tuple[tuple[MicroBatch, ...], tuple[tuple[Action, ...], ...], int]:
     groups = group_jobs(jobs, num_stages, fuse, streams)
+    groups += [[j] for j in jobs if not j.steps and j.evals]  # only an evaluation left (a plan cut in it)
     stream_objs = [
         _Stream([deque(_parts(j)) for j in group], total=max(1, sum(j.tokens for j in group))) for group in groups
     ]
@@ -891,6 +957,8 @@ def cut_actions(schedule: Schedule, stage: int, position: int, cut: int) -> list
     below: dict[tuple[str, int], bool] = {}
     for mb in schedule.micro_batches:
         for part in mb.parts:
+            if part.eval:
+                continue
             key = (part.job, part.step)
             below[key] = below.get(key, True) and mb.id < cut
     return [a for a in schedule.stages[stage][position:]
@@ -898,22 +966,30 @@ def cut_actions(schedule: Schedule, stage: int, position: int, cut: int) -> list
 
 
 def remaining_steps(schedule: Schedule, cut: int) -> list[JobSteps]:
-    """Each job's parts at or after micro-batch `cut`, as `JobSteps` for the next plan (a step that
-    straddles the cut continues there with `first_micro`); jobs in order of first appearance."""
+    """Each job's parts at or after micro-batch `cut`, as `JobSteps` for the next plan (a step or an
+    evaluation that straddles the cut continues there with `first_micro`); jobs in order of first
+    appearance."""
     parts: dict[str, list[MicroBatchPart]] = {}
     for mb in schedule.micro_batches[cut:]:
         for part in mb.parts:
             parts.setdefault(part.job, []).append(part)
     out = []
     for name, found in parts.items():
-        found.sort(key=lambda p: (p.step, p.micro))
+        training = sorted((p for p in found if not p.eval), key=lambda p: (p.step, p.micro))
         steps: list[list[tuple[int, int]]] = []
-        for i, part in enumerate(found):
-            if i == 0 or part.step != found[i - 1].step:
+        for i, part in enumerate(training):
+            if i == 0 or part.step != training[i - 1].step:
                 steps.append([])
             steps[-1].append((part.rows, part.tokens))
-        out.append(JobSteps(name, tuple(tuple(s) for s in steps), first_step=found[0].step,
-                            first_micro=found[0].micro))
+        evals: dict[int, list[MicroBatchPart]] = {}
+        for part in sorted((p for p in found if p.eval), key=lambda p: (p.step, p.micro)):
+            evals.setdefault(part.step, []).append(part)
+        points = tuple(EvalPoint(after, tuple((p.rows, p.tokens) for p in got), first_micro=got[0].micro)
+                       for after, got in evals.items())
+        first = training[0] if training else None
+        out.append(JobSteps(name, tuple(tuple(s) for s in steps),
+                            first_step=first.step if first else min(evals),
+                            first_micro=first.micro if first else 0, evals=points))
     return out
 
 
@@ -941,7 +1017,9 @@ def lora_bubble(num_stages: int, streams: int, micros_per_step: int, steps: int)
 def validate(schedule: Schedule) -> None:
     """Check what every correct schedule must satisfy, on every stage and between stages.
 
-    Each micro-batch is forwarded once and then backwarded once; a job's optimizer step for step k
+    Each micro-batch is forwarded once and then backwarded once (an evaluation micro-batch, whose
+    parts are all evaluations, only forwarded, after its job's step k-1 and before its step k);
+    a job's optimizer step for step k
     comes after all of that job's step-k backwards and before any forward of its step k+1; at most
     `schedule.max_in_flight` micro-batches are forwarded but not backwarded at any point. Adjacent
     stages forward the same ids in the same order and backward the same ids in the same order (the
@@ -954,26 +1032,32 @@ def validate(schedule: Schedule) -> None:
     bound, token_bound = schedule.max_in_flight, schedule.max_in_flight_tokens
     first: dict[str, int] = {}  # each job's first scheduled step (not 0 for a resumed job)
     for mb in schedule.micro_batches:
+        if len({p.eval for p in mb.parts}) > 1:
+            raise ScheduleError(f"micro-batch {mb.id} mixes evaluation and training rows")
         for part in mb.parts:
             first[part.job] = min(first.get(part.job, part.step), part.step)
+    training = {mb.id for mb in schedule.micro_batches if not mb.eval}
     for stage, actions in enumerate(schedule.stages):
         forwarded: set[int] = set()
         backwarded: set[int] = set()
         pending: dict[tuple[str, int], int] = {}
         for mb in schedule.micro_batches:
             for part in mb.parts:
-                pending[(part.job, part.step)] = pending.get((part.job, part.step), 0) + 1
+                if not part.eval:
+                    pending[(part.job, part.step)] = pending.get((part.job, part.step), 0) + 1
         stepped: dict[str, int] = {job: step - 1 for job, step in first.items()}
-        live_tokens = 0
+        live = live_tokens = 0  # training micro-batches (and their tokens) forwarded, not backwarded
         for pos, action in enumerate(actions):
             where = f"stage {stage}, action {pos} ({action})"
             if action.kind == "F":
                 if action.micro_batch not in by_id or action.micro_batch in forwarded:
                     raise ScheduleError(f"{where}: unknown or repeated forward")
                 forwarded.add(action.micro_batch)
-                if bound is not None and len(forwarded) - len(backwarded) > bound:
-                    raise ScheduleError(f"{where}: more than {bound} micro-batches in flight")
-                live_tokens += by_id[action.micro_batch].tokens
+                if action.micro_batch in training:
+                    live += 1
+                    if bound is not None and live > bound:
+                        raise ScheduleError(f"{where}: more than {bound} micro-batches in flight")
+                    live_tokens += by_id[action.micro_batch].tokens
                 if token_bound is not None and live_tokens > token_bound:
                     raise ScheduleError(f"{where}: more than {token_bound} tokens in flight")
                 for part in by_id[action.micro_batch].parts:
@@ -984,7 +1068,10 @@ def validate(schedule: Schedule) -> None:
             elif action.kind == "B":
                 if action.micro_batch not in forwarded or action.micro_batch in backwarded:
                     raise ScheduleError(f"{where}: backward without forward, or repeated")
+                if action.micro_batch not in training:
+                    raise ScheduleError(f"{where}: backward of an evaluation micro-batch")
                 backwarded.add(action.micro_batch)
+                live -= 1
                 live_tokens -= by_id[action.micro_batch].tokens
                 for part in by_id[action.micro_batch].parts:
                     pending[(part.job, part.step)] -= 1
@@ -998,8 +1085,9 @@ def validate(schedule: Schedule) -> None:
                 pending.pop(key)
             else:
                 raise ScheduleError(f"{where}: unknown action kind")
-        if forwarded != set(by_id) or backwarded != set(by_id):
-            raise ScheduleError(f"stage {stage}: {len(set(by_id) - backwarded)} micro-batches never finish")
+        if forwarded != set(by_id) or backwarded != training:
+            unfinished = (set(by_id) - forwarded) | (training - backwarded)
+            raise ScheduleError(f"stage {stage}: {len(unfinished)} micro-batches never finish")
         if pending:
             raise ScheduleError(f"stage {stage}: optimizer steps missing for {sorted(pending)[:3]}")
     for stage in range(schedule.num_stages - 1):

@@ -33,7 +33,7 @@ class Timeline(NamedTuple):
     stages: tuple[tuple[TimedAction, ...], ...]
     makespan: float
     busy: tuple[float, ...]  # seconds each stage computes
-    max_in_flight: tuple[int, ...]  # most micro-batches forwarded but not backwarded, per stage
+    max_in_flight: tuple[int, ...]  # most training micro-batches forwarded but not backwarded, per stage
 
     @property
     def num_stages(self) -> int:
@@ -121,8 +121,9 @@ def simulate(schedule: Schedule, cost: CostModel | None = None,
                     t = tokens(action, where)
                     end = start + cost.forward(s, t, len(set(mbs[action.micro_batch].jobs)))
                     forwarded[s].add(action.micro_batch)
-                    in_flight[s] += 1
-                    peak[s] = max(peak[s], in_flight[s])
+                    if not mbs[action.micro_batch].eval:  # an evaluation keeps nothing for a backward
+                        in_flight[s] += 1
+                        peak[s] = max(peak[s], in_flight[s])
                     if s > 0:
                         fwd_got[s] += 1
                     if s < n - 1:

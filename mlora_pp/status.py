@@ -1,7 +1,7 @@
 """The status of a run, running or finished, read from its `OUTPUT_DIR/metrics.jsonl`.
 
-``python -m launcher status OUTPUT_DIR`` shows every job's state, step/total, last loss, tokens/s
-and ETA; ``--watch SECONDS`` refreshes it in place until the run is done, ``--json`` prints it for
+``python -m launcher status OUTPUT_DIR`` shows every job's state, step/total, last loss, latest
+held-out loss (jobs with `eval_data`), tokens/s and ETA; ``--watch SECONDS`` refreshes it in place until the run is done, ``--json`` prints it for
 scripts. The file is append-only and a resumed run appends to it: the latest ``run`` line starts the
 current run, whose records alone give the speeds, while steps and losses carry over. Unknown events
 and unreadable lines (a line cut short by a crash) are skipped. A run without its ``done`` line is
@@ -43,6 +43,9 @@ class JobStatus:
     tokens_per_s: float | None = None
     eta_s: float | None = None
     reason: str | None = None
+    eval_loss: float | None = None
+    """The latest held-out loss (jobs with `eval_data`), after `eval_step` steps."""
+    eval_step: int | None = None
 
 
 @dataclass
@@ -89,6 +92,8 @@ class _Job:
     steps_times: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens) of this run's steps
     ended: str | None = None  # "failed" / "cancelled" in this run
     reason: str | None = None
+    eval_loss: float | None = None
+    eval_step: int | None = None
 
     def new_run(self) -> None:
         self.admitted, self.steps_times, self.ended, self.reason = None, [], None, None
@@ -197,6 +202,11 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
             j.reason = reason if isinstance(reason, str) else None
         elif event == "done":
             done, done_at = True, t if t is not None else status.last_record_s
+        elif event == "eval" and isinstance(name, str) and _number(record.get("eval_loss")) is not None:
+            j = job(name)
+            j.eval_loss = _number(record.get("eval_loss"))
+            step = record.get("step")
+            j.eval_step = step if isinstance(step, int) else None
         elif event is None and isinstance(name, str) and isinstance(record.get("step"), int):
             j = job(name)
             j.step = record["step"]
@@ -246,7 +256,8 @@ def _job_status(job: _Job, run_finished: bool, run_stopped: bool = False) -> Job
     eta = None
     if state == "running" and job.total is not None and per_step is not None:
         eta = per_step * max(job.total - job.step, 0)
-    return JobStatus(job.name, state, job.step, job.total, job.loss, tokens_per_s, eta, job.reason)
+    return JobStatus(job.name, state, job.step, job.total, job.loss, tokens_per_s, eta, job.reason, job.eval_loss,
+                     job.eval_step)
 
 
 def _duration(seconds: float | None) -> str:
@@ -274,13 +285,15 @@ def render(status: RunStatus):
     from rich.table import Table
 
     table = Table(title=f"{status.output_dir}: {headline(status)}", expand=False)
-    for column in ("job", "step", "loss", "tokens/s", "ETA", "state"):
+    evaluated = any(job.eval_loss is not None for job in status.jobs)
+    for column in ("job", "step", "loss") + (("eval loss (step)",) if evaluated else ()) + ("tokens/s", "ETA", "state"):
         table.add_column(column, justify="left" if column in ("job", "state") else "right")
     for job in status.jobs:
         table.add_row(
             job.name,
             f"{job.step}/{job.total_steps}" if job.total_steps is not None else str(job.step),
             "-" if job.loss is None else f"{job.loss:.4f}",
+            *(("-" if job.eval_loss is None else f"{job.eval_loss:.4f} ({job.eval_step})",) if evaluated else ()),
             "-" if job.tokens_per_s is None else f"{job.tokens_per_s:.0f}",
             _duration(job.eta_s),
             job.state,

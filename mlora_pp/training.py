@@ -35,7 +35,7 @@ from mlora_pp.checkpoint import (
 from mlora_pp.config import ConfigError, RunConfig, parse_config
 from mlora_pp.control import CONTROL, ControlDir, PlanChannel, config_mapping
 from mlora_pp.data import DataError
-from mlora_pp.job import AdapterJob, load_job
+from mlora_pp.job import AdapterJob, EvalDataError, load_job
 from mlora_pp.lora import warm_up_dropout
 from mlora_pp.memory import (
     MemoryModel, SavedTensorMeter, admission_check, budget_bytes, cut_message, fit, human_bytes, largest_micro,
@@ -55,7 +55,7 @@ from mlora_pp.profiling import (
 from mlora_pp.records import RecordInbox, RecordSender
 from mlora_pp.replan import Replanner
 from mlora_pp.run_lock import RunLock
-from mlora_pp.runtime import StageWorker, StepRecord, TraceEvent
+from mlora_pp.runtime import EvalRecord, StageWorker, StepRecord, TraceEvent
 from mlora_pp.schedule import Schedule, admission, build_schedule, choose_streams, min_streams
 from mlora_pp.transport import PipelineError, StageTransport
 
@@ -77,6 +77,8 @@ class TrainResult:
     stopped: dict[str, int] = field(default_factory=dict)
     """A graceful stop (SIGTERM) checkpointed these unfinished jobs: job -> their last finished step.
     Their adapters are not written; running the config again resumes them."""
+    eval_loss: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Rank 0: job -> steps done -> held-out loss (jobs with `eval_data`)."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,8 @@ def prepare_jobs(cfg: RunConfig, tokenizer) -> dict[str, AdapterJob]:
         try:
             jobs[job.name] = load_job(job, tokenizer, cfg.seed)
         except DataError as exc:
-            raise DataError(f"{source(cfg)}: jobs[{i}].data: {exc}") from exc
+            field_name = "eval_data" if isinstance(exc, EvalDataError) else "data"
+            raise DataError(f"{source(cfg)}: jobs[{i}].{field_name}: {exc}") from exc
     return jobs
 
 
@@ -502,6 +505,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
 
     metrics = board = manifests = None
     final_loss: dict[str, float] = {}
+    eval_loss: dict[str, dict[int, float]] = {}
     failed: dict[str, tuple[int, str]] = {}  # on rank 0: job -> (good steps, reason)
     start = time.perf_counter()
     if is_rank0:
@@ -569,6 +573,15 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
                        "loss_tokens": record.loss_tokens, "lr": record.lr, "time": time.perf_counter() - start})
         board.update(record.job, record.step, record.loss, record.tokens)
 
+    def evaluated(record: EvalRecord) -> None:
+        """Rank 0: a job's held-out loss after `record.step` steps (not for a job that failed)."""
+        if record.job in failed and record.step > failed[record.job][0]:
+            return
+        eval_loss.setdefault(record.job, {})[record.step] = record.loss
+        metrics.write({"job": record.job, "event": "eval", "step": record.step, "eval_loss": record.loss,
+                       "eval_loss_tokens": record.loss_tokens, "time": time.perf_counter() - start})
+        board.evaluated(record.job, record.step, record.loss)
+
     heard: dict[tuple[str, int], dict[int, StepRecord]] = {}  # on rank 0: (job, step) -> stage -> record
 
     def release() -> None:
@@ -580,18 +593,22 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
             stage = next((k for k in sorted(got) if got[k].failure is not None), last)
             deliver(got[stage], stage)
 
-    def hear(record: StepRecord, stage: int) -> None:
+    def hear(record: StepRecord | EvalRecord, stage: int) -> None:
+        if isinstance(record, EvalRecord):
+            evaluated(record)
+            return
         heard.setdefault((record.job, record.step), {})[stage] = record
         release()
 
     job_order = list(jobs)  # record index -> job; submitted jobs are appended on every rank alike
     inbox = sender = None
     if env.world == 1:
-        on_step = deliver
+        on_step, on_eval = deliver, evaluated
     elif env.rank > 0:
         on_step = sender = RecordSender(job_order, records, env.rank)
+        on_eval = sender if env.rank == last else None
     else:
-        on_step = None
+        on_step = on_eval = None
     if env.world > 1 and is_rank0:
         inbox = RecordInbox(job_order, list(range(1, env.world)), records, hear)
 
@@ -607,7 +624,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     cpu = device.type != "cuda"
     parts = PartWriter(env.rank, cfg.pipeline.timeout_s)
     worker = StageWorker(stage, jobs, schedule, stage_index=env.rank, transport=transport, device=device,
-                         on_step=on_step, after_action=after_action if is_rank0 else None,
+                         on_step=on_step, on_eval=on_eval, after_action=after_action if is_rank0 else None,
                          after_step=StageSaver(cfg.output_dir, stage, env.rank, cfg.seed, parts),
                          on_failed=fail if is_rank0 else None, on_start=admitted if is_rank0 else None,
                          meter=SavedTensorMeter(list(stage.parameters()) + list(stage.buffers())) if cpu else None,
@@ -681,7 +698,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
             board.close()
     steps = {n: failed[n][0] if n in failed else replanner.cancelled.get(n, j.steps_done) for n, j in jobs.items()}
     result = TrainResult({}, steps, final_loss, time.perf_counter() - start, schedule,
-                         resumed={n: p.step for n, p in points.items()}, stopped=dict(replanner.stopped))
+                         resumed={n: p.step for n, p in points.items()}, stopped=dict(replanner.stopped),
+                         eval_loss=eval_loss)
     if is_rank0:
         merged = {name: {} for name in jobs}
         for slices, *_ in gathered:

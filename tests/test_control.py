@@ -19,40 +19,52 @@ import yaml
 
 from test_checkpoint import CK_JOBS, assert_checkpoints_complete, assert_same
 from test_pipeline import torchrun
-from test_training import JOBS, adapter, make_raw, make_workspace, rel_err
+from test_evaluation import eval_records
+from test_training import JOBS, adapter, make_raw, make_workspace, rel_err, write_dataset
 
 import launcher.__main__ as launcher
 from mlora_pp.checkpoint import CHECKPOINTS, checkpoint_weights, newest_checkpoint, read_checkpoint, step_dirs
 from mlora_pp.config import parse_config
 from mlora_pp.control import PLAN_EVERY, ControlDir
 from mlora_pp.run_lock import RunLock
-from mlora_pp.schedule import JobSteps, build_schedule, cut_actions, remaining_steps
+from mlora_pp.schedule import EvalPoint, JobSteps, build_schedule, cut_actions, remaining_steps
 from mlora_pp.training import train
 
 
 def test_a_cut_then_the_next_plan_run_every_part_and_step_once():
     """Whatever the policy, stages and cut: the actions run before the cut, the cut lists and the
     plan built from `remaining_steps` forward every (job, step, micro) exactly once on every stage
-    and step every (job, step) exactly once."""
+    and step every (job, step) exactly once; evaluations (some jobs have them) included."""
     rnd = random.Random(1)
+
+    def random_job(i: int) -> JobSteps:
+        steps = rnd.randint(1, 4)
+        micro_batches = tuple(tuple((rnd.randint(1, 3), rnd.randint(10, 40)) for _ in range(rnd.randint(1, 3)))
+                              for _ in range(steps))
+        after = sorted(rnd.sample(range(1, steps + 1), rnd.randint(0, steps)))
+        evals = tuple(EvalPoint(k, tuple((rnd.randint(1, 3), rnd.randint(10, 40)) for _ in range(rnd.randint(1, 3))))
+                      for k in after)
+        return JobSteps(f"j{i}", micro_batches, evals=evals)
+
     for trial in range(200):
         stages = rnd.randint(1, 4)
-        jobs = [JobSteps(f"j{i}", tuple(tuple((rnd.randint(1, 3), rnd.randint(10, 40)) for _ in range(rnd.randint(1, 3)))
-                                        for _ in range(rnd.randint(1, 4)))) for i in range(rnd.randint(1, 6))]
+        jobs = [random_job(i) for i in range(rnd.randint(1, 6))]
         policy = rnd.choice(["lora", "1f1b", "gpipe"])
         hide = policy == "lora" and rnd.random() < 0.5  # counted stage orders too
         old = build_schedule(jobs, stages, policy, hide_latency=hide)
         cut = rnd.randint(0, len(old.micro_batches))
         rest = remaining_steps(old, cut)
         new = build_schedule(rest, stages, policy, hide_latency=hide) if rest else None
-        parts = {(p.job, p.step, p.micro) for mb in old.micro_batches for p in mb.parts}
-        steps = {(p.job, p.step) for mb in old.micro_batches for p in mb.parts}
+        parts = {(p.job, p.step, p.micro, p.eval) for mb in old.micro_batches for p in mb.parts}
+        assert len(parts) == sum(len(m) for j in jobs for m in j.micro_batches) + sum(
+            len(e.micro_batches) for j in jobs for e in j.evals)
+        steps = {(p.job, p.step) for mb in old.micro_batches for p in mb.parts if not p.eval}
         for stage in range(stages):
             actions = list(old.stages[stage])
             position = next((i for i, a in enumerate(actions) if a.kind == "F" and a.micro_batch == cut), len(actions))
             ran = [(a, old) for a in actions[:position] + cut_actions(old, stage, position, cut)]
             ran += [(a, new) for a in (new.stages[stage] if new else ())]
-            forwarded = [(p.job, p.step, p.micro) for a, s in ran if a.kind == "F"
+            forwarded = [(p.job, p.step, p.micro, p.eval) for a, s in ran if a.kind == "F"
                          for p in s.micro_batches[a.micro_batch].parts]
             stepped = [(a.job, a.step) for a, _ in ran if a.kind == "S"]
             assert sorted(forwarded) == sorted(parts) and len(set(forwarded)) == len(forwarded), (trial, stage)
@@ -64,7 +76,17 @@ def workspace(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("control"))
 
 
+EVALUATED = {"alpha": 1, "gamma": None}
+"""Jobs evaluated on held-out records (every step, or after the last): evaluations pending when the
+plan changes carry over to the next plan."""
+
+
 def raw(workspace, out: str, jobs) -> dict:
+    heldout = workspace[0] / "heldout.jsonl"
+    if not heldout.exists():
+        write_dataset(heldout, seed=99, n=3)
+    jobs = [dict(job, eval_data=str(heldout), eval_every=EVALUATED[job["name"]]) if job["name"] in EVALUATED else job
+            for job in jobs]
     return make_raw(workspace, jobs, out, schedule="lora", timeout_s=30)
 
 
@@ -106,8 +128,13 @@ def test_submit_and_cancel_on_two_stages_then_restart(workspace, reference_two):
     k = cancelled[0]["step"]
     assert 0 < k < 2, k  # taken at micro-batch PLAN_EVERY of 12: beta stopped mid-run
     assert PLAN_EVERY == 8
-    # the submitted job and the untouched one equal the run that had them from the start
+    # the submitted job and the untouched one equal the run that had them from the start, and so
+    # do their held-out losses (alpha's evaluations span the change of plan)
     assert_same(out, reference_two, jobs=[JOBS[0], JOBS[2]])
+    want = eval_records(reference_two)
+    assert set(want) == {("alpha", 1), ("alpha", 2), ("alpha", 3), ("gamma", 4)}
+    got = eval_records(out)
+    assert set(got) == set(want) and all(got[k] == pytest.approx(v, rel=1e-5) for k, v in want.items()), (got, want)
     # the cancelled one keeps the adapter of its last finished step: the reference's checkpoint there
     assert f"beta: cancelled after {k} steps" in proc.stdout
     assert json.loads((out / "beta" / "cancelled.json").read_text())["cancelled_after_steps"] == k

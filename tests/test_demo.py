@@ -22,6 +22,7 @@ def small_demo_config(tmp_path: Path, steps: int = 3) -> Path:
     raw["output_dir"] = str(tmp_path / "out")
     for job in raw["jobs"]:
         job["data"] = str(ROOT / job["data"])
+        job["eval_data"] = str(ROOT / job["eval_data"])
         if job["template"].endswith((".yaml", ".json")):
             job["template"] = str(ROOT / job["template"])
         job["max_steps"] = steps
@@ -49,6 +50,9 @@ def test_demo_runs_end_to_end(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "job" in r and "event" not in r]
     assert sorted({(r["job"], r["step"]) for r in steps}) == sorted((n, s) for n in names for s in (1, 2, 3))
+    evals = [r for r in records if r.get("event") == "eval"]  # eval_every 50 > 3 steps: after the last only
+    assert sorted((r["job"], r["step"]) for r in evals) == sorted((n, 3) for n in names)
+    assert all(r["eval_loss"] > 0 and r["eval_loss_tokens"] > 0 for r in evals)
     stages = [r for r in records if r.get("event") == "stage"]
     assert [r["rank"] for r in stages] == [0, 1] and all(0 < r["utilization"] <= 1 for r in stages)
     trace = json.loads((out / "trace.json").read_text())["traceEvents"]

@@ -31,6 +31,18 @@ def test_live_table_shows_every_job():
         assert cell in text
 
 
+def test_evaluations_print_a_line_or_fill_an_eval_column():
+    out = io.StringIO()
+    board = ProgressBoard({"a": 4}, stream=out, live=False)
+    board.evaluated("a", 2, 1.5)
+    assert out.getvalue() == "[a] eval after step 2/4: loss 1.5000\n"
+    live = io.StringIO()
+    board = ProgressBoard({"upper": 3, "reverse": 3}, stream=live, live=True)
+    board.evaluated("upper", 3, 0.125)
+    board.close()
+    assert "eval loss" in live.getvalue() and "0.1250" in live.getvalue()
+
+
 def test_metrics_log_appends_json_lines(tmp_path):
     log = MetricsLog(tmp_path / "m" / "metrics.jsonl")
     log.write({"job": "a", "step": 1})

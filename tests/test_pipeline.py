@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_training import JOBS, adapter, assert_adapters_equal, make_raw, make_workspace
+from test_evaluation import eval_records
+from test_training import JOBS, adapter, assert_adapters_equal, make_raw, make_workspace, write_dataset
 
 from mlora_pp.config import parse_config
 from mlora_pp.training import train
@@ -43,8 +44,17 @@ def workspace(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("pipe"))
 
 
+EVAL_EVERY = {"alpha": 1, "beta": None, "gamma": 2}
+"""Every pipeline run also evaluates each job on held-out records: alpha after every step, beta
+after its last, gamma every other step (forward-only micro-batches on every stage)."""
+
+
 def write_config(workspace, out: str, timeout_s: float = 60, quantize: str = "none", **pipeline) -> Path:
-    raw = make_raw(workspace, JOBS, out, model={"quantize": quantize},
+    heldout = workspace[0] / "heldout.jsonl"
+    if not heldout.exists():
+        write_dataset(heldout, seed=99, n=5)
+    jobs = [dict(job, eval_data=str(heldout), eval_every=EVAL_EVERY[job["name"]]) for job in JOBS]
+    raw = make_raw(workspace, jobs, out, model={"quantize": quantize},
                    **{"schedule": "lora", "timeout_s": timeout_s, **pipeline})
     path = workspace[0] / f"{out}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -67,6 +77,7 @@ def test_pipeline_equals_single_rank(workspace, single_rank, stages, policy):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for job in JOBS:
         assert_adapters_equal(adapter(workspace[0] / out, job["name"]), adapter(single_rank, job["name"]))
+    assert_same_evaluations(workspace[0] / out, single_rank)
     records = [yaml.safe_load(line) for line in (workspace[0] / out / "metrics.jsonl").read_text().splitlines()]
     stage_records = [r for r in records if r.get("event") == "stage"]
     assert [r["rank"] for r in stage_records] == list(range(stages))
@@ -88,6 +99,16 @@ def test_pipeline_equals_single_rank(workspace, single_rank, stages, policy):
     assert min(times) < 0.8 * max(times), times
 
 
+def assert_same_evaluations(out: Path, reference: Path) -> None:
+    """The held-out losses of a pipeline run equal one rank's (which test_evaluation checks against
+    peft), at the same steps: alpha 1-3, beta 2, gamma 2 and 4."""
+    ours, want = eval_records(out), eval_records(reference)
+    assert set(want) == {("alpha", 1), ("alpha", 2), ("alpha", 3), ("beta", 2), ("gamma", 2), ("gamma", 4)}
+    assert set(ours) == set(want)
+    for key, loss in want.items():
+        assert ours[key] == pytest.approx(loss, rel=1e-5), key
+
+
 def test_recompute_pipeline_equals_single_rank(workspace, single_rank):
     proc = torchrun(2, write_config(workspace, "recompute-two", recompute=True))
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -101,6 +122,7 @@ def test_hide_latency_pipeline_equals_single_rank(workspace, single_rank):
     assert proc.returncode == 0, proc.stderr[-4000:]
     for job in JOBS:
         assert_adapters_equal(adapter(workspace[0] / "hide-latency-three", job["name"]), adapter(single_rank, job["name"]))
+    assert_same_evaluations(workspace[0] / "hide-latency-three", single_rank)
 
 
 def test_one_fused_stream_pipeline_equals_single_rank(workspace, single_rank):
@@ -109,6 +131,7 @@ def test_one_fused_stream_pipeline_equals_single_rank(workspace, single_rank):
     assert proc.returncode == 0, proc.stderr[-4000:]
     for job in JOBS:
         assert_adapters_equal(adapter(workspace[0] / "one-stream", job["name"]), adapter(single_rank, job["name"]))
+    assert_same_evaluations(workspace[0] / "one-stream", single_rank)
 
 
 def test_nf4_pipeline_equals_single_rank(workspace):
@@ -119,6 +142,7 @@ def test_nf4_pipeline_equals_single_rank(workspace):
     assert proc.returncode == 0, proc.stderr[-4000:]
     for job in JOBS:
         assert_adapters_equal(adapter(workspace[0] / "nf4-two", job["name"]), adapter(workspace[0] / "nf4-single", job["name"]))
+    assert_same_evaluations(workspace[0] / "nf4-two", workspace[0] / "nf4-single")
 
 
 def test_two_torchrun_agents_multi_node(workspace, single_rank):
@@ -134,6 +158,7 @@ def test_two_torchrun_agents_multi_node(workspace, single_rank):
     assert all(a.returncode == 0 for a in agents), "\n".join(o[-3000:] for o in outputs)
     for job in JOBS:
         assert_adapters_equal(adapter(workspace[0] / "multinode", job["name"]), adapter(single_rank, job["name"]))
+    assert_same_evaluations(workspace[0] / "multinode", single_rank)
 
 
 def test_killed_stage_ends_every_rank_naming_the_lost_rank(workspace):

@@ -215,6 +215,24 @@ def test_cli_json(tmp_path, capsys):
     assert jobs["b"]["state"] == "queued" and jobs["b"]["eta_s"] is None
 
 
+def test_latest_evaluation_is_shown_per_job(tmp_path):
+    out = write_metrics(tmp_path / "run", [
+        run_line({"a": 4, "b": 2}),
+        step("a", 1, 1.0), step("a", 2, 1.5),
+        {"job": "a", "event": "eval", "step": 2, "eval_loss": 3.5, "eval_loss_tokens": 70, "time": 1.6},
+        step("a", 3, 2.0), step("b", 1, 2.1),
+        {"job": "a", "event": "eval", "step": 4, "eval_loss": 2.75, "eval_loss_tokens": 70, "time": 2.6},
+    ])
+    got = by_name(read_status(out, now=WALL + 3))
+    assert (got["a"].eval_loss, got["a"].eval_step) == (2.75, 4)
+    assert (got["b"].eval_loss, got["b"].eval_step) == (None, None)
+    assert got["a"].step == 3  # an evaluation is not a step record
+    text = table_text(read_status(out, now=WALL + 3))
+    assert "eval loss" in text and "2.7500 (4)" in text
+    plain = write_metrics(tmp_path / "plain", [run_line({"a": 1}), step("a", 1, 1.0)])
+    assert "eval loss" not in table_text(read_status(plain, now=WALL + 3))
+
+
 def test_cli_table_and_watch_of_a_finished_run(tmp_path, capsys):
     out = write_metrics(tmp_path / "run", [run_line({"alpha": 1}), step("alpha", 1, 1.0),
                                            {"event": "done", "time": 1.5}])

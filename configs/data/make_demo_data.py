@@ -1,9 +1,11 @@
 """Generate the demo fine-tuning data: three tiny Alpaca-style tasks.
 
 Writes ``upper.jsonl``, ``reverse.jsonl``, ``increment.jsonl`` (one
-``{"instruction", "input", "output"}`` record per line) and ``heldout.json``
-(task -> 4 records whose inputs appear in no training file) next to this
-script, or into ``--out``. Deterministic: a fixed seed, so re-running
+``{"instruction", "input", "output"}`` record per line), ``heldout.json``
+(task -> 4 records whose inputs appear in no training file: the demo's
+generation prompts) and the same held-out records per task as
+``<task>-heldout.jsonl`` (the jobs' ``eval_data``) next to this script, or
+into ``--out``. Deterministic: a fixed seed, so re-running
 reproduces the committed files byte for byte.
 
 Usage: ``python configs/data/make_demo_data.py [--out DIR] [--n N]``
@@ -85,13 +87,14 @@ def make_task(name: str, n_train: int = N_TRAIN, n_heldout: int = N_HELDOUT) -> 
 
 
 def write_all(out_dir: Path, n_train: int = N_TRAIN) -> None:
-    """Write every task's jsonl file and the combined heldout.json."""
+    """Write every task's jsonl files (training and held-out) and the combined heldout.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     heldout: dict[str, list[Record]] = {}
     for name in TASKS:
         train, heldout[name] = make_task(name, n_train)
-        lines = "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in train)
-        (out_dir / f"{name}.jsonl").write_text(lines, encoding="utf-8")
+        for suffix, records in (("", train), ("-heldout", heldout[name])):
+            lines = "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in records)
+            (out_dir / f"{name}{suffix}.jsonl").write_text(lines, encoding="utf-8")
     (out_dir / "heldout.json").write_text(json.dumps(heldout, indent=2) + "\n", encoding="utf-8")
 
 

@@ -124,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return EXIT_STOPPED if result.stopped else 0  # rank 0 reports for the run
     for name, path in result.adapters.items():
+        if name in result.best and name not in result.failed:
+            step, loss = result.best[name]
+            how = (f"stopped early after {result.early_stopped[name]} steps" if name in result.early_stopped
+                   else f"{result.steps[name]} steps")
+            print(f"{name}: {how}; adapter of its best evaluation, step {step} (held-out loss {loss:.4f}) -> {path}")
+            continue
         if name in result.cancelled and name not in result.failed:
             print(f"{name}: cancelled after {result.cancelled[name]} steps -> {path}")
             continue

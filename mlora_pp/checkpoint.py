@@ -33,7 +33,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -94,8 +94,11 @@ def step_dirs(output_dir: Path, job: str) -> list[tuple[int, Path]]:
 
 
 def due(job: JobConfig, steps_done: int, total_steps: int) -> bool:
-    """Whether a checkpoint is written after `steps_done` steps: every `save_every` and after the last."""
-    return steps_done == total_steps or (job.save_every is not None and steps_done % job.save_every == 0)
+    """Whether a checkpoint is written after `steps_done` steps: every `save_every` and after the last,
+    and with early stopping at every evaluation (the best one's weights become the adapter)."""
+    if steps_done == total_steps or (job.save_every is not None and steps_done % job.save_every == 0):
+        return True
+    return job.early_stop_patience is not None and job.eval_every is not None and steps_done % job.eval_every == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,6 +337,9 @@ class ManifestWriter:
         self.fields = fields
         self.seed = seed
         self.rank = rank
+        self.keep: Callable[[str], set[int]] | None = None
+        """Steps of a job whose checkpoints pruning must keep besides the newest (early stopping's
+        best evaluation, and evaluations not heard of yet)."""
         self.pending: dict[str, deque[int]] = {
             name: deque(s for s in range(job.steps_done + 1, job.total_steps + 1)
                         if due(job.config, s, job.total_steps))
@@ -408,7 +414,7 @@ class ManifestWriter:
             "time": time.time(),
         }
         write_file(directory / MANIFEST, _json_bytes(manifest), self.rank)
-        prune(self.output_dir, job, self.jobs[job].config.keep_last)
+        prune(self.output_dir, job, self.jobs[job].config.keep_last, self.keep(job) if self.keep is not None else set())
 
 
 def _remove_step(directory: Path) -> None:
@@ -424,13 +430,14 @@ def _remove_step(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def prune(output_dir: Path, job: str, keep_last: int) -> None:
-    """Keep the `keep_last` newest complete checkpoints of a job; delete older and abandoned ones."""
+def prune(output_dir: Path, job: str, keep_last: int, also: set[int] | frozenset[int] = frozenset()) -> None:
+    """Keep the `keep_last` newest complete checkpoints of a job, and those of the steps in `also`;
+    delete older and abandoned ones."""
     dirs = step_dirs(output_dir, job)
     complete = [s for s, p in dirs if (p / MANIFEST).is_file()]
     if not complete:
         return
-    keep = set(complete[-keep_last:])
+    keep = set(complete[-keep_last:]) | set(also)
     for s, p in dirs:
         if s not in keep and s < complete[-1]:
             _remove_step(p)
@@ -650,7 +657,8 @@ def check_space(cfg: RunConfig, stage: StageModel, jobs: dict[str, AdapterJob], 
     need = 0
     for name, job in jobs.items():
         size = sum(p.numel() * 4 for pair in adapter_parameters(stage, name).values() for p in pair)
-        need += 3 * size * (job.config.keep_last + 1)  # weights, exp_avg, exp_avg_sq (fp32)
+        kept = job.config.keep_last + 1 + (job.config.early_stop_patience is not None)  # + the best evaluation's
+        need += 3 * size * kept  # weights, exp_avg, exp_avg_sq (fp32)
     directory = Path(cfg.output_dir) / CHECKPOINTS
     free = shutil.disk_usage(directory).free
     if free < need:

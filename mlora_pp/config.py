@@ -115,6 +115,9 @@ class JobConfig:
     every `eval_every` steps and after the last step, without dropout and without a gradient."""
     eval_every: int | None = None
     """Evaluate after every this many optimizer steps (null: only after the last); needs `eval_data`."""
+    early_stop_patience: int | None = None
+    """Stop the job once this many evaluations in a row have not lowered its best held-out loss; its
+    adapter is then the best evaluation's step (finished or not). Needs `eval_every`."""
 
     @property
     def scale(self) -> float:
@@ -327,6 +330,11 @@ def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> 
             raise err(f"{at}.eval_every", f"must be at least 1 or null; got {job.eval_every}")
         if job.eval_every is not None and job.eval_data is None:
             raise err(f"{at}.eval_every", "needs eval_data (the held-out records to evaluate on)")
+        if job.early_stop_patience is not None:
+            if job.early_stop_patience < 1:
+                raise err(f"{at}.early_stop_patience", f"must be at least 1 or null; got {job.early_stop_patience}")
+            if job.eval_every is None:
+                raise err(f"{at}.early_stop_patience", "needs eval_every and eval_data (evaluations to compare)")
 
 
 def budget_spec(value: float | str) -> tuple[str, float]:

@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +48,32 @@ class Change:
     stop: bool = False
     """A graceful stop (SIGTERM, `mlora_pp.stopping`): every rank checkpoints its unfinished jobs at
     this point and the run ends."""
+    early: tuple[str, ...] = ()
+    """The jobs of `cancel` that stop early (`mlora_pp.early_stop`), not by request."""
 
     def encode(self) -> bytes:
-        return json.dumps({"submit": list(self.submit), "cancel": list(self.cancel), "stop": self.stop}).encode()
+        return json.dumps({"submit": list(self.submit), "cancel": list(self.cancel), "stop": self.stop,
+                           "early": list(self.early)}).encode()
 
     @staticmethod
     def decode(data: bytes) -> "Change":
         raw = json.loads(data.decode())
-        return Change(tuple(raw["submit"]), tuple(raw["cancel"]), bool(raw.get("stop", False)))
+        return Change(tuple(raw["submit"]), tuple(raw["cancel"]), bool(raw.get("stop", False)),
+                      tuple(raw.get("early", ())))
 
     def __bool__(self) -> bool:
         return bool(self.submit or self.cancel or self.stop)
+
+
+@dataclass
+class Accepted:
+    """What earlier runs of an output_dir accepted (`control/accepted.jsonl`)."""
+
+    submitted: list[dict] = field(default_factory=list)
+    cancelled: dict[str, int] = field(default_factory=dict)
+    """Job -> steps done when it was cancelled (or stopped early)."""
+    early: dict[str, int] = field(default_factory=dict)
+    """Job stopped early -> the step of its best evaluation."""
 
 
 @dataclass(frozen=True)
@@ -130,31 +145,35 @@ class ControlDir:
         write_atomic(done, json.dumps({"kind": request.kind, **request.body, "outcome": outcome}).encode())
         request.path.unlink(missing_ok=True)
 
-    def log_accepted(self, change: Change, steps_done: dict[str, int]) -> None:
-        """Append an accepted change (durably) for a restart: submitted jobs and cancel points."""
+    def log_accepted(self, change: Change, steps_done: dict[str, int], best: dict[str, int] | None = None) -> None:
+        """Append an accepted change (durably) for a restart: submitted jobs, cancel points, and for
+        jobs stopped early the step of their best evaluation (their adapter)."""
         path = self.root / "accepted.jsonl"
         old = path.read_bytes() if path.exists() else b""
-        line = json.dumps({"submit": list(change.submit),
-                           "cancel": {name: steps_done.get(name, 0) for name in change.cancel}, "time": time.time()})
-        write_atomic(path, old + line.encode() + b"\n")
+        entry = {"submit": list(change.submit), "cancel": {name: steps_done.get(name, 0) for name in change.cancel},
+                 "time": time.time()}
+        if change.early:
+            entry["early_stop"] = {name: (best or {})[name] for name in change.early}
+        write_atomic(path, old + json.dumps(entry).encode() + b"\n")
 
-    def accepted(self) -> tuple[list[dict], dict[str, int]]:
-        """Every job submitted so far (config mappings) and every cancelled job with its steps then."""
+    def accepted(self) -> Accepted:
+        """Every job submitted so far (config mappings), every cancelled job with its steps then, and
+        the best evaluation's step of every job stopped early."""
         path = self.root / "accepted.jsonl"
-        submitted: list[dict] = []
-        cancelled: dict[str, int] = {}
+        found = Accepted()
         if path.exists():
             for number, line in enumerate(path.read_text().splitlines(), start=1):
                 if not line.strip():
                     continue
                 try:
                     entry = json.loads(line)
-                    submitted += list(entry["submit"])
-                    cancelled.update({str(k): int(v) for k, v in entry["cancel"].items()})
+                    found.submitted += list(entry["submit"])
+                    found.cancelled.update({str(k): int(v) for k, v in entry["cancel"].items()})
+                    found.early.update({str(k): int(v) for k, v in entry.get("early_stop", {}).items()})
                 except (ValueError, KeyError, TypeError, AttributeError):
                     raise ConfigError(f"{path} line {number}: not an accepted change (edited by hand?); "
                                       "fix it, or start over with --fresh") from None
-        return submitted, cancelled
+        return found
 
 
 def validate_submission(cfg: RunConfig, job: Any, where: str) -> RunConfig:

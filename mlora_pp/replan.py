@@ -29,6 +29,7 @@ from mlora_pp.checkpoint import ManifestWriter, StageSaver, due, resume_fields
 from mlora_pp.config import ConfigError, JobConfig, RunConfig, parse_config
 from mlora_pp.control import PLAN_EVERY, Change, ControlDir, PlanChannel, config_mapping, validate_submission
 from mlora_pp.data import DataError
+from mlora_pp.early_stop import EarlyStopping
 from mlora_pp.job import AdapterJob, StepStats, load_job
 from mlora_pp.memory import MemoryModel, admission_check, cut_message, human_bytes, largest_micro
 from mlora_pp.model import StageModel
@@ -84,6 +85,12 @@ class Replanner:
     cancelled: dict[str, int] = field(default_factory=dict)
     stopped: dict[str, int] = field(default_factory=dict)
     """Jobs a graceful stop checkpointed: job -> its last finished step."""
+    early_stopping: EarlyStopping | None = None
+    """Rank 0: the jobs' best evaluations (`mlora_pp.early_stop`)."""
+    early_stopped: dict[str, int] = field(default_factory=dict)
+    """Jobs stopped early (also in `cancelled`): job -> its steps done at the stop."""
+    _early_due: list[str] = field(default_factory=list, repr=False)
+    """Rank 0: jobs whose patience ran out, stopped at the next decision point."""
     schedules: list[Schedule] = field(default_factory=list)
     """Every plan this rank ran, in order."""
     _loaded: dict[str, AdapterJob] = field(default_factory=dict, repr=False)
@@ -102,9 +109,32 @@ class Replanner:
             assert self.channel is not None
             return self.channel.await_decision(point)
         change = Change(stop=True) if stopping.requested() else self._take_requests(point)
+        if change is None or not change.stop:
+            change = self._early_stops(change)
         if self.channel is not None:
             self.channel.announce(point, change)
         return change
+
+    def stop_early(self, name: str) -> None:
+        """Rank 0: `name`'s patience ran out; it stops at the next decision point."""
+        self._early_due.append(name)
+
+    def _early_stops(self, change: Change | None) -> Change | None:
+        """Add the jobs due to stop early (not cancelled, failed or finished already) to `change`."""
+        cancelling = set(change.cancel) if change else set()
+        early = tuple(n for n in dict.fromkeys(self._early_due) if n not in self.cancelled and n not in cancelling
+                      and self.jobs[n].failed is None and self.jobs[n].steps_done < self.jobs[n].total_steps)
+        self._early_due.clear()
+        if not early:
+            return change
+        assert self.early_stopping is not None
+        ours = Change(cancel=early, early=early)
+        if self.control is not None:
+            best = {n: found[0] for n in early if (found := self.early_stopping.best(n)) is not None}
+            self.control.log_accepted(ours, {n: self.jobs[n].steps_done for n in early}, best)
+        if not change:
+            return ours
+        return Change(change.submit, change.cancel + early, early=early)
 
     def _take_requests(self, point: int) -> Change | None:
         assert self.control is not None
@@ -217,7 +247,7 @@ class Replanner:
             self._stop()
             return None
         for name in change.cancel:
-            self._cancel(name)
+            self._cancel(name, early=name in change.early)
         new = [self._submit(raw) for raw in change.submit]
         if self.rank == 0 and self.control is not None and new:
             self.control.write_config(self.cfg)
@@ -253,7 +283,8 @@ class Replanner:
                 self.manifests.stop_at(name, job.steps_done, saved)
             self.stopped[name] = job.steps_done
 
-    def _cancel(self, name: str) -> None:
+    def _cancel(self, name: str, early: bool = False) -> None:
+        """Stop `name` after its last finished step (cancelled, or stopped `early`)."""
         job = self.jobs[name]
         if job.optimizer is not None:
             job.optimizer.zero_grad(set_to_none=True)  # the unfinished step's gradients
@@ -265,7 +296,14 @@ class Replanner:
         job.release_state()
         if self.manifests is not None:
             self.manifests.stop_at(name, job.steps_done, saved)
-        if self.on_change is not None:
+        if early:
+            self.early_stopped[name] = job.steps_done
+        if self.on_change is not None and early:
+            best = self.early_stopping.best(name) if self.early_stopping is not None else None
+            self.on_change("early_stopped", {"job": name, "step": job.steps_done,
+                                             "best_step": best[0] if best else None,
+                                             "best_eval_loss": best[1] if best else None})
+        elif self.on_change is not None:
             self.on_change("cancelled", {"job": name, "step": job.steps_done})
 
     def _submit(self, raw: dict) -> str:

@@ -33,7 +33,7 @@ class StatusError(Exception):
 
 @dataclass
 class JobStatus:
-    """One job: `state` is queued, running, done, failed or cancelled; None where not known."""
+    """One job: `state` is queued, running, done, failed, cancelled or "stopped early"; None where not known."""
 
     name: str
     state: str = "queued"
@@ -195,9 +195,9 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
         elif event == "admitted" and isinstance(name, str):
             if t is not None:
                 job(name).admitted = t
-        elif event in ("failed", "cancelled") and isinstance(name, str):
+        elif event in ("failed", "cancelled", "early_stopped") and isinstance(name, str):
             j = job(name)
-            j.ended = event
+            j.ended = "stopped early" if event == "early_stopped" else event
             reason = record.get("reason")
             j.reason = reason if isinstance(reason, str) else None
         elif event == "done":

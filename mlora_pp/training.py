@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import socket
 import time
@@ -29,12 +30,13 @@ import torch.distributed as dist
 from mlora_pp import stopping
 from mlora_pp.checkpoint import (
     CheckpointError, ManifestWriter, PartWriter, ResumePlan, ResumePoint, StageSaver, check_space, check_writable,
-    checkpoint_weights, clear_stale, newest_checkpoint, plan_resume, restore, unseen_markers, write_file,
-    write_share_marker,
+    checkpoint_weights, clear_stale, newest_checkpoint, plan_resume, read_checkpoint, restore, step_dir,
+    unseen_markers, write_file, write_share_marker,
 )
 from mlora_pp.config import ConfigError, RunConfig, parse_config
-from mlora_pp.control import CONTROL, ControlDir, PlanChannel, config_mapping
+from mlora_pp.control import CONTROL, Accepted, ControlDir, PlanChannel, config_mapping
 from mlora_pp.data import DataError
+from mlora_pp.early_stop import EarlyStopping
 from mlora_pp.job import AdapterJob, EvalDataError, load_job
 from mlora_pp.lora import warm_up_dropout
 from mlora_pp.memory import (
@@ -79,6 +81,10 @@ class TrainResult:
     Their adapters are not written; running the config again resumes them."""
     eval_loss: dict[str, dict[int, float]] = field(default_factory=dict)
     """Rank 0: job -> steps done -> held-out loss (jobs with `eval_data`)."""
+    early_stopped: dict[str, int] = field(default_factory=dict)
+    """Jobs stopped early (`early_stop_patience`): job -> steps done at the stop."""
+    best: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """Rank 0, jobs with `early_stop_patience`: job -> (step, held-out loss) of the adapter written."""
 
 
 @dataclass(frozen=True)
@@ -121,23 +127,28 @@ def attach_adapters(stage: StageModel, jobs: dict[str, AdapterJob], seed: int) -
 
 
 def save_adapters(weights: dict[str, dict], cfg: RunConfig, failed: dict[str, tuple[int, str]] | None = None,
-                  cancelled: dict[str, int] | None = None, stopped: dict[str, int] | None = None) -> dict[str, Path]:
+                  cancelled: dict[str, int] | None = None, stopped: dict[str, int] | None = None,
+                  best: dict[str, tuple[int, float]] | None = None,
+                  early_stopped: dict[str, int] | None = None) -> dict[str, Path]:
     """Write each job's merged adapter (all stages' modules) in PEFT format; none for a job a graceful
     stop left unfinished (`stopped`: it resumes from its checkpoint).
 
     A failed job gets its last complete checkpoint's adapter instead (none if it failed before its
     first checkpoint) and a `failed.json` saying why; a stale `failed.json` of a good job is removed.
     A cancelled job keeps the adapter of its last finished step (none if it had none) and gets a
-    `cancelled.json`.
+    `cancelled.json`. A job with early stopping (`best`: job -> (step, held-out loss)), stopped
+    early or not, gets the adapter of its best evaluation's checkpoint and an `early_stopping.json`.
     """
     out: dict[str, Path] = {}
     failed = failed or {}
     cancelled = cancelled or {}
+    best = best or {}
+    early_stopped = early_stopped or {}
     for job in cfg.jobs:
         directory = cfg.output_dir / job.name
         if job.name in (stopped or {}):
             continue
-        if job.name in cancelled and job.name not in failed:
+        if job.name in cancelled and job.name not in failed and job.name not in early_stopped:
             note = {"job": job.name, "cancelled_after_steps": cancelled[job.name]}
             write_file(directory / "cancelled.json", (json.dumps(note, indent=2) + "\n").encode(), 0)
             if cancelled[job.name] == 0:
@@ -157,6 +168,19 @@ def save_adapters(weights: dict[str, dict], cfg: RunConfig, failed: dict[str, tu
             weights = {**weights, job.name: checkpoint_weights(found[0])}
         else:
             (directory / "failed.json").unlink(missing_ok=True)
+        if job.name in best and job.name not in failed:
+            step, loss = best[job.name]
+            where = step_dir(cfg.output_dir, job.name, step)
+            found = read_checkpoint(where, job.name)
+            if found is None:
+                raise CheckpointError(f"rank 0: the checkpoint of job {job.name!r} at step {step}, its best "
+                                      f"evaluation, is missing or damaged ({where}): cannot write its adapter")
+            note = {"job": job.name, "best_step": step, "best_eval_loss": None if math.isnan(loss) else loss,
+                    "stopped_early_after_steps": early_stopped.get(job.name), "adapter_from": str(where)}
+            write_file(directory / "early_stopping.json", (json.dumps(note, indent=2) + "\n").encode(), 0)
+            weights = {**weights, job.name: checkpoint_weights(found[0])}
+        else:
+            (directory / "early_stopping.json").unlink(missing_ok=True)
         spec = AdapterSpec(
             r=job.rank,
             lora_alpha=job.alpha,
@@ -361,16 +385,17 @@ def train(cfg: RunConfig, *, progress: bool | None = None, fresh: bool = False) 
             dist.destroy_process_group()
 
 
-def _accepted_changes(cfg: RunConfig, env: DistEnv, fresh: bool) -> dict[str, int]:
+def _accepted_changes(cfg: RunConfig, env: DistEnv, fresh: bool) -> Accepted:
     """Jobs submitted to an earlier run of this output_dir join `cfg.jobs` (as if in the file); jobs
-    cancelled there stay stopped: returns them with their steps then. Rank 0 reads, all ranks apply."""
-    def read() -> tuple[list[dict], dict[str, int]]:
+    cancelled (or stopped early) there stay stopped: returned with their steps then. Rank 0 reads,
+    all ranks apply."""
+    def read() -> Accepted:
         control = ControlDir(cfg.output_dir)
         if env.rank != 0 or not control.root.is_dir():
-            return [], {}
+            return Accepted()
         if fresh:
             (control.root / "accepted.jsonl").unlink(missing_ok=True)
-            return [], {}
+            return Accepted()
         return control.accepted()
 
     found = agree(env.rank, env.world, read)  # a damaged log stops every rank with the same line
@@ -381,12 +406,28 @@ def _accepted_changes(cfg: RunConfig, env: DistEnv, fresh: bool) -> dict[str, in
         except RuntimeError as exc:
             raise PipelineError(f"rank {env.rank}: lost rank 0 while waiting for the submitted jobs ({exc})") from None
         found = box[0]
-    submitted, cancelled = found
-    if submitted:
+    if found.submitted:
         mapping = config_mapping(cfg)
-        mapping["jobs"] += submitted
+        mapping["jobs"] += found.submitted
         cfg.jobs = parse_config(mapping, f"{source(cfg)} + {CONTROL}/accepted.jsonl").jobs
-    return cancelled
+    return found
+
+
+def _earlier_evaluations(path: Path) -> dict[str, dict[int, float]]:
+    """Held-out losses an earlier run of this output_dir logged: job -> step -> loss (the latest
+    line per step). Unreadable lines are skipped, like `launcher status` does."""
+    found: dict[str, dict[int, float]] = {}
+    if not path.is_file():
+        return found
+    for line in path.read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if (isinstance(record, dict) and record.get("event") == "eval" and isinstance(record.get("job"), str)
+                and isinstance(record.get("step"), int) and isinstance(record.get("eval_loss"), (int, float))):
+            found.setdefault(record["job"], {})[record["step"]] = float(record["eval_loss"])
+    return found
 
 
 def _share_resume_points(plan: ResumePlan | None, env: DistEnv) -> dict[str, ResumePoint]:
@@ -437,7 +478,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     torch.manual_seed(cfg.seed)
     model_dir = Path(cfg.model.path)
     where = source(cfg)
-    cancelled = _accepted_changes(cfg, env, fresh)  # jobs submitted mid-run join cfg.jobs here
+    accepted = _accepted_changes(cfg, env, fresh)  # jobs submitted mid-run join cfg.jobs here
+    cancelled = accepted.cancelled
 
     def prepare() -> tuple[list[StageSpec], dict[str, AdapterJob], ResumePlan | None, Any]:
         checked = check_inputs(cfg, env.rank, env.world)
@@ -504,12 +546,23 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         transport = StageTransport(env.rank, cfg.pipeline.timeout_s, device, group=None, header_group=control)
 
     metrics = board = manifests = None
+    early = EarlyStopping()  # rank 0: each job's best evaluation
+    earlier: dict[str, dict[int, float]] = {}  # rank 0: held-out losses an earlier run logged
     final_loss: dict[str, float] = {}
     eval_loss: dict[str, dict[int, float]] = {}
     failed: dict[str, tuple[int, str]] = {}  # on rank 0: job -> (good steps, reason)
     start = time.perf_counter()
     if is_rank0:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        if points or accepted.early:
+            earlier = _earlier_evaluations(cfg.output_dir / "metrics.jsonl")
+        for name, job in jobs.items():
+            if job.config.early_stop_patience is not None and name not in accepted.early:
+                early.watch(name, job.config.early_stop_patience, job.eval_points)
+                done = points[name].step if name in points else 0  # evaluations up to the checkpoint count
+                for step, loss in sorted(earlier.get(name, {}).items()):
+                    if step <= done:
+                        early.observe(name, step, loss)
         metrics = MetricsLog(cfg.output_dir / "metrics.jsonl", append=bool(points))
         metrics.write({"event": "run", "jobs": {c.name: {"total_steps": jobs[c.name].total_steps,
                                                           "priority": c.priority} for c in cfg.jobs},
@@ -534,12 +587,18 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         for name, point in points.items():
             board.resume(name, point.step)
         for name, step in cancelled.items():  # by `launcher cancel` in an earlier run: it stays stopped
-            board.mark(name, f"cancelled at step {step}")
-            metrics.write({"event": "cancelled", "job": name, "step": step, "time": 0.0})
+            if name in accepted.early:
+                board.mark(name, f"stopped early at step {step} (adapter: step {accepted.early[name]})")
+                metrics.write({"event": "early_stopped", "job": name, "step": step,
+                               "best_step": accepted.early[name], "time": 0.0})
+            else:
+                board.mark(name, f"cancelled at step {step}")
+                metrics.write({"event": "cancelled", "job": name, "step": step, "time": 0.0})
         assert plan is not None
         manifests = ManifestWriter(cfg.output_dir, jobs, env.world, plan.fields, cfg.seed)
         for name, step in cancelled.items():
             manifests.stop_at(name, step, saved=False)
+        manifests.keep = early.keep
         ControlDir(cfg.output_dir).write_config(cfg)
 
     def changed(event: str, fields: dict) -> None:
@@ -549,6 +608,9 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
             board.add(fields["job"], fields["total_steps"])
         elif event == "cancelled":
             board.mark(fields["job"], f"cancelled at step {fields['step']}")
+        elif event == "early_stopped":
+            board.mark(fields["job"], f"stopped early at step {fields['step']} (adapter: step {fields['best_step']}, "
+                                      f"held-out loss {fields['best_eval_loss']:.4f})")
         else:
             print(f"request {fields['request']} rejected: {fields['reason']}", flush=True)
 
@@ -581,6 +643,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         metrics.write({"job": record.job, "event": "eval", "step": record.step, "eval_loss": record.loss,
                        "eval_loss_tokens": record.loss_tokens, "time": time.perf_counter() - start})
         board.evaluated(record.job, record.step, record.loss)
+        if early.observe(record.job, record.step, record.loss):
+            replanner.stop_early(record.job)
 
     heard: dict[tuple[str, int], dict[int, StepRecord]] = {}  # on rank 0: (job, step) -> stage -> record
 
@@ -638,8 +702,12 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         fusion=fusion_cost(memory.fusion) if memory is not None and len(memory.fusion) == env.world else None,
         channel=PlanChannel(env.rank, env.world, plans, cfg.pipeline.timeout_s) if env.world > 1 else None,
         control=ControlDir(cfg.output_dir) if is_rank0 else None, manifests=manifests,
-        on_change=changed if is_rank0 else None, job_order=job_order, cancelled=dict(cancelled))
+        on_change=changed if is_rank0 else None, job_order=job_order, cancelled=dict(cancelled),
+        early_stopping=early if is_rank0 else None, early_stopped={n: s for n, s in cancelled.items() if n in accepted.early})
     worker.replan = replanner
+    for name in jobs:  # patience that ran out in an earlier run, before its stop took effect
+        if is_rank0 and early.decided(name):
+            replanner.stop_early(name)
     if not cpu:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -705,7 +773,14 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         for slices, *_ in gathered:
             for name, weights in slices.items():
                 merged[name].update(weights)
-        result.adapters = save_adapters(merged, cfg, failed, replanner.cancelled, replanner.stopped)
+        best = {n: found for n in jobs if (found := early.best(n)) is not None}
+        best.update({n: (step, earlier.get(n, {}).get(step, math.nan))  # stopped early in an earlier run
+                     for n, step in accepted.early.items()})
+        result.best = {n: b for n, b in best.items() if n not in failed and n not in replanner.stopped
+                       and (n not in replanner.cancelled or n in replanner.early_stopped)}
+        result.early_stopped = dict(replanner.early_stopped)
+        result.adapters = save_adapters(merged, cfg, failed, replanner.cancelled, replanner.stopped,
+                                        best=result.best, early_stopped=result.early_stopped)
         result.cancelled = dict(replanner.cancelled)
         result.failed = {n: reason for n, (_, reason) in failed.items()}
         result.stage_stats = [s for _, _, s, _ in gathered]

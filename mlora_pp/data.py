@@ -50,7 +50,8 @@ _ALPACA_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-BUILTIN_TEMPLATES: tuple[str, ...] = ("alpaca", "plain")
+BUILTIN_TEMPLATES: tuple[str, ...] = ("alpaca", "plain", "chat")
+CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 _TEMPLATE_FILE_KEYS: tuple[str, ...] = ("prompt", "response", "name")
 
 
@@ -59,7 +60,8 @@ class Template:
     """Turns a record into (prompt, response) text; the loss covers only the response.
 
     ``kind`` is ``"alpaca"``, ``"plain"`` or ``"format"`` (``prompt_format`` / ``response_format``
-    are `str.format` strings filled from the record's fields).
+    are `str.format` strings filled from the record's fields). ``"chat"`` records (``messages``)
+    are rendered by the tokenizer's own chat template instead (`chat_example`).
     """
 
     name: str
@@ -88,6 +90,8 @@ class Template:
             return prompt, _text(record, "output")
         if self.kind == "plain":
             return "", _text(record, "text")
+        if self.kind == "chat":
+            raise DataError("chat records are rendered by the tokenizer's chat template, not as prompt and response")
         try:
             return self.prompt_format.format_map(record), self.response_format.format_map(record)
         except (KeyError, IndexError, AttributeError, TypeError, ValueError) as exc:
@@ -135,6 +139,8 @@ def load_template(spec: str, base_dir: Path | None = None) -> Template:
         return Template(name="alpaca", required=("instruction", "output"), kind="alpaca")
     if spec == "plain":
         return Template(name="plain", required=("text",), kind="plain")
+    if spec == "chat":
+        return Template(name="chat", required=("messages",), kind="chat")
     path = Path(spec)
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path
@@ -320,6 +326,60 @@ def tokenize_record(tokenizer: Any, template: Template, record: dict, max_seq_le
     return _assemble(prompt_ids, response_ids, *_special_ids(tokenizer), max_seq_len)
 
 
+def _chat_messages(record: dict) -> list[dict]:
+    """A chat record's messages, checked: {role, content} mappings, at least one from the assistant."""
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError("field 'messages' must be a non-empty list of {role, content} mappings")
+    for k, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise DataError(f"messages[{k}] must be a mapping with a 'role' string")
+        if message["role"] not in CHAT_ROLES:
+            raise DataError(f"messages[{k}].role must be one of {', '.join(CHAT_ROLES)}; got {message['role']!r}")
+        if not isinstance(message.get("content"), str):
+            raise DataError(f"messages[{k}].content must be a string")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError("no assistant message: nothing to train on")
+    return messages
+
+
+def _render_chat(tokenizer: Any, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    try:
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
+                                            return_dict=False)
+    except Exception as exc:  # jinja's errors (a template that raises on these messages) and friends
+        raise DataError(f"the chat template cannot render this conversation ({exc.__class__.__name__}: {exc})") from None
+    return list(ids)
+
+
+def chat_example(tokenizer: Any, messages: list[dict], max_seq_len: int) -> Example | None:
+    """A conversation rendered by the tokenizer's chat template; the loss covers every assistant
+    turn (its content and whatever the template closes it with, such as eos) and nothing else.
+    None if truncation leaves no loss token.
+
+    An assistant turn's tokens are those the template adds between the conversation before it
+    (with the generation prompt) and the conversation up to and including it, so each turn must
+    render the same whatever follows it: true of the usual templates; one that rewrites earlier
+    turns is refused. Over-long conversations keep their first ``max_seq_len`` tokens.
+    """
+    ids = _render_chat(tokenizer, messages)
+    labels = [IGNORE_INDEX] * len(ids)
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = _render_chat(tokenizer, messages[:k], generation_prompt=True) if k else []
+        upto = _render_chat(tokenizer, messages[: k + 1])
+        if ids[: len(upto)] != upto or upto[: len(prefix)] != prefix:
+            raise DataError(f"the chat template renders messages[{k}] differently once more messages follow; "
+                            "the loss mask needs every turn rendered the same (use a template file instead)")
+        labels[len(prefix) : len(upto)] = ids[len(prefix) : len(upto)]
+    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    if labels:
+        labels[0] = IGNORE_INDEX  # position 0 is never predicted
+    example = Example(tuple(ids), tuple(labels))
+    return example if example.loss_tokens > 0 else None
+
+
 def load_examples(path: Path, template: Template, tokenizer: Any, max_seq_len: int) -> list[Example]:
     """All usable examples of a data file; raises `DataError` on bad records or if none is usable.
 
@@ -329,6 +389,8 @@ def load_examples(path: Path, template: Template, tokenizer: Any, max_seq_len: i
         raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
     path = Path(path)
     located = _read_located(path)
+    if template.kind == "chat":
+        return _load_chat(path, located, template, tokenizer, max_seq_len)
     prompts: list[str] = []
     responses: list[str] = []
     for where, record in located:
@@ -347,6 +409,30 @@ def load_examples(path: Path, template: Template, tokenizer: Any, max_seq_len: i
         example = _assemble(prompt_ids, response_ids, bos, eos, max_seq_len)
         if example is not None:
             examples.append(example)
+    return _usable(path, located, examples, max_seq_len)
+
+
+def _load_chat(path: Path, located: list[tuple[str, dict]], template: Template, tokenizer: Any,
+               max_seq_len: int) -> list[Example]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{path}: template chat needs a tokenizer with a chat template; this model's has none "
+                        "(use alpaca, plain or a template file)")
+    examples: list[Example] = []
+    for where, record in located:
+        missing = template.missing_fields(record)
+        if missing:
+            raise DataError(f"{path} {where}: {template._missing_message(missing)}")
+        try:
+            example = chat_example(tokenizer, _chat_messages(record), max_seq_len)
+        except DataError as exc:
+            raise DataError(f"{path} {where}: {exc}") from None
+        if example is not None:
+            examples.append(example)
+    return _usable(path, located, examples, max_seq_len)
+
+
+def _usable(path: Path, located: list[tuple[str, dict]], examples: list[Example], max_seq_len: int) -> list[Example]:
+    """The examples, unless none is left; logs how many records truncation left without a loss token."""
     skipped = len(located) - len(examples)
     if not examples:
         raise DataError(

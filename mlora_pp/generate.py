@@ -49,7 +49,9 @@ def generate(
     """Greedy-decode every prompt with every adapter (and the base); stops at EOS per row."""
     names = adapters + ([BASE] if include_base else [])
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt_ids = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    has_bos = [bool(tokenizer.bos_token) and p.startswith(tokenizer.bos_token) for p in prompts]  # a chat template's
+    prompt_ids = [([] if own else bos) + tokenizer(p, add_special_tokens=False)["input_ids"]
+                  for p, own in zip(prompts, has_bos)]
     rows = [list(ids) for _ in names for ids in prompt_ids]
     start_lens = [len(r) for r in rows]
     done = [False] * len(rows)
@@ -89,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("prompts", nargs="+", help="prompt text (an instruction when --template alpaca)")
     parser.add_argument("--model", required=True, type=Path, help="base model directory")
     parser.add_argument("--adapter", action="append", default=[], type=Path, help="adapter directory (repeatable)")
-    parser.add_argument("--template", default=None, help="render prompts with a template (alpaca)")
+    parser.add_argument("--template", default=None,
+                        help="render prompts with a template: alpaca, a template file, or chat (each prompt as a "
+                             "user message in the tokenizer's chat template)")
     parser.add_argument("--input", default="", help="the alpaca 'input' field for every prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--no-base", action="store_true", help="skip the base model's generation")
@@ -104,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         names.append(path.name)
         add_saved_adapter(stage, path.name, path)
     prompts = args.prompts
-    if args.template:
+    if args.template == "chat":
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": "\n".join(filter(None, (p, args.input)))}],
+                                                 add_generation_prompt=True, tokenize=False) for p in prompts]
+    elif args.template:
         template = load_template(args.template)
         prompts = [template.render({"instruction": p, "input": args.input, "output": ""})[0] for p in prompts]
     for gen in generate(stage, tokenizer, prompts, names, args.max_new_tokens, include_base=not args.no_base):

@@ -54,6 +54,15 @@ SPECIAL_TOKENS: dict[str, str] = {
     "unk_token": "<unk>",
 }
 
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""A small ChatML-like chat template (`template: chat`); its `generation` markers let transformers
+report which tokens are the assistant's (`return_assistant_tokens_mask`)."""
+
 DEFAULT_VOCAB_SIZE = 1024
 _PUNCTUATION = ".,;:!?'\"()[]{}<>+-*/=%#@&_|\\~^$`"
 
@@ -100,7 +109,7 @@ def build_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> PreTrainedTokenizer
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT_TEMPLATE, **SPECIAL_TOKENS)
 
 
 _CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {

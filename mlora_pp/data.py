@@ -389,14 +389,15 @@ def load_examples(path: Path, template: Template, tokenizer: Any, max_seq_len: i
         raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
     path = Path(path)
     located = _read_located(path)
-    if template.kind == "chat":
-        return _load_chat(path, located, template, tokenizer, max_seq_len)
-    prompts: list[str] = []
-    responses: list[str] = []
     for where, record in located:
         missing = template.missing_fields(record)
         if missing:
             raise DataError(f"{path} {where}: {template._missing_message(missing)}")
+    if template.kind == "chat":
+        return _load_chat(path, located, tokenizer, max_seq_len)
+    prompts: list[str] = []
+    responses: list[str] = []
+    for where, record in located:
         try:
             prompt, response = template.render(record)
         except DataError as exc:
@@ -412,16 +413,12 @@ def load_examples(path: Path, template: Template, tokenizer: Any, max_seq_len: i
     return _usable(path, located, examples, max_seq_len)
 
 
-def _load_chat(path: Path, located: list[tuple[str, dict]], template: Template, tokenizer: Any,
-               max_seq_len: int) -> list[Example]:
+def _load_chat(path: Path, located: list[tuple[str, dict]], tokenizer: Any, max_seq_len: int) -> list[Example]:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{path}: template chat needs a tokenizer with a chat template; this model's has none "
                         "(use alpaca, plain or a template file)")
     examples: list[Example] = []
     for where, record in located:
-        missing = template.missing_fields(record)
-        if missing:
-            raise DataError(f"{path} {where}: {template._missing_message(missing)}")
         try:
             example = chat_example(tokenizer, _chat_messages(record), max_seq_len)
         except DataError as exc:

@@ -5,7 +5,9 @@ any device (CPU here) to check the script, and writes nothing to benchmarks/resu
 
 FLOPs counted per trained (non-padding) token, the base being frozen:
   base  = 4 * N_lin            forward (2 N) + input-gradient backward (2 N); no weight gradient.
-                               N_lin = multiply-adds of every projection and the lm_head per token.
+                               N_lin = multiply-adds of every projection and the lm_head per token
+                               (the lm_head runs on loss tokens only: with the plain template used
+                               here, every token of a row but its first).
   lora  = 6 * r * (in + out)   per targeted projection: forward 2r(in+out) + backward 4r(in+out).
   attn  = 6 * L * s * d_attn   causal QK^T and AV: forward 2*s*d per layer (halved by causality),
                                backward twice that; s = padded sequence length, d_attn = heads*head_dim.

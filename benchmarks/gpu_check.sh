@@ -2,7 +2,8 @@
 # Everything issue 7 asks of a GPU machine, in one go (one lease is short):
 #   bash benchmarks/gpu_check.sh LOG_DIR
 # 1. versions; 2. tests/gpu; 3. a 2-stage pipeline on one GPU under torchrun (NCCL);
-# 4. the batched LoRA operator in bf16; 5. benchmarks/gpu.py (tokens/s, MFU, peak memory).
+# 4. the batched LoRA operator in bf16; 5. the last stage's head + loss in bf16 (plain vs loss tokens
+# only, Llama-3 vocabulary); 6. benchmarks/gpu.py (tokens/s, MFU, peak memory).
 # Each step has its own time limit and a failing step does not stop the next.
 set -u -o pipefail
 LOG=${1:-gpu-logs}
@@ -17,6 +18,7 @@ step gpu_tests 240 $PY -m pytest -q -p no:cacheprovider -o addopts= tests/gpu -r
 W=$(mktemp -d)
 step nccl_two_stages 150 bash -c "$PY -m mlora_pp.tiny $W/m --layers 4 --init-std 0.06 >/dev/null && sed -e 's#runs/tiny-demo#$W/m#' -e 's#runs/demo#$W/out#' -e 's/float32/bfloat16/' -e 's/epochs: 8/epochs: 1/' configs/demo.yaml > $W/c.yaml && $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m launcher $W/c.yaml && tail -n 3 $W/out/metrics.jsonl"
 step lora_op 150 $PY -m benchmarks.lora_op --device cuda --dtype bfloat16 --tokens 8192 --dims 2048 4096 --out "$LOG/lora_op.json"
+step head_loss 120 $PY -m benchmarks.head_loss --device cuda --dtype bfloat16 --dim 2048 --rows 16 --seq 512 --out "$LOG/head_loss.json"
 step gpu_bench 330 $PY -m benchmarks.gpu
 cp benchmarks/results/gpu-*.json "$LOG/" 2>/dev/null
 rm -rf "$W"

@@ -113,6 +113,16 @@ class AdapterJob:
         evals = tuple(EvalPoint(k, evaluation) for k in self.eval_points if k > self.steps_done)
         return JobSteps(self.name, tuple(micro_batches), first_step=self.steps_done, evals=evals)
 
+    def token_counts(self) -> tuple[int, int]:
+        """(loss tokens, padded tokens) of all its training micro-batches: what the head and what the
+        decoder layers run on."""
+        loss = padded = 0
+        for plan in self.plans:
+            loss += plan.loss_tokens
+            for ids in plan.micro_batches:
+                padded += len(ids) * max(len(self.examples[i].input_ids) for i in ids)
+        return loss, padded
+
     def halve_micro_batches(self) -> bool:
         """Re-plan with micro-batches of half the rows (or half the token budget); False when they are
         one row already. The steps keep their rows, and a row's dropout key is its place in the step,

@@ -187,13 +187,13 @@ def probe(worker, micro_batches: Sequence[MicroBatch]) -> list[tuple[int, int, i
     generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG as training expects it
     samples = []
     for mb in micro_batches:
-        input_ids, x, labels, batch = worker.probe_inputs(mb, generator)
+        input_ids, x, where, batch = worker.probe_inputs(mb, generator)
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
         with meter.measure() as held:
-            out, total, _ = worker._compute(mb, x, labels, batch)
+            out, total, _ = worker._compute(mb, x, where, batch)
         worker.probe_backward(out, total, generator)
         if cuda:
             torch.cuda.synchronize(device)

@@ -29,6 +29,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from mlora_pp.config import LORA_TARGETS
+from mlora_pp.head_loss import LossTokens, head_loss
 from mlora_pp.lora import BatchedLoRALinear, LoRABatch, LoRAContext
 from mlora_pp.quantize import MODES as QUANTIZE_MODES
 from mlora_pp.quantize import QuantizeError, quantize_linear, release_freed_memory
@@ -447,8 +448,9 @@ class StageModel(nn.Module):
         finally:
             self.context.batch = previous
 
-    def forward(self, inputs: torch.Tensor, batch: LoRABatch | None) -> torch.Tensor:
-        """Token ids [rows, L] (first stage) or hidden states [rows, L, d] -> hidden states or fp32 logits.
+    def forward(self, inputs: torch.Tensor, batch: LoRABatch | None, head: bool = True) -> torch.Tensor:
+        """Token ids [rows, L] (first stage) or hidden states [rows, L, d] -> hidden states or fp32 logits
+        (the last stage; with `head=False` its hidden states before the final norm, for `head_loss`).
 
         Rows are right-padded: with causal attention real tokens never attend to padding, so no
         padding mask is needed and a row's result does not depend on how long its micro-batch is.
@@ -472,11 +474,19 @@ class StageModel(nn.Module):
                     )
                 else:
                     hidden = self.layers[str(i)](hidden, **kwargs)
-            if self.lm_head is not None:
+            if self.lm_head is not None and head:
                 hidden = self.lm_head(self.norm(hidden)).float()
             return hidden
         finally:
             self.context.batch = None
+
+    def head_loss(self, hidden: torch.Tensor, where: LossTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last stage's loss from its hidden states before the norm [rows, L, d]: (the weighted sum
+        of the loss tokens' cross-entropy, to backpropagate; each part's summed cross-entropy [parts],
+        detached). Norm and lm_head run on the loss tokens only (`mlora_pp.head_loss`)."""
+        if self.lm_head is None:
+            raise ModelError("head_loss: this stage has no lm_head (it is not the last stage)")
+        return head_loss(hidden, self.norm, self.lm_head.weight, where)
 
 
 def build_stage(

@@ -2,7 +2,9 @@
 
 With ``balance: auto`` cost is estimated per token from the shapes (multiply-adds of the frozen
 projections), so the embedding (a lookup, nearly free) and the norm + lm_head (a vocab x hidden
-GEMM, often worth most of a layer on small models) count as work on the first and last stage.
+GEMM, often worth most of a layer on small models) count as work on the first and last stage. The
+head runs on the loss tokens only (`mlora_pp.head_loss`), so it is counted at their share of the
+padded tokens the layers run on.
 With ``balance: profile`` the same split runs on measured seconds (`mlora_pp.profiling`), where a
 layer may cost differently on each stage's machine (`split_layers`).
 """
@@ -20,15 +22,16 @@ class PartitionError(ValueError):
     """A split that cannot work; the message says why."""
 
 
-def layer_costs(config: PretrainedConfig) -> tuple[float, float, float]:
-    """(embedding, one decoder layer, norm + lm_head) cost per token, in multiply-adds."""
+def layer_costs(config: PretrainedConfig, head_share: float = 1.0) -> tuple[float, float, float]:
+    """(embedding, one decoder layer, norm + lm_head) cost per padded token, in multiply-adds; the
+    head's at `head_share` loss tokens per padded token."""
     d, inter = config.hidden_size, config.intermediate_size
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or d // heads
     attn = d * heads * head_dim * 2 + d * kv * head_dim * 2  # q, o and k, v
     mlp = 3 * d * inter
-    return float(d), float(attn + mlp), float(d * config.vocab_size + d)
+    return float(d), float(attn + mlp), float(d * config.vocab_size + d) * head_share
 
 
 def balance(num_layers: int, num_stages: int, layer: float, head: float, embed: float) -> list[int]:
@@ -86,8 +89,10 @@ def stage_specs(counts: list[int]) -> list[StageSpec]:
     return specs
 
 
-def plan_stages(config: PretrainedConfig, num_stages: int, balance_spec: str | list[int] = "auto") -> list[StageSpec]:
-    """The stages for `num_stages` ranks: balanced automatically, or from explicit layer counts.
+def plan_stages(config: PretrainedConfig, num_stages: int, balance_spec: str | list[int] = "auto",
+                head_share: float = 1.0) -> list[StageSpec]:
+    """The stages for `num_stages` ranks: balanced automatically (the head at `head_share` loss
+    tokens per padded token, see `layer_costs`), or from explicit layer counts.
 
     ``profile`` gets the ``auto`` split here, a provisional plan for the checks before any weight is
     read; training replaces it by the profiled one (`mlora_pp.profiling`)."""
@@ -98,5 +103,5 @@ def plan_stages(config: PretrainedConfig, num_stages: int, balance_spec: str | l
         if sum(balance_spec) != num_layers:
             raise PartitionError(f"covers {sum(balance_spec)} layers; the model has {num_layers}")
         return stage_specs(list(balance_spec))
-    embed, layer, head = layer_costs(config)
+    embed, layer, head = layer_costs(config, head_share)
     return stage_specs(balance(num_layers, num_stages, layer, head, embed))

@@ -32,9 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from mlora_pp.data import IGNORE_INDEX
 from mlora_pp.job import AdapterJob
 from mlora_pp.memory import micro_shape
 from mlora_pp.model import StageModel, StageSpec, build_stage
@@ -179,14 +177,15 @@ def measure(model_dir: str | Path, jobs: dict[str, AdapterJob], schedule: Schedu
         c = job.config
         stage.add_adapter(c.name, c.rank, c.alpha, c.dropout, list(c.target_modules), seed=seed)
     mb = representative(schedule)
-    input_ids, labels, batch = StageWorker(stage, jobs, schedule, device=device).inputs(mb)
+    # as the last stage: it also finds the loss tokens
+    last = StageWorker(stage, jobs, schedule, stage_index=schedule.num_stages - 1, device=device)
+    input_ids, where, batch = last.inputs(mb)
     try:
         with torch.no_grad():
             hidden = stage.embed_tokens(input_ids)
         hidden.requires_grad_(True)
         generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG as training expects it
         grad_out = torch.randn(hidden.shape, generator=generator, device=device, dtype=hidden.dtype)
-        loss_tokens = [max(int((labels[s.row_start:s.row_end, 1:] != IGNORE_INDEX).sum()), 1) for s in batch.segments]
 
         def embed() -> None:
             with torch.no_grad():
@@ -198,15 +197,8 @@ def measure(model_dir: str | Path, jobs: dict[str, AdapterJob], schedule: Schedu
             torch.autograd.backward(out, grad_out)
             hidden.grad = None
 
-        def head() -> None:  # as the last stage computes it: one summed cross-entropy per job's part
-            logits = stage.lm_head(stage.norm(hidden)).float()
-            total = logits.new_zeros(())
-            for segment, tokens in zip(batch.segments, loss_tokens):
-                rows = slice(segment.row_start, segment.row_end)
-                part = logits[rows, :-1]
-                ce = F.cross_entropy(part.reshape(-1, part.shape[-1]), labels[rows, 1:].reshape(-1),
-                                     ignore_index=IGNORE_INDEX, reduction="sum")
-                total = total + ce / tokens
+        def head() -> None:  # as the last stage computes it: norm, lm_head and loss on the loss tokens
+            total, _ = stage.head_loss(hidden, where)
             total.backward()
             hidden.grad = None
 
@@ -352,8 +344,8 @@ def measure_fusion(worker: StageWorker, probe: FusionProbe, repeats: int = FUSIO
 
     def forward_backward(mb: MicroBatch) -> Callable[[], None]:
         def run() -> None:
-            _, x, labels, batch = worker.probe_inputs(mb, generator)
-            out, total, _ = worker._compute(mb, x, labels, batch)
+            _, x, where, batch = worker.probe_inputs(mb, generator)
+            out, total, _ = worker._compute(mb, x, where, batch)
             worker.probe_backward(out, total, generator)
         return run
 

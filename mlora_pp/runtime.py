@@ -26,10 +26,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
-from mlora_pp.data import IGNORE_INDEX, collate
+from mlora_pp.data import collate
 from mlora_pp.faults import Fault
+from mlora_pp.head_loss import LossTokens
 from mlora_pp.job import AdapterJob
 from mlora_pp.lora import LoRABatch, LoRASegment
 from mlora_pp.memory import SavedTensorMeter, live_job_bytes
@@ -135,8 +135,9 @@ class StageWorker:
     def is_last(self) -> bool:
         return self.stage_index == self.num_stages - 1
 
-    def inputs(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, LoRABatch]:
-        """Token ids and labels [rows, L] of a micro-batch, and its LoRA row layout."""
+    def inputs(self, mb: MicroBatch) -> tuple[torch.Tensor, LossTokens | None, LoRABatch]:
+        """Token ids [rows, L] of a micro-batch, where its loss is (last stage only; None elsewhere),
+        and its LoRA row layout. A training part's loss tokens weigh 1 / its job's step loss tokens."""
         rows = [ex for part in mb.parts for ex in self.jobs[part.job].part_rows(part)]
         pad_id = self.stage.config.pad_token_id if self.stage.config.pad_token_id is not None else 0
         input_ids, labels = collate(rows, pad_id)
@@ -148,14 +149,19 @@ class StageWorker:
             segments.append(LoRASegment(part.job, start, start + len(keys), keys))
             start += len(keys)
         batch = LoRABatch(tuple(segments), seq_len=input_ids.shape[1], training=not mb.eval)
-        return input_ids.to(self.device), labels.to(self.device), batch
+        where = None
+        if self.is_last:
+            weights = [1.0 if part.eval else 1.0 / max(self.jobs[part.job].plans[part.step].loss_tokens, 1)
+                       for part in mb.parts]
+            where = LossTokens.find(labels, [(s.row_start, s.row_end) for s in segments], weights, self.device)
+        return input_ids.to(self.device), where, batch
 
     def probe_inputs(self, mb: MicroBatch, generator: torch.Generator
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, LoRABatch]:
+                     ) -> tuple[torch.Tensor, torch.Tensor, LossTokens | None, LoRABatch]:
         """For start-up probes outside the schedule: token ids, this stage's input (random
-        activations on later stages: only their shape matters), labels and LoRA layout of `mb`.
+        activations on later stages: only their shape matters), loss tokens and LoRA layout of `mb`.
         Adjacent parts of one job form one segment, as one micro-batch of that job's rows would."""
-        input_ids, labels, batch = self.inputs(mb)
+        input_ids, where, batch = self.inputs(mb)
         segments: list[LoRASegment] = []
         for seg in batch.segments:
             if segments and segments[-1].adapter == seg.adapter:
@@ -167,7 +173,7 @@ class StageWorker:
         if not self.is_first:
             x = torch.randn(self.activation_shape(mb), generator=generator, device=self.device,
                             dtype=self.stage.dtype).requires_grad_(True)
-        return input_ids, x, labels, batch
+        return input_ids, x, where, batch
 
     def probe_backward(self, out: torch.Tensor, total: torch.Tensor | None, generator: torch.Generator) -> None:
         """The backward of a probe's `_compute`: from the loss on the last stage, else from a random
@@ -199,9 +205,9 @@ class StageWorker:
         return posted
 
     def forward(self, mb: MicroBatch) -> None:
-        input_ids, labels, batch = self.inputs(mb)
+        input_ids, where, batch = self.inputs(mb)
         if mb.eval:
-            self.evaluate(mb, input_ids, labels, batch)
+            self.evaluate(mb, input_ids, where, batch)
             return
         received = None
         if self.is_first:
@@ -217,17 +223,17 @@ class StageWorker:
                 if self.on_start is not None:
                     self.on_start(part.job)
         if self.meter is None:
-            out, total, part_losses = self._compute(mb, x, labels, batch)
+            out, total, part_losses = self._compute(mb, x, where, batch)
         else:
             with self.meter.measure() as held:
-                out, total, part_losses = self._compute(mb, x, labels, batch)
+                out, total, part_losses = self._compute(mb, x, where, batch)
             self._held[mb.id] = held[0]
         if not self.is_last:
             assert self.transport is not None
             self.transport.send(out, self.stage_index + 1, ACTIVATION, mb.id)
         self._in_flight[mb.id] = _InFlight(total if self.is_last else out, received, part_losses)
 
-    def evaluate(self, mb: MicroBatch, input_ids: torch.Tensor, labels: torch.Tensor, batch: LoRABatch) -> None:
+    def evaluate(self, mb: MicroBatch, input_ids: torch.Tensor, where: LossTokens | None, batch: LoRABatch) -> None:
         """The forward of an evaluation micro-batch: no graph, nothing kept for a backward. The last
         stage adds each part's summed cross-entropy to its evaluation and reports the evaluation
         once its last micro-batch is in (a single device sync per evaluation)."""
@@ -236,52 +242,40 @@ class StageWorker:
             assert self.transport is not None
             x = self.transport.recv(self.stage_index - 1, ACTIVATION, mb.id, self.activation_shape(mb), self.stage.dtype)
         with torch.no_grad():
-            out = self.stage(x, batch)
+            out = self.stage(x, batch, head=False)
+            if self.is_last:
+                assert where is not None
+                _, sums = self.stage.head_loss(out, where)
         if not self.is_last:
             assert self.transport is not None
             self.transport.send(out, self.stage_index + 1, ACTIVATION, mb.id)
             return
-        for segment, part in zip(batch.segments, mb.parts):
+        for i, part in enumerate(mb.parts):
             job = self.jobs[part.job]
-            rows = slice(segment.row_start, segment.row_end)
-            with torch.no_grad():
-                ce = F.cross_entropy(out[rows, :-1].reshape(-1, out.shape[-1]), labels[rows, 1:].reshape(-1),
-                                     ignore_index=IGNORE_INDEX, reduction="sum")
-            sums = job.eval_sums.setdefault(part.step, [out.new_zeros((), dtype=torch.float64), 0])
-            sums[0] = sums[0] + ce.double()
-            sums[1] += sum(ex.loss_tokens for ex in job.part_rows(part))
+            evaluation = job.eval_sums.setdefault(part.step, [sums.new_zeros((), dtype=torch.float64), 0])
+            evaluation[0] = evaluation[0] + sums[i].double()
+            evaluation[1] += where.counts[i]
             if part.last_in_step:
                 total, loss_tokens = job.eval_sums.pop(part.step)
                 if self.on_eval is not None:
                     self.on_eval(EvalRecord(part.job, part.step, float(total) / max(loss_tokens, 1), loss_tokens))
 
     def _compute(
-        self, mb: MicroBatch, x: torch.Tensor, labels: torch.Tensor, batch: LoRABatch
+        self, mb: MicroBatch, x: torch.Tensor, where: LossTokens | None, batch: LoRABatch
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[str, torch.Tensor, int, int]]]:
-        """The stage's forward; on the last stage also each part's loss over its job's step tokens."""
-        out = self.stage(x, batch)
+        """The stage's forward; on the last stage also the loss to backpropagate (each part's summed
+        cross-entropy over its job's step loss tokens) and each part's (job, summed cross-entropy,
+        loss tokens, tokens)."""
         if not self.is_last:
-            return out, None, []
-        total = out.new_zeros(())
+            return self.stage(x, batch), None, []
+        assert where is not None
+        hidden = self.stage(x, batch, head=False)
+        total, sums = self.stage.head_loss(hidden, where)
         part_losses = []
-        for segment, part in zip(batch.segments, mb.parts):
-            job = self.jobs[part.job]
-            plan = job.plans[part.step]
-            rows = slice(segment.row_start, segment.row_end)
-            part_logits = out[rows, :-1]
-            part_labels = labels[rows, 1:]
-            ce = F.cross_entropy(
-                part_logits.reshape(-1, part_logits.shape[-1]),
-                part_labels.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            total = total + ce / plan.loss_tokens
-            rows_of_part = job.rows(part.step, part.micro)  # counts come from the data plan: no device sync
-            tokens = sum(len(ex.input_ids) for ex in rows_of_part)
-            loss_tokens = sum(ex.loss_tokens for ex in rows_of_part)
-            part_losses.append((part.job, ce.detach(), loss_tokens, tokens))
-        return out, total, part_losses
+        for i, part in enumerate(mb.parts):
+            tokens = sum(len(ex.input_ids) for ex in self.jobs[part.job].rows(part.step, part.micro))
+            part_losses.append((part.job, sums[i], where.counts[i], tokens))
+        return hidden, total, part_losses
 
     def backward(self, mb: MicroBatch) -> None:
         flight = self._in_flight.pop(mb.id)

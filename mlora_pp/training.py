@@ -20,6 +20,7 @@ import math
 import os
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from mlora_pp.memory import (
 )
 from mlora_pp.metrics import MetricsLog, ProgressBoard
 from mlora_pp.model import StageModel, StageSpec, build_stage
-from mlora_pp.partition import stage_specs
+from mlora_pp.partition import plan_stages, stage_specs
 from mlora_pp.peft_format import AdapterSpec, save_adapter
 from mlora_pp.preflight import (  # noqa: F401 (load_tokenizer re-exported)
     agree, check_inputs, check_output_dir, first_line, load_tokenizer, source,
@@ -117,6 +118,14 @@ def prepare_jobs(cfg: RunConfig, tokenizer) -> dict[str, AdapterJob]:
             field_name = "eval_data" if isinstance(exc, EvalDataError) else "data"
             raise DataError(f"{source(cfg)}: jobs[{i}].{field_name}: {exc}") from exc
     return jobs
+
+
+def head_share(jobs: Iterable[AdapterJob]) -> float:
+    """Loss tokens per padded token over every job's training micro-batches (1 with none): the share
+    of a micro-batch the last stage's head runs on (`mlora_pp.head_loss`), for `balance: auto`."""
+    counts = [job.token_counts() for job in jobs]
+    padded = sum(p for _, p in counts)
+    return sum(loss for loss, _ in counts) / padded if padded else 1.0
 
 
 def attach_adapters(stage: StageModel, jobs: dict[str, AdapterJob], seed: int) -> None:
@@ -486,7 +495,10 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         check_writable(cfg, env.rank, where)  # every rank writes its own checkpoint parts
         jobs = prepare_jobs(cfg, checked.tokenizer)
         plan = plan_resume(cfg, fresh, where) if env.rank == 0 else None
-        return checked.specs, jobs, plan, checked.tokenizer
+        specs = checked.specs
+        if cfg.pipeline.balance == "auto" and env.world > 1:  # the head's share of tokens is known now
+            specs = plan_stages(checked.hf_config, env.world, "auto", head_share=head_share(jobs.values()))
+        return specs, jobs, plan, checked.tokenizer
 
     # Bad input anywhere (a config that no longer fits its checkpoints included) ends every rank with
     # the same line, before any weight is read.

@@ -1,6 +1,6 @@
 """Benchmark scripts stay runnable: their smoke modes run the same code path at a tiny size."""
 
-from benchmarks import gpu
+from benchmarks import gpu, head_loss
 
 
 def test_gpu_benchmark_smoke_runs_on_any_device(capsys):
@@ -18,3 +18,9 @@ def test_flops_formula_counts_frozen_base_as_4n():
     assert f["base"] == 4 * n_lin
     assert f["lora_per_job_token"] == 2 * 6 * 8 * ((128 + 128) * 2 + (128 + 64) * 2 + (128 + 256) * 2 + (256 + 128))
     assert f["attn"] == 6 * 2 * 32 * 128
+
+
+def test_head_loss_benchmark_quick_runs(capsys):
+    assert head_loss.main(["--quick"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1000 |")]
+    assert len(rows) == 1 and "x |" in rows[0]

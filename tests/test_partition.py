@@ -56,3 +56,48 @@ def test_config_rejects_a_stage_without_layers():
     raw = {"model": {"path": "m"}, "pipeline": {"balance": [3, 0]}, "jobs": [{"name": "a", "data": "d.jsonl"}]}
     with pytest.raises(ConfigError, match="pipeline.balance: every stage needs at least one layer"):
         parse_config(raw, "run.yaml")
+
+
+def test_auto_counts_the_head_on_loss_tokens_only():
+    """A Llama-3.2-1B-shaped model: its 2048 x 128256 head is worth 4.3 layers per token, but the
+    head runs on the loss tokens only, so with half the tokens in prompts it is worth half that."""
+    config = build_config(build_tokenizer(), layers=16, hidden=2048, heads=32, kv_heads=8, intermediate=8192,
+                          vocab=128_256)
+    layer = 2048 * 2048 * 2 + 2048 * 512 * 2 + 3 * 2048 * 8192  # q, o; k, v; gate, up, down
+    splits = {}
+    for share in (1.0, 0.5, 0.1):
+        counts = [s.last_layer - s.first_layer for s in plan_stages(config, 4, "auto", head_share=share)]
+        assert counts == brute_force(16, 4, layer, (2048 * 128_256 + 2048) * share, 2048)[1]
+        splits[share] = counts
+    assert splits[1.0][-1] < splits[0.5][-1] < splits[0.1][-1]
+
+
+def test_head_share_is_loss_tokens_over_padded_tokens(tmp_path):
+    import json
+
+    from mlora_pp.config import JobConfig
+    from mlora_pp.data import IGNORE_INDEX, collate
+    from mlora_pp.job import load_job
+    from mlora_pp.training import head_share
+
+    tokenizer = build_tokenizer()
+    jobs = []
+    for k, template in enumerate(("alpaca", "plain")):
+        path = tmp_path / f"{template}.jsonl"
+        words = ["the", "of", "and", "to", "in", "is"]
+        with path.open("w") as f:
+            for i in range(7):
+                text = " ".join(words[(i + j) % 6] for j in range(2 + 3 * i % 7))
+                f.write(json.dumps({"instruction": "say " + text, "output": text, "text": text}) + "\n")
+        jobs.append(load_job(JobConfig(name=f"j{k}", data=path, template=template, batch_size=4, micro_batch_size=2),
+                             tokenizer, seed=k))
+    loss = padded = 0
+    for job in jobs:
+        for plan in job.plans:
+            for ids in plan.micro_batches:
+                _, labels = collate([job.examples[i] for i in ids], pad_id=0)
+                loss += int((labels[:, 1:] != IGNORE_INDEX).sum())
+                padded += labels.numel()
+    assert 0 < loss < padded
+    assert head_share(jobs) == pytest.approx(loss / padded)
+    assert head_share([]) == 1.0

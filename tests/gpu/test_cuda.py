@@ -1,7 +1,7 @@
 """GPU checks (issue 7): run only where CUDA is present, skipped cleanly elsewhere.
 
-Run on a GPU machine with ``python -m pytest -q tests/gpu``. None of these has run yet: the
-sessions so far had no GPU.
+Run on a GPU machine with ``python -m pytest -q tests/gpu``. All but the head-loss test passed on one
+H100 on 2026-11-24; the head-loss test (2026-12-06) has not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -100,3 +100,32 @@ def test_compiled_dropout_hash_matches_cpu_bit_for_bit():
     assert lora._drop_span_compiled() is not None, "torch.compile was not used on CUDA"
     assert torch.equal(got.cpu(), ref)
     assert 0.0 < float((ref == 0).float().mean()) < 0.2
+
+
+def test_bf16_head_loss_matches_fp32_cross_entropy_on_full_logits():
+    """The last stage's loss on loss tokens only, in chunks, against F.cross_entropy on full fp32 logits."""
+    import torch.nn.functional as F
+
+    from mlora_pp.data import IGNORE_INDEX
+    from mlora_pp.head_loss import LossTokens, linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    rows, length, d, vocab = 4, 96, 256, 32_000
+    hidden = torch.randn(rows, length, d, generator=gen).to("cuda", torch.bfloat16).requires_grad_(True)
+    weight = (torch.randn(vocab, d, generator=gen) * d ** -0.5).to("cuda", torch.bfloat16)
+    labels = torch.randint(0, vocab, (rows, length), generator=gen)
+    labels[:, :40] = IGNORE_INDEX  # prompts
+    labels[1:, 80:] = IGNORE_INDEX  # padding
+    where = LossTokens.find(labels, [(0, 1), (1, rows)], [1 / 55, 1 / 120], "cuda")
+    total, losses = linear_cross_entropy(hidden.reshape(-1, d).index_select(0, where.positions), weight,
+                                         where.targets, where.weights, chunk=64)
+    total.backward()
+    ref_hidden = hidden.detach().float().requires_grad_(True)
+    logits = ref_hidden @ weight.float().t()
+    ref = sum(w * F.cross_entropy(logits[a:b, :-1].reshape(-1, vocab), labels[a:b, 1:].reshape(-1).cuda(),
+                                  ignore_index=IGNORE_INDEX, reduction="sum")
+              for (a, b), w in (((0, 1), 1 / 55), ((1, rows), 1 / 120)))
+    ref.backward()
+    torch.testing.assert_close(total.detach(), ref.detach(), rtol=1e-2, atol=0)
+    torch.testing.assert_close(hidden.grad.float(), ref_hidden.grad, rtol=2e-2,
+                               atol=2e-2 * float(ref_hidden.grad.abs().max()))

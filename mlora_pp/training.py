@@ -206,9 +206,10 @@ def save_adapters(weights: dict[str, dict], cfg: RunConfig, failed: dict[str, tu
     return out
 
 
-def _stage_summary(rank: int, trace: list[TraceEvent], wall_s: float) -> dict:
+def _stage_summary(rank: int, spec: StageSpec, trace: list[TraceEvent], wall_s: float) -> dict:
     busy = sum(e.end - e.start - e.wait for e in trace)
-    return {"event": "stage", "rank": rank, "busy_s": busy, "wall_s": wall_s, "utilization": busy / max(wall_s, 1e-9)}
+    return {"event": "stage", "rank": rank, "first_layer": spec.first_layer, "last_layer": spec.last_layer,
+            "busy_s": busy, "wall_s": wall_s, "utilization": busy / max(wall_s, 1e-9)}
 
 
 def write_trace(path: Path, traces: list[list[TraceEvent]]) -> None:
@@ -739,7 +740,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
             release()
             assert not heard, f"steps not every stage reported, or rank 0 never did: {sorted(heard)}"
         wall = time.perf_counter() - start
-        summary = _stage_summary(env.rank, worker.trace, wall)
+        summary = _stage_summary(env.rank, stage.spec, worker.trace, wall)
         summary["bytes_sent"] = transport.bytes_sent if transport is not None else 0
         if memory is not None:
             if cpu:

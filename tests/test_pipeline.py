@@ -81,6 +81,9 @@ def test_pipeline_equals_single_rank(workspace, single_rank, stages, policy):
     records = [yaml.safe_load(line) for line in (workspace[0] / out / "metrics.jsonl").read_text().splitlines()]
     stage_records = [r for r in records if r.get("event") == "stage"]
     assert [r["rank"] for r in stage_records] == list(range(stages))
+    bounds = [(r["first_layer"], r["last_layer"]) for r in stage_records]
+    assert [first for first, _ in bounds] == [0] + [last for _, last in bounds[:-1]]  # contiguous from layer 0
+    assert bounds[-1][1] == 4 and all(first < last for first, last in bounds)  # make_workspace's 4 layers
     assert {(r["job"], r["step"]) for r in records if "job" in r and "event" not in r} == {
         ("alpha", s) for s in (1, 2, 3)} | {("beta", s) for s in (1, 2)} | {("gamma", s) for s in (1, 2, 3, 4)}
     assert (workspace[0] / out / "trace.json").is_file()

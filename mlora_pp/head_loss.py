@@ -3,8 +3,8 @@
 Computed the plain way (`lm_head(norm(h)).float()` then `F.cross_entropy` with an ignore index),
 the head runs on every position of a micro-batch, prompt and padding included, and autograd keeps
 the fp32 log-probabilities of every position, [tokens, vocab], until the backward. With a
-Llama-3 vocabulary (128k) that is 0.5 MB a token, and the backward's transient copies are twice
-that again: 29 GB for one 16k-token micro-batch, more than all the layers of a 1B model keep.
+Llama-3 vocabulary (128k) that is 0.5 MB a token, and the peak of one forward + backward is about
+2.5 times what is kept (`benchmarks/head_loss.py`: 1,275 MiB for 1024 tokens at hidden 1024).
 
 Here only the positions whose next label counts (`LossTokens`, found on the host from the labels,
 so no device sync) go through the norm and the lm_head, and `LinearCrossEntropy` runs the head a

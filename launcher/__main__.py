@@ -13,7 +13,6 @@ Jobs resume from their checkpoints in output_dir; ``--fresh`` deletes those and 
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import os
 import signal
@@ -67,11 +66,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="delete the jobs' checkpoints in output_dir and start over instead of resuming")
     args = parser.parse_args(argv)
 
+    main_thread = threading.main_thread().ident
+
     def stopped_by_launcher(signum, frame):
         rank = os.environ.get("RANK", "0")
         if stopping.request():  # training: stop at the next decision point with every job checkpointed
-            # training not over in time: this handler runs again and stops the rank at once
-            stopping.arm(threading.Timer(stopping.GRACE_S, _thread.interrupt_main, args=(signal.SIGTERM,)))
+            # Training not over in time: this handler runs again and stops the rank at once. A real
+            # signal to the main thread, not `_thread.interrupt_main`: that one only marks the handler
+            # due, so a main thread blocked in a sleep or a read would not run it until woken.
+            stopping.arm(threading.Timer(stopping.GRACE_S, signal.pthread_kill, args=(main_thread, signal.SIGTERM)))
             if rank == "0":
                 report(f"rank 0: SIGTERM: stopping at the next decision point, every unfinished job checkpointed "
                        f"at its last finished step (at most {stopping.GRACE_S:g} s)")

@@ -191,6 +191,10 @@ def test_frozen_stage_times_out_with_a_message(workspace):
     line = next((l for l in proc.stderr.splitlines() if "timed out after 8s" in l), None)
     assert line is not None, proc.stderr[-4000:]
     assert line.startswith("error: rank 0:") and "from rank 1" in line
+    # rank 1, still hung, gets torchrun's SIGTERM; the graceful stop's deadline then ends it with its
+    # own line, before torchrun's SIGKILL 30 s later (the deadline once only marked the handler due,
+    # which a thread blocked in a sleep never ran)
+    assert "error: rank 1: stopped by the launcher because another rank failed" in proc.stderr, proc.stderr[-4000:]
     assert elapsed < 8 + 60, elapsed
 
 

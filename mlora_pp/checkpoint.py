@@ -56,7 +56,7 @@ RESUME_FIELDS: tuple[str, ...] = (
     "micro_batch_tokens", "epochs", "max_steps", "max_seq_len", "seed",
 )
 """Job fields a checkpoint's state depends on: the LoRA shapes and the data plan. Changing one
-breaks the resume. lr, lr_schedule, warmup_steps, weight_decay and dropout may change: they apply
+breaks the resume. lr, lr_schedule, warmup_steps, weight_decay, max_grad_norm and dropout may change: they apply
 from the resumed step on."""
 
 

@@ -98,6 +98,9 @@ class JobConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    """Clip the job's gradient to this global L2 norm before each step, over all its LoRA weights on
+    every stage (as `torch.nn.utils.clip_grad_norm_`); null: no clipping."""
     batch_size: int = 8
     micro_batch_size: int = 2
     micro_batch_tokens: int | None = None
@@ -305,6 +308,8 @@ def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> 
             raise err(f"{at}.warmup_steps", "must be >= 0")
         if job.weight_decay < 0:
             raise err(f"{at}.weight_decay", "must be >= 0")
+        if job.max_grad_norm is not None and job.max_grad_norm <= 0:
+            raise err(f"{at}.max_grad_norm", f"must be positive (or null: no clipping); got {job.max_grad_norm}")
         if job.batch_size < 1:
             raise err(f"{at}.batch_size", f"must be a positive integer; got {job.batch_size}")
         if job.micro_batch_size < 1:

@@ -169,9 +169,19 @@ class AdapterJob:
         factor = lr_factor(self.steps_done, self.total_steps, self.config.lr_schedule, self.config.warmup_steps)
         return self.config.lr * factor
 
-    def optimizer_step(self) -> float:
-        """Apply the accumulated gradients of the current step; returns the learning rate used."""
+    def optimizer_step(self, grad_norm: float | None = None) -> float:
+        """Apply the accumulated gradients of the current step; returns the learning rate used.
+
+        With `max_grad_norm`, `grad_norm` is the job's total gradient norm over every stage, and the
+        gradients are first scaled as `torch.nn.utils.clip_grad_norm_` scales them.
+        """
         assert self.optimizer is not None, "make_optimizer first"
+        if self.config.max_grad_norm is not None:
+            assert grad_norm is not None, f"{self.name}: max_grad_norm needs the total gradient norm"
+            coef = min(self.config.max_grad_norm / (grad_norm + 1e-6), 1.0)
+            grads = [p.grad for p in self._params() if p.grad is not None]
+            if coef < 1.0 and grads:
+                torch._foreach_mul_(grads, coef)
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -196,6 +206,14 @@ class AdapterJob:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer.state.clear()
+
+    def gradient_square_sum(self) -> float:
+        """Sum of the squares of this job's gradients on this stage (one device sync): the stages'
+        sums add up to the square of the job's total gradient norm."""
+        grads = [p.grad.detach() for p in self._params() if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.stack(torch._foreach_norm(grads, 2)).double().square().sum())
 
     def gradients_finite(self) -> bool:
         """Whether every gradient of this job on this stage is finite (one device sync)."""

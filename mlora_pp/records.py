@@ -16,6 +16,7 @@ sender ends its stream with an end marker, so the number of records need not be 
 from __future__ import annotations
 
 import datetime
+import math
 import queue
 import threading
 import time
@@ -27,7 +28,10 @@ import torch.distributed as dist
 from mlora_pp.runtime import FAILURES, EvalRecord, StepRecord
 from mlora_pp.transport import PendingSends, PipelineError
 
-_FIELDS = 8  # job index, step, loss, loss_tokens, tokens, lr, status (0 ok, -1 skipped, -2 eval, k: FAILURES[k - 1]), stage
+# job index, step, loss, loss_tokens, tokens, lr, status (0 ok, -1 skipped, -2 eval, k: FAILURES[k - 1]),
+# stage, grad_norm (NaN: none)
+_FIELDS = 9
+_STAGE = 7  # the field that names the sender (also in the end marker)
 _EVAL = -2  # status of an evaluation's record
 _TAG = 0
 _END = -1  # job index of the end marker
@@ -39,10 +43,11 @@ bounds the final wait by the pipeline timeout."""
 
 def _encode(job: int, record: StepRecord | EvalRecord, stage: int) -> torch.Tensor:
     if isinstance(record, EvalRecord):
-        values = [job, record.step, record.loss, record.loss_tokens, 0, 0.0, _EVAL, stage]
+        values = [job, record.step, record.loss, record.loss_tokens, 0, 0.0, _EVAL, stage, math.nan]
         return torch.tensor(values, dtype=torch.float64)
     status = -1 if record.skipped else (FAILURES.index(record.failure) + 1 if record.failure else 0)
-    values = [job, record.step, record.loss, record.loss_tokens, record.tokens, record.lr, status, stage]
+    grad_norm = math.nan if record.grad_norm is None else record.grad_norm
+    values = [job, record.step, record.loss, record.loss_tokens, record.tokens, record.lr, status, stage, grad_norm]
     return torch.tensor(values, dtype=torch.float64)
 
 
@@ -69,7 +74,7 @@ class RecordSender:
     def finish(self, timeout_s: float) -> None:
         """Send the end marker, then wait (at most `timeout_s`) for every send."""
         end = torch.full((_FIELDS,), float(_END), dtype=torch.float64)
-        end[-1] = self.rank
+        end[_STAGE] = self.rank
         what = f"ending the step records to rank {self.dst}"
         try:
             self._pending.add(dist.isend(end, self.dst, group=self.group, tag=_TAG), what, self.dst, end)
@@ -110,7 +115,7 @@ class RecordInbox:
         if isinstance(item, BaseException):
             raise PipelineError(f"rank {rank}: lost {self._waiting()} while waiting for step records "
                                 f"({item})") from None
-        job, step, loss, loss_tokens, tokens, lr, status, stage = item.tolist()
+        job, step, loss, loss_tokens, tokens, lr, status, stage, grad_norm = item.tolist()
         if job == _END:
             self.open.discard(int(stage))
             return
@@ -120,7 +125,7 @@ class RecordInbox:
             return
         failure = FAILURES[int(status) - 1] if status > 0 else None
         self.deliver(StepRecord(self.names[int(job)], int(step), loss, int(loss_tokens), int(tokens), lr, failure,
-                                status < 0), int(stage))
+                                status < 0, None if math.isnan(grad_norm) else grad_norm), int(stage))
 
     @property
     def ended(self) -> bool:

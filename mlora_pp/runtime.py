@@ -29,6 +29,7 @@ import torch
 
 from mlora_pp.data import collate
 from mlora_pp.faults import Fault
+from mlora_pp.grad_norm import GradNorm, GradNormChannel
 from mlora_pp.head_loss import LossTokens
 from mlora_pp.job import AdapterJob
 from mlora_pp.lora import LoRABatch, LoRASegment
@@ -53,6 +54,8 @@ class StepRecord:
     """Set on the step that failed the job: one of `FAILURES` (the update was skipped)."""
     skipped: bool = False
     """The job had failed at an earlier step: nothing was updated."""
+    grad_norm: float | None = None
+    """With `max_grad_norm`: the job's total gradient norm before clipping, over every stage."""
 
 
 FAILURES: tuple[str, ...] = ("non-finite loss", "non-finite gradients", "non-finite weights")
@@ -112,6 +115,8 @@ class StageWorker:
     """On the last stage: a job's evaluation finished (every held-out micro-batch forwarded)."""
     meter: SavedTensorMeter | None = None
     """Counts the bytes autograd keeps per micro-batch (CPU memory accounting; None: not counted)."""
+    norms: GradNormChannel | None = None
+    """Gradient norms across stages, for jobs with `max_grad_norm` (None: one stage, or not set up)."""
     static_bytes: int = 0
     peak_bytes: int = 0
     """With `meter`: the most bytes this stage's tensors held after any action (see mlora_pp.memory)."""
@@ -122,6 +127,10 @@ class StageWorker:
     _held: dict[int, int] = field(default_factory=dict)
     _job_bytes: dict[str, int] = field(default_factory=dict)
     _started: set[str] = field(default_factory=set)
+    _deferred: dict[str, int] = field(default_factory=dict)
+    """Stages > 0: clipped jobs whose step waits for its total gradient norm from rank 0 (job -> step)."""
+    _stage0: tuple[Schedule, dict[tuple[str, int], int], dict[int, int]] | None = None
+    """For `_due`: the schedule, and where each step and each forward is in stage 0's actions."""
 
     @property
     def num_stages(self) -> int:
@@ -204,7 +213,32 @@ class StageWorker:
             posted += 1
         return posted
 
+    def _due(self, mb: MicroBatch) -> list[str]:
+        """Deferred steps to apply before forwarding `mb`: those rank 0 took before it forwarded `mb`.
+
+        Rank 0 sent their totals then, and `mb`'s activation comes after them, so waiting for them here
+        never waits longer than for `mb` itself. It applies a step within a few slots of this stage's
+        own, so a job's gradients and AdamW state do not outlive its last step by long (the memory
+        model frees them there), and always before the job's own next forward.
+        """
+        if not self._deferred:
+            return []
+        if self._stage0 is None or self._stage0[0] is not self.schedule:
+            steps, forwards = {}, {}
+            for i, action in enumerate(self.schedule.stages[0]):
+                if action.kind == "S":
+                    steps[(action.job, action.step)] = i
+                elif action.kind == "F":
+                    forwards[action.micro_batch] = i
+            self._stage0 = (self.schedule, steps, forwards)
+        _, steps, forwards = self._stage0
+        at = forwards[mb.id]
+        return [job for job, step in self._deferred.items()
+                if steps[(job, step)] < at or any(part.job == job for part in mb.parts)]
+
     def forward(self, mb: MicroBatch) -> None:
+        for job in self._due(mb):  # before the job's own next forward at the latest: its weights must be updated
+            self.apply_deferred(job)
         input_ids, where, batch = self.inputs(mb)
         if mb.eval:
             self.evaluate(mb, input_ids, where, batch)
@@ -297,29 +331,67 @@ class StageWorker:
             stats.tokens += tokens
 
     def optimizer_step(self, job_name: str, step: int) -> None:
+        """The job's step `step` on this stage. A job with `max_grad_norm` on several stages needs its
+        total gradient norm (`mlora_pp.grad_norm`): rank 0 gathers it and steps; a later stage sends
+        its part and steps once the total is back (`apply_deferred`)."""
         job = self.jobs[job_name]
         assert job.steps_done == step, f"{job_name}: step {step} out of order (done {job.steps_done})"
+        if job.config.max_grad_norm is None:
+            self._step(job, step, None)
+            return
+        square_sum = job.gradient_square_sum()
+        if self.num_stages == 1:
+            self._step(job, step, GradNorm(square_sum ** 0.5))
+            return
+        assert self.norms is not None, "max_grad_norm on several stages needs a GradNormChannel"
+        if self.is_first:
+            self._step(job, step, self.norms.total(job_name, step, square_sum))
+        else:
+            self.norms.send_part(job_name, step, square_sum)
+            self._deferred[job_name] = step
+
+    def apply_deferred(self, job_name: str | None = None) -> None:
+        """Take the total gradient norm of a deferred step (every one's, without a job) and step."""
+        for name in [job_name] if job_name is not None else list(self._deferred):
+            step = self._deferred.pop(name)
+            assert self.norms is not None
+            self._step(self.jobs[name], step, self.norms.receive_total(name, step))
+            if self.meter is not None:
+                self._job_bytes[name] = live_job_bytes([self.jobs[name]])
+
+    def _step(self, job: AdapterJob, step: int, total: GradNorm | None) -> None:
+        """The update itself, or its skip when the job fails here (`total`: with `max_grad_norm`)."""
+        job_name = job.name
         stats = job.stats
         job.stats = type(stats)()
         loss = float(stats.loss_sum) / max(stats.loss_tokens, 1) if self.is_last else 0.0
-        failure, skipped = None, job.failed is not None
+        failure, skipped, elsewhere = None, job.failed is not None, False
         if not skipped:
             if not math.isfinite(loss):
                 failure = FAILURES[0]
             elif not job.gradients_finite():
                 failure = FAILURES[1]
-        if skipped or failure is not None:
+            elif total is not None and not math.isfinite(total.norm):
+                if total.origin in (-1, self.stage_index):  # no stage's part, or this one's, is to blame
+                    failure = FAILURES[1]
+                else:  # another stage's gradients: the job fails here too, and that stage reports it
+                    elsewhere = True
+        if skipped or elsewhere or failure is not None:
             lr = job.current_lr()
             job.skip_step()
         else:
-            lr = job.optimizer_step()
+            lr = job.optimizer_step(None if total is None else total.norm)
             if self.after_step is not None and not self.after_step(job):
                 failure = FAILURES[2]  # applied but never saved: the last good state is an earlier checkpoint
         if failure is not None:
             self._fail(job, step, failure)
+        if elsewhere:
+            assert total is not None
+            job.failed, job.failed_step = f"{FAILURES[1]} at step {step + 1} on stage {total.origin}", step
         if self.on_step is not None:  # the loss is known on the last stage only
             self.on_step(StepRecord(job=job_name, step=job.steps_done, loss=loss, loss_tokens=stats.loss_tokens,
-                                    tokens=stats.tokens, lr=lr, failure=failure, skipped=skipped))
+                                    tokens=stats.tokens, lr=lr, failure=failure, skipped=skipped or elsewhere,
+                                    grad_norm=None if total is None else total.norm))
         if job.steps_done == job.total_steps:
             job.release_state()
 
@@ -366,10 +438,12 @@ class StageWorker:
             points = [] if self.replan is None else self.replan.points(self.schedule)
             count, cut = self._execute(actions, fault, count, points)
             if cut is None:
+                self.apply_deferred()
                 break
             position, point, change = cut
             tail = cut_actions(self.schedule, self.stage_index, position, point)
             count, _ = self._execute(tail, fault, count, [])
+            self.apply_deferred()  # the old plan's steps are all done before the next plan starts
             following = self.replan.apply(change, self.schedule, point)
             if self.meter is not None:  # cancelled jobs freed their state, submitted ones added weights
                 self._job_bytes = {name: live_job_bytes([job]) for name, job in self.jobs.items()}
@@ -377,6 +451,8 @@ class StageWorker:
             if following is None:  # every job left was cancelled
                 break
             self.schedule = following
+        if self.norms is not None:
+            self.norms.flush()
         if self.transport is not None:
             self.transport.flush()
 

@@ -38,6 +38,7 @@ from mlora_pp.config import ConfigError, RunConfig, parse_config
 from mlora_pp.control import CONTROL, Accepted, ControlDir, PlanChannel, config_mapping
 from mlora_pp.data import DataError
 from mlora_pp.early_stop import EarlyStopping
+from mlora_pp.grad_norm import GradNormChannel
 from mlora_pp.job import AdapterJob, EvalDataError, load_job
 from mlora_pp.lora import warm_up_dropout
 from mlora_pp.memory import (
@@ -544,16 +545,18 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         schedule = memory.schedule
 
     is_rank0, last = env.rank == 0, env.world - 1
-    control = records = plans = None
+    control = records = plans = norms = None
     transport = None
     if env.world > 1:
-        # Headers and the final merge (control), and step records (their own group, so a posted record
-        # receive can never match a header) go over Gloo with CPU tensors whatever the data backend.
+        # Headers and the final merge (control), step records and clipped jobs' gradient norms (each on
+        # its own group, so a posted receive of one can never match another) go over Gloo with CPU
+        # tensors whatever the data backend.
         timeout = datetime.timedelta(seconds=cfg.pipeline.timeout_s)
         try:
             control = dist.new_group(backend="gloo", timeout=timeout)
             records = dist.new_group(backend="gloo", timeout=timeout)
             plans = dist.new_group(backend="gloo", timeout=timeout)
+            norms = dist.new_group(backend="gloo", timeout=timeout)
         except RuntimeError as exc:
             raise PipelineError(f"rank {env.rank}: lost a rank while setting up the control groups ({exc})") from None
         transport = StageTransport(env.rank, cfg.pipeline.timeout_s, device, group=None, header_group=control)
@@ -644,8 +647,11 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         if record.skipped or (record.job in failed and record.step > failed[record.job][0]):
             return  # a good step may be heard of after another stage failed the job's next one
         final_loss[record.job] = record.loss
-        metrics.write({"job": record.job, "step": record.step, "loss": record.loss, "tokens": record.tokens,
-                       "loss_tokens": record.loss_tokens, "lr": record.lr, "time": time.perf_counter() - start})
+        line = {"job": record.job, "step": record.step, "loss": record.loss, "tokens": record.tokens,
+                "loss_tokens": record.loss_tokens, "lr": record.lr, "time": time.perf_counter() - start}
+        if record.grad_norm is not None:  # max_grad_norm: the norm before clipping
+            line["grad_norm"] = record.grad_norm
+        metrics.write(line)
         board.update(record.job, record.step, record.loss, record.tokens)
 
     def evaluated(record: EvalRecord) -> None:
@@ -702,6 +708,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     parts = PartWriter(env.rank, cfg.pipeline.timeout_s)
     worker = StageWorker(stage, jobs, schedule, stage_index=env.rank, transport=transport, device=device,
                          on_step=on_step, on_eval=on_eval, after_action=after_action if is_rank0 else None,
+                         norms=GradNormChannel(env.rank, env.world, cfg.pipeline.timeout_s, norms) if env.world > 1 else None,
                          after_step=StageSaver(cfg.output_dir, stage, env.rank, cfg.seed, parts),
                          on_failed=fail if is_rank0 else None, on_start=admitted if is_rank0 else None,
                          meter=SavedTensorMeter(list(stage.parameters()) + list(stage.buffers())) if cpu else None,

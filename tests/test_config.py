@@ -56,6 +56,8 @@ def test_issue_example_parses(tmp_path):
         ("dtype: float32", "dtype: float8", "model.dtype: must be one of"),
         ("lr: 3.0e-4", "lr: .nan", "jobs[0].lr: expected a finite number"),
         ("lr: 3.0e-4", "lr: 1.0e37", "jobs[0].lr: must be at most 1e+30"),
+        ("lr: 3.0e-4", "lr: 3.0e-4\n    max_grad_norm: 0", "jobs[0].max_grad_norm: must be positive (or null: no clipping); got 0"),
+        ("lr: 3.0e-4", "lr: 3.0e-4\n    max_grad_norm: one", "jobs[0].max_grad_norm: expected a number or null"),
     ],
 )
 def test_bad_field_names_file_and_field(tmp_path, old, new, expected):

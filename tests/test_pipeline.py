@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -87,6 +88,12 @@ def test_pipeline_equals_single_rank(workspace, single_rank, stages, policy):
     assert {(r["job"], r["step"]) for r in records if "job" in r and "event" not in r} == {
         ("alpha", s) for s in (1, 2, 3)} | {("beta", s) for s in (1, 2)} | {("gamma", s) for s in (1, 2, 3, 4)}
     assert (workspace[0] / out / "trace.json").is_file()
+    # beta clips its gradient (max_grad_norm, from JOBS): its total norm over the stages is the
+    # single rank's, and above the bound, so the later stages' steps really waited for rank 0's total
+    norms = [r["grad_norm"] for r in records if r.get("job") == "beta" and "loss" in r]
+    single = [json.loads(line) for line in (single_rank / "metrics.jsonl").read_text().splitlines()]
+    assert norms == pytest.approx([r["grad_norm"] for r in single if r.get("job") == "beta" and "loss" in r], rel=1e-6)
+    assert min(norms) > next(j["max_grad_norm"] for j in JOBS if j["name"] == "beta")
     run = next(r for r in records if r.get("event") == "run")
     if policy == "lora" and stages == 2:
         # 3 jobs, more than the 2 streams that keep 2 stages full: each stage timed fusion. 3 jobs

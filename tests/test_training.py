@@ -23,7 +23,8 @@ JOBS = [
     dict(name="alpha", rank=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"],
          lr=2e-3, batch_size=4, micro_batch_size=2, max_steps=3),
     dict(name="beta", rank=8, alpha=8, dropout=0.2, target_modules=["k_proj", "o_proj", "gate_proj", "up_proj"],
-         lr=1e-3, batch_size=6, micro_batch_size=2, max_steps=2, lr_schedule="cosine", warmup_steps=1),
+         lr=1e-3, batch_size=6, micro_batch_size=2, max_steps=2, lr_schedule="cosine", warmup_steps=1,
+         max_grad_norm=0.5),
     dict(name="gamma", rank=12, alpha=24, dropout=0.0, target_modules=["q_proj"],
          lr=3e-3, batch_size=2, micro_batch_size=1, max_steps=4),
 ]
@@ -139,6 +140,7 @@ def reference_train(workspace, job: dict, run_seed: int, grad_steps: int = 2):
     opt = torch.optim.AdamW(flat, lr=job["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     total = len(plan_job.plans)
     grads: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+    norms: list[float] = []  # with max_grad_norm: each step's gradient norm before clipping
     for step, plan in enumerate(plan_job.plans):
         ids_in_step = [i for mb in plan.micro_batches for i in mb]
         rows = [plan_job.examples[i] for i in ids_in_step]
@@ -152,12 +154,14 @@ def reference_train(workspace, job: dict, run_seed: int, grad_steps: int = 2):
         (ce / loss_tokens).backward()
         if step < grad_steps:
             grads.append({path: (a.grad.clone(), b.grad.clone()) for path, (a, b) in params.items()})
+        if job.get("max_grad_norm") is not None:
+            norms.append(float(torch.nn.utils.clip_grad_norm_(flat, job["max_grad_norm"])))
         for group in opt.param_groups:
             group["lr"] = job["lr"] * lr_factor_reference(step, total, job.get("lr_schedule", "constant"),
                                                           job.get("warmup_steps", 0))
         opt.step()
         opt.zero_grad()
-    return {path: (a.detach(), b.detach()) for path, (a, b) in params.items()}, grads
+    return {path: (a.detach(), b.detach()) for path, (a, b) in params.items()}, grads, norms
 
 
 def capture_grads(monkeypatch, steps: int = 2) -> dict[str, list[dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
@@ -168,14 +172,14 @@ def capture_grads(monkeypatch, steps: int = 2) -> dict[str, list[dict[str, tuple
     captured: dict[str, list] = {}
     real = AdapterJob.optimizer_step
 
-    def spy(self):
+    def spy(self, grad_norm=None):
         if self.steps_done < steps:
             params = self.optimizer.param_groups[0]["params"]
             targets = [t for t in LORA_TARGETS if t in self.config.target_modules]
             paths = [module_path(layer, t) for layer in range(len(params) // (2 * len(targets))) for t in targets]
             captured.setdefault(self.name, []).append(
                 {path: (params[2 * i].grad.clone(), params[2 * i + 1].grad.clone()) for i, path in enumerate(paths)})
-        return real(self)
+        return real(self, grad_norm)
 
     monkeypatch.setattr(AdapterJob, "optimizer_step", spy)
     return captured
@@ -205,8 +209,9 @@ def nonzero_initial_b(monkeypatch) -> None:
 
 @pytest.mark.parametrize("lora_path", ["loop", "grouped"])
 def test_fused_jobs_equal_plain_pytorch_reference(workspace, lora_path, monkeypatch):
-    """Three jobs (ranks 4/8/12, dropout 0.1/0.2/0, different targets, lengths and step counts) fused
-    into shared micro-batches train exactly like each job alone in plain PyTorch.
+    """Three jobs (ranks 4/8/12, dropout 0.1/0.2/0, different targets, lengths and step counts; beta
+    clips its gradient norm) fused into shared micro-batches train exactly like each job alone in
+    plain PyTorch (with `clip_grad_norm_` for beta, whose logged norms are the reference's).
 
     Gradients of step 0 are compared per tensor at 1e-5 (same weights on both sides, B started
     non-zero so every gradient is non-trivial), of step 1 at 1e-4. Final weights: 1e-5 over the whole adapter and 1e-4
@@ -220,9 +225,11 @@ def test_fused_jobs_equal_plain_pytorch_reference(workspace, lora_path, monkeypa
     result = train(cfg, progress=False)
     assert result.steps == {"alpha": 3, "beta": 2, "gamma": 4}
     assert max(len(mb.parts) for mb in result.schedule.micro_batches) == 3, "jobs were not fused"
+    steps = [json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "job" in r and "event" not in r]
     for job in JOBS:
         ours = adapter(cfg.output_dir, job["name"])
-        ref, ref_grads = reference_train(workspace, job, cfg.seed)
+        ref, ref_grads, ref_norms = reference_train(workspace, job, cfg.seed)
         assert set(ours) == set(ref)
         for step, (g_ours, g_ref) in enumerate(zip(captured[job["name"]], ref_grads)):
             assert set(g_ours) == set(g_ref)
@@ -232,6 +239,12 @@ def test_fused_jobs_equal_plain_pytorch_reference(workspace, lora_path, monkeypa
                     assert grads_close(g_ours[path][k], g_ref[path][k], tol), (job["name"], step, path, k)
         assert_adapters_equal(ours, ref)
         assert all(float(g_ref[p][0].norm()) > 0 for g_ref in ref_grads[:1] for p in g_ref), "A had no gradient"
+        logged = [r.get("grad_norm") for r in steps if r["job"] == job["name"]]
+        if job.get("max_grad_norm") is None:
+            assert logged == [None] * result.steps[job["name"]]
+        else:  # clipped at every step (the norms are above the bound), as clip_grad_norm_ does
+            assert min(ref_norms) > job["max_grad_norm"], ref_norms
+            assert logged == pytest.approx(ref_norms, rel=1e-5)
 
 
 def test_two_jobs_together_equal_each_alone(workspace):

@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per job (default 12)")
     parser.add_argument("--micro", type=int, default=None, help="rows per micro-batch per job (default rows/2)")
     parser.add_argument("--profile", type=Path, default=None, help="write torch.profiler tables to this file")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="model vocabulary (default: the tiny tokenizer's 1024); e.g. 128256, Llama 3's, "
+                             "to weigh the lm_head and the loss as a real model does")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/gpu-<device>.json)")
     args = parser.parse_args(argv)
     from mlora_pp.model import read_model_config
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     rows_out = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model = make_tiny_model(work / "model", max_positions=max(1024, seq), init_std=0.02, **shape)
+        model = make_tiny_model(work / "model", max_positions=max(1024, seq), init_std=0.02, vocab=args.vocab, **shape)
         config = read_model_config(model)
         f = flops_per_token(config, 16, seq)
         for jobs in args.jobs or ((1, 2) if args.smoke else (1, 4, 8)):
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
             print(f"{jobs} jobs: {r['tokens_per_s']:.0f} tokens/s, MFU {mfu}, peak memory {mem}", flush=True)
     result = {"device": device, "dtype": dtype, "seq": seq, "rows_per_step": rows, "rows_per_micro_batch": micro,
-              "steps": steps, "model": shape, "torch": torch.__version__,
+              "steps": steps, "model": dict(shape, vocab=config.vocab_size), "torch": torch.__version__,
               "peak_flops": peak, "flops_formula": __doc__.split("FLOPs counted")[1].strip(), "rows": rows_out,
               "target": "MFU >= 50% at 8 jobs"}
     if args.smoke:

@@ -4,9 +4,10 @@ from benchmarks import gpu, head_loss
 
 
 def test_gpu_benchmark_smoke_runs_on_any_device(capsys):
-    assert gpu.main(["--smoke"]) == 0
+    assert gpu.main(["--smoke", "--vocab", "4096"]) == 0
     out = capsys.readouterr().out
     assert "1 jobs:" in out and "2 jobs:" in out and "tokens/s" in out
+    assert '"vocab": 4096' in out  # the model was built with the vocabulary asked for
 
 
 def test_flops_formula_counts_frozen_base_as_4n():

@@ -2,6 +2,10 @@
 
     git worktree add /tmp/before HEAD~1   # the code before a change (with its own .venv or PYTHON)
     python -m benchmarks.ab --before /tmp/before --after . --workload alpaca-32k --reps 3
+    python -m benchmarks.ab --before . --after . --after-set max_grad_norm=1.0 --workload loopback
+
+``--after-set FIELD=VALUE`` sets a job field (a YAML value) on every job of the after side's runs:
+one checkout, a config option off and on.
 
 Each run is ``torchrun --standalone --nproc-per-node 2 -m benchmarks.probe OUT launcher CONFIG``
 started in that checkout (so its code runs), on the same model, data and config; the order
@@ -61,12 +65,14 @@ def alpaca_workspace(root: Path, vocab: int = 32_000) -> Path:
     return config
 
 
-def run_once(checkout: Path, python: str, config: Path, out: Path, balance: list[int] | None) -> dict:
-    """One 2-rank run of `config` with the code of `checkout`; its numbers."""
+def run_once(checkout: Path, python: str, config: Path, out: Path, balance: list[int] | None,
+             job_fields: dict | None = None) -> dict:
+    """One 2-rank run of `config` with the code of `checkout` (and `job_fields` set on every job); its numbers."""
     cfg = yaml.safe_load(config.read_text())
     cfg["output_dir"] = str(out)
     if balance is not None:
         cfg["pipeline"]["balance"] = balance
+    cfg["jobs"] = [dict(job, **(job_fields or {})) for job in cfg["jobs"]]
     out.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
@@ -86,6 +92,8 @@ def run_once(checkout: Path, python: str, config: Path, out: Path, balance: list
     stages = sorted((r for r in records if r.get("event") == "stage"), key=lambda r: r["rank"])
     return {"tokens_per_s": tokens / (max(r["time"] for r in steps) - first), "wall_s": wall,
             "first_step_losses": sorted((r["job"], r["loss"]) for r in steps if r["step"] == 1),
+            "grad_norms": [min((r["grad_norm"] for r in steps if "grad_norm" in r), default=None),
+                           max((r["grad_norm"] for r in steps if "grad_norm" in r), default=None)],
             "layers": [r["last_layer"] - r["first_layer"] if "last_layer" in r else None for r in stages],
             "utilization": [r["utilization"] for r in stages],
             "peak_rss_mib": [p["peak_rss_bytes"] / 2**20 for p in probes],
@@ -100,8 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--balance", type=int, nargs="+", default=None, help="fixed layers per stage for both")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mlora-ab"))
+    parser.add_argument("--after-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a job field for every job of the after side (repeatable)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    after_fields = {}
+    for item in args.after_set:
+        field, sep, value = item.partition("=")
+        if not sep or not field:
+            parser.error(f"--after-set {item!r}: expected FIELD=VALUE")
+        after_fields[field] = yaml.safe_load(value)
     sides = {"before": args.before.resolve(), "after": args.after.resolve()}
     python = {k: str(v / ".venv/bin/python") if (v / ".venv/bin/python").exists() else sys.executable
               for k, v in sides.items()}
@@ -111,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     for rep in range(args.reps):
         for side in (("before", "after") if rep % 2 == 0 else ("after", "before")):
-            r = run_once(sides[side], python[side], config, work / f"{side}-{rep}", args.balance)
+            r = run_once(sides[side], python[side], config, work / f"{side}-{rep}", args.balance,
+                         after_fields if side == "after" else None)
             runs[side].append(r)
             print(f"{side} {rep}: {r['tokens_per_s']:,.0f} tok/s, {r['wall_s']:.1f} s, layers {r['layers']}, "
                   f"peak heap per rank {', '.join(f'{m:.0f}' for m in r['peak_heap_mib'])} MiB", flush=True)
@@ -122,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         heap = [statistics.median(r["peak_heap_mib"][k] for r in rs) for k in (0, 1)]
         print(f"| {side} | {statistics.median(tok):,.0f} ({min(tok):,.0f}-{max(tok):,.0f}) "
               f"| {statistics.median(r['wall_s'] for r in rs):.1f} | {heap[0]:.0f} / {heap[1]:.0f} |")
-    result = {"workload": args.workload, "balance": args.balance, "reps": args.reps,
+    result = {"workload": args.workload, "balance": args.balance, "reps": args.reps, "after_set": after_fields,
               "before": str(sides["before"]), "after": str(sides["after"]), "runs": runs}
     out = args.out or RESULTS / f"ab-{args.workload}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -369,13 +369,14 @@ class StageWorker:
         if not skipped:
             if not math.isfinite(loss):
                 failure = FAILURES[0]
+            elif total is not None:  # the total says whether this stage's part is finite: no second sync
+                if not math.isfinite(total.norm):
+                    if total.origin in (-1, self.stage_index):  # this stage's part (or one stage's only)
+                        failure = FAILURES[1]
+                    else:  # the first non-finite part is another stage's: the job fails here too, it reports
+                        elsewhere = True
             elif not job.gradients_finite():
                 failure = FAILURES[1]
-            elif total is not None and not math.isfinite(total.norm):
-                if total.origin in (-1, self.stage_index):  # no stage's part, or this one's, is to blame
-                    failure = FAILURES[1]
-                else:  # another stage's gradients: the job fails here too, and that stage reports it
-                    elsewhere = True
         if skipped or elsewhere or failure is not None:
             lr = job.current_lr()
             job.skip_step()

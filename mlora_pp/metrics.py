@@ -45,6 +45,8 @@ class JobProgress:
     """Steps already done by an earlier run (a resumed job): not counted in this run's speed."""
     eval_loss: float | None = None
     """The latest held-out loss (jobs with `eval_data`)."""
+    grad_norm: float | None = None
+    """The last step's gradient norm before clipping (jobs with `max_grad_norm`)."""
 
     def tokens_per_s(self, now: float) -> float:
         return self.tokens / max(now - self.started, 1e-9)
@@ -86,7 +88,9 @@ class ProgressBoard:
         now = time.perf_counter()
         table = Table(title="mlora_pp training", expand=False)
         evaluated = any(job.eval_loss is not None for job in self.jobs.values())
-        columns = ("job", "step", "loss") + (("eval loss",) if evaluated else ()) + ("tokens/s", "ETA", "state")
+        clipped = any(job.grad_norm is not None for job in self.jobs.values())
+        columns = (("job", "step", "loss") + (("grad norm",) if clipped else ()) + (("eval loss",) if evaluated else ())
+                   + ("tokens/s", "ETA", "state"))
         for column in columns:
             table.add_column(column, justify="left" if column in ("job", "state") else "right")
         for job in self.jobs.values():
@@ -94,6 +98,7 @@ class ProgressBoard:
                 job.name,
                 f"{job.step}/{job.total_steps}",
                 "-" if job.loss is None else f"{job.loss:.4f}",
+                *(("-" if job.grad_norm is None else f"{job.grad_norm:.4f}",) if clipped else ()),
                 *(("-" if job.eval_loss is None else f"{job.eval_loss:.4f}",) if evaluated else ()),
                 f"{job.tokens_per_s(now):.0f}",
                 _fmt_eta(job.eta_s(now)),
@@ -101,10 +106,11 @@ class ProgressBoard:
             )
         return table
 
-    def update(self, job: str, step: int, loss: float, tokens: int) -> None:
-        """Record that `job` finished optimizer step `step` (1-based count) with `loss`."""
+    def update(self, job: str, step: int, loss: float, tokens: int, grad_norm: float | None = None) -> None:
+        """Record that `job` finished optimizer step `step` (1-based count) with `loss` (and, with
+        `max_grad_norm`, its gradient norm before clipping)."""
         progress = self.jobs[job]
-        progress.step, progress.loss = step, loss
+        progress.step, progress.loss, progress.grad_norm = step, loss, grad_norm
         progress.tokens += tokens
         if step >= progress.total_steps:
             progress.state = "done"
@@ -114,7 +120,8 @@ class ProgressBoard:
             now = time.perf_counter()
             print(
                 f"[{job}] step {step}/{progress.total_steps} loss {loss:.4f} "
-                f"tokens/s {progress.tokens_per_s(now):.0f} eta {_fmt_eta(progress.eta_s(now))}",
+                + ("" if grad_norm is None else f"grad_norm {grad_norm:.4f} ")
+                + f"tokens/s {progress.tokens_per_s(now):.0f} eta {_fmt_eta(progress.eta_s(now))}",
                 file=self.stream,
                 flush=True,
             )

@@ -652,7 +652,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         if record.grad_norm is not None:  # max_grad_norm: the norm before clipping
             line["grad_norm"] = record.grad_norm
         metrics.write(line)
-        board.update(record.job, record.step, record.loss, record.tokens)
+        board.update(record.job, record.step, record.loss, record.tokens, record.grad_norm)
 
     def evaluated(record: EvalRecord) -> None:
         """Rank 0: a job's held-out loss after `record.step` steps (not for a job that failed)."""

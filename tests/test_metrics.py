@@ -20,6 +20,20 @@ def test_plain_lines_every_log_every_steps_and_at_the_end():
     assert lines[1].startswith("[b] step 2/2 loss 2.9000") and lines[1].endswith("eta -")
 
 
+def test_a_clipped_job_shows_its_gradient_norm():
+    out = io.StringIO()
+    board = ProgressBoard({"a": 4, "b": 2}, stream=out, live=False)
+    board.update("a", 1, 2.5, 100, grad_norm=0.75)
+    board.update("b", 1, 3.0, 50)
+    assert out.getvalue().splitlines()[0].startswith("[a] step 1/4 loss 2.5000 grad_norm 0.7500 tokens/s")
+    assert "grad_norm" not in out.getvalue().splitlines()[1]
+    live = io.StringIO()
+    board = ProgressBoard({"a": 4, "b": 2}, stream=live, live=True)
+    board.update("a", 1, 2.5, 100, grad_norm=0.75)
+    board.close()
+    assert "grad norm" in live.getvalue() and "0.7500" in live.getvalue()
+
+
 def test_live_table_shows_every_job():
     out = io.StringIO()
     board = ProgressBoard({"upper": 3, "reverse": 3}, stream=out, live=True)

@@ -1,7 +1,7 @@
 """The status of a run, running or finished, read from its `OUTPUT_DIR/metrics.jsonl`.
 
-``python -m launcher status OUTPUT_DIR`` shows every job's state, step/total, last loss, latest
-held-out loss (jobs with `eval_data`), tokens/s and ETA; ``--watch SECONDS`` refreshes it in place until the run is done, ``--json`` prints it for
+``python -m launcher status OUTPUT_DIR`` shows every job's state, step/total, last loss, last
+gradient norm (jobs with `max_grad_norm`), latest held-out loss (jobs with `eval_data`), tokens/s and ETA; ``--watch SECONDS`` refreshes it in place until the run is done, ``--json`` prints it for
 scripts. The file is append-only and a resumed run appends to it: the latest ``run`` line starts the
 current run, whose records alone give the speeds, while steps and losses carry over. Unknown events
 and unreadable lines (a line cut short by a crash) are skipped. A run without its ``done`` line is
@@ -46,6 +46,8 @@ class JobStatus:
     eval_loss: float | None = None
     """The latest held-out loss (jobs with `eval_data`), after `eval_step` steps."""
     eval_step: int | None = None
+    grad_norm: float | None = None
+    """The last step's gradient norm before clipping (jobs with `max_grad_norm`)."""
 
 
 @dataclass
@@ -94,6 +96,7 @@ class _Job:
     reason: str | None = None
     eval_loss: float | None = None
     eval_step: int | None = None
+    grad_norm: float | None = None
 
     def new_run(self) -> None:
         self.admitted, self.steps_times, self.ended, self.reason = None, [], None, None
@@ -212,6 +215,7 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
             j.step = record["step"]
             loss = _number(record.get("loss"))
             j.loss = loss if loss is not None else j.loss
+            j.grad_norm = _number(record.get("grad_norm"))
             if t is not None:
                 tokens = record.get("tokens")
                 j.steps_times.append((t, tokens if isinstance(tokens, int) else 0))
@@ -257,7 +261,7 @@ def _job_status(job: _Job, run_finished: bool, run_stopped: bool = False) -> Job
     if state == "running" and job.total is not None and per_step is not None:
         eta = per_step * max(job.total - job.step, 0)
     return JobStatus(job.name, state, job.step, job.total, job.loss, tokens_per_s, eta, job.reason, job.eval_loss,
-                     job.eval_step)
+                     job.eval_step, job.grad_norm)
 
 
 def _duration(seconds: float | None) -> str:
@@ -286,13 +290,16 @@ def render(status: RunStatus):
 
     table = Table(title=f"{status.output_dir}: {headline(status)}", expand=False)
     evaluated = any(job.eval_loss is not None for job in status.jobs)
-    for column in ("job", "step", "loss") + (("eval loss (step)",) if evaluated else ()) + ("tokens/s", "ETA", "state"):
+    clipped = any(job.grad_norm is not None for job in status.jobs)
+    for column in (("job", "step", "loss") + (("grad norm",) if clipped else ()) + (("eval loss (step)",) if evaluated else ())
+                   + ("tokens/s", "ETA", "state")):
         table.add_column(column, justify="left" if column in ("job", "state") else "right")
     for job in status.jobs:
         table.add_row(
             job.name,
             f"{job.step}/{job.total_steps}" if job.total_steps is not None else str(job.step),
             "-" if job.loss is None else f"{job.loss:.4f}",
+            *(("-" if job.grad_norm is None else f"{job.grad_norm:.4f}",) if clipped else ()),
             *(("-" if job.eval_loss is None else f"{job.eval_loss:.4f} ({job.eval_step})",) if evaluated else ()),
             "-" if job.tokens_per_s is None else f"{job.tokens_per_s:.0f}",
             _duration(job.eta_s),

@@ -233,6 +233,19 @@ def test_latest_evaluation_is_shown_per_job(tmp_path):
     assert "eval loss" not in table_text(read_status(plain, now=WALL + 3))
 
 
+def test_a_clipped_jobs_last_gradient_norm_is_shown(tmp_path):
+    out = write_metrics(tmp_path / "run", [
+        run_line({"a": 4, "b": 2}),
+        dict(step("a", 1, 1.0), grad_norm=1.25), dict(step("a", 2, 1.5), grad_norm=0.875), step("b", 1, 2.1),
+    ])
+    status = read_status(out, now=WALL + 3)
+    assert (by_name(status)["a"].grad_norm, by_name(status)["b"].grad_norm) == (0.875, None)
+    text = table_text(status)
+    assert "grad norm" in text and "0.8750" in text
+    plain = write_metrics(tmp_path / "plain", [run_line({"a": 1}), step("a", 1, 1.0)])
+    assert "grad norm" not in table_text(read_status(plain, now=WALL + 3))
+
+
 def test_cli_table_and_watch_of_a_finished_run(tmp_path, capsys):
     out = write_metrics(tmp_path / "run", [run_line({"alpha": 1}), step("alpha", 1, 1.0),
                                            {"event": "done", "time": 1.5}])

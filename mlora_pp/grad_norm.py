@@ -8,15 +8,16 @@ part. Rank 0 (stage 0) is the last to finish a job's backward, so the parts meet
 - rank 0, at its own step, receives every part (already sent: each stage's step comes right after
   its share of the last backward, which precedes rank 0's), steps with the total norm, and sends
   the total back to every stage;
-- a later stage applies its deferred step when the total arrives, at the latest before the job's
-  next forward there. That forward comes from rank 0, which sent the total before it, so waiting
-  for the total never waits longer than the forward itself would: no stage stalls.
+- a later stage applies its deferred step before it forwards the first micro-batch that rank 0
+  forwarded after that step (so always before the job's own next forward). Rank 0 sent the total
+  before that micro-batch's activation, so waiting for the total never waits longer than for the
+  activation itself: no stage stalls.
 
 A non-finite part fails the job on every stage, but only the stage it came from reports the
 failure: the total carries that stage's index (`GradNorm.origin`), so rank 0 names the stage where
 the gradients went bad, as it does without clipping.
 
-Messages travel on their own Gloo group, as float64 (job key, step, value, origin). Each stage's
+Messages travel on their own Gloo group, as float64 (job index, step, value, origin). Each stage's
 steps may come in another order than rank 0's, so a receiver keeps what arrives before the message
 it waits for. Every wait has the pipeline timeout and names the rank, the peer and the job.
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,22 +46,24 @@ class GradNorm:
     """The first stage whose part is not finite (-1: every part is)."""
 
 
-def job_key(job: str) -> int:
-    """A job's identity in a message: the same on every rank, exact in float64."""
-    return zlib.crc32(job.encode())
-
-
 class GradNormChannel:
     """Partial sums of squares from stages > 0 to rank 0; the total norm from rank 0 to the others."""
 
-    def __init__(self, rank: int, world: int, timeout_s: float, group: Any = None):
+    def __init__(self, rank: int, world: int, timeout_s: float, group: Any = None, names: list[str] | None = None):
         self.rank = rank
         self.world = world
         self.timeout_s = timeout_s
         self.group = group
+        self.names = names if names is not None else []
+        """Job names by index, the same on every rank (a job submitted mid-run is appended alike)."""
         self._sends = PendingSends(rank, timeout_s, poll=False)
         self._early: dict[tuple[int, int, int], tuple[float, float]] = {}
-        """Messages received before they were waited for: (peer, job key, step) -> value."""
+        """Messages received before they were waited for: (peer, job index, step) -> (value, origin)."""
+
+    def _index(self, job: str) -> int:
+        if job not in self.names:
+            raise ValueError(f"GradNormChannel: job {job!r} is not in its job list {self.names}")
+        return self.names.index(job)
 
     def _send(self, values: tuple[float, float, float, float], peer: int, what: str) -> None:
         payload = torch.tensor(values, dtype=torch.float64)
@@ -73,7 +75,7 @@ class GradNormChannel:
 
     def _receive(self, peer: int, job: str, step: int, what: str) -> tuple[float, float]:
         """The (value, origin) of (job, step) from `peer`, reading and keeping earlier messages until it comes."""
-        key = (peer, job_key(job), step)
+        key = (peer, self._index(job), step)
         while key not in self._early:
             payload = torch.empty(4, dtype=torch.float64)
             try:
@@ -94,7 +96,7 @@ class GradNormChannel:
 
     def send_part(self, job: str, step: int, square_sum: float) -> None:
         """A stage > 0: this stage's sum of squares of `job`'s gradients for `step` (0-based), to rank 0."""
-        self._send((float(job_key(job)), float(step), square_sum, -1.0), 0,
+        self._send((float(self._index(job)), float(step), square_sum, -1.0), 0,
                    f"sending the gradient norm of {job!r} step {step + 1} to rank 0")
 
     def total(self, job: str, step: int, square_sum: float) -> GradNorm:
@@ -108,7 +110,7 @@ class GradNormChannel:
             square_sum += part
         total = GradNorm(square_sum ** 0.5, origin)
         for peer in range(1, self.world):
-            self._send((float(job_key(job)), float(step), total.norm, float(origin)), peer,
+            self._send((float(self._index(job)), float(step), total.norm, float(origin)), peer,
                        f"sending the total gradient norm of {job!r} step {step + 1} to rank {peer}")
         return total
 

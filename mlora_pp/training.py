@@ -708,7 +708,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     parts = PartWriter(env.rank, cfg.pipeline.timeout_s)
     worker = StageWorker(stage, jobs, schedule, stage_index=env.rank, transport=transport, device=device,
                          on_step=on_step, on_eval=on_eval, after_action=after_action if is_rank0 else None,
-                         norms=GradNormChannel(env.rank, env.world, cfg.pipeline.timeout_s, norms) if env.world > 1 else None,
+                         norms=(GradNormChannel(env.rank, env.world, cfg.pipeline.timeout_s, norms, job_order)
+                                if env.world > 1 else None),
                          after_step=StageSaver(cfg.output_dir, stage, env.rank, cfg.seed, parts),
                          on_failed=fail if is_rank0 else None, on_start=admitted if is_rank0 else None,
                          meter=SavedTensorMeter(list(stage.parameters()) + list(stage.buffers())) if cpu else None,

@@ -21,7 +21,7 @@ _RANK = textwrap.dedent("""
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
-    channel = GradNormChannel(rank, 3, timeout_s=2.0, group=dist.new_group(backend="gloo"))
+    channel = GradNormChannel(rank, 3, timeout_s=2.0, group=dist.new_group(backend="gloo"), names=["a", "b", "c", "d"])
     parts = {("a", 0): [4.0, 9.0, 36.0], ("b", 0): [1.0, 16.0, 8.0], ("c", 3): [1.0, math.nan, math.inf]}
     if rank == 0:
         for key in [("b", 0), ("a", 0), ("c", 3)]:  # not the order rank 1 sends in

@@ -250,12 +250,19 @@ class PartWriter:
             self._wait(lambda: not self._parts and self._busy is None, "the checkpoint parts to be written")
 
     def close(self) -> None:
-        """Finish what is queued (bounded, errors ignored: the run is ending) and stop the thread."""
+        """Finish what is queued (bounded, errors ignored: the run is ending) and stop the thread.
+
+        The thread is joined: one still ending while the interpreter shuts down aborts the process
+        ("terminate called without an active exception", seen after a SIGTERM stop) when freeing a
+        tensor needs the GIL there.
+        """
         with self._changed:
-            self._changed.wait_for(lambda: self._error is not None or (not self._parts and self._busy is None),
-                                   timeout=self.timeout_s)
+            idle = self._changed.wait_for(lambda: self._error is not None or (not self._parts and self._busy is None),
+                                          timeout=self.timeout_s)
             self._closed = True
             self._changed.notify_all()
+        if idle and self._thread is not None:  # it returns at once now; a write still hanging is not waited for again
+            self._thread.join(timeout=self.timeout_s)
 
     def _wait(self, ready, what: str) -> None:
         if self._error is not None:
@@ -275,17 +282,20 @@ class PartWriter:
                     return
                 directory, tensors, description = self._parts.popleft()
                 self._busy = directory
+            error = None
             try:
                 write_part(directory, self.rank, tensors, description)
             except BaseException as exc:  # noqa: BLE001 - handed to the training thread, which raises it
-                with self._changed:
-                    self._error, self._busy = exc, None
-                    self._parts.clear()
-                    self._changed.notify_all()
-                return
+                error = exc
+            del tensors  # the copies go now, not with this frame (see `close`)
             with self._changed:
                 self._busy = None
+                if error is not None:
+                    self._error = error
+                    self._parts.clear()
                 self._changed.notify_all()
+            if error is not None:
+                return
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 ``python -m launcher submit OUTPUT_DIR JOB.yaml`` and ``python -m launcher cancel OUTPUT_DIR NAME``
 write a request file under ``OUTPUT_DIR/control/requests/`` (atomically; the file name orders
-them). The run's rank 0 looks for requests at fixed micro-batch ids (every `PLAN_EVERY`-th one it
-injects, and the plan's end; a request that comes after the last look waits for the next run of
-this output_dir), validates each against the run's config exactly like a job of the config file, and
+them). The run's rank 0 looks for requests at fixed micro-batch ids (every `REQUESTS_EVERY`-th one,
+and the plan's end; a request that comes after the last look waits for the next run of this
+output_dir), validates each against the run's config exactly like a job of the config file, and
 broadcasts the accepted change to every rank (`PlanChannel`). Every rank then switches to a new
 plan at that same micro-batch (see `mlora_pp.schedule.cut_actions`). Each request ends in
 ``control/done/`` with its outcome, and accepted changes are appended to ``control/accepted.jsonl``,
@@ -33,8 +33,15 @@ from mlora_pp.run_lock import LOCK_NAME
 from mlora_pp.run_lock import holder as lock_holder
 from mlora_pp.transport import PendingSends, PipelineError
 
-PLAN_EVERY = 8
-"""Rank 0 looks for requests before injecting micro-batches PLAN_EVERY, 2*PLAN_EVERY, ... and at the end."""
+DECISION_LEAD = 2
+"""A decision takes effect this many micro-batches after rank 0 takes it: it decides for micro-batch
+q before forwarding q - DECISION_LEAD. Each stage posts the receives of its next DECISION_LEAD
+micro-batches ahead of their forwards, and a receive must belong to the plan that runs it, so a
+smaller lead would hold those receives back."""
+REQUESTS_EVERY = 8
+"""Rank 0 reads the control directory for micro-batches REQUESTS_EVERY, 2*REQUESTS_EVERY, ... and the
+plan's end. Every other micro-batch (from DECISION_LEAD on) is a decision point too, for a graceful
+stop and early stops, which need no disk."""
 CONTROL = "control"
 EXIT_BAD_INPUT = 2
 
@@ -199,9 +206,10 @@ class PlanChannel:
     """Rank 0's decision at each decision point, on every rank, in order.
 
     Rank 0 sends every other rank one message per decision point (a header [point, payload bytes],
-    then the payload when there is one), whether or not anything changed; the others wait for it
-    just before their own forward of that micro-batch, which comes after rank 0's, so the wait is
-    normally over before it starts. Its own Gloo group, CPU tensors.
+    then the payload when there is one), whether or not anything changed, before it forwards
+    micro-batch point - DECISION_LEAD; the others wait for it just before their own forward of that
+    micro-batch, which comes after rank 0's, so the wait is normally over before it starts. Its own
+    Gloo group, CPU tensors.
     """
 
     def __init__(self, rank: int, world: int, group: Any, timeout_s: float):
@@ -285,7 +293,8 @@ def submit_main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     path = control.request("submit", {"job": job})
-    print(f"submitted {job['name']!r}: {_who_acts(output_dir)} picks it up within {PLAN_EVERY} micro-batches ({path})")
+    within = REQUESTS_EVERY + DECISION_LEAD
+    print(f"submitted {job['name']!r}: {_who_acts(output_dir)} picks it up within {within} micro-batches ({path})")
     return 0
 
 
@@ -315,5 +324,6 @@ def cancel_main(argv: list[str]) -> int:
               file=sys.stderr)
         return EXIT_BAD_INPUT
     path = control.request("cancel", {"name": name})
-    print(f"cancel {name!r} requested: {_who_acts(output_dir)} stops it within {PLAN_EVERY} micro-batches ({path})")
+    within = REQUESTS_EVERY + DECISION_LEAD
+    print(f"cancel {name!r} requested: {_who_acts(output_dir)} stops it within {within} micro-batches ({path})")
     return 0

@@ -1,13 +1,16 @@
 """A new plan mid-run: jobs submitted and cancelled while the pipeline runs (`mlora_pp.control`).
 
-Every `PLAN_EVERY`-th micro-batch of a plan, and its end, is a decision point. Before that
-micro-batch's forward (or after the plan's last action), rank 0 takes
-the requests waiting in `OUTPUT_DIR/control`, checks them, and tells every rank what it accepted
-(possibly nothing); the other ranks hear it before their own forward of that micro-batch. On a
-change, every rank finishes the old plan's work below that micro-batch (`cut_actions`), then
-applies the change the same way and builds the same next plan from the same numbers: the old
-plan's remaining parts (`remaining_steps`; a step that straddles the point continues with the
-gradients it has accumulated), minus cancelled jobs, plus the new jobs, admitted as at start-up.
+Every micro-batch of a plan from `DECISION_LEAD` on, and its end, is a decision point. Rank 0
+decides for micro-batch q before it forwards micro-batch q - DECISION_LEAD (for the plan's end:
+after its last action): a graceful stop and early stops at every point, and at every
+`REQUESTS_EVERY`-th one and the end also the requests waiting in `OUTPUT_DIR/control`, which it
+checks. It tells every rank what it decided (possibly nothing); the other ranks hear it before
+their own forward of q - DECISION_LEAD. On a change, every rank runs the old plan on to micro-batch
+q, finishes the old plan's work below q (`cut_actions`), then applies the change the same way and
+builds the same next plan from the same numbers: the old plan's remaining parts (`remaining_steps`;
+a step that straddles the point continues with the gradients it has accumulated), minus cancelled
+jobs, plus the new jobs, admitted as at start-up. Rank 0 logs the change and answers its requests
+once it is applied, so a run that dies before leaves them for the next run.
 
 A cancelled job drops its unfinished step and keeps the adapter of its last finished one (every
 stage checkpoints it, so a restart keeps it too). A submitted job is tokenized on every rank
@@ -27,7 +30,8 @@ from typing import Any, Callable
 from mlora_pp import stopping
 from mlora_pp.checkpoint import ManifestWriter, StageSaver, due, resume_fields
 from mlora_pp.config import ConfigError, JobConfig, RunConfig, parse_config
-from mlora_pp.control import PLAN_EVERY, Change, ControlDir, PlanChannel, config_mapping, validate_submission
+from mlora_pp.control import (DECISION_LEAD, REQUESTS_EVERY, Change, ControlDir, PlanChannel, Request, config_mapping,
+                              validate_submission)
 from mlora_pp.data import DataError
 from mlora_pp.early_stop import EarlyStopping
 from mlora_pp.job import AdapterJob, StepStats, load_job
@@ -85,6 +89,8 @@ class Replanner:
     cancelled: dict[str, int] = field(default_factory=dict)
     stopped: dict[str, int] = field(default_factory=dict)
     """Jobs a graceful stop checkpointed: job -> its last finished step."""
+    stopped_at: int | None = None
+    """The micro-batch of the plan where a graceful stop took effect (its decision point)."""
     early_stopping: EarlyStopping | None = None
     """Rank 0: the jobs' best evaluations (`mlora_pp.early_stop`)."""
     early_stopped: dict[str, int] = field(default_factory=dict)
@@ -95,20 +101,31 @@ class Replanner:
     """Every plan this rank ran, in order."""
     _loaded: dict[str, AdapterJob] = field(default_factory=dict, repr=False)
     """Rank 0: submitted jobs tokenized while checking them, used again when they are added."""
+    _taken: list[Request] = field(default_factory=list, repr=False)
+    """Rank 0: the requests of the change decided and not applied yet (answered once it is)."""
 
     def points(self, schedule: Schedule) -> list[int]:
+        """`schedule`'s decision points: every micro-batch from DECISION_LEAD on, and its end."""
         if not self.schedules or self.schedules[-1] is not schedule:
             self.schedules.append(schedule)
         count = len(schedule.micro_batches)
-        return list(range(PLAN_EVERY, count, PLAN_EVERY)) + [count]  # and the plan's end
+        return list(range(DECISION_LEAD, count)) + [count]
 
     # ---------------------------------------------------------------------------------- deciding
 
     def decide(self, point: int) -> Change | None:
+        """The decision for micro-batch `point` of the current plan: rank 0 takes it and sends it,
+        the others receive it. None: the plan goes on."""
         if self.rank != 0:
             assert self.channel is not None
             return self.channel.await_decision(point)
-        change = Change(stop=True) if stopping.requested() else self._take_requests(point)
+        end = len(self.schedules[-1].micro_batches)
+        if stopping.requested():
+            change: Change | None = Change(stop=True)
+        elif point % REQUESTS_EVERY == 0 or point == end:
+            change = self._take_requests(point)
+        else:
+            change = None
         if change is None or not change.stop:
             change = self._early_stops(change)
         if self.channel is not None:
@@ -127,11 +144,7 @@ class Replanner:
         self._early_due.clear()
         if not early:
             return change
-        assert self.early_stopping is not None
         ours = Change(cancel=early, early=early)
-        if self.control is not None:
-            best = {n: found[0] for n in early if (found := self.early_stopping.best(n)) is not None}
-            self.control.log_accepted(ours, {n: self.jobs[n].steps_done for n in early}, best)
         if not change:
             return ours
         return Change(change.submit, change.cancel + early, early=early)
@@ -166,12 +179,10 @@ class Replanner:
                 if self.on_change is not None:
                     self.on_change("rejected", {"request": request.path.name, "reason": str(exc)})
                 continue
-            self.control.finish(request, "accepted")
+            self._taken.append(request)
         if not submit and not cancel:
             return None
-        change = Change(tuple(submit), tuple(cancel))
-        self.control.log_accepted(change, {n: self.jobs[n].steps_done for n in cancel if n in self.jobs})
-        return change
+        return Change(tuple(submit), tuple(cancel))
 
     def _models_with(self, config: JobConfig, models: list[MemoryModel] | None) -> list[MemoryModel] | None:
         """`models` with a submitted job (from the model's shapes): its LoRA weights held for good,
@@ -244,6 +255,7 @@ class Replanner:
         """Apply `change` after the old plan's work below `point`; returns the next plan (None: the
         run's training ends here)."""
         if change.stop:
+            self.stopped_at = point
             self._stop()
             return None
         for name in change.cancel:
@@ -251,6 +263,7 @@ class Replanner:
         new = [self._submit(raw) for raw in change.submit]
         if self.rank == 0 and self.control is not None and new:
             self.control.write_config(self.cfg)
+        self._record(change)
         steps = [j for j in remaining_steps(schedule, point) if j.name not in self.cancelled]
         steps += [self.jobs[name].job_steps() for name in new]
         if not steps:
@@ -268,6 +281,20 @@ class Replanner:
         return build_schedule(steps, self.world, policy, self.cfg.pipeline.fuse,
                               max_in_flight=self.in_flight if policy == "lora" else None, admission=order,
                               hide_latency=self.hide_latency, streams=streams)
+
+    def _record(self, change: Change) -> None:
+        """Rank 0: log an applied change for a restart (each cancelled job with its steps at the cut,
+        each job stopped early with its best evaluation's step), then answer its requests."""
+        if self.control is None:
+            return
+        best = {}
+        if change.early:
+            assert self.early_stopping is not None
+            best = {n: found[0] for n in change.early if (found := self.early_stopping.best(n)) is not None}
+        self.control.log_accepted(change, {n: self.cancelled[n] for n in change.cancel}, best)
+        for request in self._taken:
+            self.control.finish(request, "accepted")
+        self._taken.clear()
 
     def _stop(self) -> None:
         """A graceful stop: checkpoint every unfinished job at its last finished step (its weights and

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from mlora_pp.control import DECISION_LEAD
 from mlora_pp.data import collate
 from mlora_pp.faults import Fault
 from mlora_pp.grad_norm import GradNorm, GradNormChannel
@@ -198,7 +199,7 @@ class StageWorker:
         rows = [ex for part in mb.parts for ex in self.jobs[part.job].part_rows(part)]
         return (len(rows), max(len(ex.input_ids) for ex in rows), self.stage.config.hidden_size)
 
-    def prefetch(self, expected: list[tuple[int, int, int]], done: int, posted: int, depth: int = 2,
+    def prefetch(self, expected: list[tuple[int, int, int]], done: int, posted: int, depth: int = DECISION_LEAD,
                  limit: int | None = None) -> int:
         """Post receives of `expected` ((peer, kind, micro-batch), in schedule order) until `depth`
         are outstanding beyond the `done` already consumed, and only of micro-batches below `limit`;
@@ -459,9 +460,11 @@ class StageWorker:
 
     def _execute(self, actions: list[Action], fault: Fault | None, count: int, points: list[int]
                  ) -> tuple[int, tuple[int, int, Any] | None]:
-        """Run `actions` in order; at each decision point (a micro-batch id in `points`), before its
-        forward, ask `replan`; a change stops here and returns (position, point, change). Receives are
-        posted ahead only below the next undecided point, so none can match a message of a new plan."""
+        """Run `actions` in order. Before forwarding micro-batch p, ask `replan` for every decision
+        point (a micro-batch id in `points`) up to p + DECISION_LEAD; a change decided for point q
+        stops the run here at the forward of q, returning (position, q, change). Every stage forwards
+        the micro-batches in id order. Receives are posted ahead only below the first point not
+        decided to go on, so none can match a message of a new plan."""
         streams: list[list[tuple[int, int, int]]] = []  # expected receives: activations, gradients
         if self.transport is not None:
             if not self.is_first:
@@ -472,16 +475,21 @@ class StageWorker:
         done = [0] * len(streams)
         posted = [0] * len(streams)
         pending = sorted(points)
+        end = len(self.schedule.micro_batches)
+        decided: tuple[int, Any] | None = None  # (point, change): where this plan stops
         for index, action in enumerate(actions):
-            if pending and action.kind == "F" and action.micro_batch == pending[0]:
-                point = pending.pop(0)
-                change = self.replan.decide(point)
-                if change:
-                    return count, (index, point, change)
+            if action.kind == "F":
+                if decided is not None and action.micro_batch == decided[0]:
+                    return count, (index, decided[0], decided[1])
+                while decided is None and pending and pending[0] < end and pending[0] <= action.micro_batch + DECISION_LEAD:
+                    point = pending.pop(0)
+                    change = self.replan.decide(point)
+                    if change:
+                        decided = (point, change)
             if fault is not None and fault.maybe_fire(self.stage_index, count):
                 assert action.kind == "S", f"fault 'nan' is for optimizer steps, not {action}"
                 self.jobs[action.job].poison_gradients()
-            limit = pending[0] if pending else None
+            limit = decided[0] if decided is not None else pending[0] if pending else None
             for k, stream in enumerate(streams):
                 posted[k] = self.prefetch(stream, done[k], posted[k], limit=limit)
             self.run_action(action)
@@ -489,6 +497,7 @@ class StageWorker:
             for k, stream in enumerate(streams):
                 if done[k] < len(stream) and action.kind == kind_of[stream[done[k]][1]]:
                     done[k] += 1
+        assert decided is None, f"stage {self.stage_index} never forwarded micro-batch {decided[0]}"
         if pending:  # the plan's end (its micro-batch count) is a decision point too
             point = pending.pop(0)
             change = self.replan.decide(point)

@@ -5,8 +5,10 @@ Schedulers pre-empt with SIGTERM and kill some seconds later (Kubernetes and Slu
 default; torchrun passes SIGTERM on to its workers and kills them 30 s later). Weights and AdamW
 state change only at a job's optimizer step, so between steps they are exactly the checkpoint of
 its last finished step; what is needed is that every stage saves the same step. Rank 0 therefore
-decides the stop at a decision point (`Change.stop`, every 8 micro-batches) and every rank applies
-it at the same micro-batch, as it does a cancellation.
+decides the stop at its next decision point (`Change.stop`; one comes before each forward rank 0
+runs) and every rank applies it at the same micro-batch, `control.DECISION_LEAD` forwards later, as
+it does a cancellation. The stop thus waits for about DECISION_LEAD micro-batches plus the
+backwards and steps still due below its point, not for a fixed count of micro-batches.
 
 Only while the stages train (`accepting`): during set-up there is nothing to save and SIGTERM ends
 the rank at once, as before. A second SIGTERM, or training not over within `GRACE_S` (no decision
@@ -17,6 +19,7 @@ finished), the run's last writes are left to finish: the deadline (`arm`) is can
 from __future__ import annotations
 
 import threading
+import time
 
 GRACE_S = 20.0
 """How long a requested stop may take before the rank stops at once: below the usual 30 s between
@@ -24,15 +27,18 @@ a scheduler's SIGTERM and its SIGKILL."""
 
 _accepting = False
 _requested = False
+_requested_at: float | None = None
 _deadline: threading.Timer | None = None
 
 
 def set_accepting(flag: bool) -> None:
     """Whether a stop request can be honoured now (the stages are training); leaving clears the
-    request and cancels its deadline."""
-    global _accepting, _requested, _deadline
+    request and cancels its deadline (entering forgets the time of an earlier run's request)."""
+    global _accepting, _requested, _requested_at, _deadline
     _accepting = flag
-    if not flag:
+    if flag:
+        _requested_at = None
+    else:
         _requested = False
         if _deadline is not None:
             _deadline.cancel()
@@ -50,12 +56,17 @@ def arm(deadline: threading.Timer) -> None:
 def request() -> bool:
     """Record a stop request. False when it cannot be honoured (not training, or asked before): the
     caller then stops the rank at once."""
-    global _requested
+    global _requested, _requested_at
     if not _accepting or _requested:
         return False
-    _requested = True
+    _requested, _requested_at = True, time.monotonic()
     return True
 
 
 def requested() -> bool:
     return _requested
+
+
+def requested_at() -> float | None:
+    """`time.monotonic()` when the last honoured stop request came (None: none came)."""
+    return _requested_at

@@ -87,6 +87,8 @@ class TrainResult:
     """Jobs stopped early (`early_stop_patience`): job -> steps done at the stop."""
     best: dict[str, tuple[int, float]] = field(default_factory=dict)
     """Rank 0, jobs with `early_stop_patience`: job -> (step, held-out loss) of the adapter written."""
+    stop_s: float | None = None
+    """A graceful stop: seconds from its request (SIGTERM) to the end of training, checkpoints written."""
 
 
 @dataclass(frozen=True)
@@ -733,7 +735,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        stopping.set_accepting(True)  # from here SIGTERM stops at the next decision point, jobs checkpointed
+        stopping.set_accepting(True)  # from here SIGTERM stops within a few micro-batches, jobs checkpointed
         try:
             worker.run()
         finally:
@@ -818,8 +820,12 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
             busy = [stats["busy_s"] for stats in result.stage_stats]
             metrics.write(profiled.record(busy))
             print(compare(profiled, busy), flush=True)
+        asked = stopping.requested_at()
+        if replanner.stopped and asked is not None:
+            result.stop_s = time.monotonic() - asked
         for name, steps_done in replanner.stopped.items():  # no done line: the run did not finish
-            metrics.write({"event": "stopped", "job": name, "step": steps_done, "time": time.perf_counter() - start})
+            metrics.write({"event": "stopped", "job": name, "step": steps_done, "time": time.perf_counter() - start,
+                           "micro_batch": replanner.stopped_at, "stop_s": result.stop_s})
         if not replanner.stopped:
             metrics.write({"event": "done", "time": time.perf_counter() - start})
         metrics.close()

@@ -34,6 +34,7 @@ from mlora_pp.checkpoint import (
     step_dirs,
 )
 from mlora_pp.config import ConfigError, parse_config
+from mlora_pp.control import DECISION_LEAD
 from mlora_pp.runtime import StageWorker
 from mlora_pp.schedule import build_schedule
 from mlora_pp.training import load_tokenizer, prepare_jobs, train
@@ -487,6 +488,13 @@ def test_sigterm_stops_with_every_job_checkpointed_and_the_next_run_resumes_exac
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     stopped = {r["job"]: r["step"] for r in records if r.get("event") == "stopped"}
     assert set(stopped) == set(STEPS) and any(0 < stopped[n] < STEPS[n] for n in STEPS), stopped
+    # decided before rank 0's first forward after its pause (the pause comes after the decisions
+    # before action `pause`), for DECISION_LEAD micro-batches later, or before, had the signal come
+    # before the pause: not at a fixed cadence of micro-batches
+    after_pause = next(a.micro_batch for a in stage0[pause + 1:] if a.kind == "F")
+    at = {r["micro_batch"] for r in records if r.get("event") == "stopped"}
+    assert len(at) == 1 and at.pop() <= after_pause + DECISION_LEAD, (at, after_pause)
+    assert re.search(r"the stop took \d+\.\ds of its 20s", stderr), stderr[-3000:]
     assert not any(r.get("event") == "done" for r in records)
     assert read_status(workspace[0] / out).state == "stopped"
     for name, step in stopped.items():

@@ -25,10 +25,13 @@ from test_training import JOBS, adapter, make_raw, make_workspace, rel_err, writ
 import launcher.__main__ as launcher
 from mlora_pp.checkpoint import CHECKPOINTS, checkpoint_weights, newest_checkpoint, read_checkpoint, step_dirs
 from mlora_pp.config import parse_config
-from mlora_pp.control import PLAN_EVERY, ControlDir
+from mlora_pp.control import DECISION_LEAD, REQUESTS_EVERY, Change, ControlDir
+from mlora_pp.replan import Replanner
 from mlora_pp.run_lock import RunLock
+from mlora_pp.runtime import StageWorker
 from mlora_pp.schedule import EvalPoint, JobSteps, build_schedule, cut_actions, remaining_steps
 from mlora_pp.training import train
+from mlora_pp.transport import ACTIVATION
 
 
 def test_a_cut_then_the_next_plan_run_every_part_and_step_once():
@@ -69,6 +72,69 @@ def test_a_cut_then_the_next_plan_run_every_part_and_step_once():
             stepped = [(a.job, a.step) for a, _ in ran if a.kind == "S"]
             assert sorted(forwarded) == sorted(parts) and len(set(forwarded)) == len(forwarded), (trial, stage)
             assert sorted(stepped) == sorted(steps) and len(set(stepped)) == len(stepped), (trial, stage)
+
+
+class _Recorder:
+    """What one stage's `StageWorker._execute` does, in order: decisions, posted receives, actions."""
+
+    def __init__(self, change_at: int | None):
+        self.change_at, self.log = change_at, []
+
+    def decide(self, point: int) -> Change | None:
+        self.log.append(("decide", point))
+        return Change(stop=True) if point == self.change_at else None
+
+    def post(self, peer, kind, micro_batch, shape, dtype) -> None:
+        self.log.append(("post", "F" if kind == ACTIVATION else "B", micro_batch))
+
+
+def _run_stage(schedule, stage: int, points: list[int], change_at: int | None) -> tuple[list, tuple | None]:
+    recorder = _Recorder(change_at)
+    worker = StageWorker(stage=type("Stage", (), {"dtype": None})(), jobs={}, schedule=schedule, stage_index=stage,
+                         transport=recorder, replan=recorder)
+    worker.activation_shape = lambda mb: (1,)
+    worker.run_action = lambda action: recorder.log.append(("run", action.kind, action.micro_batch))
+    _, cut = worker._execute(list(schedule.stages[stage]), None, 0, points)
+    return recorder.log, cut
+
+
+@pytest.mark.parametrize("change_at", [None, 2, 5, 9, 13])
+def test_decisions_lead_the_forwards_and_never_hold_back_a_posted_receive(change_at):
+    """On every stage: the decision for micro-batch q comes before the forward of q - DECISION_LEAD;
+    a change decided for q stops the plan right at the forward of q and no point is decided after
+    it; no receive is posted for a micro-batch at or past a point not decided to go on; and, the
+    reason for the lead, the decisions never delay a receive the stage would post without them."""
+    jobs = [JobSteps(f"j{i}", tuple(((2, 32),) * 2 for _ in range(3))) for i in range(3)]
+    schedule = build_schedule(jobs, 3, "lora")
+    count = len(schedule.micro_batches)
+    planner = Replanner.__new__(Replanner)
+    planner.schedules = []
+    points = planner.points(schedule)
+    assert points == list(range(DECISION_LEAD, count)) + [count] and count > 13
+    for stage in range(3):
+        log, cut = _run_stage(schedule, stage, points, change_at)
+        decided = [e[1] for e in log if e[0] == "decide"]
+        forwards = [e[2] for e in log if e[:2] == ("run", "F")]
+        if change_at is None:
+            assert decided == points and log[-1] == ("decide", count) and cut is None
+        else:
+            assert decided == points[:points.index(change_at) + 1], (stage, decided)
+            assert cut is not None and cut[1] == change_at and forwards == list(range(change_at)), (stage, cut, forwards)
+            assert schedule.stages[stage][cut[0]] == next(a for a in schedule.stages[stage]
+                                                           if a.kind == "F" and a.micro_batch == change_at)
+        for i, event in enumerate(log):
+            before = [e[1] for e in log[:i] if e[0] == "decide"]
+            if event[:2] == ("run", "F"):
+                due = [q for q in points if q < count and q <= event[2] + DECISION_LEAD]
+                assert set(due) <= set(before) or change_at in before, (stage, event, before)
+            if event[0] == "post":  # every point at or below its micro-batch decided, none a change
+                assert all(q in before for q in points if q <= event[2]), (stage, event, before)
+                assert change_at is None or event[2] < change_at
+        if change_at is None and stage > 0:  # the same receives, each posted no later than without decisions
+            ours = [e for e in log if e[0] != "decide"]
+            free = _run_stage(schedule, stage, [], None)[0]
+            assert [e for e in ours if e[0] == "post"] == [e for e in free if e[0] == "post"]
+            assert all(ours.index(e) <= free.index(e) for e in ours if e[0] == "post"), stage
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +192,8 @@ def test_submit_and_cancel_on_two_stages_then_restart(workspace, reference_two):
     assert [r["job"] for r in submitted] == ["gamma"] and submitted[0]["total_steps"] == 4
     assert [r["job"] for r in cancelled] == ["beta"]
     k = cancelled[0]["step"]
-    assert 0 < k < 2, k  # taken at micro-batch PLAN_EVERY of 12: beta stopped mid-run
-    assert PLAN_EVERY == 8
+    assert 0 < k < 2, k  # taken for micro-batch REQUESTS_EVERY of 12: beta stopped mid-run
+    assert REQUESTS_EVERY == 8
     # the submitted job and the untouched one equal the run that had them from the start, and so
     # do their held-out losses (alpha's evaluations span the change of plan)
     assert_same(out, reference_two, jobs=[JOBS[0], JOBS[2]])

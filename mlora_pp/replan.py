@@ -116,10 +116,10 @@ class Replanner:
     def decide(self, point: int) -> Change | None:
         """The decision for micro-batch `point` of the current plan: rank 0 takes it and sends it,
         the others receive it. None: the plan goes on."""
+        end = len(self.schedules[-1].micro_batches)
         if self.rank != 0:
             assert self.channel is not None
-            return self.channel.await_decision(point)
-        end = len(self.schedules[-1].micro_batches)
+            return self.channel.await_decision(point, more=point < end)
         if stopping.requested():
             change: Change | None = Change(stop=True)
         elif point % REQUESTS_EVERY == 0 or point == end:

@@ -189,7 +189,9 @@ class AdapterJob:
         # The fused kernel updates the weights without bumping their version counters; the batched
         # LoRA operator's weight casts are keyed on those counters, so bump them here.
         increment_version([p for g in self.optimizer.param_groups for p in g["params"]])
-        self.optimizer.zero_grad(set_to_none=True)
+        # Zeroed, not freed: the next step adds into them in one batched add (the grouped path), and
+        # the memory model counts a job's gradients from its first backward to its last step anyway.
+        self.optimizer.zero_grad(set_to_none=False)
         self.steps_done += 1
         return lr
 

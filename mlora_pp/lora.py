@@ -15,7 +15,9 @@ Two implementations give the same results: ``loop`` (plain matmuls per segment) 
 adapter is not on this module are cut off when they lie before the first or after the last
 participating segment, and otherwise form a group with zero weights whose results are never read
 (no gather/scatter copies of x). ``auto`` picks grouped on CUDA and loop on CPU, where grouped_mm
-is itself a loop of matmuls.
+is itself a loop of matmuls. The grouped path's host work does not grow with the number of
+adapters either: their weights stay stacked between calls (`_Stacked`), and their gradients are
+added to ``.grad`` in one batched add rather than through autograd (`_add_to_grads`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 import torch
@@ -409,15 +411,24 @@ class _Group:
     """loop path, with pos_seeds: int32 [rows] `_threshold` of the group's dropout, for `_dropped`."""
 
 
-@dataclass(frozen=True)
-class _Cast:
-    """One adapter's weights in the compute dtype, rank zero-padded to R, in the four layouts the
-    grouped path multiplies by; B carries the adapter's scale. Rebuilt only when A or B change."""
+@dataclass
+class _Stacked:
+    """grouped path: every adapter of a module in the compute dtype, its rank zero-padded to R,
+    stacked in the module's adapter order plus a last all-zero slot (for gap groups), in the four
+    layouts the grouped path multiplies by; B carries each adapter's scale. A slot is refreshed in
+    place when its A or B changed (optimizer step, load), all of them with a few batched copies:
+    per-adapter casts cost a dozen operators per adapter and module, each a host dispatch and a
+    kernel launch."""
 
-    a_t: Tensor  # [in, R]
-    a: Tensor  # [R, in]
-    b_t: Tensor  # [R, out] * scale
-    b: Tensor  # [out, R] * scale
+    key: tuple  # (adapter names, dtype, device, R)
+    versions: list[tuple | None]  # per slot: what its weights were refreshed from
+    a_t: Tensor  # [n + 1, in, R]
+    a: Tensor  # [n + 1, R, in]
+    b_t: Tensor  # [n + 1, R, out] * scale
+    b: Tensor  # [n + 1, out, R] * scale
+    adapters: dict[str, Tensor] = field(default_factory=dict)
+    """Each layout's first n slots (a view): the stack of a batch whose groups are the module's
+    adapters in order, without gaps, as when every job of a micro-batch trains this module."""
 
 
 @dataclass(frozen=True)
@@ -444,10 +455,10 @@ class _Plan:
     feat_seeds: Tensor | None
     rows: _SpanRows | None = None
     """grouped path only."""
-    casts: list[_Cast] | None = None
-    """grouped path only: per slot."""
-    gap_cast: _Cast | None = None
-    """grouped path only: zeros, for gap groups."""
+    stacked: _Stacked | None = None
+    """grouped path only: the module's weights, every adapter's."""
+    slots: Tensor | None = None
+    """grouped path only: each group's slot in `stacked` (None: the groups are its adapters in order)."""
 
     def active_p(self, g: _Group) -> float:
         return self.dropouts[g.slot] if g.drops else 0.0
@@ -461,9 +472,12 @@ class _Plan:
         return any(g.slot < 0 for g in self.groups)
 
     def stack(self, layout: str) -> Tensor:
-        """[groups, ...] stack of each group's weights in `layout` (a `_Cast` field); one kernel."""
-        assert self.casts is not None and self.gap_cast is not None
-        return torch.stack([getattr(self.casts[g.slot] if g.slot >= 0 else self.gap_cast, layout) for g in self.groups])
+        """[groups, ...] stack of each group's weights in `layout` (a `_Stacked` field): a view, or
+        one gather when the groups are not the module's adapters in order."""
+        assert self.stacked is not None
+        if self.slots is None:
+            return self.stacked.adapters[layout]
+        return getattr(self.stacked, layout).index_select(0, self.slots)
 
     def dropped_rows(self, v: Tensor, g: _Group) -> Tensor:
         """loop path: v [rows of g, F] with g's dropout mask applied (no 1/(1-p))."""
@@ -498,7 +512,10 @@ class _LoRADelta(torch.autograd.Function):
     """Adds every participating adapter's delta to the base output in place.
 
     Inputs: plan, x [T, in], base_out [T, out] (modified in place and returned), A_1..A_n, B_1..B_n.
-    Saves x, the S's and the weights; the dropout mask is recomputed in backward.
+    Saves x, the S's and the weights; the dropout mask is recomputed in backward. The grouped path
+    adds the weights' gradients to their `.grad` itself, with one batched add for all adapters,
+    and gives autograd none: per-adapter gradients through autograd cost a handful of operators and
+    an accumulation node per matrix, each a host dispatch (a kernel launch on a GPU).
     """
 
     @staticmethod
@@ -514,6 +531,8 @@ class _LoRADelta(torch.autograd.Function):
         ctx.plan = plan
         ctx.save_for_backward(x, *saved, *weights)
         ctx.n_saved = len(saved)
+        if plan.path == "grouped":
+            ctx.weights = weights  # the parameters themselves: their .grad is accumulated here
         return base_out
 
     @staticmethod
@@ -526,14 +545,43 @@ class _LoRADelta(torch.autograd.Function):
         need_x, need_a, need_b = need[1], any(need[3 : 3 + n]), any(need[3 + n :])
         dy = grad_out.contiguous().to(x.dtype)
         if plan.path == "grouped":
-            dx, dA, dB = _grouped_backward(plan, x, saved, dy, need_x, need_a, need_b)
-        else:
-            As = [w.to(x.dtype) for w in weights[:n]]
-            Bs = [w.to(x.dtype) for w in weights[n:]]
-            dx, dA, dB = _loop_backward(plan, x, saved, dy, As, Bs, need_x, need_a, need_b)
+            params = ctx.weights
+            dx = _grouped_backward(plan, x, saved, dy, need_x, params[:n] if need_a else None,
+                                   params[n:] if need_b else None)
+            return (None, dx, dy if need[2] else None) + (None,) * (2 * n)
+        As = [w.to(x.dtype) for w in weights[:n]]
+        Bs = [w.to(x.dtype) for w in weights[n:]]
+        dx, dA, dB = _loop_backward(plan, x, saved, dy, As, Bs, need_x, need_a, need_b)
         grads_a = [None if g is None else g.to(w.dtype) for g, w in zip(dA, weights[:n])]
         grads_b = [None if g is None else g.to(w.dtype) for g, w in zip(dB, weights[n:])]
         return (None, dx, dy if need[2] else None, *grads_a, *grads_b)
+
+
+def _add_to_grads(params: list[Tensor], per_group: Tensor, plan: _Plan, rank_dim: int) -> None:
+    """Add each participating group's block of `per_group` [groups, ...] (fp32; along `rank_dim` of
+    a block, the entries past its adapter's rank are padding) to its adapter's `.grad`, with one
+    batched add; a gradient not there yet (after `zero_grad(set_to_none=True)`) starts as a copy."""
+    blocks = per_group.unbind(0)
+    pieces: dict[int, Tensor] = {}
+    for i, g in enumerate(plan.groups):
+        if g.slot < 0:
+            continue
+        rank, block = plan.ranks[g.slot], blocks[i]
+        if block.shape[rank_dim] != rank:
+            block = block.narrow(rank_dim, 0, rank)
+        pieces[g.slot] = block if g.slot not in pieces else pieces[g.slot] + block  # one adapter, two segments
+    add_to, add = [], []
+    for slot, piece in pieces.items():
+        param = params[slot]
+        if not param.requires_grad:
+            continue
+        if param.grad is None:
+            param.grad = piece.clone()
+        else:
+            add_to.append(param.grad)
+            add.append(piece)
+    if add_to:
+        torch._foreach_add_(add_to, add)
 
 
 def _accumulate(store: list[Tensor | None], slot: int, value: Tensor) -> None:
@@ -616,8 +664,8 @@ def _loop_backward(
 
 
 # grouped path: torch._grouped_mm over the span from the first to the last participating row.
-# A constant number of kernels whatever the number of adapters: the weights come stacked (one
-# kernel each, from per-adapter casts cached across calls), dropout is one pass over the span
+# A constant number of kernels whatever the number of adapters: the weights come stacked (kept
+# stacked across calls, refreshed in place after a step; a gather at most), dropout is one pass over the span
 # with a per-row threshold, the 1/(1-p) factors one multiply by a per-row table, and gap rows
 # (segments not on this module) meet zero weights, so their delta is zero and is added as is.
 
@@ -635,35 +683,28 @@ def _grouped_forward(plan: _Plan, x: Tensor, out: Tensor) -> list[Tensor]:
 
 
 def _grouped_backward(
-    plan: _Plan, x: Tensor, saved: list[Tensor], dy: Tensor, need_x: bool, need_a: bool, need_b: bool,
-) -> _Grads:
-    n = len(plan.ranks)
+    plan: _Plan, x: Tensor, saved: list[Tensor], dy: Tensor, need_x: bool, params_a: list[Tensor] | None,
+    params_b: list[Tensor] | None,
+) -> Tensor | None:
+    """dx (None unless `need_x`); the adapters' gradients are added to `params_a` (the A's) and
+    `params_b` (the B's) where given (`_add_to_grads`)."""
     (s,) = saved
     lo, hi = plan.span
     rows = plan.rows
     assert rows is not None
     dys = dy[lo:hi]
-    dA: list[Tensor | None] = [None] * n
-    dB: list[Tensor | None] = [None] * n
-
-    def collect(store: list[Tensor | None], per_group: Tensor, transpose: bool) -> None:
-        """per_group [groups, R, k] (fp32) -> each slot's [rank, k] block (or its transpose), summed."""
-        for i, g in enumerate(plan.groups):
-            if g.slot >= 0:
-                m = per_group[i, : plan.ranks[g.slot]]
-                _accumulate(store, g.slot, m.t() if transpose else m)
-
-    if need_b:  # dB = scale * (S^T dY)^T per group
-        collect(dB, torch._grouped_mm(s.t(), dys, offs=rows.offs).float().mul_(rows.scales), transpose=True)
+    if params_b is not None:  # dB = scale * (S^T dY)^T per group: [groups, out, R]
+        per_group = torch._grouped_mm(s.t(), dys, offs=rows.offs).float().mul_(rows.scales)
+        _add_to_grads(params_b, per_group.transpose(1, 2).contiguous(), plan, rank_dim=1)
     dx = None
-    if need_a or need_x:
+    if params_a is not None or need_x:
         dsq = torch._grouped_mm(dys, plan.stack("b"), offs=rows.offs)  # scale * dY B, [span, R]
         if rows.inv_keep is not None:
             dsq.mul_(rows.inv_keep)
         x_kept = None
         if need_x:
             dxs = torch._grouped_mm(dsq, plan.stack("a"), offs=rows.offs)  # [span, in]
-            if need_a:  # x and dx under one mask: one hash
+            if params_a is not None:  # x and dx under one mask: one hash
                 x_kept, dxs = plan.dropped_pair(x[lo:hi], dxs)
             else:
                 dxs = plan.dropped(dxs)
@@ -674,10 +715,10 @@ def _grouped_backward(
                 dx[:lo].zero_()
                 dx[lo:hi].copy_(dxs)
                 dx[hi:].zero_()
-        if need_a:
+        if params_a is not None:
             x_kept = plan.dropped(x[lo:hi]) if x_kept is None else x_kept
-            collect(dA, torch._grouped_mm(dsq.t(), x_kept, offs=rows.offs).float(), transpose=False)
-    return dx, dA, dB
+            _add_to_grads(params_a, torch._grouped_mm(dsq.t(), x_kept, offs=rows.offs).float(), plan, rank_dim=0)
+    return dx
 
 
 # --------------------------------------------------------------------------------- the module
@@ -720,8 +761,7 @@ class BatchedLoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()
         self._specs: dict[str, _AdapterSpec] = {}
         self._feat_seeds: dict[torch.device, Tensor] = {}
-        self._casts: dict[str, tuple[tuple, _Cast]] = {}  # grouped path: per adapter, keyed by weight versions
-        self._gap_cast: tuple[tuple, _Cast] | None = None
+        self._stacked: _Stacked | None = None  # grouped path
         self._warned_fallback = False
         self.context = context  # shared by the stage; a plain object, so not a submodule
         context.register(module_id)
@@ -753,7 +793,7 @@ class BatchedLoRALinear(nn.Module):
         if name not in self._specs:
             raise KeyError(f"adapter {name!r} is not on this module")
         del self._specs[name]
-        self._casts.pop(name, None)
+        self._stacked = None
         del self.lora_A[name]
         del self.lora_B[name]
 
@@ -863,33 +903,46 @@ class BatchedLoRALinear(nn.Module):
         """The largest rank on this module rounded up to a multiple of 8 (grouped_mm alignment)."""
         return -(-max(s.rank for s in self._specs.values()) // 8) * 8
 
-    def _cast(self, name: str, dtype: torch.dtype, rank_pad: int) -> _Cast:
-        """`name`'s weights for the grouped path, rebuilt only when A or B changed (optimizer step, load)."""
-        a, b = self.lora_A[name], self.lora_B[name]
-        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), dtype, rank_pad)
-        hit = self._casts.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        spec = self._specs[name]
-        with torch.no_grad():
-            a_pad = a.new_zeros(rank_pad, self.in_features, dtype=dtype)
-            a_pad[: spec.rank].copy_(a)
-            b_pad = b.new_zeros(self.out_features, rank_pad, dtype=dtype)
-            b_pad[:, : spec.rank].copy_(b * spec.scale)
-            cast = _Cast(a_t=a_pad.t().contiguous(), a=a_pad, b_t=b_pad.t().contiguous(), b=b_pad)
-        self._casts[name] = (key, cast)
-        return cast
+    def _stacked_weights(self, dtype: torch.dtype, device: torch.device) -> _Stacked:
+        """Every adapter's weights for the grouped path, refreshed where A or B changed."""
+        names = tuple(self._specs)
+        rank_pad = self._padded_rank()
+        key = (names, dtype, device, rank_pad)
+        st = self._stacked
+        if st is None or st.key != key:
+            n, zeros = len(names), functools.partial(torch.zeros, dtype=dtype, device=device)
+            st = _Stacked(key, [None] * n, a_t=zeros(n + 1, self.in_features, rank_pad),
+                          a=zeros(n + 1, rank_pad, self.in_features), b_t=zeros(n + 1, rank_pad, self.out_features),
+                          b=zeros(n + 1, self.out_features, rank_pad))
+            st.adapters = {layout: getattr(st, layout).narrow(0, 0, n) for layout in ("a_t", "a", "b_t", "b")}
+            self._stacked = st
+        As, Bs = [self.lora_A[n] for n in names], [self.lora_B[n] for n in names]
+        versions = [(a._version, b._version, a.data_ptr(), b.data_ptr()) for a, b in zip(As, Bs)]
+        stale = [i for i, v in enumerate(versions) if st.versions[i] != v]
+        if stale:
+            specs = [self._specs[names[i]] for i in stale]
+            with torch.no_grad():
+                a_slots, b_slots = st.a.unbind(0), st.b.unbind(0)
+                torch._foreach_copy_([a_slots[i] if sp.rank == rank_pad else a_slots[i][: sp.rank]
+                                      for i, sp in zip(stale, specs)], [As[i] for i in stale])
+                scaled = torch._foreach_mul([Bs[i] for i in stale], [sp.scale for sp in specs])
+                torch._foreach_copy_([b_slots[i] if sp.rank == rank_pad else b_slots[i][:, : sp.rank]
+                                      for i, sp in zip(stale, specs)], scaled)
+                st.a_t.copy_(st.a.transpose(1, 2))
+                st.b_t.copy_(st.b.transpose(1, 2))
+            for i in stale:
+                st.versions[i] = versions[i]
+        return st
 
     def _prepare_grouped(self, plan: _Plan, names: list[str], x: Tensor) -> None:
-        """The grouped path's weight casts (cached across calls) and per-row tables (cached per batch)."""
-        rank_pad = self._padded_rank()
-        plan.casts = [self._cast(n, x.dtype, rank_pad) for n in names]
-        zero_key = (x.device, x.dtype, rank_pad)
-        if self._gap_cast is None or self._gap_cast[0] != zero_key:
-            a = torch.zeros(rank_pad, self.in_features, dtype=x.dtype, device=x.device)
-            b = torch.zeros(self.out_features, rank_pad, dtype=x.dtype, device=x.device)
-            self._gap_cast = (zero_key, _Cast(a_t=a.t().contiguous(), a=a, b_t=b.t().contiguous(), b=b))
-        plan.gap_cast = self._gap_cast[1]
+        """The grouped path's stacked weights (refreshed where they changed) and per-row tables
+        (cached per batch)."""
+        plan.stacked = self._stacked_weights(x.dtype, x.device)
+        order = {name: i for i, name in enumerate(plan.stacked.key[0])}
+        slots = tuple(order[names[g.slot]] if g.slot >= 0 else len(order) for g in plan.groups)
+        if slots != tuple(range(len(order))):
+            plan.slots = self.context.cached(("slots", x.device, slots),
+                                             lambda: _to_device(torch.tensor(slots, dtype=torch.int64), x.device))
         lo, hi = plan.span
         layout = tuple((g.start, g.end, plan.scales[g.slot] if g.slot >= 0 else 0.0, plan.active_p(g), g.drops)
                        for g in plan.groups)

@@ -1,6 +1,8 @@
 """Benchmark scripts stay runnable: their smoke modes run the same code path at a tiny size."""
 
-from benchmarks import gpu, head_loss
+import json
+
+from benchmarks import gpu, head_loss, host_overhead
 
 
 def test_gpu_benchmark_smoke_runs_on_any_device(capsys):
@@ -25,3 +27,19 @@ def test_head_loss_benchmark_quick_runs(capsys):
     assert head_loss.main(["--quick"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1000 |")]
     assert len(rows) == 1 and "x |" in rows[0]
+
+
+def test_the_grouped_path_dispatches_as_many_operators_for_8_jobs_as_for_2(tmp_path, capsys):
+    """The batched operator's host work does not grow with the adapters it serves (weights kept
+    stacked, gradients added in one batched add), counted on a 2-layer stage: what a GPU run pays
+    per operator, launch by launch."""
+    found = {}
+    for jobs in (2, 8):
+        out = tmp_path / f"{jobs}.json"
+        assert host_overhead.main(["--layers", "2", "--jobs", str(jobs), "--dropout", "0", "--reps", "1",
+                                   "--out", str(out)]) == 0
+        found[jobs] = json.loads(out.read_text())
+    assert "| backward |" in capsys.readouterr().out
+    for phase in ("forward", "backward"):
+        ops = {jobs: r["with_adapters"][phase]["ops"] - r["base_only"][phase]["ops"] for jobs, r in found.items()}
+        assert 0 < ops[8] <= ops[2] * 1.1, (phase, ops)

@@ -34,6 +34,7 @@ SPECS = (Spec("a", 4, 8.0, 0.1), Spec("b", 8, 4.0, 0.3), Spec("c", 12, 24.0, 0.0
 LAYOUTS = {
     "gap_in_middle": (("a", 2), ("ghost", 1), ("b", 3), ("c", 1)),
     "gap_at_ends": (("ghost", 2), ("c", 2), ("a", 1), ("b", 2), ("ghost", 1)),
+    "every_adapter_in_order": (("a", 2), ("b", 1), ("c", 3)),  # the grouped path's stacks as they are
 }
 
 
@@ -138,6 +139,33 @@ def test_matches_reference_when_mask_is_chunked(path, monkeypatch):
 @pytest.mark.parametrize("path", ["loop", "grouped"])
 def test_same_adapter_in_two_segments(path):
     _run_and_compare(path, (("a", 1), ("b", 2), ("a", 2), ("ghost", 1), ("c", 1)), dropouts=True, bias=False)
+
+
+def test_grouped_weights_refresh_only_where_a_step_changed_them():
+    """Ranks 16 (the padded rank itself) and 8, every adapter in order; after a step of adapter "a"
+    alone, "a" computes with its new weights and "b" with its old ones, as the reference does."""
+    specs = (Spec("a", 16, 32.0, 0.1), Spec("b", 8, 8.0, 0.0))
+    base = _base(False)
+    module = _module("grouped", base, specs)
+    batch = _batch((("a", 2), ("b", 2)))
+    module.context.batch = batch
+    x = torch.randn(batch.rows, SEQ, IN, generator=_gen(1))
+    dy = torch.randn(batch.rows, SEQ, OUT, generator=_gen(2))
+    for step in range(3):
+        y = module(x)
+        y.backward(dy)
+        y_ref, _, dA_ref, dB_ref = _reference(base, module, batch, x, dy)
+        _close(y, y_ref)
+        for name in ("a", "b"):
+            _close(module.lora_A[name].grad, dA_ref[name])
+            _close(module.lora_B[name].grad, dB_ref[name])
+        stacked = module._stacked
+        assert stacked is not None and stacked.key[0] == ("a", "b") and stacked.key[3] == 16
+        torch.optim.SGD([module.lora_A["a"], module.lora_B["a"]], lr=0.1).step()  # bumps a's versions only
+        module.zero_grad(set_to_none=True)
+        before_b = stacked.b[1].clone()
+        module(x)
+        assert torch.equal(stacked.b[1], before_b) and module._stacked is stacked  # b's slot kept, in place
 
 
 @pytest.mark.parametrize("path", ["loop", "grouped"])

@@ -1,0 +1,171 @@
+"""Host work per micro-batch: the operators one stage dispatches, and their time on a tiny width.
+
+    python -m benchmarks.host_overhead                      # 16 layers, 8 jobs, grouped path, bf16
+    python -m benchmarks.host_overhead --path loop --dtype float32
+
+On a GPU the benchmark model of `benchmarks.gpu` is host-bound (14% MFU at 8 jobs: the host spent
+several times the device's time, see the README's "On a GPU"): every operator costs the host a
+dispatch and a kernel launch whatever its size. This counts the ATen operators of one micro-batch
+(forward, backward, and each job's optimizer step) through a `TorchDispatchMode`, and times them
+on a model of the real depth but a tiny width (hidden 64), where the arithmetic is negligible and
+the wall time is the host's own work. Both are measured with the jobs' adapters (the batched LoRA
+operator on every projection) and without (the frozen base alone), so the difference is what the
+adapters cost the host. Runs on CPU; the operator counts are those a CUDA run dispatches too,
+except where a path differs by device (the dropout kernel is compiled on CUDA only, here it runs
+eagerly: `MLORA_PP_COMPILE=0`).
+
+Writes benchmarks/results/host_overhead-<path>-<dtype>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every ATen operator dispatched while active (autograd's backward included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def build(args: argparse.Namespace, workdir: Path):
+    """The stage (every layer), its adapters and one micro-batch of `args.jobs` jobs' rows."""
+    from mlora_pp.config import JobConfig
+    from mlora_pp.job import AdapterJob
+    from mlora_pp.lora import LoRABatch, LoRASegment
+    from mlora_pp.model import build_stage
+    from mlora_pp.tiny import make_tiny_model
+
+    model = make_tiny_model(workdir / "model", layers=args.layers, hidden=args.hidden, heads=4, kv_heads=2,
+                            intermediate=2 * args.hidden, vocab=1024)
+    stage = build_stage(model, dtype=args.dtype, lora_path=args.path)
+    names = [f"job{j}" for j in range(args.jobs)]
+    for j, name in enumerate(names):
+        stage.add_adapter(name, args.rank, 2 * args.rank, args.dropout, TARGETS, seed=j)
+    rows = args.rows
+    segments = tuple(LoRASegment(name, j * rows, (j + 1) * rows, tuple(range(j * rows, (j + 1) * rows)))
+                     for j, name in enumerate(names))
+    batch = LoRABatch(segments, seq_len=args.seq, training=True)
+    hidden = torch.randn(rows * args.jobs, args.seq, args.hidden, generator=torch.Generator().manual_seed(0))
+    hidden = hidden.to(stage.dtype).requires_grad_(True)  # as a middle stage receives it
+    jobs = [AdapterJob(config=JobConfig(name=n, data="unused.jsonl", lr=1e-4), examples=[], plans=[], seed=0,
+                       optimizer=torch.optim.AdamW(stage.adapter_parameters(n), lr=1e-4, fused=True))
+            for n in names]  # fused AdamW, as on CUDA
+    return stage, batch, hidden, jobs
+
+
+def step_calls(stage, batch, hidden, jobs, lora: bool, micro: int) -> list[tuple[str, Callable[[], None]]]:
+    """One optimizer step as training runs it, as separate timed calls: `micro` forwards and
+    backwards on the stage's decoder layers (as a middle stage: hidden states in and out), then
+    each job's `AdapterJob.optimizer_step`."""
+    from mlora_pp.profiling import _layers_only
+
+    state: dict = {}
+
+    def forward() -> None:
+        with _layers_only(stage):
+            state["out"] = stage(hidden, batch if lora else None)
+
+    def backward() -> None:
+        out = state.pop("out")
+        out.backward(torch.ones_like(out))
+        hidden.grad = None
+
+    def steps() -> None:
+        for job in jobs:
+            job.optimizer_step()
+
+    calls = [("forward", forward), ("backward", backward)] * micro
+    return calls + ([("optimizer steps", steps)] if lora else [])
+
+
+def measure(stage, batch, hidden, jobs, lora: bool, micro: int, reps: int) -> dict[str, dict]:
+    """Per micro-batch: operators (one counted step) and median wall ms (`reps` timed steps, after
+    two warm-up steps) of each phase; the optimizer steps are counted per step, divided by `micro`."""
+    calls = step_calls(stage, batch, hidden, jobs, lora, micro)
+    names = list(dict.fromkeys(name for name, _ in calls))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    counted: dict[str, collections.Counter] = {name: collections.Counter() for name in names}
+    for round_ in range(reps + 3):
+        spent = dict.fromkeys(names, 0.0)
+        for name, call in calls:
+            if round_ == 2:
+                with OpCounter() as counter:
+                    call()
+                counted[name].update(counter.counts)
+                continue
+            start = time.perf_counter()
+            call()
+            spent[name] += time.perf_counter() - start
+        if round_ > 2:
+            for name in names:
+                times[name].append(spent[name] / micro)
+    return {name: {"ops": sum(counted[name].values()) / micro, "ms": 1000 * statistics.median(times[name]),
+                   "top": {k: v / micro for k, v in counted[name].most_common(14)}} for name in names}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--rows", type=int, default=4, help="rows per job in the micro-batch")
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--micro", type=int, default=2, help="micro-batches per optimizer step")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute dtype (bf16 matmuls are slow on CPU: the operator counts are the same)")
+    parser.add_argument("--path", default="grouped", choices=["grouped", "loop"])
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MLORA_PP_COMPILE", "0")
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        stage, batch, hidden, jobs = build(args, Path(tmp))
+        with_lora = measure(stage, batch, hidden, jobs, True, args.micro, args.reps)
+        base = measure(stage, batch, hidden, jobs, False, args.micro, args.reps)
+    modules = args.layers * len(TARGETS)
+    print(f"one micro-batch: {args.layers} layers, {args.jobs} jobs x {args.rows} rows x {args.seq} tokens, "
+          f"rank {args.rank} on {len(TARGETS)} projections, dropout {args.dropout}, {args.dtype}, {args.path} path, "
+          f"hidden {args.hidden} (host work only), {args.micro} micro-batches per step; per micro-batch:")
+    print("| phase | ops with adapters | ops base only | adapter ops per projection | ms with adapters | ms base only |")
+    print("|---|---|---|---|---|---|")
+    for name, got in with_lora.items():
+        plain = base.get(name, {"ops": 0, "ms": 0.0})
+        print(f"| {name} | {got['ops']:,.0f} | {plain['ops']:,.0f} | {(got['ops'] - plain['ops']) / modules:.1f} | "
+              f"{got['ms']:.1f} | {plain['ms']:.1f} |")
+    for name, got in with_lora.items():
+        print(f"{name}, most dispatched: " + ", ".join(f"{k} {v:g}" for k, v in got["top"].items()))
+    out = args.out or RESULTS / f"host_overhead-{args.path}-{args.dtype}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                               "torch": torch.__version__, "with_adapters": with_lora, "base_only": base,
+                               "projections": modules, "time": time.time()}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """Host work per micro-batch: the operators one stage dispatches, and their time on a tiny width.
 
-    python -m benchmarks.host_overhead                      # 16 layers, 8 jobs, grouped path, bf16
-    python -m benchmarks.host_overhead --path loop --dtype float32
+    python -m benchmarks.host_overhead                      # 16 layers, 8 jobs, grouped path, fp32, CPU
+    python -m benchmarks.host_overhead --dropout 0 --device cuda --dtype bfloat16
 
 On a GPU the benchmark model of `benchmarks.gpu` is host-bound (14% MFU at 8 jobs: the host spent
 several times the device's time, see the README's "On a GPU"): every operator costs the host a
@@ -10,11 +10,12 @@ dispatch and a kernel launch whatever its size. This counts the ATen operators o
 on a model of the real depth but a tiny width (hidden 64), where the arithmetic is negligible and
 the wall time is the host's own work. Both are measured with the jobs' adapters (the batched LoRA
 operator on every projection) and without (the frozen base alone), so the difference is what the
-adapters cost the host. Runs on CPU; the operator counts are those a CUDA run dispatches too,
-except where a path differs by device (the dropout kernel is compiled on CUDA only, here it runs
-eagerly: `MLORA_PP_COMPILE=0`).
+adapters cost the host. The operator counts on CPU are those a CUDA run dispatches too, except
+the dropout hash: this script runs it eagerly (`MLORA_PP_COMPILE=0` unless set; about 20
+operators a call), where training compiles it into one kernel.
 
-Writes benchmarks/results/host_overhead-<path>-<dtype>.json.
+Writes benchmarks/results/host_overhead-<path>-<dtype>-<device>.json. ``--device cuda`` runs the
+same on a GPU (the times then include the device's work: each phase ends with a synchronize).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def build(args: argparse.Namespace, workdir: Path):
 
     model = make_tiny_model(workdir / "model", layers=args.layers, hidden=args.hidden, heads=4, kv_heads=2,
                             intermediate=2 * args.hidden, vocab=1024)
-    stage = build_stage(model, dtype=args.dtype, lora_path=args.path)
+    device = torch.device(args.device)
+    stage = build_stage(model, dtype=args.dtype, lora_path=args.path, device=device)
     names = [f"job{j}" for j in range(args.jobs)]
     for j, name in enumerate(names):
         stage.add_adapter(name, args.rank, 2 * args.rank, args.dropout, TARGETS, seed=j)
@@ -67,7 +69,7 @@ def build(args: argparse.Namespace, workdir: Path):
                      for j, name in enumerate(names))
     batch = LoRABatch(segments, seq_len=args.seq, training=True)
     hidden = torch.randn(rows * args.jobs, args.seq, args.hidden, generator=torch.Generator().manual_seed(0))
-    hidden = hidden.to(stage.dtype).requires_grad_(True)  # as a middle stage receives it
+    hidden = hidden.to(device=device, dtype=stage.dtype).requires_grad_(True)  # as a middle stage receives it
     jobs = [AdapterJob(config=JobConfig(name=n, data="unused.jsonl", lr=1e-4), examples=[], plans=[], seed=0,
                        optimizer=torch.optim.AdamW(stage.adapter_parameters(n), lr=1e-4, fused=True))
             for n in names]  # fused AdamW, as on CUDA
@@ -116,6 +118,8 @@ def measure(stage, batch, hidden, jobs, lora: bool, micro: int, reps: int) -> di
                 continue
             start = time.perf_counter()
             call()
+            if hidden.is_cuda:
+                torch.cuda.synchronize()
             spent[name] += time.perf_counter() - start
         if round_ > 2:
             for name in names:
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="compute dtype (bf16 matmuls are slow on CPU: the operator counts are the same)")
     parser.add_argument("--path", default="grouped", choices=["grouped", "loop"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the times include the device's)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{got['ms']:.1f} | {plain['ms']:.1f} |")
     for name, got in with_lora.items():
         print(f"{name}, most dispatched: " + ", ".join(f"{k} {v:g}" for k, v in got["top"].items()))
-    out = args.out or RESULTS / f"host_overhead-{args.path}-{args.dtype}.json"
+    out = args.out or RESULTS / f"host_overhead-{args.path}-{args.dtype}-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                "torch": torch.__version__, "with_adapters": with_lora, "base_only": base,

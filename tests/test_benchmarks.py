@@ -31,12 +31,12 @@ def test_head_loss_benchmark_quick_runs(capsys):
 
 def test_the_grouped_path_dispatches_as_many_operators_for_8_jobs_as_for_2(tmp_path, capsys):
     """The batched operator's host work does not grow with the adapters it serves (weights kept
-    stacked, gradients added in one batched add), counted on a 2-layer stage: what a GPU run pays
+    stacked, gradients added in one batched add), counted on a 1-layer stage: what a GPU run pays
     per operator, launch by launch."""
     found = {}
     for jobs in (2, 8):
         out = tmp_path / f"{jobs}.json"
-        assert host_overhead.main(["--layers", "2", "--jobs", str(jobs), "--dropout", "0", "--reps", "1",
+        assert host_overhead.main(["--layers", "1", "--jobs", str(jobs), "--dropout", "0", "--reps", "1", "--seq", "8",
                                    "--out", str(out)]) == 0
         found[jobs] = json.loads(out.read_text())
     assert "| backward |" in capsys.readouterr().out

@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one micro-batch: {args.layers} layers, {args.jobs} jobs x {args.rows} rows x {args.seq} tokens, "
           f"rank {args.rank} on {len(TARGETS)} projections, dropout {args.dropout}, {args.dtype}, {args.path} path, "
           f"hidden {args.hidden} (host work only), {args.micro} micro-batches per step; per micro-batch:")
-    print("| phase | ops with adapters | ops base only | adapter ops per projection | ms with adapters | ms base only |")
+    print("| phase | ops with adapters | ops base only | adapter ops per projection | ms with adapters "
+          "| ms base only |")
     print("|---|---|---|---|---|---|")
     for name, got in with_lora.items():
         plain = base.get(name, {"ops": 0, "ms": 0.0})

@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     if result.stopped:
         for name, steps in result.stopped.items():
             print(f"{name}: stopped after {steps} of its steps; running this config again resumes it from there")
-        took = f" (the stop took {result.stop_s:.1f}s of its {stopping.GRACE_S:g}s)" if result.stop_s is not None else ""
+        took = ""
+        if result.stop_s is not None:
+            took = f" (the stop took {result.stop_s:.1f}s of its {stopping.GRACE_S:g}s)"
         report(f"error: rank 0: stopped by SIGTERM after {result.wall_s:.1f}s{took}; every unfinished job was "
                "checkpointed at its last finished step: running this config again resumes them")
         return EXIT_STOPPED

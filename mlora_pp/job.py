@@ -187,7 +187,7 @@ class AdapterJob:
             group["lr"] = lr
         self.optimizer.step()
         # The fused kernel updates the weights without bumping their version counters; the batched
-        # LoRA operator's weight casts are keyed on those counters, so bump them here.
+        # LoRA operator refreshes its stacked copies of the weights by those counters, so bump them here.
         increment_version([p for g in self.optimizer.param_groups for p in g["params"]])
         # Zeroed, not freed: the next step adds into them in one batched add (the grouped path), and
         # the memory model counts a job's gradients from its first backward to its last step anyway.

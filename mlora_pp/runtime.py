@@ -481,7 +481,8 @@ class StageWorker:
             if action.kind == "F":
                 if decided is not None and action.micro_batch == decided[0]:
                     return count, (index, decided[0], decided[1])
-                while decided is None and pending and pending[0] < end and pending[0] <= action.micro_batch + DECISION_LEAD:
+                ahead = action.micro_batch + DECISION_LEAD
+                while decided is None and pending and pending[0] < end and pending[0] <= ahead:
                     point = pending.pop(0)
                     change = self.replan.decide(point)
                     if change:

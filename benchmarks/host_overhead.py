@@ -6,7 +6,8 @@
 On a GPU the benchmark model of `benchmarks.gpu` is host-bound (14% MFU at 8 jobs: the host spent
 several times the device's time, see the README's "On a GPU"): every operator costs the host a
 dispatch and a kernel launch whatever its size. This counts the ATen operators of one micro-batch
-(forward, backward, and each job's optimizer step) through a `TorchDispatchMode`, and times them
+(forward, backward, and each job's optimizer step) through a `TorchDispatchMode`, apart those
+that would launch a GPU kernel (not views, allocations or bookkeeping), and times them
 on a model of the real depth but a tiny width (hidden 64), where the arithmetic is negligible and
 the wall time is the host's own work. Both are measured with the jobs' adapters (the batched LoRA
 operator on every projection) and without (the frozen base alone), so the difference is what the
@@ -37,15 +38,25 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+NO_KERNEL = {"_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
+             "_record_function_enter_new", "_record_function_exit", "set_", "_local_scalar_dense"}
+"""Operators that launch no kernel on a GPU besides the views (`OpOverload.is_view`)."""
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts every ATen operator dispatched while active (autograd's backward included)."""
+    """Counts every ATen operator dispatched while active (autograd's backward included), and
+    apart those that would launch a GPU kernel (not a view, an allocation or bookkeeping)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: collections.Counter[str] = collections.Counter()
+        self.kernels = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket.__name__)] += 1
+        name = str(func.overloadpacket.__name__)
+        self.counts[name] += 1
+        if not func.is_view and name not in NO_KERNEL:
+            self.kernels += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -108,6 +119,7 @@ def measure(stage, batch, hidden, jobs, lora: bool, micro: int, reps: int) -> di
     names = list(dict.fromkeys(name for name, _ in calls))
     times: dict[str, list[float]] = {name: [] for name in names}
     counted: dict[str, collections.Counter] = {name: collections.Counter() for name in names}
+    kernels = dict.fromkeys(names, 0)
     for round_ in range(reps + 3):
         spent = dict.fromkeys(names, 0.0)
         for name, call in calls:
@@ -115,6 +127,7 @@ def measure(stage, batch, hidden, jobs, lora: bool, micro: int, reps: int) -> di
                 with OpCounter() as counter:
                     call()
                 counted[name].update(counter.counts)
+                kernels[name] += counter.kernels
                 continue
             start = time.perf_counter()
             call()
@@ -124,7 +137,8 @@ def measure(stage, batch, hidden, jobs, lora: bool, micro: int, reps: int) -> di
         if round_ > 2:
             for name in names:
                 times[name].append(spent[name] / micro)
-    return {name: {"ops": sum(counted[name].values()) / micro, "ms": 1000 * statistics.median(times[name]),
+    return {name: {"ops": sum(counted[name].values()) / micro, "kernel_ops": kernels[name] / micro,
+                   "ms": 1000 * statistics.median(times[name]),
                    "top": {k: v / micro for k, v in counted[name].most_common(14)}} for name in names}
 
 
@@ -155,13 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one micro-batch: {args.layers} layers, {args.jobs} jobs x {args.rows} rows x {args.seq} tokens, "
           f"rank {args.rank} on {len(TARGETS)} projections, dropout {args.dropout}, {args.dtype}, {args.path} path, "
           f"hidden {args.hidden} (host work only), {args.micro} micro-batches per step; per micro-batch:")
-    print("| phase | ops with adapters | ops base only | adapter ops per projection | ms with adapters "
+    print("| phase | ops with adapters | ops base only | adapter ops per projection (kernels) | ms with adapters "
           "| ms base only |")
     print("|---|---|---|---|---|---|")
     for name, got in with_lora.items():
-        plain = base.get(name, {"ops": 0, "ms": 0.0})
-        print(f"| {name} | {got['ops']:,.0f} | {plain['ops']:,.0f} | {(got['ops'] - plain['ops']) / modules:.1f} | "
-              f"{got['ms']:.1f} | {plain['ms']:.1f} |")
+        plain = base.get(name, {"ops": 0, "kernel_ops": 0, "ms": 0.0})
+        print(f"| {name} | {got['ops']:,.0f} | {plain['ops']:,.0f} | {(got['ops'] - plain['ops']) / modules:.1f} "
+              f"({(got['kernel_ops'] - plain['kernel_ops']) / modules:.1f}) | {got['ms']:.1f} | {plain['ms']:.1f} |")
     for name, got in with_lora.items():
         print(f"{name}, most dispatched: " + ", ".join(f"{k} {v:g}" for k, v in got["top"].items()))
     out = args.out or RESULTS / f"host_overhead-{args.path}-{args.dtype}-{args.device}.json"

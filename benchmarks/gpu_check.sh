@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh LOG_DIR
 # 1. versions; 2. tests/gpu; 3. a 2-stage pipeline on one GPU under torchrun (NCCL);
 # 4. the batched LoRA operator in bf16; 5. the last stage's head + loss in bf16 (plain vs loss tokens
-# only, Llama-3 vocabulary); 6. benchmarks/gpu.py (tokens/s, MFU, peak memory).
+# only, Llama-3 vocabulary); 6. benchmarks/gpu.py (tokens/s, MFU, peak memory); 7. the batched
+# operator's host work per micro-batch (operators, kernel launches, times; benchmarks/host_overhead.py).
 # Each step has its own time limit and a failing step does not stop the next.
 set -u -o pipefail
 LOG=${1:-gpu-logs}
@@ -20,5 +21,6 @@ step nccl_two_stages 150 bash -c "$PY -m mlora_pp.tiny $W/m --layers 4 --init-st
 step lora_op 150 $PY -m benchmarks.lora_op --device cuda --dtype bfloat16 --tokens 8192 --dims 2048 4096 --out "$LOG/lora_op.json"
 step head_loss 120 $PY -m benchmarks.head_loss --device cuda --dtype bfloat16 --dim 2048 --rows 16 --seq 512 --out "$LOG/head_loss.json"
 step gpu_bench 330 $PY -m benchmarks.gpu
+step host_overhead 120 $PY -m benchmarks.host_overhead --device cuda --dtype bfloat16 --dropout 0 --out "$LOG/host_overhead.json"
 cp benchmarks/results/gpu-*.json "$LOG/" 2>/dev/null
 rm -rf "$W"

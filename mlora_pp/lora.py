@@ -426,6 +426,8 @@ class _Stacked:
     a: Tensor  # [n + 1, R, in]
     b_t: Tensor  # [n + 1, R, out] * scale
     b: Tensor  # [n + 1, out, R] * scale
+    index: dict[str, int] = field(default_factory=dict)
+    """Each adapter's slot."""
     adapters: dict[str, Tensor] = field(default_factory=dict)
     """Each layout's first n slots (a view): the stack of a batch whose groups are the module's
     adapters in order, without gaps, as when every job of a micro-batch trains this module."""
@@ -921,6 +923,7 @@ class BatchedLoRALinear(nn.Module):
                           a=zeros(n + 1, rank_pad, self.in_features), b_t=zeros(n + 1, rank_pad, self.out_features),
                           b=zeros(n + 1, self.out_features, rank_pad))
             st.adapters = {layout: getattr(st, layout).narrow(0, 0, n) for layout in ("a_t", "a", "b_t", "b")}
+            st.index = {name: i for i, name in enumerate(names)}
             self._stacked = st
         pairs = [self._weights[n] for n in names]
         As, Bs = [a for a, _ in pairs], [b for _, b in pairs]
@@ -945,9 +948,9 @@ class BatchedLoRALinear(nn.Module):
         """The grouped path's stacked weights (refreshed where they changed) and per-row tables
         (cached per batch)."""
         plan.stacked = self._stacked_weights(x.dtype, x.device)
-        order = {name: i for i, name in enumerate(plan.stacked.key[0])}
-        slots = tuple(order[names[g.slot]] if g.slot >= 0 else len(order) for g in plan.groups)
-        if slots != tuple(range(len(order))):
+        index = plan.stacked.index
+        slots = tuple(index[names[g.slot]] if g.slot >= 0 else len(index) for g in plan.groups)
+        if slots != tuple(range(len(index))):
             plan.slots = self.context.cached(("slots", x.device, slots),
                                              lambda: _to_device(torch.tensor(slots, dtype=torch.int64), x.device))
         lo, hi = plan.span

@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="delete the jobs' checkpoints in output_dir and start over instead of resuming")
     args = parser.parse_args(argv)
 
+    try:
+        grace = stopping.grace_s()
+    except ValueError as exc:
+        report(f"error: rank {os.environ.get('RANK', '0')}: {exc}")
+        return EXIT_BAD_INPUT
     main_thread = threading.main_thread().ident
 
     def stopped_by_launcher(signum, frame):
@@ -74,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             # Training not over in time: this handler runs again and stops the rank at once. A real
             # signal to the main thread, not `_thread.interrupt_main`: that one only marks the handler
             # due, so a main thread blocked in a sleep or a read would not run it until woken.
-            stopping.arm(threading.Timer(stopping.GRACE_S, signal.pthread_kill, args=(main_thread, signal.SIGTERM)))
+            stopping.arm(threading.Timer(grace, signal.pthread_kill, args=(main_thread, signal.SIGTERM)))
             if rank == "0":
                 report(f"rank 0: SIGTERM: stopping at the next decision point, every unfinished job checkpointed "
-                       f"at its last finished step (at most {stopping.GRACE_S:g} s)")
+                       f"at its last finished step (at most {grace:g} s)")
             return
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # torchrun sends SIGTERM to every rank once one rank has failed; its own report names that rank.
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: stopped after {steps} of its steps; running this config again resumes it from there")
         took = ""
         if result.stop_s is not None:
-            took = f" (the stop took {result.stop_s:.1f}s of its {stopping.GRACE_S:g}s)"
+            took = f" (the stop took {result.stop_s:.1f}s of its {grace:g}s)"
         report(f"error: rank 0: stopped by SIGTERM after {result.wall_s:.1f}s{took}; every unfinished job was "
                "checkpointed at its last finished step: running this config again resumes them")
         return EXIT_STOPPED

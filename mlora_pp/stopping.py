@@ -11,19 +11,39 @@ it does a cancellation. The stop thus waits for about DECISION_LEAD micro-batche
 backwards and steps still due below its point, not for a fixed count of micro-batches.
 
 Only while the stages train (`accepting`): during set-up there is nothing to save and SIGTERM ends
-the rank at once, as before. A second SIGTERM, or training not over within `GRACE_S` (no decision
+the rank at once, as before. A second SIGTERM, or training not over within `grace_s()` (no decision
 point reached in time, rank 0 gone), also ends the rank at once. Once training is over (stopped or
 finished), the run's last writes are left to finish: the deadline (`arm`) is cancelled.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 import time
 
 GRACE_S = 20.0
 """How long a requested stop may take before the rank stops at once: below the usual 30 s between
 a scheduler's SIGTERM and its SIGKILL."""
+GRACE_ENV = "MLORA_PP_STOP_GRACE_S"
+"""Overrides `GRACE_S`: for a scheduler that waits longer (Kubernetes' terminationGracePeriodSeconds,
+Slurm's KillWait) or shorter before its SIGKILL."""
+
+
+def grace_s() -> float:
+    """`GRACE_S`, or the seconds in MLORA_PP_STOP_GRACE_S where set (ValueError naming it if not a
+    positive number)."""
+    raw = os.environ.get(GRACE_ENV)
+    if raw is None:
+        return GRACE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{GRACE_ENV}={raw!r}: expected a positive number of seconds")
+    return value
 
 _accepting = False
 _requested = False

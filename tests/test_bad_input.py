@@ -221,6 +221,27 @@ def test_command_line_one_line_and_debug_traceback(workspace, tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
 
 
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "inf", "nan"])
+def test_a_bad_stop_grace_is_refused_naming_the_variable(monkeypatch, value):
+    from mlora_pp import stopping
+
+    monkeypatch.setenv("MLORA_PP_STOP_GRACE_S", value)
+    with pytest.raises(ValueError, match=f"MLORA_PP_STOP_GRACE_S={value!r}: expected a positive number of seconds"):
+        stopping.grace_s()
+    monkeypatch.setenv("MLORA_PP_STOP_GRACE_S", "45.5")
+    assert stopping.grace_s() == 45.5
+    monkeypatch.delenv("MLORA_PP_STOP_GRACE_S")
+    assert stopping.grace_s() == stopping.GRACE_S
+
+
+def test_the_launcher_refuses_a_bad_stop_grace_in_one_line_exit_2(workspace, tmp_path):
+    config = write_config(tmp_path, make_raw(workspace))
+    proc = run_launcher(config, MLORA_PP_STOP_GRACE_S="soon")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and lines == [
+        "error: rank 0: MLORA_PP_STOP_GRACE_S='soon': expected a positive number of seconds"], proc.stderr
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,8 +3,11 @@
 A stage is: optional token embedding, decoder layers [first, last), optional final norm + lm_head.
 One stage holding everything is the single-rank case; the pipeline only moves `first` and `last`.
 The stage reads only its own tensors from the safetensors files (`safe_open`, sharded checkpoints
-through `model.safetensors.index.json`) and never unpickles anything. Decoder layers, RoPE and
-attention are transformers' own; every projection an adapter may target is wrapped in a
+through `model.safetensors.index.json`) and never unpickles anything. Decoder layers, the rotary
+embedding and the attention function are transformers' own; the layers' self-attention, MLP and
+(below fp32) norms are taken over by modules here (`SelfAttention`, `SwiGLU`, `RMSNorm`) that give
+the same bits eagerly, keep less for backward and, on CUDA, run their elementwise work as fused
+kernels (`mlora_pp.kernels`). Every projection an adapter may target is wrapped in a
 `BatchedLoRALinear`, so the frozen base GEMM runs once for the rows of all adapters.
 
 With ``quantize: nf4 | int8`` those projections are bitsandbytes modules (`mlora_pp.quantize`);
@@ -14,22 +17,26 @@ at most one layer are alive at once. Embedding, norms and lm_head stay in the mo
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import safetensors
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from mlora_pp.config import LORA_TARGETS
 from mlora_pp.head_loss import LossTokens, head_loss
+from mlora_pp.kernels import LAYER_KERNELS, warm_up_layer_kernels
 from mlora_pp.lora import BatchedLoRALinear, LoRABatch, LoRAContext
 from mlora_pp.quantize import MODES as QUANTIZE_MODES
 from mlora_pp.quantize import QuantizeError, quantize_linear, release_freed_memory
@@ -45,21 +52,30 @@ class ModelError(ValueError):
     """A model directory we cannot use; the message names the directory and what is wrong."""
 
 
+_ARCH_PREFIX: dict[str, str] = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+
+
+def _arch_module(model_type: str) -> ModuleType:
+    """transformers' modeling module of a supported architecture."""
+    if model_type not in _ARCH_PREFIX:
+        raise ModelError(f"model_type {model_type!r} is not supported (supported: llama, mistral, qwen2)")
+    return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+
+
 def _arch_classes(model_type: str) -> tuple[type, type, type]:
     """(DecoderLayer, RMSNorm, RotaryEmbedding) of a supported architecture."""
-    if model_type == "llama":
-        from transformers.models.llama import modeling_llama as m
+    m, prefix = _arch_module(model_type), _ARCH_PREFIX[model_type]
+    return getattr(m, prefix + "DecoderLayer"), getattr(m, prefix + "RMSNorm"), getattr(m, prefix + "RotaryEmbedding")
 
-        return m.LlamaDecoderLayer, m.LlamaRMSNorm, m.LlamaRotaryEmbedding
+
+def _attention_extra(model_type: str, attn: nn.Module) -> dict[str, object]:
+    """The arguments beyond Llama's that transformers' attention of this architecture passes to
+    its attention function: Mistral and Qwen2 pass their sliding window (None where off)."""
     if model_type == "mistral":
-        from transformers.models.mistral import modeling_mistral as m
-
-        return m.MistralDecoderLayer, m.MistralRMSNorm, m.MistralRotaryEmbedding
+        return {"sliding_window": getattr(attn.config, "sliding_window", None)}
     if model_type == "qwen2":
-        from transformers.models.qwen2 import modeling_qwen2 as m
-
-        return m.Qwen2DecoderLayer, m.Qwen2RMSNorm, m.Qwen2RotaryEmbedding
-    raise ModelError(f"model_type {model_type!r} is not supported (supported: llama, mistral, qwen2)")
+        return {"sliding_window": attn.sliding_window}
+    return {}
 
 
 def _is_projection(param_name: str) -> bool:
@@ -165,18 +181,23 @@ class SiluMul(torch.autograd.Function):
 
     Autograd's silu-then-multiply also keeps silu(gate): one more [tokens, intermediate] tensor
     per decoder layer, about 14% of what a layer saves for backward. The gradients are the same
-    kernels on the same values as autograd's, so they are bit for bit the same.
+    kernels on the same values as autograd's, so they are bit for bit the same; on CUDA forward and
+    backward are one fused kernel each (`mlora_pp.kernels`).
     """
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        width = gate.shape[-1]
+        return LAYER_KERNELS["silu_mul_forward"](gate.reshape(-1, width), up.reshape(-1, width)).reshape(gate.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+        width = gate.shape[-1]
+        d_gate, d_up = LAYER_KERNELS["silu_mul_backward"](
+            grad.reshape(-1, width), gate.reshape(-1, width), up.reshape(-1, width))
+        return d_gate.reshape(gate.shape), d_up.reshape(up.shape)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -186,25 +207,38 @@ class RMSNormFunction(torch.autograd.Function):
     transformers' version keeps the fp32 copy of x instead: in bf16 that is twice x's bytes, 20%
     of everything a decoder layer keeps for backward (two norms a layer). The forward is the same
     ops on the same values, so bit for bit the same; the backward is autograd's own sequence of
-    ops on the recomputed fp32 copy.
+    ops on the recomputed fp32 copy (`mlora_pp.kernels`: one fused kernel each on CUDA).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = x.to(torch.float32)
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        out, rstd = LAYER_KERNELS["rms_norm_forward"](x.reshape(-1, x.shape[-1]), weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
+        return out.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         x, weight, rstd = ctx.saved_tensors
-        x32 = x.to(torch.float32)
-        g = (grad * weight).to(torch.float32)
-        # d/dx of x32 * rstd, rstd = (mean(x32^2) + eps)^-1/2, in autograd's order of operations
-        grad_rstd = (g * x32).sum(-1, keepdim=True)
-        grad_square = (grad_rstd * (-0.5 * rstd.pow(3))).expand_as(x32) / x32.shape[-1]
-        return (g * rstd + grad_square * 2 * x32).to(x.dtype), None, None
+        width = x.shape[-1]
+        dx = LAYER_KERNELS["rms_norm_backward"](grad.reshape(-1, width), x.reshape(-1, width), weight, rstd)
+        return dx.reshape(x.shape), None, None
+
+
+class Rotary(torch.autograd.Function):
+    """transformers' `apply_rotary_pos_emb` of (q, k) with frozen (cos, sin), as one fused kernel
+    forward and one backward on CUDA (`mlora_pp.kernels`); eagerly the same ops and bits."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(cos, sin)
+        return LAYER_KERNELS["rotary_forward"](q, k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        dq, dk = LAYER_KERNELS["rotary_backward"](dq, dk, cos, sin)
+        return dq, dk, None, None
 
 
 class RMSNorm(nn.Module):
@@ -235,6 +269,42 @@ class SwiGLU(nn.Module):
         return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
 
 
+class SelfAttention(nn.Module):
+    """transformers' LLaMA-family self-attention (Llama, Mistral, Qwen2) with rotary through `Rotary`.
+
+    It takes over the projections of transformers' module under the same names, so module paths do
+    not change, and calls transformers' own attention function (sdpa, eager, ...) with the
+    arguments transformers' forward passes. Training never uses a KV cache, so there is none.
+    """
+
+    def __init__(self, attn: nn.Module, eager_attention: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+                 extra: dict[str, object]):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        # what transformers' attention functions read from the module they are given
+        self.config, self.layer_idx, self.head_dim = attn.config, attn.layer_idx, attn.head_dim
+        self.num_key_value_groups, self.scaling = attn.num_key_value_groups, attn.scaling
+        self.attention_dropout, self.is_causal = attn.attention_dropout, attn.is_causal
+        self._eager_attention = eager_attention
+        self._extra = extra
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        for unused in ("cache", "past_key_values"):  # transformers' forward takes these, the rest goes on
+            kwargs.pop(unused, None)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key = Rotary.apply(query, key, *position_embeddings)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._eager_attention)
+        out, weights = attention(self, query, key, value, attention_mask,
+                                 dropout=0.0 if not self.training else self.attention_dropout,
+                                 scaling=self.scaling, **self._extra, **kwargs)
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
 class StageModel(nn.Module):
     """Embedding? + decoder layers [first, last) + norm/lm_head?, with batched LoRA on every projection."""
 
@@ -258,6 +328,10 @@ class StageModel(nn.Module):
             self.layers = nn.ModuleDict(
                 {str(i): layer_cls(config, i).to(dtype) for i in range(spec.first_layer, spec.last_layer)}
             )
+            eager_attention = _arch_module(config.model_type).eager_attention_forward
+            for layer in self.layers.values():
+                layer.self_attn = SelfAttention(layer.self_attn, eager_attention,
+                                                _attention_extra(config.model_type, layer.self_attn))
             if config.hidden_act in ("silu", "swish"):
                 for layer in self.layers.values():
                     layer.mlp = SwiGLU(layer.mlp)
@@ -277,6 +351,15 @@ class StageModel(nn.Module):
         backward. Exact, because dropout masks are pure functions of the batch, not of RNG state."""
         self._lora_path = lora_path
         self._sliding = self._sliding_layers()
+
+    def warm_up_kernels(self) -> float:
+        """Compile the fused layer kernels for this stage's device and dtype now, so that the first
+        steps do not pay for it (seconds spent; 0 where nothing is compiled: CPU, `MLORA_PP_COMPILE=0`)."""
+        c = self.config
+        device = next(self.parameters()).device
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return warm_up_layer_kernels(device, self.dtype, c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                                     c.num_key_value_heads, head_dim, c.rms_norm_eps)
 
     def _sliding_layers(self) -> set[int]:
         layer_types = getattr(self.config, "layer_types", None)

@@ -534,6 +534,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     attach_adapters(stage, jobs, cfg.seed)
     if any(c.dropout > 0 for c in cfg.jobs):
         warm_up_dropout(device, stage.dtype)  # compiling the dropout kernel is set-up, not a training step
+    stage.warm_up_kernels()  # the layers' fused kernels likewise (on CUDA)
 
     def load_checkpoints() -> None:
         for name, point in points.items():

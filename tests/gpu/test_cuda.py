@@ -1,7 +1,8 @@
 """GPU checks (issue 7): run only where CUDA is present, skipped cleanly elsewhere.
 
-Run on a GPU machine with ``python -m pytest -q tests/gpu``. All but the head-loss test passed on one
-H100 on 2026-11-24; the head-loss test (2026-12-06) has not run on a GPU yet.
+Run on a GPU machine with ``python -m pytest -q tests/gpu``. The operator, nf4, training and dropout
+tests passed on one H100 on 2026-11-24; the head-loss and layer-kernel tests (2026-12-06) have not
+run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -84,7 +85,17 @@ def test_single_rank_bf16_training_on_cuda(tmp_path):
     assert losses[-1] < losses[0]
 
 
-def test_compiled_dropout_hash_matches_cpu_bit_for_bit():
+@pytest.fixture
+def compiling(monkeypatch):
+    """Compiled kernels on, as in a run (tests/conftest.py turns them off for the CPU suite)."""
+    from mlora_pp import lora
+
+    monkeypatch.setenv("MLORA_PP_COMPILE", "1")
+    monkeypatch.setattr(lora, "_compiled_drop_span", [])
+    monkeypatch.setattr(lora, "_compiled_drop_span_pair", [])
+
+
+def test_compiled_dropout_hash_matches_cpu_bit_for_bit(compiling):
     """The CUDA path compiles the hash into one kernel: it must drop exactly the elements the CPU drops."""
     from mlora_pp import lora
 
@@ -129,3 +140,45 @@ def test_bf16_head_loss_matches_fp32_cross_entropy_on_full_logits():
     torch.testing.assert_close(total.detach(), ref.detach(), rtol=1e-2, atol=0)
     torch.testing.assert_close(hidden.grad.float(), ref_hidden.grad, rtol=2e-2,
                                atol=2e-2 * float(ref_hidden.grad.abs().max()))
+
+
+def test_fused_layer_kernels_on_cuda_match_eager_and_a_bf16_stage_matches_fp32(tmp_path, compiling):
+    """The base layers' kernels (RMSNorm, SiLU-times-up, rotary) compile on CUDA and stay within
+    bf16 rounding of the eager formulas; a bf16 stage with them is as close to the fp32 stage as
+    the same stage with eager kernels."""
+    from mlora_pp import kernels
+    from mlora_pp.model import build_stage
+    from mlora_pp.tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m", layers=2, init_std=0.06)
+    stage = build_stage(model, dtype="bfloat16", device="cuda")
+    assert stage.warm_up_kernels() > 0
+    assert all(k._compiled is not None and k.failed is None for k in kernels.LAYER_KERNELS.values())
+    stage.add_adapter("a", 8, 16, 0.0, ["q_proj", "v_proj", "down_proj"], seed=0)
+    reference = build_stage(model, dtype="float32", device="cuda")
+    reference.add_adapter("a", 8, 16, 0.0, ["q_proj", "v_proj", "down_proj"], seed=0)
+    with torch.no_grad():
+        for p in reference.adapter_parameters("a"):
+            p.normal_(0, 0.05)  # B too, so that every adapter weight has a gradient
+    stage.load_adapter_state("a", reference.adapter_state("a"))
+    ids = torch.randint(3, stage.config.vocab_size, (3, 40), device="cuda")
+    batch = LoRABatch((LoRASegment("a", 0, 3, (0, 1, 2)),), 40, training=True)
+
+    def run(s):
+        logits = s(ids, batch)
+        logits.float().logsumexp(-1).mean().backward()
+        return logits.detach().float(), torch.cat([p.grad.float().flatten() for p in s.adapter_parameters("a")])
+
+    ref_logits, ref_grads = run(reference)
+    errors = {}
+    for mode in ("fused", "eager"):
+        kernels.set_layer_kernels(mode)
+        try:
+            stage.zero_grad(set_to_none=True)
+            logits, grads = run(stage)
+        finally:
+            kernels.set_layer_kernels("fused")
+        errors[mode] = (float((logits - ref_logits).abs().max()), float((grads - ref_grads).abs().max()))
+    scale = (float(ref_logits.abs().max()), float(ref_grads.abs().max()))
+    for i in range(2):
+        assert errors["fused"][i] <= 2 * errors["eager"][i] + 1e-3 * scale[i], errors

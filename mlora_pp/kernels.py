@@ -156,10 +156,12 @@ LAYER_KERNELS: dict[str, FusedKernel] = {
 
 
 def warm_up_layer_kernels(device: torch.device | str, dtype: torch.dtype, hidden: int, intermediate: int,
-                          heads: int, kv_heads: int, head_dim: int, eps: float) -> float:
+                          heads: int, kv_heads: int, head_dim: int, eps: float,
+                          norm_widths: Sequence[int] | None = None) -> float:
     """Compile every layer kernel enabled for `device` now, at three shapes, so that the first
     training steps do not pay for it (seconds spent; 0 where nothing is compiled). The inputs are
-    laid out as the model gives them (q and k as transposed views of the projections' output)."""
+    laid out as the model gives them (q and k as transposed views of the projections' output);
+    the norms at each of `norm_widths` (default: `hidden`; Qwen3 norms heads too)."""
     device = torch.device(device)
     k = LAYER_KERNELS
     if not any(kernel.enabled_for(device) for kernel in k.values()):
@@ -173,9 +175,10 @@ def warm_up_layer_kernels(device: torch.device | str, dtype: torch.dtype, hidden
     # and 1 always are), and micro-batches of one row are common
     for rows, length in ((2, 5), (3, 7), (1, 7)):
         tokens = rows * length
-        weight = t(hidden)
-        _, rstd = k["rms_norm_forward"](t(tokens, hidden), weight, eps)
-        k["rms_norm_backward"](t(tokens, hidden), t(tokens, hidden), weight, rstd)
+        for width in norm_widths or (hidden,):
+            weight = t(width)
+            _, rstd = k["rms_norm_forward"](t(tokens, width), weight, eps)
+            k["rms_norm_backward"](t(tokens, width), t(tokens, width), weight, rstd)
         k["silu_mul_forward"](t(tokens, intermediate), t(tokens, intermediate))
         k["silu_mul_backward"](t(tokens, intermediate), t(tokens, intermediate), t(tokens, intermediate))
         cos, sin = t(1, length, head_dim), t(1, length, head_dim)

@@ -52,13 +52,13 @@ class ModelError(ValueError):
     """A model directory we cannot use; the message names the directory and what is wrong."""
 
 
-_ARCH_PREFIX: dict[str, str] = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+_ARCH_PREFIX: dict[str, str] = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
 def _arch_module(model_type: str) -> ModuleType:
     """transformers' modeling module of a supported architecture."""
     if model_type not in _ARCH_PREFIX:
-        raise ModelError(f"model_type {model_type!r} is not supported (supported: llama, mistral, qwen2)")
+        raise ModelError(f"model_type {model_type!r} is not supported (supported: {', '.join(_ARCH_PREFIX)})")
     return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
 
 
@@ -70,10 +70,10 @@ def _arch_classes(model_type: str) -> tuple[type, type, type]:
 
 def _attention_extra(model_type: str, attn: nn.Module) -> dict[str, object]:
     """The arguments beyond Llama's that transformers' attention of this architecture passes to
-    its attention function: Mistral and Qwen2 pass their sliding window (None where off)."""
+    its attention function: Mistral and Qwen2/3 pass their sliding window (None where off)."""
     if model_type == "mistral":
         return {"sliding_window": getattr(attn.config, "sliding_window", None)}
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         return {"sliding_window": attn.sliding_window}
     return {}
 
@@ -270,17 +270,22 @@ class SwiGLU(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """transformers' LLaMA-family self-attention (Llama, Mistral, Qwen2) with rotary through `Rotary`.
+    """transformers' LLaMA-family self-attention (Llama, Mistral, Qwen2, Qwen3) with rotary through
+    `Rotary`.
 
     It takes over the projections of transformers' module under the same names, so module paths do
     not change, and calls transformers' own attention function (sdpa, eager, ...) with the
-    arguments transformers' forward passes. Training never uses a KV cache, so there is none.
+    arguments transformers' forward passes. Qwen3's per-head RMSNorm of queries and keys
+    (`q_norm`, `k_norm`) comes along where the module has it. Training never uses a KV cache, so
+    there is none.
     """
 
     def __init__(self, attn: nn.Module, eager_attention: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
                  extra: dict[str, object]):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.q_norm: nn.Module | None = getattr(attn, "q_norm", None)
+        self.k_norm: nn.Module | None = getattr(attn, "k_norm", None)
         # what transformers' attention functions read from the module they are given
         self.config, self.layer_idx, self.head_dim = attn.config, attn.layer_idx, attn.head_dim
         self.num_key_value_groups, self.scaling = attn.num_key_value_groups, attn.scaling
@@ -294,8 +299,11 @@ class SelfAttention(nn.Module):
             kwargs.pop(unused, None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query = self.q_proj(hidden_states).view(hidden_shape)
+        key = self.k_proj(hidden_states).view(hidden_shape)
+        if self.q_norm is not None and self.k_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         query, key = Rotary.apply(query, key, *position_embeddings)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._eager_attention)
@@ -340,6 +348,9 @@ class StageModel(nn.Module):
                 for layer in self.layers.values():
                     layer.input_layernorm = RMSNorm(layer.input_layernorm)
                     layer.post_attention_layernorm = RMSNorm(layer.post_attention_layernorm)
+                    attn = layer.self_attn
+                    if attn.q_norm is not None and attn.k_norm is not None:  # Qwen3's, per head
+                        attn.q_norm, attn.k_norm = RMSNorm(attn.q_norm), RMSNorm(attn.k_norm)
                 if self.norm is not None:
                     self.norm = RMSNorm(self.norm)
             self.lm_head = (
@@ -358,8 +369,10 @@ class StageModel(nn.Module):
         c = self.config
         device = next(self.parameters()).device
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        head_norms = any(getattr(layer.self_attn, "q_norm", None) is not None for layer in self.layers.values())
         return warm_up_layer_kernels(device, self.dtype, c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                                     c.num_key_value_heads, head_dim, c.rms_norm_eps)
+                                     c.num_key_value_heads, head_dim, c.rms_norm_eps,
+                                     (c.hidden_size, head_dim) if head_norms else (c.hidden_size,))
 
     def _sliding_layers(self) -> set[int]:
         layer_types = getattr(self.config, "layer_types", None)

@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 # Common short English words; every word, in lower case and in upper case, is
@@ -116,6 +117,7 @@ _CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {
     "llama": LlamaConfig,
     "mistral": MistralConfig,
     "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
 }
 
 
@@ -156,6 +158,8 @@ def build_config(
     )
     if arch == "mistral":
         kwargs["sliding_window"] = None
+    if arch == "qwen3":
+        kwargs["head_dim"] = hidden // heads  # Qwen3Config's default is 128 whatever the width
     config = _CONFIG_CLASSES[arch](**kwargs)
     config.dtype = torch.float32
     return config

@@ -21,7 +21,7 @@ from mlora_pp.kernels import FusedKernel
 from mlora_pp.model import SelfAttention, _attention_extra
 from mlora_pp.tiny import build_config, build_tokenizer
 
-ARCHS = ("llama", "mistral", "qwen2")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _attention_pair(arch: str, dtype: torch.dtype):
@@ -29,7 +29,7 @@ def _attention_pair(arch: str, dtype: torch.dtype):
     config = build_config(build_tokenizer(), arch=arch, hidden=64, heads=4, kv_heads=2, layers=1)
     config._attn_implementation = "sdpa"
     m = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
-    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[arch]
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
     torch.manual_seed(0)
     theirs = getattr(m, prefix + "Attention")(config, 0).to(dtype).requires_grad_(False)
     ours = SelfAttention(theirs, m.eager_attention_forward, _attention_extra(arch, theirs))

@@ -22,7 +22,7 @@ ADAPTERS = [  # name, rank, alpha, targets
 ]
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3"])
 def model_dir(request, tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp(request.param) / "m", arch=request.param, seed=3)
 
@@ -227,7 +227,11 @@ def test_stage_norms_are_ours_in_bf16_and_transformers_in_fp32(model_dir):
     for dtype, ours in (("bfloat16", True), ("float32", False)):
         stage = build_stage(model_dir, dtype=dtype)
         layer = stage.layers[str(stage.spec.first_layer)]
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm, stage.norm):
+        norms = [layer.input_layernorm, layer.post_attention_layernorm, stage.norm]
+        if stage.config.model_type == "qwen3":  # and its per-head norms of queries and keys
+            norms += [layer.self_attn.q_norm, layer.self_attn.k_norm]
+            assert "layers.0.self_attn.q_norm.weight" in dict(stage.named_parameters())
+        for norm in norms:
             assert isinstance(norm, RMSNorm) == ours and type(norm).__name__.endswith("RMSNorm")
             assert not norm.weight.requires_grad
         assert "layers.0.input_layernorm.weight" in dict(stage.named_parameters())

@@ -29,6 +29,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     return {
         "llama": make_tiny_model(root / "llama", layers=2),
         "qwen2": make_tiny_model(root / "qwen2", layers=2, arch="qwen2"),
+        "qwen3": make_tiny_model(root / "qwen3", layers=2, arch="qwen3"),
         "llama4": make_tiny_model(root / "llama4", layers=4),
     }
 
@@ -96,7 +97,7 @@ def _peft_lora_weights(pm, adapter="default") -> dict[str, tuple[torch.Tensor, t
 IDS = torch.tensor([[1, 40, 300, 224, 17, 5, 900, 2, 64]])
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_peft_loads_our_adapter(tmp_path, tiny_dirs, arch):
     base = tiny_dirs[arch]
     weights = _random_weights(_base(base), layers={0, 1})

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mlora_pp.tiny import WORDS, build_tokenizer, main, make_tiny_model
 
-ARCHS = ["llama", "mistral", "qwen2"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 SAMPLES = [
     "hello world",
     "Uppercase the words.\nthe cat sat",

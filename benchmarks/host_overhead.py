@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -47,10 +48,20 @@ class OpCounter(TorchDispatchMode):
     """Counts every ATen operator dispatched while active (autograd's backward included), and
     apart those that would launch a GPU kernel (not a view, an allocation or bookkeeping)."""
 
+    active: "OpCounter | None" = None
+
     def __init__(self) -> None:
         super().__init__()
         self.counts: collections.Counter[str] = collections.Counter()
         self.kernels = 0
+
+    def __enter__(self):
+        OpCounter.active = self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        OpCounter.active = None
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket.__name__)
@@ -58,6 +69,38 @@ class OpCounter(TorchDispatchMode):
         if not func.is_view and name not in NO_KERNEL:
             self.kernels += 1
         return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def layer_kernels_counted(how: str) -> Iterator[None]:
+    """`fused`: count each call of the model's fused layer kernels (`mlora_pp.kernels`) as the one
+    kernel it is on CUDA, whether it runs compiled or (on CPU) eagerly, its own operators not
+    counted; `eager`: run them eagerly everywhere and count their operators. Restored on exit."""
+    import mlora_pp.model
+    from mlora_pp.kernels import set_layer_kernels
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    def one(name: str, kernel: Callable):
+        def call(*args):
+            counter = OpCounter.active
+            if counter is None:
+                return kernel(*args)
+            counter.counts[f"fused {name}"] += 1
+            counter.kernels += 1
+            with _disable_current_modes():
+                return kernel(*args)
+        return call
+
+    kept = mlora_pp.model.LAYER_KERNELS
+    if how == "fused":
+        mlora_pp.model.LAYER_KERNELS = {name: one(name, k) for name, k in kept.items()}
+    else:
+        set_layer_kernels("eager")
+    try:
+        yield
+    finally:
+        mlora_pp.model.LAYER_KERNELS = kept
+        set_layer_kernels("fused")
 
 
 def build(args: argparse.Namespace, workdir: Path):
@@ -139,7 +182,9 @@ def measure(stage, batch, hidden, jobs, lora: bool, micro: int, reps: int) -> di
                 times[name].append(spent[name] / micro)
     return {name: {"ops": sum(counted[name].values()) / micro, "kernel_ops": kernels[name] / micro,
                    "ms": 1000 * statistics.median(times[name]),
-                   "top": {k: v / micro for k, v in counted[name].most_common(14)}} for name in names}
+                   "top": {k: v / micro for k, v in counted[name].most_common(14)},
+                   "fused_calls": {k: v / micro for k, v in counted[name].items() if k.startswith("fused ")}}
+            for name in names}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,25 +202,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", default="grouped", choices=["grouped", "loop"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the times include the device's)")
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--layer-kernels", default="fused", choices=["fused", "eager"],
+                        help="count each fused layer kernel call (RMSNorm, SiLU-times-up, rotary) as one kernel, as "
+                             "on CUDA (default), or its eager operators, as before 2026-12-06")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("MLORA_PP_COMPILE", "0")
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, layer_kernels_counted(args.layer_kernels):
         stage, batch, hidden, jobs = build(args, Path(tmp))
         with_lora = measure(stage, batch, hidden, jobs, True, args.micro, args.reps)
         base = measure(stage, batch, hidden, jobs, False, args.micro, args.reps)
     modules = args.layers * len(TARGETS)
     print(f"one micro-batch: {args.layers} layers, {args.jobs} jobs x {args.rows} rows x {args.seq} tokens, "
           f"rank {args.rank} on {len(TARGETS)} projections, dropout {args.dropout}, {args.dtype}, {args.path} path, "
-          f"hidden {args.hidden} (host work only), {args.micro} micro-batches per step; per micro-batch:")
-    print("| phase | ops with adapters | ops base only | adapter ops per projection (kernels) | ms with adapters "
-          "| ms base only |")
+          f"hidden {args.hidden} (host work only), {args.micro} micro-batches per step, layer kernels "
+          f"{args.layer_kernels}; per micro-batch:")
+    print("| phase | ops with adapters | ops base only (kernels) | adapter ops per projection (kernels) "
+          "| ms with adapters | ms base only |")
     print("|---|---|---|---|---|---|")
     for name, got in with_lora.items():
         plain = base.get(name, {"ops": 0, "kernel_ops": 0, "ms": 0.0})
-        print(f"| {name} | {got['ops']:,.0f} | {plain['ops']:,.0f} | {(got['ops'] - plain['ops']) / modules:.1f} "
-              f"({(got['kernel_ops'] - plain['kernel_ops']) / modules:.1f}) | {got['ms']:.1f} | {plain['ms']:.1f} |")
+        print(f"| {name} | {got['ops']:,.0f} | {plain['ops']:,.0f} ({plain['kernel_ops']:,.0f}) "
+              f"| {(got['ops'] - plain['ops']) / modules:.1f} ({(got['kernel_ops'] - plain['kernel_ops']) / modules:.1f}) "
+              f"| {got['ms']:.1f} | {plain['ms']:.1f} |")
     for name, got in with_lora.items():
         print(f"{name}, most dispatched: " + ", ".join(f"{k} {v:g}" for k, v in got["top"].items()))
     out = args.out or RESULTS / f"host_overhead-{args.path}-{args.dtype}-{args.device}.json"

@@ -29,6 +29,25 @@ def test_head_loss_benchmark_quick_runs(capsys):
     assert len(rows) == 1 and "x |" in rows[0]
 
 
+def test_host_overhead_counts_each_fused_layer_kernel_as_one_launch(tmp_path):
+    """In bf16 a decoder layer calls the fused norm kernels twice and the SwiGLU and rotary kernels
+    once, forward and backward; counted as the one kernel each is on CUDA, the frozen base launches
+    fewer kernels than with their eager operators."""
+    found = {}
+    for how in ("fused", "eager"):
+        out = tmp_path / f"{how}.json"
+        assert host_overhead.main(["--layers", "1", "--jobs", "2", "--dropout", "0", "--reps", "1", "--seq", "8",
+                                   "--dtype", "bfloat16", "--layer-kernels", how, "--out", str(out)]) == 0
+        found[how] = json.loads(out.read_text())["base_only"]
+    assert found["fused"]["forward"]["fused_calls"] == {
+        "fused rms_norm_forward": 2, "fused silu_mul_forward": 1, "fused rotary_forward": 1}
+    assert found["fused"]["backward"]["fused_calls"] == {
+        "fused rms_norm_backward": 2, "fused silu_mul_backward": 1, "fused rotary_backward": 1}
+    assert found["eager"]["forward"]["fused_calls"] == {} == found["eager"]["backward"]["fused_calls"]
+    for phase in ("forward", "backward"):
+        assert found["fused"][phase]["kernel_ops"] + 20 < found["eager"][phase]["kernel_ops"], phase
+
+
 def test_the_grouped_path_dispatches_as_many_operators_for_8_jobs_as_for_2(tmp_path, capsys):
     """The batched operator's host work does not grow with the adapters it serves (weights kept
     stacked, gradients added in one batched add), counted on a 1-layer stage: what a GPU run pays

@@ -11,9 +11,10 @@ that would launch a GPU kernel (not views, allocations or bookkeeping), and time
 on a model of the real depth but a tiny width (hidden 64), where the arithmetic is negligible and
 the wall time is the host's own work. Both are measured with the jobs' adapters (the batched LoRA
 operator on every projection) and without (the frozen base alone), so the difference is what the
-adapters cost the host. The operator counts on CPU are those a CUDA run dispatches too, except
-the dropout hash: this script runs it eagerly (`MLORA_PP_COMPILE=0` unless set; about 20
-operators a call), where training compiles it into one kernel.
+adapters cost the host. The operator counts on CPU are those a CUDA run dispatches too: the
+dropout hash and the layers' fused kernels (`mlora_pp.kernels`) run eagerly on CPU
+(`MLORA_PP_COMPILE=0` there unless set), and each of their calls is counted as the one compiled
+kernel it is on CUDA (`--layer-kernels eager` counts their eager operators instead).
 
 Writes benchmarks/results/host_overhead-<path>-<dtype>-<device>.json. ``--device cuda`` runs the
 same on a GPU (the times then include the device's work: each phase ends with a synchronize).
@@ -73,9 +74,10 @@ class OpCounter(TorchDispatchMode):
 
 @contextlib.contextmanager
 def layer_kernels_counted(how: str) -> Iterator[None]:
-    """`fused`: count each call of the model's fused layer kernels (`mlora_pp.kernels`) as the one
-    kernel it is on CUDA, whether it runs compiled or (on CPU) eagerly, its own operators not
-    counted; `eager`: run them eagerly everywhere and count their operators. Restored on exit."""
+    """`fused`: count each call of the model's fused layer kernels (`mlora_pp.kernels`) and of the
+    dropout hash as the one kernel it is on CUDA, whether it runs compiled or (on CPU) eagerly, its
+    own operators not counted; `eager`: run them eagerly everywhere and count their operators.
+    Restored on exit."""
     import mlora_pp.model
     from mlora_pp.kernels import set_layer_kernels
     from torch.utils._python_dispatch import _disable_current_modes
@@ -91,15 +93,22 @@ def layer_kernels_counted(how: str) -> Iterator[None]:
                 return kernel(*args)
         return call
 
+    import mlora_pp.lora
+
     kept = mlora_pp.model.LAYER_KERNELS
+    dropped = mlora_pp.lora._dropped, mlora_pp.lora._dropped_pair
     if how == "fused":
         mlora_pp.model.LAYER_KERNELS = {name: one(name, k) for name, k in kept.items()}
+        # the dropout hash too: one compiled kernel a call in training (eager here, MLORA_PP_COMPILE=0)
+        mlora_pp.lora._dropped = one("dropout", dropped[0])
+        mlora_pp.lora._dropped_pair = one("dropout_pair", dropped[1])
     else:
         set_layer_kernels("eager")
     try:
         yield
     finally:
         mlora_pp.model.LAYER_KERNELS = kept
+        mlora_pp.lora._dropped, mlora_pp.lora._dropped_pair = dropped
         set_layer_kernels("fused")
 
 
@@ -203,11 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the times include the device's)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--layer-kernels", default="fused", choices=["fused", "eager"],
-                        help="count each fused layer kernel call (RMSNorm, SiLU-times-up, rotary) as one kernel, as "
-                             "on CUDA (default), or its eager operators, as before 2026-12-06")
+                        help="count each call of a fused layer kernel (RMSNorm, SiLU-times-up, rotary) and of the "
+                             "dropout hash as one kernel, as on CUDA (default), or their eager operators")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    os.environ.setdefault("MLORA_PP_COMPILE", "0")
+    if args.device == "cpu":
+        os.environ.setdefault("MLORA_PP_COMPILE", "0")  # compiling on CPU is slow; counted as compiled anyway
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp, layer_kernels_counted(args.layer_kernels):
         stage, batch, hidden, jobs = build(args, Path(tmp))

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks import RESULTS, write_result
 from benchmarks.scenarios import ALL_TARGETS, SCENARIOS, prepare
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def alpaca_workspace(root: Path, vocab: int = 32_000) -> Path:
@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"workload": args.workload, "balance": args.balance, "reps": args.reps, "after_set": after_fields,
               "before": str(sides["before"]), "after": str(sides["after"]), "runs": runs}
     out = args.out or RESULTS / f"ab-{args.workload}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     print(f"wrote {out}")
     return 0
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks import RESULTS, write_result
 from benchmarks.run import _free_port
 from benchmarks.scenarios import ModelShape, Workload, prepare
 from benchmarks.simulate import HARDWARE, Shape, gpu_cost
@@ -42,7 +43,6 @@ from mlora_pp.schedule import ADMISSION, JobSteps, admission, build_schedule
 from mlora_pp.sim import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 SIM_JOBS = 16
 RUNNING_CAP = 4
 REAL_STEPS = (8, 2, 6, 1)
@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print_rows("measured (2 CPU ranks, Gloo, loopback)", result["measured"],
                    ["policy", "mean_jct_s", "top_priority_jct_s", "finish_s"])
     if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.out, result)
         print(f"\nwrote {args.out}")
     return 0
 

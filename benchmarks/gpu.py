@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -27,8 +26,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import RESULTS, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -151,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result)[:400])
         return 0
     out = args.out or RESULTS / ("gpu-" + device.replace(" ", "_").replace("/", "_") + ".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     print(f"wrote {out}")
     return 0
 

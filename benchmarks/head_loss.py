@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from benchmarks import RESULTS, write_result
 from mlora_pp.data import IGNORE_INDEX
 from mlora_pp.head_loss import LossTokens, head_loss
 from mlora_pp.memory import SavedTensorMeter
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("plain", "ours")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -223,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     suffix = "" if args.device == "cpu" else "-" + device.replace(" ", "_")
     out = args.out or RESULTS / f"head_loss{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     print(f"wrote {out}")
     return 0
 

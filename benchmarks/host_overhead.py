@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import json
 import os
 import statistics
 import tempfile
@@ -36,7 +35,8 @@ from typing import Callable, Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks import RESULTS, write_result
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -239,10 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, got in with_lora.items():
         print(f"{name}, most dispatched: " + ", ".join(f"{k} {v:g}" for k, v in got["top"].items()))
     out = args.out or RESULTS / f"host_overhead-{args.path}-{args.dtype}-{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                               "torch": torch.__version__, "with_adapters": with_lora, "base_only": base,
-                               "projections": modules, "time": time.time()}, indent=2) + "\n")
+    write_result(out, {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                       "torch": torch.__version__, "with_adapters": with_lora, "base_only": base,
+                       "projections": modules, "time": time.time()})
     print(f"wrote {out}")
     return 0
 

@@ -11,7 +11,6 @@ the model compiles on CUDA only, where each eager operator is also a launch.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -19,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import RESULTS, write_result
 from mlora_pp import kernels
 from mlora_pp.kernels import FusedKernel
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PER_LAYER = {"rms_norm_forward": 2, "rms_norm_backward": 2, "silu_mul_forward": 1, "silu_mul_backward": 1,
              "rotary_forward": 1, "rotary_backward": 1}
 """Calls per decoder layer per micro-batch (forward and backward)."""
@@ -136,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
               "per_layer_eager_operators": per_layer_ops}
     suffix = "cpu" if device == "cpu" else name.replace(" ", "_")
     out = args.out or RESULTS / f"layer_kernels-{suffix}-{args.dtype}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     print(f"wrote {out}")
     return 0
 

@@ -21,10 +21,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from benchmarks import RESULTS, write_result
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 POLICIES = ("lora", "1f1b", "gpipe")
 
 
@@ -125,9 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in checks:
         print(f"lora with {c['jobs']} jobs: min stage utilisation {c['min_utilization']:.1%} "
               f"(target 97%): {'PASS' if c['pass'] else 'FAIL'}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     name = f"pipeline_util{'_profile' if args.balance == 'profile' else ''}{'_quick' if args.quick else ''}.json"
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(RESULTS / name, result)
     return 0
 
 

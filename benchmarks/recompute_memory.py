@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from benchmarks import RESULTS, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 
 _CHILD = r"""
 import json, resource, sys, time, yaml, torch
@@ -103,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": {"peak_rss": results["recompute"]["peak_rss_mib"] / results["keep"]["peak_rss_mib"],
                    "wall": results["recompute"]["wall_s"] / results["keep"]["wall_s"]},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / ("recompute_memory_quick.json" if args.quick else "recompute_memory.json")).write_text(json.dumps(out, indent=2) + "\n")
+    write_result(RESULTS / ("recompute_memory_quick.json" if args.quick else "recompute_memory.json"), out)
     print(f"peak RSS ratio {out['ratios']['peak_rss']:.2f}, wall ratio {out['ratios']['wall']:.2f}")
     return 0
 

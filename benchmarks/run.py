@@ -48,10 +48,10 @@ from benchmarks.calibration import (
     LOOPBACK, TWO_HOSTS, fit_baseline, fit_run, fused_job_overhead, predict, predict_baseline, prepared_jobs,
     schedule_of,
 )
+from benchmarks import RESULTS, write_result
 from benchmarks.scenarios import SCENARIOS, Scenario, Workspace, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 CLUSTER = ROOT / "benchmarks" / "cluster.sh"
 MIB = 2**20
 
@@ -516,8 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         "consistency": sanity,
     }
     out = args.out or RESULTS / f"{scenario.name}{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     print(f"wrote {out} ({total_s:.0f}s)")
     return 0
 

@@ -56,19 +56,18 @@ run and printed by `benchmarks.run`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks import RESULTS, write_result
 from benchmarks.calibration import Fabric
 from mlora_pp.schedule import POLICIES, CostModel, JobSteps, Schedule, build_schedule
 from mlora_pp.sim import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 EFFICIENCY = 0.5
 """Assumed fraction of the datasheet compute peak (and of memory bandwidth for the optimizer)."""
 
@@ -358,8 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     payload["total_s"] = time.perf_counter() - started
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_result(out, payload)
     print(f"wrote {out} ({payload['total_s']:.0f}s)")
     return 0
 

@@ -1,11 +1,12 @@
 """Fused elementwise kernels of the frozen base: RMSNorm, SwiGLU's silu(gate) * up, rotary embedding.
 
 Eager PyTorch runs every elementwise operator as its own kernel over the whole tensor. The
-LLaMA-family RMSNorm in bf16 is 7 kernels forward and about 15 backward over a [tokens, hidden]
-tensor, most of them reading and writing fp32 copies; rotary is 5 per tensor and SiLU-times-up 2.
-On a GPU each is a launch (host time) and a pass through memory (device time), and together they
-were most of the device time that was neither a GEMM, AdamW nor dropout in the 8-job H100 profile
-(README, "On a GPU"). Compiled, each function below is one kernel forward and one backward.
+LLaMA-family RMSNorm in bf16 is 8 kernels forward and 14 backward over a [tokens, hidden] tensor,
+most of them reading and writing fp32 copies; rotary is 5 per tensor each way, SiLU-times-up 2
+forward and 4 backward (`benchmarks.layer_kernels` counts them). On a GPU each is a launch (host
+time) and a pass through memory (device time); the 8-job H100 profile put such elementwise work
+of the layers at most of the device time besides GEMMs, AdamW, dropout and casts (README, "On a
+GPU"). Compiled, each function below is one kernel forward and one backward.
 
 Each function is written once, as plain tensor code, and runs either way: a `FusedKernel` runs
 it through `torch.compile` on the devices it is enabled for (CUDA by default), eagerly elsewhere.
@@ -50,8 +51,9 @@ class FusedKernel:
     No autograd: inputs are detached and it runs under `no_grad` (the callers are autograd
     Functions with their own backward), so one grad mode means one compile. Shapes change from
     micro-batch to micro-batch: the second shape recompiles with the changed sizes symbolic, and
-    that graph then serves every later shape (`warm_up_layer_kernels` makes the compiles at set-up). A failed
-    compile warns once, in one line, and the kernel runs eagerly from then on: same formula.
+    that graph then serves every later shape (`warm_up_layer_kernels` makes the compiles at
+    set-up). A failed compile warns once, in one line, and the kernel runs eagerly from then on:
+    same formula.
     """
 
     def __init__(self, fn: Callable[..., object], devices: Sequence[str] = ("cuda",)):

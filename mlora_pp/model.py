@@ -269,6 +269,31 @@ class SwiGLU(nn.Module):
         return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
 
 
+class KVCache:
+    """Every layer's keys and values so far, for decoding a token at a time (`StageModel.decode`):
+    [rows, kv_heads, slots, head_dim] each, `capacity` slots allocated at the first write."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.length = 0
+        """Slots written (by every layer) before the current call."""
+        self._keys: dict[int, torch.Tensor] = {}
+        self._values: dict[int, torch.Tensor] = {}
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this call's keys and values of `layer` after the cached ones; all of them so far."""
+        end = self.length + key.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KVCache: {end} slots needed, {self.capacity} allocated")
+        if layer not in self._keys:
+            shape = (key.shape[0], key.shape[1], self.capacity, key.shape[3])
+            self._keys[layer] = key.new_empty(shape)
+            self._values[layer] = value.new_empty(shape)
+        self._keys[layer][:, :, self.length:end] = key
+        self._values[layer][:, :, self.length:end] = value
+        return self._keys[layer][:, :, :end], self._values[layer][:, :, :end]
+
+
 class SelfAttention(nn.Module):
     """transformers' LLaMA-family self-attention (Llama, Mistral, Qwen2, Qwen3) with rotary through
     `Rotary`.
@@ -297,6 +322,7 @@ class SelfAttention(nn.Module):
                 attention_mask: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         for unused in ("cache", "past_key_values"):  # transformers' forward takes these, the rest goes on
             kwargs.pop(unused, None)
+        kv_cache: KVCache | None = kwargs.pop("kv_cache", None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape)
@@ -306,6 +332,8 @@ class SelfAttention(nn.Module):
         query, key = query.transpose(1, 2), key.transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         query, key = Rotary.apply(query, key, *position_embeddings)
+        if kv_cache is not None:
+            key, value = kv_cache.append(self.layer_idx, key, value)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._eager_attention)
         out, weights = attention(self, query, key, value, attention_mask,
                                  dropout=0.0 if not self.training else self.attention_dropout,
@@ -573,6 +601,30 @@ class StageModel(nn.Module):
             if self.lm_head is not None and head:
                 hidden = self.lm_head(self.norm(hidden)).float()
             return hidden
+        finally:
+            self.context.batch = None
+
+    @torch.no_grad()
+    def decode(self, inputs: torch.Tensor, batch: LoRABatch | None, cache: KVCache, position_ids: torch.Tensor,
+               allowed: torch.Tensor) -> torch.Tensor:
+        """For generation on a whole-model stage: token ids [rows, q] at their `position_ids` [rows, q],
+        each attending to the slots `allowed` [rows, q, cached + q] (True where it may) of the cached
+        keys and values followed by its own call's; their keys and values are appended to `cache`.
+        Returns fp32 logits [rows, q, vocab], as `forward` would for the whole sequence."""
+        if self.embed_tokens is None or self.lm_head is None:
+            raise ModelError("decode: the stage must hold the whole model (embedding and head)")
+        if self._sliding:
+            raise ModelError("decode: sliding-window attention layers are not supported with a KV cache")
+        self.context.batch = batch
+        try:
+            hidden = self.embed_tokens(inputs)
+            position_embeddings = self.rotary_emb(hidden, position_ids)
+            mask = allowed.unsqueeze(1)  # [rows, 1, q, slots]: broadcast over heads
+            for i in self.layers_range():
+                hidden = self.layers[str(i)](hidden, attention_mask=mask, position_ids=position_ids,
+                                             position_embeddings=position_embeddings, kv_cache=cache)
+            cache.length += inputs.shape[1]
+            return self.lm_head(self.norm(hidden)).float()
         finally:
             self.context.batch = None
 

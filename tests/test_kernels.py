@@ -155,10 +155,14 @@ def test_compiled_kernels_stay_within_rounding_of_the_eager_ones_alone_and_in_a_
 
         monkeypatch.setattr("mlora_pp.model.LAYER_KERNELS", {n: counted(n, k) for n, k in compiled.items()})
         fused = run()
+        stage.recompute = True  # activation checkpointing replays the compiled forwards in backward
+        recomputed = run()
     assert set(calls) == set(compiled), calls  # the stage ran every compiled kernel
     _close(fused[0], eager[0], "stage logits", tol=2 ** -6)
     for got, want in zip(fused[1], eager[1]):
         _close(got, want, "adapter gradient", tol=2 ** -5)
+    assert torch.equal(recomputed[0], fused[0])
+    assert all(torch.equal(a, b) for a, b in zip(recomputed[1], fused[1]))
     assert all(k.failed is None and k._compiled is not None for k in compiled.values())
 
 

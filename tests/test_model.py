@@ -242,3 +242,59 @@ def test_stage_mlp_is_swiglu_under_transformers_module_paths(model_dir):
     layer = stage.layers[str(stage.spec.first_layer)]
     assert isinstance(layer.mlp, SwiGLU)
     assert "layers.0.mlp.down_proj" in stage.lora_modules()
+
+
+def test_kv_cache_decoding_gives_the_logits_of_the_whole_sequence(model_dir):
+    """`StageModel.decode` with a KV cache: right-padded prompts of 3 lengths at once, then one token
+    per row per call at each row's own position, with 2 adapters and the base in one batch: every
+    row's logits equal a plain forward of its whole sequence so far (fp32, 1e-5)."""
+    from mlora_pp.lora import LoRASegment
+    from mlora_pp.model import KVCache
+
+    stage = build_stage(model_dir)
+    for name, rank, alpha, targets in ADAPTERS[:2]:
+        stage.add_adapter(name, rank, alpha, 0.0, targets, seed=0)
+    randomize(stage)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, stage.config.vocab_size, (n,), generator=gen).tolist() for n in (5, 8, 3)]
+    width, names = 8, ["a", "b", "(base)"]  # no adapter of that name: the base alone
+    segments = tuple(LoRASegment(n, i, i + 1, (i,)) for i, n in enumerate(names))
+    ids = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p)
+    cache = KVCache(width + 3)
+    logits = stage.decode(ids, LoRABatch(segments, width, training=False), cache,
+                          torch.arange(width).expand(3, width), torch.ones(width, width, dtype=torch.bool).tril().expand(3, -1, -1))
+    seqs = [list(p) for p in prompts]
+    last = [logits[i, len(p) - 1] for i, p in enumerate(prompts)]
+    lengths = torch.tensor([len(p) for p in prompts])
+    for step in range(3):
+        for i, seq in enumerate(seqs):  # the plain forward of each row's sequence so far
+            one = (LoRASegment(names[i], 0, 1, (i,)),)
+            with torch.no_grad():
+                whole = stage(torch.tensor([seq]), LoRABatch(one, len(seq), training=False))[0, -1]
+            torch.testing.assert_close(last[i], whole, rtol=1e-5, atol=1e-5)
+        fed = [int(t) for t in torch.randint(3, stage.config.vocab_size, (3,), generator=gen)]
+        slots = torch.arange(width + step + 1)
+        allowed = (slots[None, :] < lengths[:, None]) | (slots[None, :] >= width)
+        logits = stage.decode(torch.tensor(fed)[:, None], LoRABatch(segments, 1, training=False), cache,
+                              (lengths + step)[:, None], allowed[:, None, :])
+        for i, t in enumerate(fed):
+            seqs[i].append(t)
+        last = [logits[i, 0] for i in range(3)]
+
+
+def test_generation_with_the_cache_picks_the_tokens_of_whole_forwards(tmp_path):
+    from mlora_pp import generate as g
+    from mlora_pp.training import load_tokenizer
+
+    model = make_tiny_model(tmp_path / "m", layers=2, init_std=0.1, seed=7)
+    stage = build_stage(model)
+    stage.add_adapter("a", 4, 8.0, 0.0, ["q_proj", "v_proj"], seed=0)
+    randomize(stage, seed=3)
+    tokenizer = load_tokenizer(model)
+    prompts = ["the cat", "a dog and the", "you"]
+    cached = g.generate(stage, tokenizer, prompts, ["a"], max_new_tokens=6)
+    whole = g.generate(stage, tokenizer, prompts, ["a"], max_new_tokens=6, use_cache=False)
+    assert [c.text for c in cached] == [w.text for w in whole]
+    assert any(c.text for c in cached)

@@ -52,8 +52,8 @@ def generate(
 
     The prompts run through the model once, then each new token attends to the cached keys and
     values of its row (`StageModel.decode`), so a token costs one position's forward rather than
-    the whole sequence's. Without `use_cache`, and for models with sliding-window layers, each
-    token is a forward of the whole sequence so far."""
+    the whole sequence's. Without `use_cache`, and where sliding-window layers would cut the
+    sequence, each token is a forward of the whole sequence so far."""
     names = adapters + ([BASE] if include_base else [])
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     has_bos = [bool(tokenizer.bos_token) and p.startswith(tokenizer.bos_token) for p in prompts]  # a chat template's
@@ -68,7 +68,7 @@ def generate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     limit = getattr(stage.config, "max_position_embeddings", None) or 10**9
     steps = max(0, min(max_new_tokens, limit - max(start_lens)))
-    decode = _decode_cached if use_cache and not stage._sliding else _decode_whole
+    decode = _decode_cached if use_cache and stage.decodes_within(max(start_lens) + steps) else _decode_whole
     for i, token in decode(stage, rows, segments, pad, steps, tokenizer.eos_token_id):
         rows[i].append(token)
     out = []

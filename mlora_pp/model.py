@@ -604,6 +604,12 @@ class StageModel(nn.Module):
         finally:
             self.context.batch = None
 
+    def decodes_within(self, length: int) -> bool:
+        """Whether `decode` serves sequences of up to `length` tokens: its masks let a token see every
+        earlier one, which sliding-window layers do only up to their window."""
+        window = getattr(self.config, "sliding_window", None)
+        return not self._sliding or (window is not None and length <= window)
+
     @torch.no_grad()
     def decode(self, inputs: torch.Tensor, batch: LoRABatch | None, cache: KVCache, position_ids: torch.Tensor,
                allowed: torch.Tensor) -> torch.Tensor:
@@ -613,8 +619,8 @@ class StageModel(nn.Module):
         Returns fp32 logits [rows, q, vocab], as `forward` would for the whole sequence."""
         if self.embed_tokens is None or self.lm_head is None:
             raise ModelError("decode: the stage must hold the whole model (embedding and head)")
-        if self._sliding:
-            raise ModelError("decode: sliding-window attention layers are not supported with a KV cache")
+        if not self.decodes_within(cache.capacity):
+            raise ModelError(f"decode: sliding-window layers see fewer than the {cache.capacity} slots of this cache")
         self.context.batch = batch
         try:
             hidden = self.embed_tokens(inputs)

@@ -298,3 +298,23 @@ def test_generation_with_the_cache_picks_the_tokens_of_whole_forwards(tmp_path):
     whole = g.generate(stage, tokenizer, prompts, ["a"], max_new_tokens=6, use_cache=False)
     assert [c.text for c in cached] == [w.text for w in whole]
     assert any(c.text for c in cached)
+
+
+def test_kv_cache_decoding_serves_sliding_window_layers_within_their_window(tmp_path):
+    """Mistral with a sliding window: sequences within the window decode with the cache, exactly as
+    a whole forward (which builds its sliding-window mask); longer ones are refused."""
+    from mlora_pp.model import KVCache, ModelError
+
+    stage = build_stage(make_tiny_model(tmp_path / "m", layers=2, arch="mistral", seed=2))
+    stage.config.sliding_window = 12
+    stage._sliding = stage._sliding_layers()
+    assert stage._sliding and stage.decodes_within(12) and not stage.decodes_within(13)
+    ids = torch.randint(3, stage.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    batch = LoRABatch((), 10, training=False)
+    logits = stage.decode(ids, batch, KVCache(12), torch.arange(10).expand(2, 10),
+                          torch.ones(10, 10, dtype=torch.bool).tril().expand(2, -1, -1))
+    with torch.no_grad():
+        torch.testing.assert_close(logits, stage(ids, batch), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ModelError, match="sliding-window layers see fewer than the 13 slots"):
+        stage.decode(ids, batch, KVCache(13), torch.arange(10).expand(2, 10),
+                     torch.ones(10, 10, dtype=torch.bool).tril().expand(2, -1, -1))

@@ -158,11 +158,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true",
                         help="run the whole sequence for every token instead of caching keys and values")
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here")
 
+    try:
+        return _run(args)
+    except (ValueError, OSError) as exc:  # a bad model or adapter directory, template or data: one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from mlora_pp.training import load_tokenizer
 
+    device = torch.device(args.device)
     tokenizer = load_tokenizer(args.model)
-    stage = build_stage(args.model, dtype=args.dtype, device=args.device)
+    stage = build_stage(args.model, dtype=args.dtype, device=device)
     names = []
     for path in args.adapter:
         names.append(path.name)

@@ -69,6 +69,18 @@ def test_generate_cli_with_adapter_and_base(tmp_path):
     assert proc.stdout.count("[upper]") == 1 and proc.stdout.count("[(base)]") == 1
 
 
+def test_generate_cli_names_a_missing_adapter_in_one_line(tmp_path, capsys):
+    from mlora_pp import generate
+    from mlora_pp.tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m", layers=1)
+    capsys.readouterr()  # the model writer's progress bar
+    missing = tmp_path / "no-such-adapter"
+    assert generate.main(["--model", str(model), "--adapter", str(missing), "hello"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and str(missing) in err, err
+
+
 def test_bad_config_is_one_line_exit_2(tmp_path):
     config = small_demo_config(tmp_path)
     config.write_text(config.read_text().replace("rank: 16", "rank: -1", 1))

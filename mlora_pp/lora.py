@@ -696,8 +696,10 @@ def _grouped_backward(
     assert rows is not None
     dys = dy[lo:hi]
     if params_b is not None:  # dB = scale * (S^T dY)^T per group: [groups, out, R]
-        per_group = torch._grouped_mm(s.t(), dys, offs=rows.offs).float().mul_(rows.scales)
-        _add_to_grads(params_b, per_group.transpose(1, 2).contiguous(), plan, rank_dim=1)
+        per_group = torch._grouped_mm(s.t(), dys, offs=rows.offs)  # [groups, R, out]
+        d_b = per_group.new_empty((per_group.shape[0], per_group.shape[2], per_group.shape[1]), dtype=torch.float32)
+        torch.mul(per_group.transpose(1, 2), rows.scales, out=d_b)  # scaled, in fp32 and laid out as B: one pass
+        _add_to_grads(params_b, d_b, plan, rank_dim=1)
     dx = None
     if params_a is not None or need_x:
         dsq = torch._grouped_mm(dys, plan.stack("b"), offs=rows.offs)  # scale * dY B, [span, R]

@@ -1,6 +1,14 @@
 """Benchmark scripts stay runnable: their smoke modes run the same code path at a tiny size."""
 
+import argparse
+import importlib
 import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
 
 from benchmarks import gpu, head_loss, host_overhead
 
@@ -62,3 +70,30 @@ def test_the_grouped_path_dispatches_as_many_operators_for_8_jobs_as_for_2(tmp_p
     for phase in ("forward", "backward"):
         ops = {jobs: r["with_adapters"][phase]["ops"] - r["base_only"][phase]["ops"] for jobs, r in found.items()}
         assert 0 < ops[8] <= ops[2] * 1.1, (phase, ops)
+
+
+def test_gpu_check_script_parses_and_its_benchmark_commands_take_their_arguments(tmp_path, monkeypatch):
+    """A GPU lease is short and rare: `benchmarks/gpu_check.sh` must not fail on a typo. The script
+    parses, ONLY= runs just the steps named (none here), and every `python -m benchmarks.X ...` step
+    is accepted by X's argument parser (stopped right after parsing)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    proc = subprocess.run(["bash", str(script), str(tmp_path / "log")], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "ONLY": "no-such-step"}, cwd=script.parents[1])
+    assert proc.returncode == 0 and "===" not in proc.stdout, proc.stdout + proc.stderr
+
+    class Parsed(Exception):
+        pass
+
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise Parsed(real(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    commands = re.findall(r"^step \S+ \d+ \$PY -m benchmarks\.(\w+)(.*)$", script.read_text(), re.M)
+    assert {name for name, _ in commands} >= {"gpu", "layer_kernels", "host_overhead", "lora_op", "head_loss"}
+    for name, rest in commands:
+        args = [a.replace("$LOG", str(tmp_path)) for a in shlex.split(rest)]
+        with pytest.raises(Parsed):
+            importlib.import_module(f"benchmarks.{name}").main(args)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -109,8 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-kernels", choices=("fused", "eager"), default="fused",
                         help="the base layers' RMSNorm, rotary and SiLU-times-up as compiled kernels (default) or "
                              "eager operators, to measure what fusing them buys")
+    parser.add_argument("--fuse-projections", choices=("on", "off"), default="on",
+                        help="one base GEMM for q/k/v and one for gate/up (default), or one a projection, to "
+                             "measure what fusing them buys")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/gpu-<device>.json)")
     args = parser.parse_args(argv)
+    os.environ["MLORA_PP_FUSE_PROJECTIONS"] = "1" if args.fuse_projections == "on" else "0"
     from mlora_pp.kernels import set_layer_kernels
 
     set_layer_kernels(args.layer_kernels)
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
             mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
             print(f"{jobs} jobs: {r['tokens_per_s']:.0f} tokens/s, MFU {mfu}, peak memory {mem}", flush=True)
-    result = {"device": device, "dtype": dtype, "layer_kernels": args.layer_kernels, "seq": seq, "rows_per_step": rows, "rows_per_micro_batch": micro,
+    result = {"device": device, "dtype": dtype, "layer_kernels": args.layer_kernels,
+              "fuse_projections": args.fuse_projections, "seq": seq, "rows_per_step": rows, "rows_per_micro_batch": micro,
               "steps": steps, "model": dict(shape, vocab=config.vocab_size), "torch": torch.__version__,
               "peak_flops": peak, "flops_formula": __doc__.split("FLOPs counted")[1].strip(), "rows": rows_out,
               "target": "MFU >= 50% at 8 jobs"}

@@ -4,8 +4,9 @@
 # 1. versions; 2. tests/gpu; 3. a 2-stage pipeline on one GPU under torchrun (NCCL);
 # 4. the batched LoRA operator in bf16; 5. the last stage's head + loss in bf16 (plain vs loss tokens
 # only, Llama-3 vocabulary); 6. benchmarks/gpu.py (tokens/s, MFU, peak memory); 7. the base layers'
-# fused kernels against eager ones, alone and in the 8-job run; 8. the batched operator's host work
-# per micro-batch (operators, kernel launches, times; benchmarks/host_overhead.py).
+# fused kernels against eager ones, alone and in the 8-job run; 8. one base GEMM for q/k/v and one
+# for gate/up against one a projection, in one layer and in the 8-job run; 9. the batched
+# operator's host work per micro-batch (operators, kernel launches, times; host_overhead.py).
 # Each step has its own time limit and a failing step does not stop the next. Their limits add up
 # to more than a 15-minute lease: ONLY="gpu_bench layer_kernels" runs just the steps named (the
 # names are the `step` lines' first words below).
@@ -28,6 +29,8 @@ step head_loss 120 $PY -m benchmarks.head_loss --device cuda --dtype bfloat16 --
 step gpu_bench 330 $PY -m benchmarks.gpu
 step layer_kernels 150 $PY -m benchmarks.layer_kernels --device cuda --dtype bfloat16 --out "$LOG/layer_kernels.json"
 step gpu_bench_eager_layers 200 $PY -m benchmarks.gpu --jobs 8 --layer-kernels eager --out "$LOG/gpu-eager-layers.json"
+step fused_projections 120 $PY -m benchmarks.fused_projections --device cuda --out "$LOG/fused_projections.json"
+step gpu_bench_unfused 200 $PY -m benchmarks.gpu --jobs 8 --fuse-projections off --out "$LOG/gpu-unfused-projections.json"
 step host_overhead 120 $PY -m benchmarks.host_overhead --device cuda --dtype bfloat16 --dropout 0 --out "$LOG/host_overhead.json"
 cp benchmarks/results/gpu-*.json "$LOG/" 2>/dev/null
 rm -rf "$W"

@@ -41,7 +41,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 NO_KERNEL = {"_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
-             "_record_function_enter_new", "_record_function_exit", "set_", "_local_scalar_dense"}
+             "_record_function_enter_new", "_record_function_exit", "set_", "_local_scalar_dense",
+             "unsafe_split_with_sizes"}
 """Operators that launch no kernel on a GPU besides the views (`OpOverload.is_view`)."""
 
 
@@ -123,7 +124,8 @@ def build(args: argparse.Namespace, workdir: Path):
     model = make_tiny_model(workdir / "model", layers=args.layers, hidden=args.hidden, heads=4, kv_heads=2,
                             intermediate=2 * args.hidden, vocab=1024)
     device = torch.device(args.device)
-    stage = build_stage(model, dtype=args.dtype, lora_path=args.path, device=device)
+    stage = build_stage(model, dtype=args.dtype, lora_path=args.path, device=device,
+                        fuse_projections=args.fuse_projections == "on")
     names = [f"job{j}" for j in range(args.jobs)]
     for j, name in enumerate(names):
         stage.add_adapter(name, args.rank, 2 * args.rank, args.dropout, TARGETS, seed=j)
@@ -214,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-kernels", default="fused", choices=["fused", "eager"],
                         help="count each call of a fused layer kernel (RMSNorm, SiLU-times-up, rotary) and of the "
                              "dropout hash as one kernel, as on CUDA (default), or their eager operators")
+    parser.add_argument("--fuse-projections", default="on", choices=["on", "off"],
+                        help="one base GEMM for q/k/v and one for gate/up (default), or one a projection")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.device == "cpu":
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one micro-batch: {args.layers} layers, {args.jobs} jobs x {args.rows} rows x {args.seq} tokens, "
           f"rank {args.rank} on {len(TARGETS)} projections, dropout {args.dropout}, {args.dtype}, {args.path} path, "
           f"hidden {args.hidden} (host work only), {args.micro} micro-batches per step, layer kernels "
-          f"{args.layer_kernels}; per micro-batch:")
+          f"{args.layer_kernels}, fused projections {args.fuse_projections}; per micro-batch:")
     print("| phase | ops with adapters | ops base only (kernels) | adapter ops per projection (kernels) "
           "| ms with adapters | ms base only |")
     print("|---|---|---|---|---|---|")

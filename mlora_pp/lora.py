@@ -839,19 +839,25 @@ class BatchedLoRALinear(nn.Module):
             return "grouped" if applies else "loop"
         return "grouped" if applies and x.device.type == "cuda" else "loop"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor | None = None) -> Tensor:
+        """The base projection of x [rows, L, in] plus each adapter's delta on its rows.
+
+        `base_out`, where given, is the base projection already computed by the caller as
+        [rows * L, out] (`FusedBase`: one GEMM for the projections that read the same input); the
+        deltas are added to it in place.
+        """
         batch = self.context.batch
         if batch is None or not any(seg.adapter in self._specs for seg in batch.segments):
-            return self.base(x)
+            return self.base(x) if base_out is None else base_out.view(*x.shape[:-1], -1)
         if x.dim() != 3 or x.shape[0] != batch.rows or x.shape[1] != batch.seq_len:
             raise ValueError(
                 f"input {tuple(x.shape)} does not match the batch: {batch.rows} rows of {batch.seq_len} tokens"
             )
         plan, names = self._plan(batch, x)
         if not plan.groups:  # the participating segments are all empty
-            return self.base(x)
+            return self.base(x) if base_out is None else base_out.view(*x.shape[:-1], -1)
         x2d = x.reshape(-1, self.in_features).contiguous()
-        out = self.base(x2d)
+        out = self.base(x2d) if base_out is None else base_out
         pairs = [self._weights[n] for n in names]
         weights = [a for a, _ in pairs] + [b for _, b in pairs]
         out = _LoRADelta.apply(plan, x2d, out, *weights)

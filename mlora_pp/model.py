@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,6 +258,66 @@ class RMSNorm(nn.Module):
         return RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
 
 
+class FusedBase:
+    """The frozen base weights of projections that read the same input (q/k/v; gate/up),
+    concatenated, so that one GEMM computes all their base outputs.
+
+    Forward, that is one larger GEMM instead of several small ones (GQA's k and v are a quarter of
+    q's width); backward, one input-gradient GEMM instead of one per projection and the adds
+    between them. Each projection's adapters then add their deltas to its slice of the output
+    (`BatchedLoRALinear.forward`'s `base_out`). The projections' own weights become views of the
+    concatenation, so memory does not grow, and their module paths, state-dict keys and unfused
+    calls stay as they were. A projection given new storage (`.to()`, assigning `.data`) is
+    noticed at the next call, which concatenates again.
+    """
+
+    def __init__(self, projections: list[BatchedLoRALinear]):
+        self.projections = projections
+        self.sizes = [p.out_features for p in projections]
+        self.weight: torch.Tensor
+        self.bias: torch.Tensor | None
+        self._pointers: list[int] = []
+        self._fuse()
+
+    @staticmethod
+    def of(projections: list[BatchedLoRALinear]) -> "FusedBase | None":
+        """A fusion of `projections`, or None where their bases cannot share one GEMM (quantized
+        bases, different inputs, dtypes or devices, biases on some only)."""
+        bases = [p.base for p in projections]
+        if not all(type(b) is nn.Linear for b in bases):
+            return None
+        weights = [b.weight for b in bases]
+        if (len({w.shape[1] for w in weights}) != 1 or len({(w.dtype, w.device) for w in weights}) != 1
+                or len({b.bias is None for b in bases}) != 1 or any(w.requires_grad for w in weights)):
+            return None
+        return FusedBase(projections)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        bases = [p.base for p in self.projections]
+        return [b.weight for b in bases] + ([b.bias for b in bases] if bases[0].bias is not None else [])
+
+    def _fuse(self) -> None:
+        bases = [p.base for p in self.projections]
+        self.weight = torch.cat([b.weight.detach() for b in bases])
+        for b, w in zip(bases, self.weight.split(self.sizes)):
+            b.weight.data = w
+        if bases[0].bias is not None:
+            self.bias = torch.cat([b.bias.detach() for b in bases])
+            for b, bias in zip(bases, self.bias.split(self.sizes)):
+                b.bias.data = bias
+        else:
+            self.bias = None
+        self._pointers = [t.data_ptr() for t in self._tensors()]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every projection's base output for x [..., in], as [tokens, out_i] column slices of one
+        [tokens, sum(out_i)] result (autograd sees separate tensors, so each may be modified in place)."""
+        if [t.data_ptr() for t in self._tensors()] != self._pointers:
+            self._fuse()
+        out = nn.functional.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        return torch.unsafe_split_with_sizes(out, self.sizes, dim=1)
+
+
 class SwiGLU(nn.Module):
     """The LLaMA-family MLP, down(silu(gate(x)) * up(x)), through `SiluMul`. It takes over the
     projections of transformers' MLP under the same names, so module paths do not change."""
@@ -264,9 +325,14 @@ class SwiGLU(nn.Module):
     def __init__(self, mlp: nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.fused: FusedBase | None = None
+        """gate and up in one base GEMM (`StageModel.fuse_projections`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+        if self.fused is None:
+            return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.fused(x)
+        return self.down_proj(SiluMul.apply(self.gate_proj(x, gate), self.up_proj(x, up)))
 
 
 class KVCache:
@@ -317,6 +383,8 @@ class SelfAttention(nn.Module):
         self.attention_dropout, self.is_causal = attn.attention_dropout, attn.is_causal
         self._eager_attention = eager_attention
         self._extra = extra
+        self.fused: FusedBase | None = None
+        """q, k and v in one base GEMM (`StageModel.fuse_projections`)."""
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -325,12 +393,17 @@ class SelfAttention(nn.Module):
         kv_cache: KVCache | None = kwargs.pop("kv_cache", None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape)
-        key = self.k_proj(hidden_states).view(hidden_shape)
+        if self.fused is None:
+            query, key, value = (p(hidden_states) for p in (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            q_base, k_base, v_base = self.fused(hidden_states)
+            query, key = self.q_proj(hidden_states, q_base), self.k_proj(hidden_states, k_base)
+            # attention keeps v for backward: a slice would keep q's and k's columns alive with it
+            value = self.v_proj(hidden_states, v_base).contiguous()
+        query, key, value = (t.view(hidden_shape) for t in (query, key, value))
         if self.q_norm is not None and self.k_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
-        query, key = query.transpose(1, 2), key.transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         query, key = Rotary.apply(query, key, *position_embeddings)
         if kv_cache is not None:
             key, value = kv_cache.append(self.layer_idx, key, value)
@@ -499,6 +572,21 @@ class StageModel(nn.Module):
                 )
                 setattr(parent, target, wrapped)
 
+    def fuse_projections(self, on: bool = True) -> None:
+        """Compute q/k/v's base outputs with one GEMM, and gate/up's with another, in every layer
+        (`FusedBase`), or again one GEMM a projection. Quantized bases stay unfused."""
+        for i in self.layers_range():
+            attn, mlp = self.layers[str(i)].self_attn, self.layers[str(i)].mlp
+            attn.fused = FusedBase.of([attn.q_proj, attn.k_proj, attn.v_proj]) if on else None
+            if isinstance(mlp, SwiGLU):
+                mlp.fused = FusedBase.of([mlp.gate_proj, mlp.up_proj]) if on else None
+
+    @property
+    def fused_projections(self) -> bool:
+        """Whether any layer computes several projections' base outputs with one GEMM."""
+        return any(layer.self_attn.fused is not None or getattr(layer.mlp, "fused", None) is not None
+                   for layer in self.layers.values())
+
     # ------------------------------------------------------------------ adapters
     def lora_modules(self, targets: list[str] | None = None) -> dict[str, BatchedLoRALinear]:
         """PEFT-style module path -> wrapped projection, for this stage's layers."""
@@ -651,8 +739,13 @@ def build_stage(
     quantize: str = "none",
     lora_path: str = "auto",
     device: str | torch.device = "cpu",
+    fuse_projections: bool | None = None,
 ) -> StageModel:
-    """Build one stage from a local Hugging Face directory, reading only this stage's tensors."""
+    """Build one stage from a local Hugging Face directory, reading only this stage's tensors.
+
+    `fuse_projections`: one base GEMM for q/k/v and one for gate/up (`FusedBase`); by default on,
+    unless the environment sets `MLORA_PP_FUSE_PROJECTIONS=0`.
+    """
     model_dir = Path(model_dir)
     config = read_model_config(model_dir)
     if spec is None:
@@ -664,4 +757,8 @@ def build_stage(
         )
     stage = StageModel(config, spec, DTYPES[dtype], lora_path=lora_path, quantize=quantize)
     stage.load_base(SafetensorsIndex(model_dir), device=device)
-    return stage.to(device)
+    stage = stage.to(device)
+    if fuse_projections is None:
+        fuse_projections = os.environ.get("MLORA_PP_FUSE_PROJECTIONS", "1") != "0"
+    stage.fuse_projections(fuse_projections)  # after the move, which would copy each view apart
+    return stage

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu, head_loss, host_overhead
+from benchmarks import fused_projections, gpu, head_loss, host_overhead
 
 
 def test_gpu_benchmark_smoke_runs_on_any_device(capsys):
@@ -54,6 +54,14 @@ def test_host_overhead_counts_each_fused_layer_kernel_as_one_launch(tmp_path):
     assert found["eager"]["forward"]["fused_calls"] == {} == found["eager"]["backward"]["fused_calls"]
     for phase in ("forward", "backward"):
         assert found["fused"][phase]["kernel_ops"] + 20 < found["eager"][phase]["kernel_ops"], phase
+
+
+def test_fused_projections_benchmark_smoke_runs_and_the_fused_layer_launches_fewer_kernels(capsys):
+    """The layer with one base GEMM for q/k/v and one for gate/up launches fewer kernels per
+    micro-batch than with one a projection, with 8 jobs' adapters on all projections."""
+    assert fused_projections.main(["--smoke", "--reps", "1"]) == 0
+    table = dict(re.findall(r"^\| (fused|unfused) \| [0-9.]+ \| (\d+) \|$", capsys.readouterr().out, re.M))
+    assert int(table["fused"]) < int(table["unfused"]), table
 
 
 def test_the_grouped_path_dispatches_as_many_operators_for_8_jobs_as_for_2(tmp_path, capsys):

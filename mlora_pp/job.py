@@ -63,6 +63,8 @@ class AdapterJob:
     """`eval_examples` indices per evaluation micro-batch (longest first, cut like a training step)."""
     eval_sums: dict[int, list] = field(default_factory=dict)
     """Last stage: evaluation after k steps -> [summed cross-entropy so far, its loss tokens]."""
+    offloaded: bool = False
+    """Pre-empted (`offload_state`): its AdamW moments are in host memory until its next optimizer step."""
 
     @property
     def name(self) -> str:
@@ -185,6 +187,8 @@ class AdapterJob:
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.offloaded:
+            self._move_moments(to_host=False)
         self.optimizer.step()
         # The fused kernel updates the weights without bumping their version counters; the batched
         # LoRA operator refreshes its stacked copies of the weights by those counters, so bump them here.
@@ -201,6 +205,27 @@ class AdapterJob:
         assert self.optimizer is not None, "make_optimizer first"
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
+
+    def offload_state(self) -> None:
+        """Pre-emption: drop the unfinished step's gradients and statistics (the step runs again from
+        its start, with the same rows and dropout keys) and move the AdamW moments to host memory,
+        so that the device keeps only this job's weights. The next optimizer step moves them back,
+        bit for bit."""
+        if self.optimizer is None:
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        self.stats = StepStats()
+        self._move_moments(to_host=True)
+        self.offloaded = True
+
+    def _move_moments(self, to_host: bool) -> None:
+        assert self.optimizer is not None
+        for param, state in self.optimizer.state.items():
+            device = torch.device("cpu") if to_host else param.device
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.device != device:
+                    state[key] = value.to(device, non_blocking=not to_host)
+        self.offloaded = to_host
 
     def release_state(self) -> None:
         """Free the gradients and AdamW moments after the job's last step on this stage (its weights

@@ -133,7 +133,8 @@ def cut_message(job: str, rows: int, configured: int) -> str:
 def predicted_peak(model: MemoryModel, schedule: Schedule, stage: int) -> float:
     """The model's peak over this stage's actions, in order: running jobs (first forward to last
     optimizer step here; from the start for a job under way before the plan, whose state exists
-    already) and the micro-batches in flight after each action."""
+    already, unless it was paused for the plan: `Schedule.paused`) and the micro-batches in flight
+    after each action."""
     by_id = {mb.id: mb for mb in schedule.micro_batches}
     last = {}
     running: set[str] = set()
@@ -141,7 +142,7 @@ def predicted_peak(model: MemoryModel, schedule: Schedule, stage: int) -> float:
         for p in mb.parts:
             if p.eval:  # an evaluation holds no gradient, optimizer state or saved activation
                 continue
-            if p.job not in last and (p.step > 0 or p.micro > 0):  # its first part: steps are absolute
+            if p.job not in last and (p.step > 0 or p.micro > 0) and p.job not in schedule.paused:  # steps are absolute
                 running.add(p.job)
             last[p.job] = max(last.get(p.job, -1), p.step)
     in_flight: dict[int, float] = {}
@@ -253,7 +254,13 @@ class SavedTensorMeter:
     """Counts the new storages autograd saves for backward inside `measure()` (weights excluded)."""
 
     def __init__(self, exclude: Iterable[torch.Tensor]):
-        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.exclude: set[int] = set()
+        self.exclude_storages(exclude)
+
+    def exclude_storages(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Never count these tensors' storages (the stage's weights: call again after jobs are
+        added mid-run, or their LoRA weights, saved for backward, would count as activations)."""
+        self.exclude |= {t.untyped_storage().data_ptr() for t in tensors}
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[list[int]]:
@@ -276,7 +283,9 @@ class SavedTensorMeter:
 
 
 def live_job_bytes(jobs: Iterable) -> int:
-    """Gradients and optimizer state the jobs hold right now on this stage (counted)."""
+    """Gradients and optimizer state the jobs hold right now on this stage's device (counted; a
+    pre-empted job's moments are in host memory, which on CPU is the same memory, but they are
+    counted as the device a GPU run would free)."""
     tensors: list[torch.Tensor] = []
     for job in jobs:
         if job.optimizer is None:
@@ -286,7 +295,7 @@ def live_job_bytes(jobs: Iterable) -> int:
                 if p.grad is not None:
                     tensors.append(p.grad)
                 state = job.optimizer.state.get(p)
-                if state:
+                if state and not getattr(job, "offloaded", False):
                     tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
     return tensor_bytes(tensors)
 

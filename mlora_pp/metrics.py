@@ -114,6 +114,8 @@ class ProgressBoard:
         progress.tokens += tokens
         if step >= progress.total_steps:
             progress.state = "done"
+        elif progress.state == "paused":
+            progress.state = "running"
         if self._live is not None:
             self._live.update(self._table())
         elif step % self.log_every == 0 or step >= progress.total_steps:
@@ -151,11 +153,12 @@ class ProgressBoard:
         if self._live is not None:
             self._live.update(self._table())
 
-    def mark(self, job: str, state: str) -> None:
+    def mark(self, job: str, state: str, quiet: bool = False) -> None:
+        """`job`'s state column; printed as a line without the live table, unless `quiet`."""
         self.jobs[job].state = state
         if self._live is not None:
             self._live.update(self._table())
-        else:
+        elif not quiet:
             print(f"[{job}] {state}", file=self.stream, flush=True)
 
     def close(self) -> None:

@@ -37,7 +37,8 @@ from mlora_pp.early_stop import EarlyStopping
 from mlora_pp.job import AdapterJob, StepStats, load_job
 from mlora_pp.memory import MemoryModel, admission_check, cut_message, human_bytes, largest_micro
 from mlora_pp.model import StageModel
-from mlora_pp.schedule import CostModel, Schedule, admission, build_schedule, choose_streams, remaining_steps
+from mlora_pp.schedule import (CostModel, JobSteps, Schedule, admission, build_schedule, choose_streams,
+                               remaining_steps)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -205,7 +206,7 @@ class Replanner:
         if self.budget is None or models is None:
             return
         policy, fuse, streams = self.cfg.pipeline.schedule, self.cfg.pipeline.fuse, self.cfg.pipeline.streams
-        steps = [j for j in remaining_steps(self.schedules[-1], point)
+        steps = [self._still_paused(j) for j in remaining_steps(self.schedules[-1], point)
                  if j.name not in self.cancelled and j.name not in cancelling]
         steps += [j.job_steps() for j in submitted]
         fits = admission_check(models, steps, self.budget, self.in_flight, policy, fuse, streams)
@@ -264,7 +265,7 @@ class Replanner:
         if self.rank == 0 and self.control is not None and new:
             self.control.write_config(self.cfg)
         self._record(change)
-        steps = [j for j in remaining_steps(schedule, point) if j.name not in self.cancelled]
+        steps = [self._still_paused(j) for j in remaining_steps(schedule, point) if j.name not in self.cancelled]
         steps += [self.jobs[name].job_steps() for name in new]
         if not steps:
             return None
@@ -275,12 +276,65 @@ class Replanner:
         if self.budget is not None and self.models is not None:
             fits = admission_check(self.models, steps, self.budget, self.in_flight, self.cfg.pipeline.schedule,
                                    self.cfg.pipeline.fuse, streams)
+            if self.cfg.pipeline.admission == "priority":
+                steps = self._preempt(steps, fits)
         priority = {c.name: c.priority for c in self.cfg.jobs}
         order = admission(steps, self.cfg.pipeline.admission, priority, fits)
         policy = self.cfg.pipeline.schedule
         return build_schedule(steps, self.world, policy, self.cfg.pipeline.fuse,
                               max_in_flight=self.in_flight if policy == "lora" else None, admission=order,
                               hide_latency=self.hide_latency, streams=streams)
+
+    def _still_paused(self, steps: JobSteps) -> JobSteps:
+        """A job paused by an earlier plan stays paused until it runs again: its remaining steps
+        start at a step's beginning, and it has not finished a step since (its moments are still in
+        host memory)."""
+        if self.jobs[steps.name].offloaded and steps.first_micro == 0:
+            return dataclasses.replace(steps, paused=True)
+        return steps
+
+    def _preempt(self, steps: list[JobSteps], fits: Callable[[frozenset[str]], bool]) -> list[JobSteps]:
+        """Priority admission under a budget: where the most urgent job not under way cannot start
+        next to the jobs under way, pause less urgent ones (least urgent first, the later-listed
+        first among equals) until it can (`AdapterJob.offload_state`). A paused job's unfinished
+        step runs again from its start, with the same rows and dropout keys, so its result is the
+        same; it waits to be admitted like a job not under way. Every rank decides alike from the
+        same numbers. Nothing is paused where pausing every less urgent job would not make room."""
+        priority = {c.name: c.priority for c in self.cfg.jobs}
+        order = {c.name: i for i, c in enumerate(self.cfg.jobs)}
+        under_way = [j for j in steps if j.holds_state and j.steps > 0 and self.jobs[j.name].failed is None
+                     and j.first_step == self.jobs[j.name].steps_done]
+        waiting = [j for j in steps if not j.holds_state and j.steps > 0]
+        if not under_way or not waiting:
+            return steps
+        urgent = min(waiting, key=lambda j: (-priority[j.name], order[j.name]))
+        holding = {j.name for j in steps if j.holds_state}
+        if fits(frozenset(holding | {urgent.name})):
+            return steps
+        paused: list[str] = []
+        for j in sorted((j for j in under_way if priority[j.name] < priority[urgent.name]),
+                        key=lambda j: (priority[j.name], -order[j.name])):
+            holding.discard(j.name)
+            paused.append(j.name)
+            if fits(frozenset(holding | {urgent.name})):
+                break
+        else:
+            return steps
+        out = []
+        for j in steps:
+            if j.name not in paused:
+                out.append(j)
+                continue
+            job = self.jobs[j.name]
+            job.offload_state()
+            out.append(dataclasses.replace(job.job_steps(), evals=j.evals, paused=True))
+            if self.rank == 0:
+                print(f"memory: job {j.name!r} is paused for the more urgent job {urgent.name!r} (priority "
+                      f"{priority[urgent.name]} over {priority[j.name]}); it goes on from the start of step "
+                      f"{job.steps_done + 1} once it fits pipeline.memory_budget again", flush=True)
+            if self.on_change is not None:
+                self.on_change("paused", {"job": j.name, "step": job.steps_done, "for": urgent.name})
+        return out
 
     def _record(self, change: Change) -> None:
         """Rank 0: log an applied change for a restart (each cancelled job with its steps at the cut,

@@ -76,6 +76,7 @@ backward of one micro-batch on one stage (1 + r); with M micro-batches a stage c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -113,6 +114,10 @@ class JobSteps:
     continues a step whose first micro-batches already ran (their gradients are accumulated)."""
     evals: tuple[EvalPoint, ...] = ()
     """Evaluations still to run, each before step `after` (or after the last step listed)."""
+    paused: bool = False
+    """Pre-empted for a more urgent job (`mlora_pp.replan`): under way, but its AdamW moments are in
+    host memory and its unfinished step's gradients were dropped, so it holds nothing on the device
+    until it starts again, and waits to be admitted like a job not under way."""
 
     @property
     def steps(self) -> int:
@@ -121,8 +126,9 @@ class JobSteps:
     @property
     def holds_state(self) -> bool:
         """Whether the job was under way before this plan (resumed, or continued across a change of
-        plan): its AdamW moments or its partial step's gradients exist on every stage already."""
-        return self.first_step > 0 or self.first_micro > 0
+        plan) and not paused: its AdamW moments or its partial step's gradients exist on every stage
+        already."""
+        return (self.first_step > 0 or self.first_micro > 0) and not self.paused
 
     @property
     def tokens(self) -> int:
@@ -142,9 +148,11 @@ class Admission:
     running ones and every job before it in `order` has started (no overtaking, so none starves),
     and it frees its place after its last optimizer step on stage 0 (every other stage has done
     that step before). A job under way before the plan (`holding`) keeps its place: priority picks
-    who starts next, it never pre-empts a job that holds its gradients and optimizer state. With `share` the running jobs share the pipeline evenly (the least advanced
-    stream injects first: the fewest bubbles); without it the earlier job in `order` injects
-    whenever it is ready and the others fill the gaps (earlier jobs finish sooner).
+    who starts next, and the plan never pre-empts a job that holds its gradients and optimizer
+    state (`mlora_pp.replan` pauses one before the plan is built, which then no longer holds any).
+    With `share` the running jobs share the pipeline evenly (the least advanced stream injects
+    first: the fewest bubbles); without it the earlier job in `order` injects whenever it is ready
+    and the others fill the gaps (earlier jobs finish sooner).
     """
 
     order: tuple[str, ...]
@@ -238,6 +246,9 @@ class Schedule:
     """At most this many micro-batches forwarded but not yet backwarded on any stage (None: unbounded)."""
     max_in_flight_tokens: int | None = None
     """At most this many padded tokens (`MicroBatch.tokens`) forwarded but not backwarded (None: unbounded)."""
+    paused: frozenset[str] = frozenset()
+    """Jobs under way that start this plan paused (`JobSteps.paused`): they hold no gradients or
+    optimizer state on the device until they run again."""
 
     @property
     def num_stages(self) -> int:
@@ -944,6 +955,9 @@ def build_schedule(
             policy, tuple(micro_batches), build(micro_batches, num_stages),
             max_in_flight=num_stages if policy == "1f1b" else None,
         )
+    paused = frozenset(j.name for j in jobs if j.paused)
+    if paused:
+        schedule = dataclasses.replace(schedule, paused=paused)
     validate(schedule)
     return schedule
 

@@ -97,9 +97,10 @@ class _Job:
     eval_loss: float | None = None
     eval_step: int | None = None
     grad_norm: float | None = None
+    paused: bool = False  # pre-empted for a more urgent job, until its next step
 
     def new_run(self) -> None:
-        self.admitted, self.steps_times, self.ended, self.reason = None, [], None, None
+        self.admitted, self.steps_times, self.ended, self.reason, self.paused = None, [], None, None, False
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -203,6 +204,8 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
             j.ended = "stopped early" if event == "early_stopped" else event
             reason = record.get("reason")
             j.reason = reason if isinstance(reason, str) else None
+        elif event == "paused" and isinstance(name, str):
+            job(name).paused = True
         elif event == "done":
             done, done_at = True, t if t is not None else status.last_record_s
         elif event == "eval" and isinstance(name, str) and _number(record.get("eval_loss")) is not None:
@@ -212,7 +215,7 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
             j.eval_step = step if isinstance(step, int) else None
         elif event is None and isinstance(name, str) and isinstance(record.get("step"), int):
             j = job(name)
-            j.step = record["step"]
+            j.step, j.paused = record["step"], False
             loss = _number(record.get("loss"))
             j.loss = loss if loss is not None else j.loss
             j.grad_norm = _number(record.get("grad_norm"))
@@ -249,6 +252,8 @@ def _job_status(job: _Job, run_finished: bool, run_stopped: bool = False) -> Job
         state = job.ended
     elif job.total is not None and job.step >= job.total:
         state = "done"
+    elif job.paused:
+        state = "paused"
     elif job.admitted is not None or job.steps_times:
         state = "running"
     else:

@@ -621,10 +621,12 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         ControlDir(cfg.output_dir).write_config(cfg)
 
     def changed(event: str, fields: dict) -> None:
-        """Rank 0: a job submitted, cancelled or a request rejected mid-run."""
+        """Rank 0: a job submitted, cancelled, paused or a request rejected mid-run."""
         metrics.write({"event": event, **fields, "time": time.perf_counter() - start})
         if event == "submitted":
             board.add(fields["job"], fields["total_steps"])
+        elif event == "paused":  # the replanner printed why
+            board.mark(fields["job"], "paused", quiet=True)
         elif event == "cancelled":
             board.mark(fields["job"], f"cancelled at step {fields['step']}")
         elif event == "early_stopped":

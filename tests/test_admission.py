@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -422,3 +423,60 @@ def test_a_submission_that_would_crowd_the_jobs_under_way_is_rejected(workspace)
     memory = next(r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
                   if r.get("event") == "memory")
     assert memory["predicted_peak_bytes"] <= budget and memory["measured_peak_bytes"] <= budget, memory
+
+
+
+def _train_on(workspace, raw: dict, stages: int, capsys) -> tuple[str, list[dict]]:
+    """Run `raw` on `stages` ranks (one: in this process); (what rank 0 printed, metrics.jsonl records)."""
+    out = Path(raw["output_dir"])
+    if stages == 1:
+        train(parse_config(raw, "test.yaml"), progress=False)
+        printed = capsys.readouterr().out
+    else:
+        path = workspace[0] / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        proc = torchrun(stages, path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        printed = proc.stdout
+    return printed, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_a_more_urgent_submission_pauses_a_job_under_way_which_then_finishes_exactly(workspace, capsys, stages):
+    """Priority admission under a budget that holds one job's gradients and AdamW state at a time:
+    a more urgent job submitted while a less urgent one is under way, in the middle of a step,
+    pauses it (that step's gradients dropped, its moments off the device) and runs first, every
+    stage deciding alike. The paused job then goes on from the start of that step and ends with the
+    adapter of a run where nothing was paused. Predicted and measured peaks stay within the budget."""
+    low = dict(BIG_JOBS[0], max_seq_len=64, data=str(workspace[2]["alpha"]), batch_size=6, micro_batch_size=2,
+               max_steps=6, epochs=2, priority=0)  # 3 micro-batches a step: the request lands mid-step
+    urgent = dict(BIG_JOBS[1], name="urgent", max_seq_len=64, data=str(workspace[2]["beta"]), priority=5)
+    pipeline = dict(schedule="lora", admission="priority", timeout_s=30)
+    free = dict(make_raw(workspace, [], f"pause-free-{stages}", **pipeline), jobs=[low, urgent])
+    _, records = _train_on(workspace, free, stages, capsys)
+    models = [MemoryModel(**r["model"]) for r in records if r.get("event") == "memory"]
+    assert len(models) == stages
+    steps = [j.job_steps() for j in prepare_jobs(parse_config(free, "t.yaml"), load_tokenizer(workspace[1])).values()]
+
+    def need(running: set[str]) -> float:
+        return max(m.peak(running, stages, *largest_micro(steps, running, stages, "lora", True)) for m in models)
+
+    budget = int(max(need({"alpha"}), need({"urgent"})) * 1.02)
+    assert need({"alpha", "urgent"}) > budget, "the budget must hold one job's state at a time"
+
+    raw = dict(make_raw(workspace, [], f"pause-budget-{stages}", memory_budget=budget, **pipeline), jobs=[low])
+    ControlDir(Path(raw["output_dir"])).request("submit", {"job": urgent})
+    printed, records = _train_on(workspace, raw, stages, capsys)
+    assert "memory: job 'alpha' is paused for the more urgent job 'urgent' (priority 5 over 0)" in printed
+    paused = next(i for i, r in enumerate(records) if r.get("event") == "paused")
+    assert records[paused]["job"] == "alpha" and records[paused]["for"] == "urgent"
+    done_before = records[paused]["step"]
+    assert 0 < done_before < 6, "the request is taken while alpha is under way"
+    after = [r["job"] for r in records[paused:] if "loss" in r]
+    assert after == ["urgent"] * 2 + ["alpha"] * (6 - done_before), after
+    memory = [r for r in records if r.get("event") == "memory"]
+    assert len(memory) == stages
+    for r in memory:
+        assert r["predicted_peak_bytes"] <= budget and r["measured_peak_bytes"] <= budget, r
+    for name in ("alpha", "urgent"):
+        assert_adapters_equal(adapter(Path(raw["output_dir"]), name), adapter(Path(free["output_dir"]), name))

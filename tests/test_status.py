@@ -292,3 +292,17 @@ def test_status_of_a_real_run(tmp_path):
         assert got[name].state == "done" or (got[name].total_steps is None and got[name].state == "running")
     if status.runs:  # training writes run/done lines
         assert status.state == "finished" and all(j.state == "done" for j in status.jobs)
+
+
+def test_a_paused_job_shows_paused_until_its_next_step(tmp_path):
+    """A job pre-empted for a more urgent one (a `paused` event) is `paused`, not running, until it
+    finishes a step again."""
+    records = [run_line({"low": 6, "urgent": 2}),
+               {"event": "admitted", "job": "low", "time": 0.5}, step("low", 1, 1.0), step("low", 2, 2.0),
+               {"event": "paused", "job": "low", "step": 2, "for": "urgent", "time": 2.5},
+               {"event": "admitted", "job": "urgent", "time": 2.6}, step("urgent", 1, 3.0)]
+    out = write_metrics(tmp_path / "run", records)
+    assert {j.name: j.state for j in read_status(out, now=WALL + 4).jobs} == {"low": "paused", "urgent": "running"}
+    assert "paused" in table_text(read_status(out, now=WALL + 4))
+    write_metrics(out, records + [step("urgent", 2, 4.0), step("low", 3, 5.0)])
+    assert {j.name: j.state for j in read_status(out, now=WALL + 6).jobs} == {"low": "running", "urgent": "done"}

@@ -81,6 +81,10 @@ class PipelineConfig:
     """Cap on every stage's predicted peak memory: bytes (a number above 1 or "12GiB"), or a
     fraction (0 < x <= 1) of the device's memory (on CPU, of the process's memory limit). Jobs
     that do not fit next to the running ones wait. null: every job runs at once."""
+    preempt: bool = True
+    """With admission: priority and a memory_budget: a more urgent job that cannot start next to
+    the jobs under way pauses less urgent ones (their begun step dropped, their AdamW state moved
+    to host memory; they finish with the same adapter) instead of waiting for them to finish."""
 
 
 @dataclass

@@ -276,7 +276,7 @@ class Replanner:
         if self.budget is not None and self.models is not None:
             fits = admission_check(self.models, steps, self.budget, self.in_flight, self.cfg.pipeline.schedule,
                                    self.cfg.pipeline.fuse, streams)
-            if self.cfg.pipeline.admission == "priority":
+            if self.cfg.pipeline.admission == "priority" and self.cfg.pipeline.preempt:
                 steps = self._preempt(steps, fits)
         priority = {c.name: c.priority for c in self.cfg.jobs}
         order = admission(steps, self.cfg.pipeline.admission, priority, fits)

@@ -480,3 +480,10 @@ def test_a_more_urgent_submission_pauses_a_job_under_way_which_then_finishes_exa
         assert r["predicted_peak_bytes"] <= budget and r["measured_peak_bytes"] <= budget, r
     for name in ("alpha", "urgent"):
         assert_adapters_equal(adapter(Path(raw["output_dir"]), name), adapter(Path(free["output_dir"]), name))
+    if stages == 1:  # pipeline.preempt: false: the urgent job waits for alpha instead
+        raw = dict(make_raw(workspace, [], "pause-off", memory_budget=budget, preempt=False, **pipeline), jobs=[low])
+        ControlDir(Path(raw["output_dir"])).request("submit", {"job": urgent})
+        printed, records = _train_on(workspace, raw, stages, capsys)
+        assert "paused" not in printed and not any(r.get("event") == "paused" for r in records)
+        steps_in_order = [r["job"] for r in records if "loss" in r]
+        assert steps_in_order == ["alpha"] * 6 + ["urgent"] * 2, steps_in_order

@@ -60,6 +60,65 @@ def lora_params(config: Any, layers: int, rank: int, targets: list[str]) -> int:
     return layers * sum(rank * sum(shapes[t]) for t in targets)
 
 
+def pause_jobs(steps: list[JobSteps], jobs: dict[str, AdapterJob], cfg: RunConfig,
+               fits: Callable[[frozenset[str]], bool], rank: int,
+               on_change: Callable[[str, dict], None] | None = None) -> list[JobSteps]:
+    """Under a budget, pause jobs under way where holding their state would break it or keep a more
+    urgent job waiting (`AdapterJob.offload_state`: the step each had begun is dropped, its AdamW
+    moments go to host memory), before the plan is built:
+
+    - jobs under way that do not fit together (resumed under a lowered budget): the last ones in
+      admission order, until the rest fit;
+    - with `admission: priority` and `pipeline.preempt`: where the most urgent job not under way
+      cannot start next to them, less urgent ones, least urgent first (the later-listed first among
+      equals), until it can; none where pausing every less urgent one would not make room.
+
+    A paused job waits to be admitted like a job not under way. Its dropped step runs again from
+    its start, with the same rows and dropout keys, so it ends with the adapter it would have had.
+    Every rank decides alike from the same numbers, so this costs no message; rank 0 says so.
+    """
+    priority = {c.name: c.priority for c in cfg.jobs}
+    order = admission(steps, cfg.pipeline.admission, priority, fits).order
+    place = {name: i for i, name in enumerate(order)}
+    pausable = [j for j in steps if j.holds_state and j.steps > 0 and jobs[j.name].failed is None
+                and j.first_step == jobs[j.name].steps_done]
+    holding = {j.name for j in steps if j.holds_state}
+    why: dict[str, str] = {}
+    for j in sorted(pausable, key=lambda j: -place[j.name]):
+        if fits(frozenset(holding)):
+            break
+        holding.discard(j.name)
+        why[j.name] = "because the jobs under way do not fit pipeline.memory_budget together"
+    waiting = [j for j in steps if j.name not in holding and j.steps > 0]
+    if cfg.pipeline.admission == "priority" and cfg.pipeline.preempt and waiting:
+        urgent = min(waiting, key=lambda j: place[j.name])
+        if not fits(frozenset(holding | {urgent.name})):
+            kept, chosen = set(holding), []
+            for j in sorted((j for j in pausable if j.name in holding and priority[j.name] < priority[urgent.name]),
+                            key=lambda j: -place[j.name]):
+                kept.discard(j.name)
+                chosen.append(j.name)
+                if fits(frozenset(kept | {urgent.name})):
+                    holding = kept
+                    why.update({name: f"for the more urgent job {urgent.name!r} (priority {priority[urgent.name]} "
+                                      f"over {priority[name]})" for name in chosen})
+                    break
+    out = []
+    for j in steps:
+        if j.name not in why:
+            out.append(j)
+            continue
+        job = jobs[j.name]
+        job.offload_state()
+        out.append(dataclasses.replace(job.job_steps(), evals=j.evals, paused=True))
+        if rank == 0:
+            print(f"memory: job {j.name!r} is paused {why[j.name]}; it goes on from the start of step "
+                  f"{job.steps_done + 1} once it fits pipeline.memory_budget again", flush=True)
+        if on_change is not None:
+            on_change("paused", {"job": j.name, "step": job.steps_done, "why": why[j.name]})
+    return out
+
+
 @dataclass
 class Replanner:
     """Decision points, rank 0's decisions, and the next plan; the same on every rank."""
@@ -276,8 +335,7 @@ class Replanner:
         if self.budget is not None and self.models is not None:
             fits = admission_check(self.models, steps, self.budget, self.in_flight, self.cfg.pipeline.schedule,
                                    self.cfg.pipeline.fuse, streams)
-            if self.cfg.pipeline.admission == "priority" and self.cfg.pipeline.preempt:
-                steps = self._preempt(steps, fits)
+            steps = pause_jobs(steps, self.jobs, self.cfg, fits, self.rank, self.on_change)
         priority = {c.name: c.priority for c in self.cfg.jobs}
         order = admission(steps, self.cfg.pipeline.admission, priority, fits)
         policy = self.cfg.pipeline.schedule
@@ -292,49 +350,6 @@ class Replanner:
         if self.jobs[steps.name].offloaded and steps.first_micro == 0:
             return dataclasses.replace(steps, paused=True)
         return steps
-
-    def _preempt(self, steps: list[JobSteps], fits: Callable[[frozenset[str]], bool]) -> list[JobSteps]:
-        """Priority admission under a budget: where the most urgent job not under way cannot start
-        next to the jobs under way, pause less urgent ones (least urgent first, the later-listed
-        first among equals) until it can (`AdapterJob.offload_state`). A paused job's unfinished
-        step runs again from its start, with the same rows and dropout keys, so its result is the
-        same; it waits to be admitted like a job not under way. Every rank decides alike from the
-        same numbers. Nothing is paused where pausing every less urgent job would not make room."""
-        priority = {c.name: c.priority for c in self.cfg.jobs}
-        order = {c.name: i for i, c in enumerate(self.cfg.jobs)}
-        under_way = [j for j in steps if j.holds_state and j.steps > 0 and self.jobs[j.name].failed is None
-                     and j.first_step == self.jobs[j.name].steps_done]
-        waiting = [j for j in steps if not j.holds_state and j.steps > 0]
-        if not under_way or not waiting:
-            return steps
-        urgent = min(waiting, key=lambda j: (-priority[j.name], order[j.name]))
-        holding = {j.name for j in steps if j.holds_state}
-        if fits(frozenset(holding | {urgent.name})):
-            return steps
-        paused: list[str] = []
-        for j in sorted((j for j in under_way if priority[j.name] < priority[urgent.name]),
-                        key=lambda j: (priority[j.name], -order[j.name])):
-            holding.discard(j.name)
-            paused.append(j.name)
-            if fits(frozenset(holding | {urgent.name})):
-                break
-        else:
-            return steps
-        out = []
-        for j in steps:
-            if j.name not in paused:
-                out.append(j)
-                continue
-            job = self.jobs[j.name]
-            job.offload_state()
-            out.append(dataclasses.replace(job.job_steps(), evals=j.evals, paused=True))
-            if self.rank == 0:
-                print(f"memory: job {j.name!r} is paused for the more urgent job {urgent.name!r} (priority "
-                      f"{priority[urgent.name]} over {priority[j.name]}); it goes on from the start of step "
-                      f"{job.steps_done + 1} once it fits pipeline.memory_budget again", flush=True)
-            if self.on_change is not None:
-                self.on_change("paused", {"job": j.name, "step": job.steps_done, "for": urgent.name})
-        return out
 
     def _record(self, change: Change) -> None:
         """Rank 0: log an applied change for a restart (each cancelled job with its steps at the cut,

@@ -115,9 +115,9 @@ class JobSteps:
     evals: tuple[EvalPoint, ...] = ()
     """Evaluations still to run, each before step `after` (or after the last step listed)."""
     paused: bool = False
-    """Pre-empted for a more urgent job (`mlora_pp.replan`): under way, but its AdamW moments are in
-    host memory and its unfinished step's gradients were dropped, so it holds nothing on the device
-    until it starts again, and waits to be admitted like a job not under way."""
+    """Paused for a more urgent job or a budget (`mlora_pp.replan.pause_jobs`): under way, but its
+    AdamW moments are in host memory and its unfinished step's gradients were dropped, so it holds
+    nothing on the device until it starts again, and waits to be admitted like a job not under way."""
 
     @property
     def steps(self) -> int:
@@ -149,7 +149,7 @@ class Admission:
     and it frees its place after its last optimizer step on stage 0 (every other stage has done
     that step before). A job under way before the plan (`holding`) keeps its place: priority picks
     who starts next, and the plan never pre-empts a job that holds its gradients and optimizer
-    state (`mlora_pp.replan` pauses one before the plan is built, which then no longer holds any).
+    state (`mlora_pp.replan.pause_jobs` pauses one before the plan is built; it then holds none).
     With `share` the running jobs share the pipeline evenly (the least advanced stream injects
     first: the fewest bubbles); without it the earlier job in `order` injects whenever it is ready
     and the others fill the gaps (earlier jobs finish sooner).

@@ -57,7 +57,7 @@ from mlora_pp.profiling import (
     profile_stages,
 )
 from mlora_pp.records import RecordInbox, RecordSender
-from mlora_pp.replan import Replanner
+from mlora_pp.replan import Replanner, pause_jobs
 from mlora_pp.run_lock import RunLock
 from mlora_pp.runtime import EvalRecord, StageWorker, StepRecord, TraceEvent
 from mlora_pp.schedule import Schedule, admission, build_schedule, choose_streams, min_streams
@@ -353,11 +353,13 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
         if in_flight < options[0] and env.rank == 0:
             print(f"memory: {in_flight} micro-batch(es) in flight instead of {options[0]} to fit the budget",
                   flush=True)
+    if fits is not None:
+        steps = pause_jobs(steps, jobs, cfg, fits, env.rank)
     priority = {c.name: c.priority for c in cfg.jobs}
     order = admission(steps, cfg.pipeline.admission, priority, fits)
     if fits is not None and len(order.holding) > 1 and not fits(order.holding) and env.rank == 0:
         print(f"memory: the resumed jobs {', '.join(sorted(order.holding))} are predicted over the budget together; "
-              "they hold their optimizer state, so they run at once anyway (queuing one would not free it)",
+              "they hold their optimizer state and none of them can be paused, so they run at once anyway",
               flush=True)
     schedule = build_schedule(steps, stages, policy, fuse, max_in_flight=in_flight if policy == "lora" else None,
                               admission=order, hide_latency=hide, streams=streams)

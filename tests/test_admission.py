@@ -469,7 +469,8 @@ def test_a_more_urgent_submission_pauses_a_job_under_way_which_then_finishes_exa
     printed, records = _train_on(workspace, raw, stages, capsys)
     assert "memory: job 'alpha' is paused for the more urgent job 'urgent' (priority 5 over 0)" in printed
     paused = next(i for i, r in enumerate(records) if r.get("event") == "paused")
-    assert records[paused]["job"] == "alpha" and records[paused]["for"] == "urgent"
+    assert records[paused]["job"] == "alpha"
+    assert records[paused]["why"] == "for the more urgent job 'urgent' (priority 5 over 0)"
     done_before = records[paused]["step"]
     assert 0 < done_before < 6, "the request is taken while alpha is under way"
     after = [r["job"] for r in records[paused:] if "loss" in r]
@@ -487,3 +488,49 @@ def test_a_more_urgent_submission_pauses_a_job_under_way_which_then_finishes_exa
         assert "paused" not in printed and not any(r.get("event") == "paused" for r in records)
         steps_in_order = [r["job"] for r in records if "loss" in r]
         assert steps_in_order == ["alpha"] * 6 + ["urgent"] * 2, steps_in_order
+
+
+def test_jobs_resumed_under_a_lowered_budget_are_paused_until_they_fit(workspace, capsys, monkeypatch):
+    """Two jobs stopped under way (checkpointed after every step) resume under a budget that holds
+    one job's state at a time. Both hold their AdamW moments, so both would run at once over the
+    budget: the less urgent one is paused at start-up instead, the other runs first, and both end
+    with the adapters of an uninterrupted run without a budget, within the budget."""
+    from test_checkpoint import Stop, stop_after_actions
+
+    jobs = [dict(BIG_JOBS[0], max_seq_len=64, data=str(workspace[2]["alpha"]), max_steps=4, save_every=1, priority=0),
+            dict(BIG_JOBS[1], max_seq_len=64, data=str(workspace[2]["beta"]), max_steps=3, save_every=1, priority=3)]
+    pipeline = dict(schedule="lora", admission="priority")
+    free = parse_config(dict(make_raw(workspace, [], "resume-free", **pipeline), jobs=jobs), "test.yaml")
+    train(free, progress=False)
+    records = [json.loads(line) for line in (free.output_dir / "metrics.jsonl").read_text().splitlines()]
+    model = MemoryModel(**next(r for r in records if r.get("event") == "memory")["model"])
+    steps = [j.job_steps() for j in prepare_jobs(free, load_tokenizer(workspace[1])).values()]
+
+    def need(running: set[str]) -> float:
+        return model.peak(running, 1, *largest_micro(steps, running, 1, "lora", True))
+
+    budget = int(max(need({"alpha"}), need({"beta"})) * 1.02)
+    assert need({"alpha", "beta"}) > budget, "the budget must hold one job's state at a time"
+
+    raw = dict(make_raw(workspace, [], "resume-budget", **pipeline), jobs=jobs)
+    stop_after_actions(monkeypatch, 9)  # each job has done a step or more, neither has finished
+    with pytest.raises(Stop):
+        train(parse_config(raw, "test.yaml"), progress=False)
+    monkeypatch.undo()
+    capsys.readouterr()
+    raw["pipeline"]["memory_budget"] = budget
+    result = train(parse_config(raw, "test.yaml"), progress=False)
+    assert set(result.resumed) == {"alpha", "beta"} and all(0 < n < 3 for n in result.resumed.values()), result.resumed
+    printed = capsys.readouterr().out
+    assert ("memory: job 'alpha' is paused because the jobs under way do not fit pipeline.memory_budget together; "
+            f"it goes on from the start of step {result.resumed['alpha'] + 1}") in printed, printed
+    assert "are predicted over the budget together" not in printed
+    records = [json.loads(line) for line in (free.output_dir.parent / "resume-budget" / "metrics.jsonl")
+               .read_text().splitlines()]
+    last_run = max(i for i, r in enumerate(records) if r.get("event") == "run")
+    in_order = [r["job"] for r in records[last_run:] if "loss" in r]
+    assert in_order == ["beta"] * (3 - result.resumed["beta"]) + ["alpha"] * (4 - result.resumed["alpha"]), in_order
+    memory = [r for r in records[last_run:] if r.get("event") == "memory"]
+    assert memory and all(r["predicted_peak_bytes"] <= budget and r["measured_peak_bytes"] <= budget for r in memory)
+    for name in ("alpha", "beta"):
+        assert_adapters_equal(adapter(free.output_dir.parent / "resume-budget", name), adapter(free.output_dir, name))

@@ -1,7 +1,7 @@
 """GPU checks (issue 7): run only where CUDA is present, skipped cleanly elsewhere.
 
 Run on a GPU machine with ``python -m pytest -q tests/gpu``. The operator, nf4, training and dropout
-tests passed on one H100 on 2026-11-24; the head-loss and layer-kernel tests (2026-12-06) have not
+tests passed on one H100 on 2026-11-24; the head-loss, layer-kernel and paused-job tests (2026-12-06) have not
 run on a GPU yet.
 """
 
@@ -182,3 +182,39 @@ def test_fused_layer_kernels_on_cuda_match_eager_and_a_bf16_stage_matches_fp32(t
     scale = (float(ref_logits.abs().max()), float(ref_grads.abs().max()))
     for i in range(2):
         assert errors["fused"][i] <= 2 * errors["eager"][i] + 1e-3 * scale[i], errors
+
+
+def test_a_paused_jobs_moments_leave_the_gpu_and_come_back_bit_for_bit():
+    """`AdapterJob.offload_state` on CUDA (pre-emption): the AdamW moments go to host memory and the
+    device memory they held is released; the next (fused) step brings them back and updates the
+    weights exactly as a job never paused does."""
+    from mlora_pp.config import JobConfig
+    from mlora_pp.job import AdapterJob
+
+    def job_with_params(seed: int) -> tuple[AdapterJob, list[torch.nn.Parameter]]:
+        gen = torch.Generator().manual_seed(seed)
+        params = [torch.nn.Parameter(torch.randn(64, 4096, generator=gen).cuda()) for _ in range(4)]
+        job = AdapterJob(config=JobConfig(name="j", data="unused.jsonl", lr=1e-3), examples=[], plans=[None] * 4,
+                         seed=0)
+        job.make_optimizer(params)
+        return job, params
+
+    def gradients(params, step: int) -> None:
+        for k, p in enumerate(params):
+            p.grad = torch.full_like(p, 0.01 * (step + 1) * (k + 1))
+
+    paused, p1 = job_with_params(0)
+    plain, p2 = job_with_params(0)
+    for step in range(3):
+        for job, params in ((paused, p1), (plain, p2)):
+            gradients(params, step)
+            job.optimizer_step()
+        if step == 0:
+            before = torch.cuda.memory_allocated()
+            paused.offload_state()
+            moments = [v for s in paused.optimizer.state.values() for v in s.values() if v.dim() > 0]
+            assert moments and all(v.device.type == "cpu" for v in moments)
+            assert before - torch.cuda.memory_allocated() >= sum(v.nbytes for v in moments)
+    assert not paused.offloaded
+    for a, b in zip(p1, p2):
+        assert torch.equal(a, b)

@@ -142,7 +142,8 @@ def predicted_peak(model: MemoryModel, schedule: Schedule, stage: int) -> float:
         for p in mb.parts:
             if p.eval:  # an evaluation holds no gradient, optimizer state or saved activation
                 continue
-            if p.job not in last and (p.step > 0 or p.micro > 0) and p.job not in schedule.paused:  # steps are absolute
+            under_way = (p.step > 0 or p.micro > 0) and p.job not in schedule.paused  # steps are absolute
+            if p.job not in last and under_way:
                 running.add(p.job)
             last[p.job] = max(last.get(p.job, -1), p.step)
     in_flight: dict[int, float] = {}
@@ -258,9 +259,10 @@ class SavedTensorMeter:
         self.exclude_storages(exclude)
 
     def exclude_storages(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Never count these tensors' storages (the stage's weights: call again after jobs are
-        added mid-run, or their LoRA weights, saved for backward, would count as activations)."""
-        self.exclude |= {t.untyped_storage().data_ptr() for t in tensors}
+        """Count none of these tensors' storages from now on, instead of those given before (the
+        stage's weights: give them again after jobs are added mid-run, or their LoRA weights, saved
+        for backward, would count as activations)."""
+        self.exclude = {t.untyped_storage().data_ptr() for t in tensors}
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[list[int]]:

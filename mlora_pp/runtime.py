@@ -450,7 +450,7 @@ class StageWorker:
             if self.meter is not None:  # cancelled jobs freed their state, submitted ones added weights
                 self._job_bytes = {name: live_job_bytes([job]) for name, job in self.jobs.items()}
                 self.static_bytes = count_static_bytes(self.stage)
-                self.meter.exclude_storages(list(self.stage.parameters()))
+                self.meter.exclude_storages(list(self.stage.parameters()) + list(self.stage.buffers()))
             if following is None:  # every job left was cancelled
                 break
             self.schedule = following

@@ -7,8 +7,8 @@ ends each rank with one line and exit code 130. SIGTERM while training (a schedu
 run) stops it at the next decision point with every unfinished job checkpointed, exit code 143.
 Jobs resume from their checkpoints in output_dir; ``--fresh`` deletes those and starts over.
 ``python -m launcher status OUTPUT_DIR [--watch SECONDS | --json]`` shows a run's jobs (mlora_pp.status);
-``python -m launcher submit OUTPUT_DIR JOB.yaml`` and ``cancel OUTPUT_DIR NAME`` change a running run
-(mlora_pp.control).
+``python -m launcher submit OUTPUT_DIR JOB.yaml``, ``cancel OUTPUT_DIR NAME`` and ``priority OUTPUT_DIR
+NAME N`` change a running run (mlora_pp.control).
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         from mlora_pp.status import main as status_main
 
         return status_main(argv[1:])
-    if argv[:1] in (["submit"], ["cancel"]):  # a job added to or stopped in a running run
-        from mlora_pp.control import cancel_main, submit_main
+    if argv[:1] in (["submit"], ["cancel"], ["priority"]):  # a job added to, stopped in or re-prioritized in a run
+        from mlora_pp.control import cancel_main, priority_main, submit_main
 
-        return (submit_main if argv[0] == "submit" else cancel_main)(argv[1:])
+        return {"submit": submit_main, "cancel": cancel_main, "priority": priority_main}[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(prog="python -m launcher", description="Train many LoRA adapters at once.")
     parser.add_argument("config", help="run config (YAML)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")

@@ -1,7 +1,8 @@
-"""Jobs submitted and cancelled while a run goes on: requests on disk, decisions broadcast by rank 0.
+"""Jobs submitted, cancelled and re-prioritized while a run goes on: requests on disk, decisions
+broadcast by rank 0.
 
-``python -m launcher submit OUTPUT_DIR JOB.yaml`` and ``python -m launcher cancel OUTPUT_DIR NAME``
-write a request file under ``OUTPUT_DIR/control/requests/`` (atomically; the file name orders
+``python -m launcher submit OUTPUT_DIR JOB.yaml``, ``python -m launcher cancel OUTPUT_DIR NAME`` and
+``python -m launcher priority OUTPUT_DIR NAME N`` write a request file under ``OUTPUT_DIR/control/requests/`` (atomically; the file name orders
 them). The run's rank 0 looks for requests at fixed micro-batch ids (every `REQUESTS_EVERY`-th one,
 and the plan's end; a request that comes after the last look waits for the next run of this
 output_dir), validates each against the run's config exactly like a job of the config file, and
@@ -57,19 +58,21 @@ class Change:
     this point and the run ends."""
     early: tuple[str, ...] = ()
     """The jobs of `cancel` that stop early (`mlora_pp.early_stop`), not by request."""
+    priority: tuple[tuple[str, int], ...] = ()
+    """New priorities, (job, priority) in the order requested (`launcher priority`)."""
 
     def encode(self) -> bytes:
         return json.dumps({"submit": list(self.submit), "cancel": list(self.cancel), "stop": self.stop,
-                           "early": list(self.early)}).encode()
+                           "early": list(self.early), "priority": [list(p) for p in self.priority]}).encode()
 
     @staticmethod
     def decode(data: bytes) -> "Change":
         raw = json.loads(data.decode())
         return Change(tuple(raw["submit"]), tuple(raw["cancel"]), bool(raw.get("stop", False)),
-                      tuple(raw.get("early", ())))
+                      tuple(raw.get("early", ())), tuple((str(n), int(p)) for n, p in raw.get("priority", ())))
 
     def __bool__(self) -> bool:
-        return bool(self.submit or self.cancel or self.stop)
+        return bool(self.submit or self.cancel or self.stop or self.priority)
 
 
 @dataclass
@@ -81,12 +84,14 @@ class Accepted:
     """Job -> steps done when it was cancelled (or stopped early)."""
     early: dict[str, int] = field(default_factory=dict)
     """Job stopped early -> the step of its best evaluation."""
+    priority: dict[str, int] = field(default_factory=dict)
+    """Job -> the priority it was last given (`launcher priority`)."""
 
 
 @dataclass(frozen=True)
 class Request:
     path: Path
-    kind: str  # "submit" or "cancel"
+    kind: str  # "submit", "cancel" or "priority"
     body: dict
 
 
@@ -161,6 +166,8 @@ class ControlDir:
                  "time": time.time()}
         if change.early:
             entry["early_stop"] = {name: (best or {})[name] for name in change.early}
+        if change.priority:
+            entry["priority"] = dict(change.priority)
         write_atomic(path, old + json.dumps(entry).encode() + b"\n")
 
     def accepted(self) -> Accepted:
@@ -177,6 +184,7 @@ class ControlDir:
                     found.submitted += list(entry["submit"])
                     found.cancelled.update({str(k): int(v) for k, v in entry["cancel"].items()})
                     found.early.update({str(k): int(v) for k, v in entry.get("early_stop", {}).items()})
+                    found.priority.update({str(k): int(v) for k, v in entry.get("priority", {}).items()})
                 except (ValueError, KeyError, TypeError, AttributeError):
                     raise ConfigError(f"{path} line {number}: not an accepted change (edited by hand?); "
                                       "fix it, or start over with --fresh") from None
@@ -317,6 +325,40 @@ def _who_acts(output_dir: Path) -> str:
     if (output_dir / LOCK_NAME).exists() and lock_holder(output_dir) is None:
         return "no run is using this output_dir now: the next run of its config"
     return "the run"
+
+
+def priority_main(argv: list[str]) -> int:
+    """``python -m launcher priority OUTPUT_DIR NAME N``: give a job a new priority (integer; higher
+    runs first under `pipeline.admission: priority`, where it may pause less urgent jobs)."""
+    usage = "usage: python -m launcher priority OUTPUT_DIR NAME PRIORITY"
+    if len(argv) != 3:
+        print(usage, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    output_dir, name = Path(argv[0]), argv[1]
+    try:
+        priority = int(argv[2])
+    except ValueError:
+        print(f"error: priority must be an integer; got {argv[2]!r}\n{usage}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    control = ControlDir(output_dir)
+    try:
+        cfg = control.read_config()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    names = [j.name for j in cfg.jobs] + [r.body.get("job", {}).get("name") for r in control.pending()
+                                          if r.kind == "submit"]
+    if name not in names:
+        print(f"error: {output_dir}: no job named {name!r} in this run (jobs: {', '.join(map(str, names))})",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    path = control.request("priority", {"name": name, "priority": priority})
+    note = "" if cfg.pipeline.admission == "priority" else (
+        f" (pipeline.admission is {cfg.pipeline.admission}: priorities order nothing until it is priority)")
+    within = REQUESTS_EVERY + DECISION_LEAD
+    print(f"priority {priority} for {name!r} requested: {_who_acts(output_dir)} applies it within {within} "
+          f"micro-batches{note} ({path})")
+    return 0
 
 
 def cancel_main(argv: list[str]) -> int:

@@ -207,12 +207,13 @@ class Replanner:
         ours = Change(cancel=early, early=early)
         if not change:
             return ours
-        return Change(change.submit, change.cancel + early, early=early)
+        return dataclasses.replace(change, cancel=change.cancel + early, early=early)
 
     def _take_requests(self, point: int) -> Change | None:
         assert self.control is not None
         submit: list[dict] = []
         cancel: list[str] = []
+        priority: list[tuple[str, int]] = []
         cfg, models = self.cfg, self.models
         accepted: list[str] = []  # submissions taken at this point, in order
         for request in self.control.pending():
@@ -232,17 +233,21 @@ class Replanner:
                     name = request.body.get("name")
                     self._check_cancel(name, cancel)
                     cancel.append(name)
+                elif request.kind == "priority":
+                    name, value = request.body.get("name"), request.body.get("priority")
+                    self._check_priority(name, value, cancel, accepted)
+                    priority.append((name, value))
                 else:
-                    raise ConfigError(f"{request.path}: not a submit or cancel request")
+                    raise ConfigError(f"{request.path}: not a submit, cancel or priority request")
             except (ConfigError, DataError) as exc:
                 self.control.finish(request, f"rejected: {exc}")
                 if self.on_change is not None:
                     self.on_change("rejected", {"request": request.path.name, "reason": str(exc)})
                 continue
             self._taken.append(request)
-        if not submit and not cancel:
+        if not submit and not cancel and not priority:
             return None
-        return Change(tuple(submit), tuple(cancel))
+        return Change(tuple(submit), tuple(cancel), priority=tuple(priority))
 
     def _models_with(self, config: JobConfig, models: list[MemoryModel] | None) -> list[MemoryModel] | None:
         """`models` with a submitted job (from the model's shapes): its LoRA weights held for good,
@@ -300,6 +305,17 @@ class Replanner:
                     f"even with 1-row micro-batches, more than pipeline.memory_budget ({human_bytes(self.budget)})")
         return job.largest_micro_rows() < job.config.micro_batch_size
 
+    def _check_priority(self, name: Any, value: Any, cancelling: list[str], submitting: list[str]) -> None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"priority: must be an integer; got {value!r}")
+        job = self.jobs.get(name)
+        if job is None and name not in submitting:
+            raise ConfigError(f"priority: no job named {name!r} in this run")
+        if name in self.cancelled or name in cancelling:
+            raise ConfigError(f"priority: {name!r} is cancelled")
+        if job is not None and job.steps_done >= job.total_steps:
+            raise ConfigError(f"priority: {name!r} has already finished")
+
     def _check_cancel(self, name: Any, cancelling: list[str]) -> None:
         job = self.jobs.get(name)
         if job is None:
@@ -321,7 +337,11 @@ class Replanner:
         for name in change.cancel:
             self._cancel(name, early=name in change.early)
         new = [self._submit(raw) for raw in change.submit]
-        if self.rank == 0 and self.control is not None and new:
+        for name, value in change.priority:
+            self.cfg.job(name).priority = value
+            if self.on_change is not None:
+                self.on_change("priority", {"job": name, "priority": value})
+        if self.rank == 0 and self.control is not None and (new or change.priority):
             self.control.write_config(self.cfg)
         self._record(change)
         steps = [self._still_paused(j) for j in remaining_steps(schedule, point) if j.name not in self.cancelled]

@@ -425,6 +425,8 @@ def _accepted_changes(cfg: RunConfig, env: DistEnv, fresh: bool) -> Accepted:
         mapping = config_mapping(cfg)
         mapping["jobs"] += found.submitted
         cfg.jobs = parse_config(mapping, f"{source(cfg)} + {CONTROL}/accepted.jsonl").jobs
+    for job in cfg.jobs:  # priorities given while an earlier run went on (`launcher priority`)
+        job.priority = found.priority.get(job.name, job.priority)
     return found
 
 
@@ -629,6 +631,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
             board.add(fields["job"], fields["total_steps"])
         elif event == "paused":  # the replanner printed why
             board.mark(fields["job"], "paused", quiet=True)
+        elif event == "priority":
+            print(f"[{fields['job']}] priority {fields['priority']}", flush=True)
         elif event == "cancelled":
             board.mark(fields["job"], f"cancelled at step {fields['step']}")
         elif event == "early_stopped":

@@ -534,3 +534,59 @@ def test_jobs_resumed_under_a_lowered_budget_are_paused_until_they_fit(workspace
     assert memory and all(r["predicted_peak_bytes"] <= budget and r["measured_peak_bytes"] <= budget for r in memory)
     for name in ("alpha", "beta"):
         assert_adapters_equal(adapter(free.output_dir.parent / "resume-budget", name), adapter(free.output_dir, name))
+
+
+def test_raising_a_waiting_jobs_priority_mid_run_pauses_the_job_under_way(workspace, capsys):
+    """Two equal jobs under a budget for one: beta waits for alpha. `launcher priority` raises
+    beta's priority while alpha is under way: at the next plan alpha is paused and beta runs; both
+    end with the adapters of a run without a budget. Bad priority requests are rejected with a
+    reason; the accepted change is logged, so a restart keeps the new priority."""
+    from mlora_pp.control import priority_main
+
+    jobs = [dict(BIG_JOBS[0], max_seq_len=64, data=str(workspace[2]["alpha"]), batch_size=6, max_steps=6, epochs=2),
+            dict(BIG_JOBS[1], max_seq_len=64, data=str(workspace[2]["beta"]))]
+    pipeline = dict(schedule="lora", admission="priority")
+    free = parse_config(dict(make_raw(workspace, [], "priority-free", **pipeline), jobs=jobs), "test.yaml")
+    train(free, progress=False)
+    records = [json.loads(line) for line in (free.output_dir / "metrics.jsonl").read_text().splitlines()]
+    model = MemoryModel(**next(r for r in records if r.get("event") == "memory")["model"])
+    steps = [j.job_steps() for j in prepare_jobs(free, load_tokenizer(workspace[1])).values()]
+
+    def need(running: set[str]) -> float:
+        return model.peak(running, 1, *largest_micro(steps, running, 1, "lora", True))
+
+    budget = int(max(need({"alpha"}), need({"beta"})) * 1.02)
+    assert need({"alpha", "beta"}) > budget, "the budget must hold one job's state at a time"
+    cfg = parse_config(dict(make_raw(workspace, [], "priority-budget", memory_budget=budget, **pipeline), jobs=jobs),
+                       "test.yaml")
+    control = ControlDir(cfg.output_dir)
+    control.write_config(cfg)  # as a run writes it at start-up: what the command checks names against
+    assert priority_main([str(cfg.output_dir), "beta", "5"]) == 0
+    control.request("priority", {"name": "beta", "priority": "high"})
+    control.request("priority", {"name": "nobody", "priority": 1})
+    capsys.readouterr()
+    result = train(cfg, progress=False)
+    printed = capsys.readouterr().out
+    assert result.steps == {"alpha": 6, "beta": 2}
+    assert "[beta] priority 5" in printed
+    assert "memory: job 'alpha' is paused for the more urgent job 'beta' (priority 5 over 0)" in printed
+    records = [json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").read_text().splitlines()]
+    changed = next(i for i, r in enumerate(records) if r.get("event") == "priority")
+    assert records[changed]["job"] == "beta" and records[changed]["priority"] == 5
+    done_before = sum(1 for r in records[:changed] if r.get("job") == "alpha" and "loss" in r)
+    assert 0 < done_before < 6 and not any(r.get("job") == "beta" and "loss" in r for r in records[:changed])
+    after = [r["job"] for r in records[changed:] if "loss" in r]
+    assert after == ["beta"] * 2 + ["alpha"] * (6 - done_before), after
+    outcomes = [json.loads(p.read_text())["outcome"] for p in sorted((cfg.output_dir / "control" / "done").glob("*"))]
+    assert outcomes == ["accepted", "rejected: priority: must be an integer; got 'high'",
+                        "rejected: priority: no job named 'nobody' in this run"]
+    assert ControlDir(cfg.output_dir).accepted().priority == {"beta": 5}
+    assert ControlDir(cfg.output_dir).read_config().job("beta").priority == 5
+    from mlora_pp.training import DistEnv, _accepted_changes
+
+    again = parse_config(dict(make_raw(workspace, [], "priority-budget", memory_budget=budget, **pipeline), jobs=jobs),
+                         "test.yaml")
+    _accepted_changes(again, DistEnv(0, 1, 0), fresh=False)  # what a restart of the config reads
+    assert again.job("beta").priority == 5 and again.job("alpha").priority == 0
+    for name in ("alpha", "beta"):
+        assert_adapters_equal(adapter(cfg.output_dir, name), adapter(free.output_dir, name))

@@ -288,8 +288,18 @@ def test_submit_and_cancel_commands_check_their_input(workspace, capsys, tmp_pat
     job_file.write_text(yaml.safe_dump(dict(job_mapping(workspace, JOBS[2]), name="delta")))
     assert launcher.main(["submit", str(out), str(job_file)]) == 0
     assert "no run is using this output_dir now: the next run of its config picks it up" in capsys.readouterr().out
-    kinds = [json.loads(p.read_text())["kind"] for p in sorted((out / "control" / "requests").glob("*.json"))]
-    assert kinds == ["submit", "cancel", "submit"]
+    assert launcher.main(["priority", str(out), "alpha", "high"]) == 2
+    assert "priority must be an integer; got 'high'" in capsys.readouterr().err
+    assert launcher.main(["priority", str(out), "nobody", "3"]) == 2
+    assert "no job named 'nobody'" in capsys.readouterr().err
+    assert launcher.main(["priority", str(out), "alpha"]) == 2
+    assert "usage: python -m launcher priority OUTPUT_DIR NAME PRIORITY" in capsys.readouterr().err
+    assert launcher.main(["priority", str(out), "delta", "-2"]) == 0  # a waiting submission too
+    said = capsys.readouterr().out
+    assert "priority -2 for 'delta' requested" in said and "pipeline.admission is fifo" in said
+    requests = [json.loads(p.read_text()) for p in sorted((out / "control" / "requests").glob("*.json"))]
+    assert [r["kind"] for r in requests] == ["submit", "cancel", "submit", "priority"]
+    assert requests[-1] == {"kind": "priority", "name": "delta", "priority": -2}
     assert not (out / CHECKPOINTS).exists()
 
 

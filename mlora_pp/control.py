@@ -327,6 +327,24 @@ def _who_acts(output_dir: Path) -> str:
     return "the run"
 
 
+def _run_with_job(output_dir: Path, name: str) -> tuple[ControlDir, RunConfig] | None:
+    """The run's control directory and config, where `name` is one of its jobs (or a submission
+    not yet taken); None after printing why not."""
+    control = ControlDir(output_dir)
+    try:
+        cfg = control.read_config()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    names = [j.name for j in cfg.jobs] + [r.body.get("job", {}).get("name") for r in control.pending()
+                                          if r.kind == "submit"]
+    if name not in names:
+        print(f"error: {output_dir}: no job named {name!r} in this run (jobs: {', '.join(map(str, names))})",
+              file=sys.stderr)
+        return None
+    return control, cfg
+
+
 def priority_main(argv: list[str]) -> int:
     """``python -m launcher priority OUTPUT_DIR NAME N``: give a job a new priority (integer; higher
     runs first under `pipeline.admission: priority`, where it may pause less urgent jobs)."""
@@ -340,18 +358,10 @@ def priority_main(argv: list[str]) -> int:
     except ValueError:
         print(f"error: priority must be an integer; got {argv[2]!r}\n{usage}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    control = ControlDir(output_dir)
-    try:
-        cfg = control.read_config()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    found = _run_with_job(output_dir, name)
+    if found is None:
         return EXIT_BAD_INPUT
-    names = [j.name for j in cfg.jobs] + [r.body.get("job", {}).get("name") for r in control.pending()
-                                          if r.kind == "submit"]
-    if name not in names:
-        print(f"error: {output_dir}: no job named {name!r} in this run (jobs: {', '.join(map(str, names))})",
-              file=sys.stderr)
-        return EXIT_BAD_INPUT
+    control, cfg = found
     path = control.request("priority", {"name": name, "priority": priority})
     note = "" if cfg.pipeline.admission == "priority" else (
         f" (pipeline.admission is {cfg.pipeline.admission}: priorities order nothing until it is priority)")
@@ -367,18 +377,10 @@ def cancel_main(argv: list[str]) -> int:
         print("usage: python -m launcher cancel OUTPUT_DIR NAME", file=sys.stderr)
         return EXIT_BAD_INPUT
     output_dir, name = Path(argv[0]), argv[1]
-    control = ControlDir(output_dir)
-    try:
-        cfg = control.read_config()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    found = _run_with_job(output_dir, name)
+    if found is None:
         return EXIT_BAD_INPUT
-    names = [j.name for j in cfg.jobs] + [r.body.get("job", {}).get("name") for r in control.pending()
-                                          if r.kind == "submit"]
-    if name not in names:
-        print(f"error: {output_dir}: no job named {name!r} in this run (jobs: {', '.join(map(str, names))})",
-              file=sys.stderr)
-        return EXIT_BAD_INPUT
+    control, _ = found
     path = control.request("cancel", {"name": name})
     within = REQUESTS_EVERY + DECISION_LEAD
     print(f"cancel {name!r} requested: {_who_acts(output_dir)} stops it within {within} micro-batches ({path})")

@@ -441,6 +441,23 @@ def _train_on(workspace, raw: dict, stages: int, capsys) -> tuple[str, list[dict
     return printed, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def budget_for_one_job(workspace, free: dict, stages: int, capsys) -> int:
+    """Run `free` (two jobs, no budget) and return a budget 2% above the larger job's predicted peak
+    alone, from that run's memory models: it holds one job's gradients and AdamW state at a time."""
+    _, records = _train_on(workspace, free, stages, capsys)
+    models = [MemoryModel(**r["model"]) for r in records if r.get("event") == "memory"]
+    assert len(models) == stages
+    steps = [j.job_steps() for j in prepare_jobs(parse_config(free, "t.yaml"), load_tokenizer(workspace[1])).values()]
+    names = {j.name for j in steps}
+
+    def need(running: set[str]) -> float:
+        return max(m.peak(running, stages, *largest_micro(steps, running, stages, "lora", True)) for m in models)
+
+    budget = int(max(need({name}) for name in names) * 1.02)
+    assert need(names) > budget, "the budget must hold one job's state at a time"
+    return budget
+
+
 @pytest.mark.parametrize("stages", [1, 2])
 def test_a_more_urgent_submission_pauses_a_job_under_way_which_then_finishes_exactly(workspace, capsys, stages):
     """Priority admission under a budget that holds one job's gradients and AdamW state at a time:
@@ -453,16 +470,7 @@ def test_a_more_urgent_submission_pauses_a_job_under_way_which_then_finishes_exa
     urgent = dict(BIG_JOBS[1], name="urgent", max_seq_len=64, data=str(workspace[2]["beta"]), priority=5)
     pipeline = dict(schedule="lora", admission="priority", timeout_s=30)
     free = dict(make_raw(workspace, [], f"pause-free-{stages}", **pipeline), jobs=[low, urgent])
-    _, records = _train_on(workspace, free, stages, capsys)
-    models = [MemoryModel(**r["model"]) for r in records if r.get("event") == "memory"]
-    assert len(models) == stages
-    steps = [j.job_steps() for j in prepare_jobs(parse_config(free, "t.yaml"), load_tokenizer(workspace[1])).values()]
-
-    def need(running: set[str]) -> float:
-        return max(m.peak(running, stages, *largest_micro(steps, running, stages, "lora", True)) for m in models)
-
-    budget = int(max(need({"alpha"}), need({"urgent"})) * 1.02)
-    assert need({"alpha", "urgent"}) > budget, "the budget must hold one job's state at a time"
+    budget = budget_for_one_job(workspace, free, stages, capsys)
 
     raw = dict(make_raw(workspace, [], f"pause-budget-{stages}", memory_budget=budget, **pipeline), jobs=[low])
     ControlDir(Path(raw["output_dir"])).request("submit", {"job": urgent})
@@ -500,17 +508,9 @@ def test_jobs_resumed_under_a_lowered_budget_are_paused_until_they_fit(workspace
     jobs = [dict(BIG_JOBS[0], max_seq_len=64, data=str(workspace[2]["alpha"]), max_steps=4, save_every=1, priority=0),
             dict(BIG_JOBS[1], max_seq_len=64, data=str(workspace[2]["beta"]), max_steps=3, save_every=1, priority=3)]
     pipeline = dict(schedule="lora", admission="priority")
-    free = parse_config(dict(make_raw(workspace, [], "resume-free", **pipeline), jobs=jobs), "test.yaml")
-    train(free, progress=False)
-    records = [json.loads(line) for line in (free.output_dir / "metrics.jsonl").read_text().splitlines()]
-    model = MemoryModel(**next(r for r in records if r.get("event") == "memory")["model"])
-    steps = [j.job_steps() for j in prepare_jobs(free, load_tokenizer(workspace[1])).values()]
-
-    def need(running: set[str]) -> float:
-        return model.peak(running, 1, *largest_micro(steps, running, 1, "lora", True))
-
-    budget = int(max(need({"alpha"}), need({"beta"})) * 1.02)
-    assert need({"alpha", "beta"}) > budget, "the budget must hold one job's state at a time"
+    raw_free = dict(make_raw(workspace, [], "resume-free", **pipeline), jobs=jobs)
+    budget = budget_for_one_job(workspace, raw_free, 1, capsys)
+    free = parse_config(raw_free, "test.yaml")
 
     raw = dict(make_raw(workspace, [], "resume-budget", **pipeline), jobs=jobs)
     stop_after_actions(monkeypatch, 9)  # each job has done a step or more, neither has finished
@@ -546,17 +546,9 @@ def test_raising_a_waiting_jobs_priority_mid_run_pauses_the_job_under_way(worksp
     jobs = [dict(BIG_JOBS[0], max_seq_len=64, data=str(workspace[2]["alpha"]), batch_size=6, max_steps=6, epochs=2),
             dict(BIG_JOBS[1], max_seq_len=64, data=str(workspace[2]["beta"]))]
     pipeline = dict(schedule="lora", admission="priority")
-    free = parse_config(dict(make_raw(workspace, [], "priority-free", **pipeline), jobs=jobs), "test.yaml")
-    train(free, progress=False)
-    records = [json.loads(line) for line in (free.output_dir / "metrics.jsonl").read_text().splitlines()]
-    model = MemoryModel(**next(r for r in records if r.get("event") == "memory")["model"])
-    steps = [j.job_steps() for j in prepare_jobs(free, load_tokenizer(workspace[1])).values()]
-
-    def need(running: set[str]) -> float:
-        return model.peak(running, 1, *largest_micro(steps, running, 1, "lora", True))
-
-    budget = int(max(need({"alpha"}), need({"beta"})) * 1.02)
-    assert need({"alpha", "beta"}) > budget, "the budget must hold one job's state at a time"
+    raw_free = dict(make_raw(workspace, [], "priority-free", **pipeline), jobs=jobs)
+    budget = budget_for_one_job(workspace, raw_free, 1, capsys)
+    free = parse_config(raw_free, "test.yaml")
     cfg = parse_config(dict(make_raw(workspace, [], "priority-budget", memory_budget=budget, **pipeline), jobs=jobs),
                        "test.yaml")
     control = ControlDir(cfg.output_dir)

@@ -928,7 +928,8 @@ def build_schedule(
             raise ScheduleError(f"admission order {list(admission.order)} does not list the jobs {names}")
         if policy != "lora":
             rank = {name: k for k, name in enumerate(admission.order)}
-            jobs = sorted(jobs, key=lambda j: rank[j.name])
+            # one job at a time: those holding their state go first, or they would hold it while others run
+            jobs = sorted(jobs, key=lambda j: (j.name not in admission.holding, rank[j.name]))
             for j in jobs:
                 if j.steps and admission.fits is not None and not admission.fits(frozenset({j.name})):
                     raise ScheduleError(f"job {j.name!r} does not fit on its own (admission refuses it alone)")

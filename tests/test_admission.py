@@ -113,19 +113,21 @@ def test_a_job_that_does_not_fit_alone_is_refused():
 
 
 @pytest.mark.parametrize("under_way", [{"first_step": 1}, {"first_micro": 1}], ids=["resumed", "mid-step"])
+@pytest.mark.parametrize("policy", ["lora", "1f1b", "gpipe"])
 @pytest.mark.parametrize("stages", [1, 2, 3])
-def test_a_job_under_way_keeps_its_place_before_a_more_urgent_one(stages, under_way):
+def test_a_job_under_way_keeps_its_place_before_a_more_urgent_one(stages, under_way, policy):
     """Room for one job at a time, a more urgent job arriving: a job under way before the plan
     (resumed, or mid-step across a change of plan) holds its gradients and AdamW moments whether
     it runs or not, so it runs first; the urgent job starts once it has finished. A job that has
-    not started yet is overtaken by the urgent one, as before."""
+    not started yet is overtaken by the urgent one, as before. The flush schedules, which run one
+    job at a time, once ran the urgent one first while the other held its state."""
     steps = tuple(((2, 40),) * 2 for _ in range(3))
     urgent = JobSteps("urgent", steps)
     for old, holds in ((JobSteps("old", steps, **under_way), True), (JobSteps("old", steps), False)):
         jobs = [old, urgent]
         order = admission(jobs, "priority", {"urgent": 5}, fits=lambda running: len(running) <= 1)
         assert order.order == ("urgent", "old") and order.holding == ({"old"} if holds else set())
-        schedule = build_schedule(jobs, stages, "lora", admission=order)
+        schedule = build_schedule(jobs, stages, policy, admission=order)
         for stage in range(stages):
             spans = intervals(schedule, stage)
             first, second = ("old", "urgent") if holds else ("urgent", "old")
@@ -458,8 +460,9 @@ def budget_for_one_job(workspace, free: dict, stages: int, capsys) -> int:
     return budget
 
 
-@pytest.mark.parametrize("stages", [1, 2])
-def test_a_more_urgent_submission_pauses_a_job_under_way_which_then_finishes_exactly(workspace, capsys, stages):
+@pytest.mark.parametrize("stages, schedule", [(1, "lora"), (2, "lora"), (1, "1f1b")])
+def test_a_more_urgent_submission_pauses_a_job_under_way_which_then_finishes_exactly(workspace, capsys, stages,
+                                                                                      schedule):
     """Priority admission under a budget that holds one job's gradients and AdamW state at a time:
     a more urgent job submitted while a less urgent one is under way, in the middle of a step,
     pauses it (that step's gradients dropped, its moments off the device) and runs first, every
@@ -468,11 +471,12 @@ def test_a_more_urgent_submission_pauses_a_job_under_way_which_then_finishes_exa
     low = dict(BIG_JOBS[0], max_seq_len=64, data=str(workspace[2]["alpha"]), batch_size=6, micro_batch_size=2,
                max_steps=6, epochs=2, priority=0)  # 3 micro-batches a step: the request lands mid-step
     urgent = dict(BIG_JOBS[1], name="urgent", max_seq_len=64, data=str(workspace[2]["beta"]), priority=5)
-    pipeline = dict(schedule="lora", admission="priority", timeout_s=30)
-    free = dict(make_raw(workspace, [], f"pause-free-{stages}", **pipeline), jobs=[low, urgent])
+    pipeline = dict(schedule=schedule, admission="priority", timeout_s=30)
+    free = dict(make_raw(workspace, [], f"pause-free-{stages}-{schedule}", **pipeline), jobs=[low, urgent])
     budget = budget_for_one_job(workspace, free, stages, capsys)
 
-    raw = dict(make_raw(workspace, [], f"pause-budget-{stages}", memory_budget=budget, **pipeline), jobs=[low])
+    raw = dict(make_raw(workspace, [], f"pause-budget-{stages}-{schedule}", memory_budget=budget, **pipeline),
+               jobs=[low])
     ControlDir(Path(raw["output_dir"])).request("submit", {"job": urgent})
     printed, records = _train_on(workspace, raw, stages, capsys)
     assert "memory: job 'alpha' is paused for the more urgent job 'urgent' (priority 5 over 0)" in printed
@@ -490,12 +494,15 @@ def test_a_more_urgent_submission_pauses_a_job_under_way_which_then_finishes_exa
     for name in ("alpha", "urgent"):
         assert_adapters_equal(adapter(Path(raw["output_dir"]), name), adapter(Path(free["output_dir"]), name))
     if stages == 1:  # pipeline.preempt: false: the urgent job waits for alpha instead
-        raw = dict(make_raw(workspace, [], "pause-off", memory_budget=budget, preempt=False, **pipeline), jobs=[low])
+        raw = dict(make_raw(workspace, [], f"pause-off-{schedule}", memory_budget=budget, preempt=False, **pipeline),
+                   jobs=[low])
         ControlDir(Path(raw["output_dir"])).request("submit", {"job": urgent})
         printed, records = _train_on(workspace, raw, stages, capsys)
         assert "paused" not in printed and not any(r.get("event") == "paused" for r in records)
         steps_in_order = [r["job"] for r in records if "loss" in r]
         assert steps_in_order == ["alpha"] * 6 + ["urgent"] * 2, steps_in_order
+        memory = next(r for r in records if r.get("event") == "memory")
+        assert memory["predicted_peak_bytes"] <= budget and memory["measured_peak_bytes"] <= budget, memory
 
 
 def test_jobs_resumed_under_a_lowered_budget_are_paused_until_they_fit(workspace, capsys, monkeypatch):

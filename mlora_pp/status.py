@@ -1,8 +1,9 @@
 """The status of a run, running or finished, read from its `OUTPUT_DIR/metrics.jsonl`.
 
 ``python -m launcher status OUTPUT_DIR`` shows every job's state, step/total, last loss, last
-gradient norm (jobs with `max_grad_norm`), latest held-out loss (jobs with `eval_data`), tokens/s and ETA; ``--watch SECONDS`` refreshes it in place until the run is done, ``--json`` prints it for
-scripts. The file is append-only and a resumed run appends to it: the latest ``run`` line starts the
+gradient norm (jobs with `max_grad_norm`), latest held-out loss (jobs with `eval_data`), tokens/s
+and ETA, and its priority under `admission: priority`; ``--watch SECONDS`` refreshes it in place
+until the run is done, ``--json`` prints it for scripts. The file is append-only and a resumed run appends to it: the latest ``run`` line starts the
 current run, whose records alone give the speeds, while steps and losses carry over. Unknown events
 and unreadable lines (a line cut short by a crash) are skipped. A run without its ``done`` line is
 "running" while its rank 0 holds the output_dir's lock (`mlora_pp.run_lock`) and "stopped" once no
@@ -48,6 +49,8 @@ class JobStatus:
     eval_step: int | None = None
     grad_norm: float | None = None
     """The last step's gradient norm before clipping (jobs with `max_grad_norm`)."""
+    priority: int | None = None
+    """Its priority (the config's, or the latest `launcher priority`); shown under `admission: priority`."""
 
 
 @dataclass
@@ -98,6 +101,7 @@ class _Job:
     eval_step: int | None = None
     grad_norm: float | None = None
     paused: bool = False  # pre-empted for a more urgent job, until its next step
+    priority: int | None = None
 
     def new_run(self) -> None:
         self.admitted, self.steps_times, self.ended, self.reason, self.paused = None, [], None, None, False
@@ -185,6 +189,8 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
             for n, info in declared.items():
                 total = info.get("total_steps") if isinstance(info, dict) else None
                 job(str(n)).total = total if isinstance(total, int) else None
+                priority = info.get("priority") if isinstance(info, dict) else None
+                job(str(n)).priority = priority if isinstance(priority, int) else None
         elif event == "resumed" and isinstance(name, str):
             if run_times and status.runs == 0:
                 new_run()  # an old file without run lines: a resume starts a new run
@@ -192,8 +198,9 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
             if isinstance(step, int):
                 job(name).step = step
         elif event == "submitted" and isinstance(name, str):  # a job added while the run goes on
-            total = record.get("total_steps")
+            total, priority = record.get("total_steps"), record.get("priority")
             job(name).total = total if isinstance(total, int) else None
+            job(name).priority = priority if isinstance(priority, int) else None
             if run_jobs is not None and name not in run_jobs:
                 run_jobs.append(name)
         elif event == "admitted" and isinstance(name, str):
@@ -206,6 +213,8 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
             j.reason = reason if isinstance(reason, str) else None
         elif event == "paused" and isinstance(name, str):
             job(name).paused = True
+        elif event == "priority" and isinstance(name, str) and isinstance(record.get("priority"), int):
+            job(name).priority = record["priority"]
         elif event == "done":
             done, done_at = True, t if t is not None else status.last_record_s
         elif event == "eval" and isinstance(name, str) and _number(record.get("eval_loss")) is not None:
@@ -266,7 +275,7 @@ def _job_status(job: _Job, run_finished: bool, run_stopped: bool = False) -> Job
     if state == "running" and job.total is not None and per_step is not None:
         eta = per_step * max(job.total - job.step, 0)
     return JobStatus(job.name, state, job.step, job.total, job.loss, tokens_per_s, eta, job.reason, job.eval_loss,
-                     job.eval_step, job.grad_norm)
+                     job.eval_step, job.grad_norm, job.priority)
 
 
 def _duration(seconds: float | None) -> str:
@@ -296,12 +305,14 @@ def render(status: RunStatus):
     table = Table(title=f"{status.output_dir}: {headline(status)}", expand=False)
     evaluated = any(job.eval_loss is not None for job in status.jobs)
     clipped = any(job.grad_norm is not None for job in status.jobs)
-    for column in (("job", "step", "loss") + (("grad norm",) if clipped else ()) + (("eval loss (step)",) if evaluated else ())
-                   + ("tokens/s", "ETA", "state")):
+    ranked = status.admission == "priority"
+    for column in (("job",) + (("priority",) if ranked else ()) + ("step", "loss") + (("grad norm",) if clipped else ())
+                   + (("eval loss (step)",) if evaluated else ()) + ("tokens/s", "ETA", "state")):
         table.add_column(column, justify="left" if column in ("job", "state") else "right")
     for job in status.jobs:
         table.add_row(
             job.name,
+            *(("-" if job.priority is None else str(job.priority),) if ranked else ()),
             f"{job.step}/{job.total_steps}" if job.total_steps is not None else str(job.step),
             "-" if job.loss is None else f"{job.loss:.4f}",
             *(("-" if job.grad_norm is None else f"{job.grad_norm:.4f}",) if clipped else ()),

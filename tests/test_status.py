@@ -306,3 +306,17 @@ def test_a_paused_job_shows_paused_until_its_next_step(tmp_path):
     assert "paused" in table_text(read_status(out, now=WALL + 4))
     write_metrics(out, records + [step("urgent", 2, 4.0), step("low", 3, 5.0)])
     assert {j.name: j.state for j in read_status(out, now=WALL + 6).jobs} == {"low": "running", "urgent": "done"}
+
+
+
+def test_priorities_come_from_the_run_line_submissions_and_changes_and_show_under_priority_admission(tmp_path):
+    records = [dict(run_line({"a": 4, "b": 4}), admission="priority"),
+               {"event": "submitted", "job": "c", "total_steps": 2, "priority": 3, "time": 1.0},
+               {"event": "priority", "job": "b", "priority": 7, "time": 2.0}]
+    out = write_metrics(tmp_path / "run", records)
+    status = read_status(out, now=WALL + 3)
+    assert {j.name: j.priority for j in status.jobs} == {"a": 0, "b": 7, "c": 3}
+    text = table_text(status)
+    assert "priority" in text and "7" in text
+    write_metrics(out, [run_line({"a": 4})])  # fifo: priorities order nothing, no column
+    assert "priority" not in table_text(read_status(out, now=WALL + 3))

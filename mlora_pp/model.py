@@ -267,15 +267,20 @@ class FusedBase:
     between them. Each projection's adapters then add their deltas to its slice of the output
     (`BatchedLoRALinear.forward`'s `base_out`). The projections' own weights become views of the
     concatenation, so memory does not grow, and their module paths, state-dict keys and unfused
-    calls stay as they were. A projection given new storage (`.to()`, assigning `.data`) is
-    noticed at the next call, which concatenates again.
+    calls stay as they were. A weight given new storage (`.to()`, assigning `.data`) is noticed at
+    the next call, which concatenates again; a projection's base module replaced by another needs
+    `StageModel.fuse_projections` again.
     """
 
     def __init__(self, projections: list[BatchedLoRALinear]):
-        self.projections = projections
         self.sizes = [p.out_features for p in projections]
         self.weight: torch.Tensor
         self.bias: torch.Tensor | None
+        bases = [p.base for p in projections]
+        self._params: list[nn.Parameter] = [b.weight for b in bases] + (
+            [b.bias for b in bases] if bases[0].bias is not None else [])
+        """The projections' own weights (and biases): checked at every call, so kept at hand (a
+        module attribute lookup costs microseconds of host time, more than the check itself)."""
         self._pointers: list[int] = []
         self._fuse()
 
@@ -292,27 +297,20 @@ class FusedBase:
             return None
         return FusedBase(projections)
 
-    def _tensors(self) -> list[torch.Tensor]:
-        bases = [p.base for p in self.projections]
-        return [b.weight for b in bases] + ([b.bias for b in bases] if bases[0].bias is not None else [])
-
     def _fuse(self) -> None:
-        bases = [p.base for p in self.projections]
-        self.weight = torch.cat([b.weight.detach() for b in bases])
-        for b, w in zip(bases, self.weight.split(self.sizes)):
-            b.weight.data = w
-        if bases[0].bias is not None:
-            self.bias = torch.cat([b.bias.detach() for b in bases])
-            for b, bias in zip(bases, self.bias.split(self.sizes)):
-                b.bias.data = bias
-        else:
-            self.bias = None
-        self._pointers = [t.data_ptr() for t in self._tensors()]
+        weights, biases = self._params[:len(self.sizes)], self._params[len(self.sizes):]
+        self.weight = torch.cat([w.detach() for w in weights])
+        for w, view in zip(weights, self.weight.split(self.sizes)):
+            w.data = view
+        self.bias = torch.cat([b.detach() for b in biases]) if biases else None
+        for b, view in zip(biases, self.bias.split(self.sizes) if self.bias is not None else ()):
+            b.data = view
+        self._pointers = [t.data_ptr() for t in self._params]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every projection's base output for x [..., in], as [tokens, out_i] column slices of one
         [tokens, sum(out_i)] result (autograd sees separate tensors, so each may be modified in place)."""
-        if [t.data_ptr() for t in self._tensors()] != self._pointers:
+        if [t.data_ptr() for t in self._params] != self._pointers:
             self._fuse()
         out = nn.functional.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
         return torch.unsafe_split_with_sizes(out, self.sizes, dim=1)

@@ -466,10 +466,12 @@ def test_a_more_urgent_submission_pauses_a_job_under_way_which_then_finishes_exa
     """Priority admission under a budget that holds one job's gradients and AdamW state at a time:
     a more urgent job submitted while a less urgent one is under way, in the middle of a step,
     pauses it (that step's gradients dropped, its moments off the device) and runs first, every
-    stage deciding alike. The paused job then goes on from the start of that step and ends with the
-    adapter of a run where nothing was paused. Predicted and measured peaks stay within the budget."""
+    stage deciding alike. The paused job (clipped: its gradient norm is gathered over the stages at
+    every step) then goes on from the start of that step and ends with the adapter of a run where
+    nothing was paused. Predicted and measured peaks stay within the budget."""
     low = dict(BIG_JOBS[0], max_seq_len=64, data=str(workspace[2]["alpha"]), batch_size=6, micro_batch_size=2,
-               max_steps=6, epochs=2, priority=0)  # 3 micro-batches a step: the request lands mid-step
+               max_steps=6, epochs=2, priority=0,  # 3 micro-batches a step: the request lands mid-step
+               max_grad_norm=0.5, lr_schedule="cosine", warmup_steps=1)  # its norm is gathered over the stages
     urgent = dict(BIG_JOBS[1], name="urgent", max_seq_len=64, data=str(workspace[2]["beta"]), priority=5)
     pipeline = dict(schedule=schedule, admission="priority", timeout_s=30)
     free = dict(make_raw(workspace, [], f"pause-free-{stages}-{schedule}", **pipeline), jobs=[low, urgent])

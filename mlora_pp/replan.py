@@ -159,6 +159,9 @@ class Replanner:
     """Rank 0: jobs whose patience ran out, stopped at the next decision point."""
     schedules: list[Schedule] = field(default_factory=list)
     """Every plan this rank ran, in order."""
+    plan_models: list[list[MemoryModel] | None] = field(default_factory=list)
+    """The memory models in force when each of `schedules` began (a submitted job's weights count
+    from its plan on), for each plan's predicted peak."""
     _loaded: dict[str, AdapterJob] = field(default_factory=dict, repr=False)
     """Rank 0: submitted jobs tokenized while checking them, used again when they are added."""
     _taken: list[Request] = field(default_factory=list, repr=False)
@@ -168,6 +171,7 @@ class Replanner:
         """`schedule`'s decision points: every micro-batch from DECISION_LEAD on, and its end."""
         if not self.schedules or self.schedules[-1] is not schedule:
             self.schedules.append(schedule)
+            self.plan_models.append(self.models)
         count = len(schedule.micro_batches)
         return list(range(DECISION_LEAD, count)) + [count]
 
@@ -265,8 +269,10 @@ class Replanner:
                           submitted: list[AdapterJob], point: int) -> None:
         """Under a budget, next to a new job's weights: every unfinished job, and those `submitted`
         at this point before it, must still fit alone (a running job's micro-batches are not cut
-        mid-run), and the jobs under way must still fit together (they hold their state, so the next
-        plan runs them all from its start); ConfigError if not."""
+        mid-run); ConfigError if not. With `pipeline.preempt: false` the jobs under way must also
+        still fit together (they hold their state, so the next plan runs them all from its start);
+        otherwise the next plan pauses the last of them in admission order until they do
+        (`pause_jobs`)."""
         if self.budget is None or models is None:
             return
         policy, fuse, streams = self.cfg.pipeline.schedule, self.cfg.pipeline.fuse, self.cfg.pipeline.streams
@@ -279,11 +285,11 @@ class Replanner:
                 raise ConfigError(f"memory: next to job {name!r}'s LoRA weights, job {j.name!r} would no longer "
                                   f"fit pipeline.memory_budget ({human_bytes(self.budget)}) on its own")
         under_way = frozenset(j.name for j in steps if j.holds_state)
-        if len(under_way) > 1 and not fits(under_way):
+        if len(under_way) > 1 and not fits(under_way) and not self.cfg.pipeline.preempt:
             raise ConfigError(f"memory: next to job {name!r}'s LoRA weights, the jobs under way "
                               f"({', '.join(sorted(under_way))}) would no longer fit pipeline.memory_budget "
                               f"({human_bytes(self.budget)}) together; they hold their gradients and optimizer "
-                              "state until they finish")
+                              "state until they finish (pipeline.preempt: false)")
 
     def _fit_alone(self, job: AdapterJob, models: list[MemoryModel] | None) -> bool:
         """Under a budget: halve `job`'s micro-batches until it fits alone at the run's in-flight

@@ -249,14 +249,16 @@ class MemoryPlan:
     """Whether the schedule hides latency (`pipeline.hide_latency`: true, or auto and it fits)."""
 
     def record(self, rank: int, measured: int, method: str, schedules: list[Schedule],
-               models: list[MemoryModel]) -> dict:
-        """The `metrics.jsonl` event of one stage: predicted (over every plan the run went through;
-        `models` include jobs submitted mid-run) against measured peak."""
-        predicted = max(predicted_peak(models[rank], schedule, rank) for schedule in schedules)
+               models: list[list[MemoryModel]]) -> dict:
+        """The `metrics.jsonl` event of one stage: predicted (over every plan the run went through,
+        each with the models in force when it began: `models[i]` for `schedules[i]`; a job
+        submitted mid-run counts from its plan on) against measured peak. The model recorded is
+        the last one."""
+        predicted = max(predicted_peak(m[rank], schedule, rank) for schedule, m in zip(schedules, models))
         return {"event": "memory", "rank": rank, "budget_bytes": self.budget, "in_flight": self.in_flight,
                 "hide_latency": self.hide_latency,
                 "predicted_peak_bytes": int(predicted), "measured_peak_bytes": measured, "method": method,
-                "model": models[rank].record()}
+                "model": models[-1][rank].record()}
 
 
 def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str, AdapterJob],
@@ -766,8 +768,9 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
                 measured, method = worker.peak_bytes, "tensor bytes held (weights, gradients, optimizer state, saved activations)"
             else:
                 measured, method = torch.cuda.max_memory_allocated(device), "cuda allocator peak"
-            summary["memory"] = memory.record(env.rank, measured, method, replanner.schedules or [schedule],
-                                              replanner.models or memory.models)
+            plans = replanner.schedules or [schedule]
+            in_force = [m or memory.models for m in replanner.plan_models] or [memory.models]
+            summary["memory"] = memory.record(env.rank, measured, method, plans, in_force)
             summary["memory"]["process_peak_rss_bytes"] = process_peak_rss()
         slices = {name: {p: (a.cpu(), b.cpu()) for p, (a, b) in stage.adapter_state(name).items()} for name in jobs}
         gathered = [(slices, worker.trace, summary, worker.failures)]

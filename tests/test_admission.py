@@ -391,11 +391,14 @@ def test_a_submitted_job_is_cut_to_fit_the_budget_or_rejected(workspace, capsys)
     assert memory["predicted_peak_bytes"] <= budget and memory["measured_peak_bytes"] <= budget, memory
 
 
-def test_a_submission_that_would_crowd_the_jobs_under_way_is_rejected(workspace):
+@pytest.mark.parametrize("preempt", [True, False])
+def test_a_submission_that_would_crowd_the_jobs_under_way_pauses_one_or_is_rejected(workspace, capsys, preempt):
     """Two start-up jobs fit the budget together and are under way when a job is submitted whose
-    LoRA weights would leave them no room together, though each would still fit alone. They hold
-    their gradients and AdamW moments until they finish, so no plan can queue one of them to make
-    room: the submission is rejected, and the run stays within the budget."""
+    LoRA weights would leave them no room together, though each would still fit alone. By default
+    the next plan pauses the later of them in admission order (its moments off the device) until
+    the other is done, and both end with the adapters of a run without the submission. With `pipeline.preempt: false`
+    they keep their state until they finish, so the submission is rejected. Either way the run
+    stays within the budget."""
     start = [dict(job, max_seq_len=64, data=str(workspace[2][job["name"]])) for job in BIG_JOBS[:2]]
     names = {job["name"] for job in start}
     wide = dict(start[0], name="wide")
@@ -413,15 +416,26 @@ def test_a_submission_that_would_crowd_the_jobs_under_way_is_rejected(workspace)
     budget = int(need(names) + wide_weights / 2)
     assert need(names, wide_weights) > budget, "together, next to wide's weights, they must not fit"
     assert all(need({n}, wide_weights) <= budget for n in names), "alone, each must still fit"
-    out = workspace[0] / "crowd-budget"
+    out = workspace[0] / f"crowd-budget-{preempt}"
     ControlDir(out).request("submit", {"job": wide})
-    cfg = parse_config(make_raw(workspace, BIG_JOBS[:2], "crowd-budget", schedule="lora", fuse=False,
-                                memory_budget=budget), "test.yaml")
+    cfg = parse_config(make_raw(workspace, BIG_JOBS[:2], out.name, schedule="lora", fuse=False,
+                                memory_budget=budget, preempt=preempt), "test.yaml")
+    capsys.readouterr()
     result = train(cfg, progress=False)
-    assert result.steps == {"alpha": 3, "beta": 2}
     (outcome,) = [json.loads(p.read_text())["outcome"] for p in sorted((out / "control" / "done").glob("*.json"))]
-    assert outcome.startswith("rejected: memory: next to job 'wide''s LoRA weights, the jobs under way (alpha, beta) "
-                              "would no longer fit pipeline.memory_budget"), outcome
+    if preempt:
+        assert outcome == "accepted" and result.steps == {"alpha": 3, "beta": 2, "wide": 3}
+        (paused,) = [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+                     if r.get("event") == "paused"]
+        assert paused["job"] in names and paused["why"] == ("because the jobs under way do not fit "
+                                                            "pipeline.memory_budget together")
+        assert f"memory: job {paused['job']!r} is paused because" in capsys.readouterr().out
+        for name in ("alpha", "beta"):
+            assert_adapters_equal(adapter(out, name), adapter(free.output_dir, name))
+    else:
+        assert result.steps == {"alpha": 3, "beta": 2}
+        assert outcome.startswith("rejected: memory: next to job 'wide''s LoRA weights, the jobs under way (alpha, "
+                                  "beta) would no longer fit pipeline.memory_budget"), outcome
     memory = next(r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
                   if r.get("event") == "memory")
     assert memory["predicted_peak_bytes"] <= budget and memory["measured_peak_bytes"] <= budget, memory

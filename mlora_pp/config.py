@@ -82,9 +82,10 @@ class PipelineConfig:
     fraction (0 < x <= 1) of the device's memory (on CPU, of the process's memory limit). Jobs
     that do not fit next to the running ones wait. null: every job runs at once."""
     preempt: bool = True
-    """With admission: priority and a memory_budget: a more urgent job that cannot start next to
-    the jobs under way pauses less urgent ones (their begun step dropped, their AdamW state moved
-    to host memory; they finish with the same adapter) instead of waiting for them to finish."""
+    """With a memory_budget, pause jobs under way (their begun step dropped, their AdamW state
+    moved to host memory; they finish with the same adapter): under admission: priority, for a more
+    urgent job that cannot start next to them instead of letting it wait; under any admission, for
+    a submitted job whose weights would leave them no room together instead of rejecting it."""
 
 
 @dataclass

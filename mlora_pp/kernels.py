@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FusedKernel", "LAYER_KERNELS", "set_layer_kernels", "warm_up_layer_kernels",
+__all__ = ["FusedKernel", "LAYER_KERNELS", "set_layer_kernels", "warm_up_calls", "warm_up_layer_kernels",
            "rms_norm_forward", "rms_norm_backward", "silu_mul_forward", "silu_mul_backward",
            "rotary_forward", "rotary_backward"]
 
@@ -157,34 +157,59 @@ LAYER_KERNELS: dict[str, FusedKernel] = {
 """The kernels the model's layers call, by function name; compiled on CUDA."""
 
 
-def warm_up_layer_kernels(device: torch.device | str, dtype: torch.dtype, hidden: int, intermediate: int,
-                          heads: int, kv_heads: int, head_dim: int, eps: float,
-                          norm_widths: Sequence[int] | None = None) -> float:
-    """Compile every layer kernel enabled for `device` now, at three shapes, so that the first
-    training steps do not pay for it (seconds spent; 0 where nothing is compiled). The inputs are
-    laid out as the model gives them (q and k as transposed views of the projections' output);
-    the norms at each of `norm_widths` (default: `hidden`; Qwen3 norms heads too)."""
-    device = torch.device(device)
-    k = LAYER_KERNELS
-    if not any(kernel.enabled_for(device) for kernel in k.values()):
-        return 0.0
-    start = time.perf_counter()
-
+def warm_up_calls(rows: int, length: int, dtype: torch.dtype, device: torch.device | str, hidden: int,
+                  intermediate: int, heads: int, kv_heads: int, head_dim: int, eps: float,
+                  fused_projections: bool = False, head_norms: bool = False) -> list[tuple[str, tuple]]:
+    """One decoder layer's kernel calls for `rows` x `length` tokens, their inputs laid out as the
+    model gives them (a compiled kernel guards on strides as well as sizes): with
+    `fused_projections`, gate and up are column slices of one [tokens, 2 x intermediate] result and
+    q and k (unless Qwen3's `head_norms` made them anew) of one [tokens, q + k + v] result; q and k
+    are transposed views either way. Qwen3's head norms normalize each head of q and k."""
     def t(*shape: int) -> Tensor:
         return torch.ones(*shape, dtype=dtype, device=device)
 
+    tokens = rows * length
+    calls: list[tuple[str, tuple]] = []
+    norms = [(tokens, hidden)] + ([(tokens * heads, head_dim), (tokens * kv_heads, head_dim)] if head_norms else [])
+    for count, width in norms:
+        weight = t(width)
+        rstd = torch.ones(count, 1, dtype=torch.float32, device=device)
+        calls += [("rms_norm_forward", (t(count, width), weight, eps)),
+                  ("rms_norm_backward", (t(count, width), t(count, width), weight, rstd))]
+    if fused_projections:
+        gate, up = t(tokens, 2 * intermediate).split(intermediate, dim=1)
+    else:
+        gate, up = t(tokens, intermediate), t(tokens, intermediate)
+    calls += [("silu_mul_forward", (gate, up)), ("silu_mul_backward", (t(tokens, intermediate), gate, up))]
+    if fused_projections and not head_norms:
+        q, k, _ = t(tokens, (heads + 2 * kv_heads) * head_dim).split(
+            [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=1)
+    else:
+        q, k = t(tokens, heads * head_dim), t(tokens, kv_heads * head_dim)
+    q = q.view(rows, length, heads, head_dim).transpose(1, 2)
+    k = k.view(rows, length, kv_heads, head_dim).transpose(1, 2)
+    cos, sin = t(1, length, head_dim), t(1, length, head_dim)
+    # attention's backward gives dq and dk laid out as q and k were (transposed views)
+    dq = t(rows, length, heads, head_dim).transpose(1, 2)
+    dk = t(rows, length, kv_heads, head_dim).transpose(1, 2)
+    calls += [("rotary_forward", (q, k, cos, sin)), ("rotary_backward", (dq, dk, cos, sin))]
+    return calls
+
+
+def warm_up_layer_kernels(device: torch.device | str, dtype: torch.dtype, hidden: int, intermediate: int,
+                          heads: int, kv_heads: int, head_dim: int, eps: float, fused_projections: bool = False,
+                          head_norms: bool = False) -> float:
+    """Compile every layer kernel enabled for `device` now, at three shapes, so that the first
+    training steps do not pay for it (seconds spent; 0 where nothing is compiled). The inputs are
+    laid out as the model gives them (`warm_up_calls`)."""
+    device = torch.device(device)
+    if not any(kernel.enabled_for(device) for kernel in LAYER_KERNELS.values()):
+        return 0.0
+    start = time.perf_counter()
     # the second shape makes rows and length symbolic; a single row is specialized apart (as sizes 0
     # and 1 always are), and micro-batches of one row are common
     for rows, length in ((2, 5), (3, 7), (1, 7)):
-        tokens = rows * length
-        for width in norm_widths or (hidden,):
-            weight = t(width)
-            _, rstd = k["rms_norm_forward"](t(tokens, width), weight, eps)
-            k["rms_norm_backward"](t(tokens, width), t(tokens, width), weight, rstd)
-        k["silu_mul_forward"](t(tokens, intermediate), t(tokens, intermediate))
-        k["silu_mul_backward"](t(tokens, intermediate), t(tokens, intermediate), t(tokens, intermediate))
-        cos, sin = t(1, length, head_dim), t(1, length, head_dim)
-        q, kk = t(rows, length, heads, head_dim).transpose(1, 2), t(rows, length, kv_heads, head_dim).transpose(1, 2)
-        k["rotary_forward"](q, kk, cos, sin)
-        k["rotary_backward"](t(rows, heads, length, head_dim), t(rows, kv_heads, length, head_dim), cos, sin)
+        for name, args in warm_up_calls(rows, length, dtype, device, hidden, intermediate, heads, kv_heads, head_dim,
+                                        eps, fused_projections, head_norms):
+            LAYER_KERNELS[name](*args)
     return time.perf_counter() - start

@@ -471,7 +471,7 @@ class StageModel(nn.Module):
         head_norms = any(getattr(layer.self_attn, "q_norm", None) is not None for layer in self.layers.values())
         return warm_up_layer_kernels(device, self.dtype, c.hidden_size, c.intermediate_size, c.num_attention_heads,
                                      c.num_key_value_heads, head_dim, c.rms_norm_eps,
-                                     (c.hidden_size, head_dim) if head_norms else (c.hidden_size,))
+                                     fused_projections=self.fused_projections, head_norms=head_norms)
 
     def _sliding_layers(self) -> set[int]:
         layer_types = getattr(self.config, "layer_types", None)

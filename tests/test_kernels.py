@@ -199,3 +199,44 @@ def test_compiling_is_on_for_cuda_only_and_the_switches_turn_it_off(monkeypatch)
     assert not kernel.enabled_for(torch.device("cuda", 0))
     with pytest.raises(ValueError, match="layer kernels"):
         kernels.set_layer_kernels("triton")
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_the_warm_up_gives_each_kernel_the_layouts_the_model_gives_it(tmp_path, monkeypatch, arch, fuse):
+    """A compiled kernel guards on its inputs' strides as well as their sizes, so a warm-up with
+    other layouts than training's would leave the compiles to the first steps. For the same rows
+    and length, every call a bf16 decoder layer makes (forward and backward, adapters on, with and
+    without fused projections, Qwen3's head norms too) has the sizes, strides and dtypes of one of
+    `warm_up_calls`' calls."""
+    import mlora_pp.model
+    from mlora_pp.lora import LoRABatch, LoRASegment
+    from mlora_pp.model import build_stage
+    from mlora_pp.profiling import _layers_only
+    from mlora_pp.tiny import make_tiny_model
+
+    def layout(args: tuple) -> tuple:
+        return tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+
+    seen: dict[str, set] = collections.defaultdict(set)
+    recording = {name: (lambda name, k: lambda *args: seen[name].add(layout(args)) or k(*args))(name, k)
+                 for name, k in kernels.LAYER_KERNELS.items()}
+    monkeypatch.setattr(mlora_pp.model, "LAYER_KERNELS", recording)
+    stage = build_stage(make_tiny_model(tmp_path / "m", arch=arch, layers=1, seed=0), dtype="bfloat16",
+                        fuse_projections=fuse)
+    stage.add_adapter("a", 4, 8, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                      seed=0)
+    rows, length, c = 2, 9, stage.config
+    x = torch.randn(rows, length, c.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    with _layers_only(stage):
+        stage(x, LoRABatch((LoRASegment("a", 0, rows, (0, 1)),), length, training=True)).float().sum().backward()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    head_norms = arch == "qwen3"
+    warm = collections.defaultdict(set)
+    for name, args in kernels.warm_up_calls(rows, length, torch.bfloat16, "cpu", c.hidden_size, c.intermediate_size,
+                                            c.num_attention_heads, c.num_key_value_heads, head_dim, c.rms_norm_eps,
+                                            fused_projections=fuse, head_norms=head_norms):
+        warm[name].add(layout(args))
+    assert set(seen) == set(warm)
+    for name, layouts in seen.items():
+        assert layouts <= warm[name], (name, layouts - warm[name], warm[name])

@@ -216,9 +216,9 @@ class AdapterJob:
         self.optimizer.zero_grad(set_to_none=True)
         self.stats = StepStats()
         self._move_moments(to_host=True)
-        self.offloaded = True
 
     def _move_moments(self, to_host: bool) -> None:
+        """The AdamW moments to host memory or back to their parameters' device; sets `offloaded`."""
         assert self.optimizer is not None
         for param, state in self.optimizer.state.items():
             device = torch.device("cpu") if to_host else param.device

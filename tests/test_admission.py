@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_pipeline import torchrun
+from test_pipeline import ranks, torchrun
 from test_training import JOBS, adapter, assert_adapters_equal, make_raw, make_workspace
 from test_checkpoint import assert_same
 
@@ -206,7 +206,7 @@ def run(workspace, out: str, **pipeline):
     raw = make_raw(workspace, BIG_JOBS, out, **{"schedule": "lora", "timeout_s": 30, **pipeline})
     path = workspace[0] / f"{out}.yaml"
     path.write_text(yaml.safe_dump(raw))
-    proc = torchrun(2, path)
+    proc = ranks(2, path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [json.loads(line) for line in (workspace[0] / out / "metrics.jsonl").read_text().splitlines()]
     return proc, records
@@ -451,7 +451,7 @@ def _train_on(workspace, raw: dict, stages: int, capsys) -> tuple[str, list[dict
     else:
         path = workspace[0] / f"{out.name}.yaml"
         path.write_text(yaml.safe_dump(raw))
-        proc = torchrun(stages, path)
+        proc = ranks(stages, path)
         assert proc.returncode == 0, proc.stderr[-4000:]
         printed = proc.stdout
     return printed, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from test_pipeline import torchrun
+from test_pipeline import ranks, torchrun
 from test_training import JOBS, adapter, assert_adapters_equal, make_raw, make_workspace, rel_err
 
 import launcher.__main__ as launcher
@@ -104,7 +104,7 @@ def reference(workspace):
 def reference_two(workspace):
     """Two stages, never stopped (with 3 jobs on 2 stages nothing is fused, so resumed runs repeat its
     micro-batches exactly)."""
-    proc = torchrun(2, yaml_config(workspace, "reference-two"))
+    proc = ranks(2, yaml_config(workspace, "reference-two"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workspace[0] / "reference-two"
 
@@ -389,7 +389,7 @@ def test_sigkill_at_several_points_then_resume_is_exact(workspace, reference, re
             assert result.resumed and result.steps == STEPS
             for job in JOBS:  # steps done unfused on 2 stages, then fused on 1: fp32 summation-order noise
                 assert_adapters_equal(adapter(workspace[0] / "one-rank", job["name"]), adapter(reference, job["name"]))
-    proc = torchrun(2, path)
+    proc = ranks(2, path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_same(workspace[0] / out, reference_two)
 
@@ -502,7 +502,7 @@ def test_sigterm_stops_with_every_job_checkpointed_and_the_next_run_resumes_exac
         assert (found[0].step if found else 0) == step, (name, step)
         assert not (workspace[0] / out / name / "adapter_model.safetensors").exists()
     assert_checkpoints_complete(workspace[0] / out)
-    again = torchrun(2, path)
+    again = ranks(2, path)
     assert again.returncode == 0, again.stderr[-4000:]
     resumed = [json.loads(line) for line in metrics.read_text().splitlines() if '"resumed"' in line]
     assert {r["job"]: r["step"] for r in resumed} == {n: s for n, s in stopped.items() if s > 0}

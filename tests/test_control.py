@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from test_checkpoint import CK_JOBS, assert_checkpoints_complete, assert_same
-from test_pipeline import torchrun
+from test_pipeline import ranks
 from test_evaluation import eval_records
 from test_training import JOBS, adapter, make_raw, make_workspace, rel_err, write_dataset
 
@@ -174,7 +174,7 @@ def records(out) -> list[dict]:
 @pytest.fixture(scope="module")
 def reference_two(workspace):
     """All three jobs in the config from the start, 2 stages, a checkpoint after every step."""
-    proc = torchrun(2, write(workspace, "reference", CK_JOBS))
+    proc = ranks(2, write(workspace, "reference", CK_JOBS))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workspace[0] / "reference"
 
@@ -185,7 +185,7 @@ def test_submit_and_cancel_on_two_stages_then_restart(workspace, reference_two):
     control = ControlDir(out)
     control.request("submit", {"job": job_mapping(workspace, CK_JOBS[2])})
     control.request("cancel", {"name": "beta"})
-    proc = torchrun(2, config)
+    proc = ranks(2, config)
     assert proc.returncode == 0, proc.stderr[-4000:]
     found = records(out)
     submitted = [r for r in found if r.get("event") == "submitted"]
@@ -223,7 +223,7 @@ def test_submit_and_cancel_on_two_stages_then_restart(workspace, reference_two):
     before = {name: adapter(out, name) for name in ("alpha", "beta", "gamma")}
     delta = dict(job_mapping(workspace, CK_JOBS[0]), name="delta")
     control.request("submit", {"job": delta})
-    again = torchrun(2, config)
+    again = ranks(2, config)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "gamma: 4 steps" in again.stdout and f"beta: cancelled after {k} steps" in again.stdout
     assert "delta: 3 steps" in again.stdout
@@ -308,7 +308,7 @@ def test_cancelling_every_job_ends_the_run_cleanly(workspace):
     control = ControlDir(out)
     for job in JOBS:
         control.request("cancel", {"name": job["name"]})
-    proc = torchrun(2, write(workspace, "all-cancelled", CK_JOBS))
+    proc = ranks(2, write(workspace, "all-cancelled", CK_JOBS))
     assert proc.returncode == 0, proc.stderr[-4000:]
     cancelled = {r["job"]: r["step"] for r in records(out) if r.get("event") == "cancelled"}
     assert set(cancelled) == {job["name"] for job in JOBS}

@@ -12,7 +12,7 @@ import yaml
 
 from test_checkpoint import Stop
 from test_evaluation import peft_eval_loss
-from test_pipeline import torchrun
+from test_pipeline import ranks
 from test_training import JOBS, adapter, assert_adapters_equal, make_raw, make_workspace, rel_err, write_dataset
 
 from mlora_pp.checkpoint import step_dirs
@@ -163,7 +163,7 @@ def test_two_stages_stop_at_the_same_best_step_with_the_same_adapter(workspace, 
     raw = make_raw(ws, jobs(heldout), "stopped-two", schedule="lora", timeout_s=60)
     config = ws[0] / "stopped-two.yaml"
     config.write_text(yaml.safe_dump(raw))
-    proc = torchrun(2, config)
+    proc = ranks(2, config)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     two = ws[0] / "stopped-two"
     note = json.loads((two / "alpha" / "early_stopping.json").read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_pipeline import torchrun
+from test_pipeline import ranks
 from test_training import adapter, assert_adapters_equal
 
 from mlora_pp.config import ConfigError, parse_config
@@ -168,7 +168,7 @@ def test_two_profiled_stages_are_within_ten_percent(work):
     seen = []
     for attempt in range(3):
         out = work[0] / f"two-{attempt}"
-        proc = torchrun(2, write_config(work, out.name, "profile"))
+        proc = ranks(2, write_config(work, out.name, "profile"))
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         assert "balance: profile: layers" in proc.stdout and "predicted vs measured busy time" in proc.stdout
         (event,) = [r for r in records(out) if r.get("event") == "balance"]
@@ -179,7 +179,7 @@ def test_two_profiled_stages_are_within_ten_percent(work):
         if spread(busy) <= 0.10:
             break
     assert min(s for *_, s in seen) <= 0.10, seen
-    reference = torchrun(2, write_config(work, "two-auto", "auto"))
+    reference = ranks(2, write_config(work, "two-auto", "auto"))
     assert reference.returncode == 0, reference.stderr[-4000:]
     for job in ("j0", "j1", "j2"):
         assert_adapters_equal(adapter(out, job), adapter(work[0] / "two-auto", job))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -213,6 +215,19 @@ def test_cli_json(tmp_path, capsys):
     jobs = {j["name"]: j for j in data["jobs"]}
     assert jobs["a"]["state"] == "done" and jobs["a"]["step"] == 2 and jobs["a"]["total_steps"] == 2
     assert jobs["b"]["state"] == "queued" and jobs["b"]["eta_s"] is None
+
+
+def test_the_status_command_answers_without_importing_torch(tmp_path):
+    """`python -m launcher status` only reads a file: it must not pay the seconds of importing torch
+    and transformers that a rank does (`-X importtime` lists every module a process imports)."""
+    out = write_metrics(tmp_path / "run", [run_line({"a": 1}), step("a", 1, 1.0), {"event": "done", "time": 1.5}])
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "launcher", "status", str(out), "--json"],
+                          cwd=root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["state"] == "finished"
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "mlora_pp.status" in imported and not {"torch", "transformers"} & imported
 
 
 def test_latest_evaluation_is_shown_per_job(tmp_path):

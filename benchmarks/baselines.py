@@ -107,7 +107,7 @@ def peft_model(cfg: RunConfig, job: JobConfig) -> nn.Module:
 
     model = AutoModelForCausalLM.from_pretrained(str(cfg.model.path), dtype=DTYPES[cfg.model.dtype],
                                                  attn_implementation="sdpa")
-    lora = LoraConfig(r=job.rank, lora_alpha=job.alpha, lora_dropout=job.dropout,
+    lora = LoraConfig(r=job.rank, lora_alpha=job.alpha, lora_dropout=job.dropout, use_rslora=job.rslora,
                       target_modules=list(job.target_modules), bias="none")
     model = get_peft_model(model, lora)
     model.train()

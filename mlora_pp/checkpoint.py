@@ -52,12 +52,14 @@ CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 FORMAT = 1
 RESUME_FIELDS: tuple[str, ...] = (
-    "rank", "alpha", "target_modules", "data", "template", "batch_size", "micro_batch_size",
+    "rank", "alpha", "rslora", "target_modules", "data", "template", "batch_size", "micro_batch_size",
     "micro_batch_tokens", "epochs", "max_steps", "max_seq_len", "seed",
 )
-"""Job fields a checkpoint's state depends on: the LoRA shapes and the data plan. Changing one
-breaks the resume. lr, lr_schedule, warmup_steps, weight_decay, max_grad_norm and dropout may change: they apply
-from the resumed step on."""
+"""Job fields a checkpoint's state depends on: the LoRA shapes and scale and the data plan. Changing
+one breaks the resume. lr, lr_schedule, warmup_steps, weight_decay, max_grad_norm and dropout may
+change: they apply from the resumed step on."""
+_ADDED_FIELDS: dict[str, Any] = {"rslora": False}
+"""Resume fields newer than some manifests, with the value every job had before them."""
 
 
 class CheckpointError(RuntimeError):
@@ -158,7 +160,7 @@ def resume_fields(cfg: RunConfig, job: JobConfig) -> dict[str, Any]:
             data.update(chunk)
     template = hashlib.sha256(repr(load_template(job.template)).encode()).hexdigest()
     values = {
-        "rank": job.rank, "alpha": job.alpha, "target_modules": sorted(job.target_modules),
+        "rank": job.rank, "alpha": job.alpha, "rslora": job.rslora, "target_modules": sorted(job.target_modules),
         "data": f"sha256:{data.hexdigest()}", "template": f"{job.template} sha256:{template}",
         "batch_size": job.batch_size, "micro_batch_size": job.micro_batch_size,
         "micro_batch_tokens": job.micro_batch_tokens, "epochs": job.epochs, "max_steps": job.max_steps,
@@ -171,7 +173,7 @@ def changed_fields(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Human lines for each resume field that differs, e.g. ``rank 8 -> 4``, ``data (file content changed)``."""
     out = []
     for name in RESUME_FIELDS:
-        old, new = saved.get(name), now.get(name)
+        old, new = saved.get(name, _ADDED_FIELDS.get(name)), now.get(name)
         if old == new:
             continue
         if name in ("data", "template"):

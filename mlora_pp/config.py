@@ -35,6 +35,12 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no '.': names key parameters and directories
 
 
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """The factor of an adapter's delta ``x @ A.T @ B.T``, as peft computes it: alpha / rank, or
+    alpha / sqrt(rank) for rank-stabilized LoRA."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
 class ConfigError(ValueError):
     """A bad configuration; the message names the file and the field."""
 
@@ -97,6 +103,9 @@ class JobConfig:
     template: str = "alpaca"
     rank: int = 8
     alpha: float = 16.0
+    rslora: bool = False
+    """Rank-stabilized LoRA (peft's `use_rslora`): scale the adapter's delta by alpha / sqrt(rank)
+    instead of alpha / rank, so that its size does not shrink as the rank grows."""
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     lr: float = 3.0e-4
@@ -129,7 +138,7 @@ class JobConfig:
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return lora_scale(self.alpha, self.rank, self.rslora)
 
     @property
     def grad_accumulation(self) -> int:

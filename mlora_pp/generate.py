@@ -34,7 +34,7 @@ class Generation:
 def add_saved_adapter(stage: StageModel, name: str, adapter_dir: Path) -> None:
     """Load a PEFT-format adapter directory into `stage` under `name`."""
     spec, weights = load_adapter(adapter_dir)
-    stage.add_adapter(name, spec.r, spec.lora_alpha, 0.0, list(spec.target_modules), seed=0)
+    stage.add_adapter(name, spec.r, spec.lora_alpha, 0.0, list(spec.target_modules), seed=0, rslora=spec.use_rslora)
     stage.load_adapter_state(name, weights)
 
 

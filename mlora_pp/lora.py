@@ -33,6 +33,8 @@ from typing import Callable, TypeVar
 import torch
 from torch import Tensor, nn
 
+from mlora_pp.config import lora_scale
+
 __all__ = ["LoRASegment", "LoRABatch", "LoRAContext", "dropout_keep_mask", "BatchedLoRALinear", "PATHS"]
 
 PATHS: tuple[str, ...] = ("auto", "loop", "grouped")
@@ -733,10 +735,11 @@ class _AdapterSpec:
     rank: int
     alpha: float
     dropout: float
+    rslora: bool = False
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return lora_scale(self.alpha, self.rank, self.rslora)
 
 
 class BatchedLoRALinear(nn.Module):
@@ -778,8 +781,11 @@ class BatchedLoRALinear(nn.Module):
             return t.device
         return torch.device("cpu")
 
-    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float, init_seed: int) -> None:
-        """Add adapter `name`: A [rank, in] kaiming-uniform (as peft) from `init_seed`, B [out, rank] zeros, fp32."""
+    def add_adapter(
+        self, name: str, rank: int, alpha: float, dropout: float, init_seed: int, rslora: bool = False
+    ) -> None:
+        """Add adapter `name`: A [rank, in] kaiming-uniform (as peft) from `init_seed`, B [out, rank] zeros,
+        fp32; its delta is scaled by alpha / rank, or alpha / sqrt(rank) with `rslora`."""
         if name in self._specs:
             raise ValueError(f"adapter {name!r} already exists")
         if not name or "." in name:
@@ -794,7 +800,7 @@ class BatchedLoRALinear(nn.Module):
         device = self._device()
         self.lora_A[name] = nn.Parameter(a.to(device))
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, dtype=torch.float32, device=device))
-        self._specs[name] = _AdapterSpec(rank, float(alpha), float(dropout))
+        self._specs[name] = _AdapterSpec(rank, float(alpha), float(dropout), bool(rslora))
         self._weights[name] = (self.lora_A[name], self.lora_B[name])
 
     def remove_adapter(self, name: str) -> None:

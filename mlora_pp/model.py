@@ -596,15 +596,17 @@ class StageModel(nn.Module):
         return out
 
     def add_adapter(
-        self, name: str, rank: int, alpha: float, dropout: float, target_modules: list[str], seed: int
+        self, name: str, rank: int, alpha: float, dropout: float, target_modules: list[str], seed: int,
+        rslora: bool = False,
     ) -> None:
-        """Add adapter `name` on every targeted projection of this stage.
+        """Add adapter `name` on every targeted projection of this stage (`rslora`: scaled by
+        alpha / sqrt(rank) instead of alpha / rank).
 
         Each module's A is initialised from a seed of (seed, name, module path), so the weights do not
         depend on how the model is cut into stages or which other adapters exist.
         """
         for path, module in self.lora_modules(target_modules).items():
-            module.add_adapter(name, rank, alpha, dropout, init_seed=stable_seed(seed, name, path))
+            module.add_adapter(name, rank, alpha, dropout, init_seed=stable_seed(seed, name, path), rslora=rslora)
 
     def remove_adapter(self, name: str) -> None:
         for module in self.lora_modules().values():

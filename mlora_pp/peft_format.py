@@ -5,7 +5,7 @@ An adapter directory holds ``adapter_config.json`` and
 write, and we load what peft writes. In memory an adapter is a dict mapping a
 decoder-relative module path (``"layers.3.self_attn.q_proj"``) to the pair
 ``(lora_A [r, in], lora_B [out, r])``; the update of that linear layer is
-``(lora_alpha / r) * x @ A.T @ B.T``.
+``(lora_alpha / r) * x @ A.T @ B.T``, or ``(lora_alpha / sqrt(r)) * ...`` with ``use_rslora``.
 
 Only JSON and safetensors are read or written (never pickle), and files are
 replaced atomically so a crash mid-save never leaves a half-written adapter.
@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from mlora_pp.config import lora_scale
 from mlora_pp.durable import write_atomic
 
 CONFIG_NAME = "adapter_config.json"
@@ -53,11 +54,12 @@ class AdapterSpec:
     lora_dropout: float
     base_model_name_or_path: str
     layers_to_transform: list[int] | None = None
+    use_rslora: bool = False
 
     @property
     def scaling(self) -> float:
-        """Factor applied to ``x @ A.T @ B.T`` (plain LoRA, not rsLoRA)."""
-        return self.lora_alpha / self.r
+        """Factor applied to ``x @ A.T @ B.T``: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
+        return lora_scale(self.lora_alpha, self.r, self.use_rslora)
 
 
 def _module_path(key: str) -> str:
@@ -92,7 +94,7 @@ def _config_dict(spec: AdapterSpec) -> dict:
         "bias": "none",
         "lora_bias": False,
         "fan_in_fan_out": False,
-        "use_rslora": False,
+        "use_rslora": bool(spec.use_rslora),
         "use_dora": False,
         "modules_to_save": None,
         "init_lora_weights": True,
@@ -163,7 +165,6 @@ def _spec_from_config(cfg: dict, path: Path) -> AdapterSpec:
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     unsupported = {
         "use_dora": False,
-        "use_rslora": False,
         "fan_in_fan_out": False,
         "lora_bias": False,
     }
@@ -195,6 +196,7 @@ def _spec_from_config(cfg: dict, path: Path) -> AdapterSpec:
         lora_dropout=float(cfg.get("lora_dropout") or 0.0),
         base_model_name_or_path=cfg.get("base_model_name_or_path") or "",
         layers_to_transform=list(layers) if layers is not None else None,
+        use_rslora=bool(cfg.get("use_rslora", False)),
     )
 
 

@@ -175,7 +175,7 @@ def measure(model_dir: str | Path, jobs: dict[str, AdapterJob], schedule: Schedu
     stage.recompute = recompute
     for job in jobs.values():
         c = job.config
-        stage.add_adapter(c.name, c.rank, c.alpha, c.dropout, list(c.target_modules), seed=seed)
+        stage.add_adapter(c.name, c.rank, c.alpha, c.dropout, list(c.target_modules), seed=seed, rslora=c.rslora)
     mb = representative(schedule)
     # as the last stage: it also finds the loss tokens
     last = StageWorker(stage, jobs, schedule, stage_index=schedule.num_stages - 1, device=device)

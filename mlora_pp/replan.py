@@ -435,7 +435,7 @@ class Replanner:
         self.cfg.jobs.append(config)
         job = self._loaded.pop(config.name, None) or load_job(config, self.tokenizer, self.cfg.seed)
         self.stage.add_adapter(config.name, config.rank, config.alpha, config.dropout, list(config.target_modules),
-                               seed=self.cfg.seed)
+                               seed=self.cfg.seed, rslora=config.rslora)
         job.make_optimizer(self.stage.adapter_parameters(config.name))
         self.jobs[config.name] = job
         self.job_order.append(config.name)

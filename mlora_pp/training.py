@@ -134,7 +134,7 @@ def head_share(jobs: Iterable[AdapterJob]) -> float:
 def attach_adapters(stage: StageModel, jobs: dict[str, AdapterJob], seed: int) -> None:
     for job in jobs.values():
         c = job.config
-        stage.add_adapter(c.name, c.rank, c.alpha, c.dropout, list(c.target_modules), seed=seed)
+        stage.add_adapter(c.name, c.rank, c.alpha, c.dropout, list(c.target_modules), seed=seed, rslora=c.rslora)
         job.make_optimizer(stage.adapter_parameters(c.name))
 
 
@@ -196,6 +196,7 @@ def save_adapters(weights: dict[str, dict], cfg: RunConfig, failed: dict[str, tu
         spec = AdapterSpec(
             r=job.rank,
             lora_alpha=job.alpha,
+            use_rslora=job.rslora,
             target_modules=list(job.target_modules),
             lora_dropout=job.dropout,
             base_model_name_or_path=str(cfg.model.path),

@@ -239,11 +239,12 @@ def test_finished_run_trains_nothing_and_fresh_starts_over(workspace, reference)
 def test_changed_job_fields_are_refused_with_the_list(workspace, reference, capsys):
     out = workspace[0] / "changed"
     shutil.copytree(reference, out)
-    jobs = [dict(CK_JOBS[0], rank=8, batch_size=2, lr=1.0), dict(CK_JOBS[1], lr=5.0), CK_JOBS[2]]
+    jobs = [dict(CK_JOBS[0], rank=8, batch_size=2, lr=1.0), dict(CK_JOBS[1], lr=5.0), dict(CK_JOBS[2], rslora=False)]
     with pytest.raises(ConfigError) as err:
         train(config(workspace, "changed", jobs), progress=False)
     message = str(err.value)
-    assert "jobs[0] (alpha, checkpoint step 3): rank 4 -> 8, batch_size 4 -> 2. Restore" in message, message
+    assert ("jobs[0] (alpha, checkpoint step 3): rank 4 -> 8, batch_size 4 -> 2; "
+            "jobs[2] (gamma, checkpoint step 4): rslora true -> false. Restore") in message, message  # gamma's scale
     assert "beta" not in message and "--fresh" in message  # lr may change
     config_path = yaml_config(workspace, "changed", jobs)
     assert launcher.main([str(config_path), "--no-live"]) == launcher.EXIT_BAD_INPUT
@@ -251,6 +252,22 @@ def test_changed_job_fields_are_refused_with_the_list(workspace, reference, caps
     assert len(lines) == 1 and lines[0].startswith("error: ") and "rank 4 -> 8" in lines[0]
     assert launcher.main([str(config_path), "--no-live", "--fresh"]) == 0
     assert newest_checkpoint(out, "alpha")[1]["fields"]["rank"] == 8  # started over
+
+
+def test_a_manifest_from_before_rslora_resumes_as_plain_lora(workspace, reference):
+    """Manifests written before `rslora` was a job field lack it: they were all plain LoRA, so a
+    plain job resumes from them and an rsLoRA job is refused."""
+    out = workspace[0] / "old-manifests"
+    shutil.copytree(reference, out)
+    for manifest in out.glob(f"{CHECKPOINTS}/*/step-*/{MANIFEST}"):
+        data = json.loads(manifest.read_text())
+        data["fields"].pop("rslora")
+        manifest.write_text(json.dumps(data))
+    plain = [dict(job, rslora=False) for job in CK_JOBS]
+    result = train(config(workspace, "old-manifests", plain), progress=False)
+    assert result.resumed == STEPS and not result.schedule.micro_batches
+    with pytest.raises(ConfigError, match=r"jobs\[2\] \(gamma, checkpoint step 4\): rslora false -> true\."):
+        train(config(workspace, "old-manifests", CK_JOBS), progress=False)
 
 
 def test_disk_full_at_a_checkpoint_write_is_one_line_and_leaves_no_partial_file(workspace, reference, monkeypatch,

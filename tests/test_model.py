@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -15,10 +16,11 @@ from mlora_pp.model import RMSNorm, SiluMul, StageSpec, SwiGLU, build_stage
 from mlora_pp.peft_format import AdapterSpec, save_adapter
 from mlora_pp.tiny import make_tiny_model
 
-ADAPTERS = [  # name, rank, alpha, targets
-    ("a", 4, 8.0, ["q_proj", "v_proj"]),
-    ("b", 8, 32.0, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-    ("c", 12, 6.0, ["o_proj", "down_proj", "up_proj"]),
+ADAPTERS = [  # name, rank, alpha, targets, rslora (scaled by alpha / sqrt(rank))
+    ("a", 4, 8.0, ["q_proj", "v_proj"], False),
+    # b's rsLoRA scale is 4, the size the 1e-5 tolerances below were set at (plain scaling: 1.41)
+    ("b", 8, 4 * math.sqrt(8), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], True),
+    ("c", 12, 6.0, ["o_proj", "down_proj", "up_proj"], False),
 ]
 
 
@@ -41,11 +43,10 @@ def hf_model(model_dir):
     return model.eval()
 
 
-def peft_with_weights(model_dir, stage, name, rank, alpha, targets):
+def peft_with_weights(model_dir, stage, name, rank, alpha, targets, rslora):
     """A peft model on transformers' own LlamaForCausalLM carrying our adapter's weights."""
-    model = get_peft_model(
-        hf_model(model_dir), LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
-    )
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_rslora=rslora)
+    model = get_peft_model(hf_model(model_dir), config)
     ours = stage.adapter_state(name)
     loaded = 0
     with torch.no_grad():
@@ -69,8 +70,8 @@ def test_stage_without_adapters_equals_transformers(model_dir):
 
 def test_three_fused_adapters_equal_three_peft_models(model_dir):
     stage = build_stage(model_dir)
-    for name, rank, alpha, targets in ADAPTERS:
-        stage.add_adapter(name, rank, alpha, 0.0, targets, seed=1)
+    for name, rank, alpha, targets, rslora in ADAPTERS:
+        stage.add_adapter(name, rank, alpha, 0.0, targets, seed=1, rslora=rslora)
     randomize(stage)
     gen = torch.Generator().manual_seed(5)
     lengths = {"a": [9, 5], "b": [12, 12, 3], "c": [7]}
@@ -86,8 +87,8 @@ def test_three_fused_adapters_equal_three_peft_models(model_dir):
         ids[i, : len(r)] = r
     with torch.no_grad():
         fused = stage(ids, LoRABatch(tuple(segments), longest, training=False))
-    for (name, rank, alpha, targets), seg in zip(ADAPTERS, segments):
-        ref_model = peft_with_weights(model_dir, stage, name, rank, alpha, targets)
+    for (name, rank, alpha, targets, rslora), seg in zip(ADAPTERS, segments):
+        ref_model = peft_with_weights(model_dir, stage, name, rank, alpha, targets, rslora)
         for row in range(seg.row_start, seg.row_end):
             n = len(rows[row])
             with torch.no_grad():
@@ -99,11 +100,12 @@ def test_three_fused_adapters_equal_three_peft_models(model_dir):
 
 def test_saved_adapter_loads_in_peft_and_reproduces_logits(model_dir, tmp_path):
     stage = build_stage(model_dir)
-    name, rank, alpha, targets = ADAPTERS[1]
-    stage.add_adapter(name, rank, alpha, 0.1, targets, seed=2)
+    name, rank, alpha, targets, rslora = ADAPTERS[1]
+    assert rslora  # peft must read use_rslora from the file
+    stage.add_adapter(name, rank, alpha, 0.1, targets, seed=2, rslora=rslora)
     randomize(stage, seed=9)
     spec = AdapterSpec(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.1,
-                       base_model_name_or_path=str(model_dir))
+                       base_model_name_or_path=str(model_dir), use_rslora=rslora)
     save_adapter(tmp_path / name, spec, stage.adapter_state(name))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -118,6 +120,14 @@ def test_saved_adapter_loads_in_peft_and_reproduces_logits(model_dir, tmp_path):
         ours = stage(ids, LoRABatch((LoRASegment(name, 0, 2, (0, 1)),), 10, training=False))
         ref = peft_model(input_ids=ids).logits
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # and read back as generation reads it: the scale comes from the file too
+    from mlora_pp.generate import add_saved_adapter
+
+    again = build_stage(model_dir)
+    add_saved_adapter(again, name, tmp_path / name)
+    with torch.no_grad():
+        reread = again(ids, LoRABatch((LoRASegment(name, 0, 2, (0, 1)),), 10, training=False))
+    torch.testing.assert_close(reread, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_stage_reads_only_its_own_tensors(tmp_path, monkeypatch):
@@ -252,8 +262,8 @@ def test_kv_cache_decoding_gives_the_logits_of_the_whole_sequence(model_dir):
     from mlora_pp.model import KVCache
 
     stage = build_stage(model_dir)
-    for name, rank, alpha, targets in ADAPTERS[:2]:
-        stage.add_adapter(name, rank, alpha, 0.0, targets, seed=0)
+    for name, rank, alpha, targets, rslora in ADAPTERS[:2]:
+        stage.add_adapter(name, rank, alpha, 0.0, targets, seed=0, rslora=rslora)
     randomize(stage)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, stage.config.vocab_size, (n,), generator=gen).tolist() for n in (5, 8, 3)]

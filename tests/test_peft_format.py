@@ -180,12 +180,13 @@ def test_round_trip(tmp_path, tiny_dirs):
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 def test_load_peft_saved_adapter(tmp_path, tiny_dirs):
     base = tiny_dirs["qwen2"]
-    config = peft.LoraConfig(r=R, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
+    config = peft.LoraConfig(r=R, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0, use_rslora=True,
                              task_type="CAUSAL_LM", init_lora_weights=False)
     pm = peft.get_peft_model(_base(base), config)
     pm.save_pretrained(tmp_path / "peft")
     spec, weights = load_adapter(tmp_path / "peft")
     assert (spec.r, spec.lora_alpha, sorted(spec.target_modules)) == (R, 16.0, sorted(TARGETS))
+    assert spec.use_rslora and spec.scaling == 16.0 / 2  # alpha / sqrt(r), peft's rank-stabilized scale
     theirs = _peft_lora_weights(pm)
     assert weights.keys() == theirs.keys() and len(weights) == 6
     assert "layers.1.self_attn.v_proj" in weights

@@ -25,7 +25,7 @@ JOBS = [
     dict(name="beta", rank=8, alpha=8, dropout=0.2, target_modules=["k_proj", "o_proj", "gate_proj", "up_proj"],
          lr=1e-3, batch_size=6, micro_batch_size=2, max_steps=2, lr_schedule="cosine", warmup_steps=1,
          max_grad_norm=0.5),
-    dict(name="gamma", rank=12, alpha=24, dropout=0.0, target_modules=["q_proj"],
+    dict(name="gamma", rank=12, alpha=24, rslora=True, dropout=0.0, target_modules=["q_proj"],
          lr=3e-3, batch_size=2, micro_batch_size=1, max_steps=4),
 ]
 
@@ -116,7 +116,9 @@ def reference_train(workspace, job: dict, run_seed: int, grad_steps: int = 2):
 
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     hf.requires_grad_(False)
-    scale, p = job["alpha"] / job["rank"], job["dropout"]
+    # rsLoRA (peft's use_rslora) divides by the rank's square root
+    scale = job["alpha"] / (job["rank"] ** 0.5 if job.get("rslora") else job["rank"])
+    p = job["dropout"]
     params: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
     keys_now: list[torch.Tensor] = []
     for layer in range(hf.config.num_hidden_layers):
@@ -198,8 +200,8 @@ def nonzero_initial_b(monkeypatch) -> None:
 
     real = BatchedLoRALinear.add_adapter
 
-    def add(self, name, rank, alpha, dropout, init_seed):
-        real(self, name, rank, alpha, dropout, init_seed)
+    def add(self, name, rank, alpha, dropout, init_seed, rslora=False):
+        real(self, name, rank, alpha, dropout, init_seed, rslora)
         gen = torch.Generator().manual_seed(init_seed % 2**31)
         with torch.no_grad():
             self.lora_B[name].copy_(torch.randn(self.lora_B[name].shape, generator=gen) * 0.05)

@@ -23,16 +23,18 @@ from mlora_pp.seeding import stable_seed
 def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> float:
     """Multiplier of the base learning rate for optimizer step `step` (0-based).
 
-    Linear warm-up reaches the full rate after `warmup_steps` steps; ``cosine`` then decays to 0
-    at `total_steps`; ``constant`` stays flat. A pure function of the step, so resuming needs no
-    scheduler state.
+    Linear warm-up reaches the full rate after `warmup_steps` steps; ``linear`` and ``cosine`` then
+    decay to 0 at `total_steps`, along a line or half a cosine; ``constant`` stays flat. A pure
+    function of the step, so resuming needs no scheduler state.
     """
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass

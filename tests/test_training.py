@@ -26,7 +26,7 @@ JOBS = [
          lr=1e-3, batch_size=6, micro_batch_size=2, max_steps=2, lr_schedule="cosine", warmup_steps=1,
          max_grad_norm=0.5),
     dict(name="gamma", rank=12, alpha=24, rslora=True, dropout=0.0, target_modules=["q_proj"],
-         lr=3e-3, batch_size=2, micro_batch_size=1, max_steps=4),
+         lr=3e-3, lr_schedule="linear", batch_size=2, micro_batch_size=1, max_steps=4),
 ]
 
 
@@ -95,6 +95,8 @@ def lr_factor_reference(step: int, total: int, schedule: str, warmup: int) -> fl
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
+    if schedule == "linear":  # transformers' get_linear_schedule_with_warmup after the warm-up
+        return max(0.0, (total - step) / max(1, total - warmup))
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 

@@ -7,12 +7,16 @@ autograd keeps for each micro-batch forwarded but not yet backwarded. mLoRA's fo
 b1·T + b2·T·L per micro-batch (T padded tokens, L its padded length: the T·L term is attention
 scores kept per row, which fused SDPA kernels never store, so it fits near zero there). So
 
-    peak(stage) = static + sum(job[j] for running j) + in_flight * (b1·T + b2·T·L)
+    peak(stage) = static + sum(job[j] for running j) + in_flight * (b1·T + b2·T·L + T·max c[j])
 
 with T, L of the largest micro-batch the running jobs can form and `in_flight` the schedule's
 bound. `static` and `job` are counted from the tensors themselves (parameters, and 3 copies of
-each job's LoRA matrices: gradient, exp_avg, exp_avg_sq); b1 and b2 are fitted by least squares
-(non-negative) to a few probe micro-batches of the run's own shapes, measured on this stage.
+each job's LoRA matrices: gradient, exp_avg, exp_avg_sq). c[j] (`lora_per_token`) is what job j's
+LoRA keeps per token of its rows, x·Aᵀ at every module it targets (rank x the compute dtype's
+bytes): it depends on whose rows a micro-batch holds, so it is counted, not fitted, and a
+micro-batch of known parts costs b1·T + b2·T·L + sum(rows[j]·L·c[j]). b1 and b2 are fitted by
+least squares (non-negative) to a few probe micro-batches of the run's own shapes, measured on
+this stage less their parts' c, then scaled up until no probe is above them.
 
 Measured, for comparison: on CUDA the allocator's peak over the run
 (`torch.cuda.max_memory_allocated`); on CPU, which keeps no allocator statistics, the peak of
@@ -50,13 +54,27 @@ class MemoryModel:
     job: dict[str, int] = field(default_factory=dict)
     samples: tuple[tuple[int, int, int], ...] = ()
     """The probes it was fitted to: (padded tokens, padded length, bytes)."""
+    lora_per_token: dict[str, float] = field(default_factory=dict)
+    """Bytes each job's LoRA keeps per token of its rows (c[j] in the module docstring)."""
 
     def activation(self, tokens: int, length: int) -> float:
-        """Bytes autograd keeps for one micro-batch of `tokens` padded tokens, `length` long."""
+        """Bytes autograd keeps for one micro-batch of `tokens` padded tokens, `length` long, less
+        what its jobs' LoRA keeps (see `micro_bytes`)."""
         return self.per_token * tokens + self.per_token_length * tokens * length
 
+    def micro_bytes(self, mb: MicroBatch) -> float:
+        """Bytes autograd keeps for micro-batch `mb`, its parts' LoRA included."""
+        tokens, length = micro_shape(mb)
+        return self.activation(tokens, length) + sum(
+            p.rows * length * self.lora_per_token.get(p.job, 0.0) for p in mb.parts)
+
     def peak(self, running: Iterable[str], in_flight: int, tokens: int, length: int) -> float:
-        return self.static + sum(self.job[j] for j in running) + in_flight * self.activation(tokens, length)
+        """The stage's peak with `running` under way and `in_flight` micro-batches of at most `tokens`
+        tokens, `length` long, each row of any running job (the costliest LoRA bounds every row)."""
+        running = list(running)
+        lora = max((self.lora_per_token.get(j, 0.0) for j in running), default=0.0)
+        return (self.static + sum(self.job[j] for j in running)
+                + in_flight * (self.activation(tokens, length) + tokens * lora))
 
     def record(self) -> dict:
         return asdict(self)
@@ -83,6 +101,15 @@ def fit_activation(samples: Sequence[tuple[int, int, int]]) -> tuple[float, floa
 
     b1, b2 = min(options, key=residual)
     return max(b1, 0.0), max(b2, 0.0)
+
+
+def bound_above(samples: Sequence[tuple[int, int, int]], b1: float, b2: float) -> tuple[float, float]:
+    """(b1, b2) scaled up just enough that no (T, L, bytes) sample is above b1·T + b2·T·L.
+
+    A least-squares fit under-predicts about half its samples (by 5% on a probe of the tests' tiny
+    model), and a budget is a cap: admitting by an under-prediction lets a run pass its budget."""
+    worst = max((b / (b1 * t + b2 * t * l) for t, l, b in samples if b1 * t + b2 * t * l > 0), default=1.0)
+    return (b1 * worst, b2 * worst) if worst > 1.0 else (b1, b2)
 
 
 def micro_shape(mb: MicroBatch) -> tuple[int, int]:
@@ -154,7 +181,7 @@ def predicted_peak(model: MemoryModel, schedule: Schedule, stage: int) -> float:
         if action.kind == "F":
             mb = by_id[action.micro_batch]
             running.update(mb.jobs)
-            in_flight[mb.id] = model.activation(*micro_shape(mb))
+            in_flight[mb.id] = model.micro_bytes(mb)
         elif action.kind == "B":
             in_flight.pop(action.micro_batch)
         peak = max(peak, model.static + sum(model.job[j] for j in running) + sum(in_flight.values()))
@@ -211,17 +238,22 @@ def probe(worker, micro_batches: Sequence[MicroBatch]) -> list[tuple[int, int, i
 
 
 def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> MemoryModel:
-    """This stage's `MemoryModel`: counted static and job bytes, activations fitted to probes."""
+    """This stage's `MemoryModel`: counted static, job and LoRA bytes, activations fitted to probes."""
     samples = probe(worker, micro_batches)
-    b1, b2 = fit_activation(samples)
     stage = worker.stage
+    lora = {name: lora_token_bytes(stage, name) for name in worker.jobs}
+    base = []
+    for (tokens, length, measured), mb in zip(samples, micro_batches):
+        held = sum(p.rows * length * lora.get(p.job, 0.0) for p in mb.parts)
+        base.append((tokens, length, max(0, int(measured - held))))
+    b1, b2 = bound_above(base, *fit_activation(base))
     job = {name: job_state_bytes(stage.adapter_parameters(name), stage.dtype) for name in worker.jobs}
     if worker.device.type == "cuda":  # all the allocator holds between micro-batches (caches included)
         torch.cuda.synchronize(worker.device)
         static = torch.cuda.memory_allocated(worker.device)
     else:
         static = static_bytes(stage)
-    return MemoryModel(stage_index, static, b1, b2, job, tuple(samples))
+    return MemoryModel(stage_index, static, b1, b2, job, tuple(samples), lora)
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -238,6 +270,24 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 def static_bytes(stage: torch.nn.Module) -> int:
     return tensor_bytes(list(stage.parameters()) + list(stage.buffers()))
+
+
+def lora_token_bytes(stage: torch.nn.Module, name: str) -> float:
+    """Bytes job `name`'s LoRA keeps per token of its rows on this stage: x·Aᵀ, rank entries in the
+    compute dtype, at every module it targets (the operator saves it for B's gradient; x itself is
+    the base projection's input, kept anyway). The grouped path (CUDA) keeps every row at the
+    module's largest rank, padded to a multiple of 8: counted so, an upper bound."""
+    size = torch.empty((), dtype=stage.dtype).element_size()
+    total = 0
+    for module in stage.lora_modules().values():
+        names = module.adapters()
+        if name not in names:
+            continue
+        if module.path != "loop" and module._device().type == "cuda":
+            total += -(-max(module.lora_A[n].shape[0] for n in names) // 8) * 8 * size
+        else:
+            total += module.lora_A[name].shape[0] * size
+    return float(total)
 
 
 def job_state_bytes(params: Sequence[torch.nn.Parameter], compute_dtype: torch.dtype) -> int:

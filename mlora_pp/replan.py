@@ -260,9 +260,11 @@ class Replanner:
             return None
         float32 = self.cfg.model.dtype == "float32"
         targets = list(config.target_modules)
+        compute = 4 if float32 else 2  # bytes of the compute dtype, which x·Aᵀ is kept in
         return [dataclasses.replace(
             m, static=m.static + 4 * lora_params(self.stage.config, layers, config.rank, targets),
-            job={**m.job, config.name: lora_state_bytes(self.stage.config, layers, config.rank, targets, float32)})
+            job={**m.job, config.name: lora_state_bytes(self.stage.config, layers, config.rank, targets, float32)},
+            lora_per_token={**m.lora_per_token, config.name: float(layers * len(targets) * config.rank * compute)})
             for m, layers in zip(models, self.layers_per_stage)]
 
     def _others_still_fit(self, name: str, models: list[MemoryModel] | None, cancelling: list[str],

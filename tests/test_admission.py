@@ -19,7 +19,9 @@ from test_checkpoint import assert_same
 
 from mlora_pp.config import LORA_TARGETS, ConfigError, parse_config
 from mlora_pp.control import ControlDir
-from mlora_pp.memory import MemoryModel, admission_check, fit_activation, largest_micro, predicted_peak
+from mlora_pp.memory import (
+    MemoryModel, admission_check, bound_above, fit_activation, largest_micro, predicted_peak,
+)
 from mlora_pp.model import read_model_config
 from mlora_pp.replan import lora_params
 from mlora_pp.schedule import JobSteps, ScheduleError, admission, build_schedule
@@ -157,6 +159,25 @@ def test_activation_fit_recovers_exact_coefficients_and_stays_non_negative():
     falling = [(64, 16, 10_000), (128, 64, 9_000)]  # bytes falling with T·L: no negative coefficient
     b1, b2 = fit_activation(falling)
     assert b1 >= 0 and b2 >= 0
+
+
+def test_a_micro_batch_is_charged_its_own_jobs_lora_and_admission_the_costliest():
+    """LoRA keeps x·Aᵀ per token of a job's rows (c[j]): a micro-batch of known parts costs its
+    parts' c; admission, which knows only the largest micro-batch's size, charges every row the
+    costliest running job's. The fit's bound lifts the line above every probe."""
+    one = (((2, 40),),)  # one step of one micro-batch: 2 rows of 20 tokens
+    jobs = [JobSteps("cheap", one), JobSteps("dear", one)]
+    model = MemoryModel(0, static=1000, per_token=10.0, per_token_length=0.0, job={"cheap": 100, "dear": 100},
+                        lora_per_token={"cheap": 1.0, "dear": 3.0})
+    schedule = build_schedule(jobs, 1, "lora", False)
+    costs = {mb.jobs: model.micro_bytes(mb) for mb in schedule.micro_batches}
+    assert costs == {("cheap",): 40 * 10 + 2 * 20 * 1.0, ("dear",): 40 * 10 + 2 * 20 * 3.0}
+    assert model.peak({"cheap"}, 2, 40, 20) == 1000 + 100 + 2 * (400 + 40 * 1.0)
+    assert model.peak({"cheap", "dear"}, 2, 40, 20) == 1000 + 200 + 2 * (400 + 40 * 3.0)
+    samples = [(100, 10, 1000), (200, 10, 2600), (300, 10, 3000)]  # least squares: 10.5/token, under the middle one
+    b1, b2 = bound_above(samples, *fit_activation(samples))
+    assert all(b1 * t + b2 * t * l >= b * (1 - 1e-12) for t, l, b in samples)  # to rounding
+    assert max(b / (b1 * t + b2 * t * l) for t, l, b in samples) == pytest.approx(1.0)
 
 
 def test_admission_check_and_predicted_peak_follow_the_model():
@@ -364,8 +385,9 @@ def test_a_submitted_job_is_cut_to_fit_the_budget_or_rejected(workspace, capsys)
         steps = [j.job_steps() for j in prepare_jobs(cfg, load_tokenizer(workspace[1])).values()]
         params = lora_params(model_config, 4, job["rank"], list(job["target_modules"]))
         weights = 0 if job["name"] in model.job else 4 * params
+        lora = 4 * len(job["target_modules"]) * job["rank"] * 4  # x·Aᵀ in fp32, per token, 4 layers
         m = MemoryModel(0, model.static + weights + extra_static, model.per_token, model.per_token_length,
-                        {job["name"]: 12 * params})
+                        {job["name"]: 12 * params}, lora_per_token={job["name"]: lora})
         return m.peak({job["name"]}, 1, *largest_micro(steps, {job["name"]}, 1, "lora", True))
 
     budget = int(max(need(job) for job in start) * 1.01)

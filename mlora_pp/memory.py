@@ -53,7 +53,7 @@ class MemoryModel:
     per_token_length: float  # b2
     job: dict[str, int] = field(default_factory=dict)
     samples: tuple[tuple[int, int, int], ...] = ()
-    """The probes it was fitted to: (padded tokens, padded length, bytes)."""
+    """The probes it was fitted to: (padded tokens, padded length, bytes measured, their LoRA's included)."""
     lora_per_token: dict[str, float] = field(default_factory=dict)
     """Bytes each job's LoRA keeps per token of its rows (c[j] in the module docstring)."""
 

@@ -1,15 +1,16 @@
 """Submissions, cancellations and priority changes at random moments, under random admission
-policies and memory budgets (with and without pre-emption), on one rank: whatever happens, every
-job ends with the adapter it has in a run where nothing happened.
+policies and memory budgets (with and without pre-emption), on one rank and on two: whatever
+happens, every job ends with the adapter it has in a run where nothing happened.
 
 The other tests place each kind of change at one chosen moment; this one draws the moments, the
 kinds and the run's settings from a seed, so combinations nobody wrote down get run too (a job
 paused, then cancelled; a submission that crowds a paused job; a priority raised on a waiting
 job...). Jobs are independent, so a job's adapter may depend only on its own config: a job never
 cancelled must end as in the reference run, and a job cancelled after k steps with the
-reference's checkpoint at step k. `MLORA_PP_RANDOM_CHANGES=N` runs seeds 0 to N-1 instead of the
-CI's few, picked from the first 40 for what they reach with the draws as they are: pauses (3, 14,
-37), cancellations under way (1, 12) and submissions (all of them).
+reference's checkpoint at step k. `MLORA_PP_RANDOM_CHANGES=N` (`..._TWO=N` on two ranks) runs seeds
+0 to N-1 instead of the CI's few, picked from the first 40 for what they reach with the draws as
+they are: pauses (3, 14, 37), cancellations under way (1, 12) and submissions (all of them); on
+two ranks, where the moments are times, seed 0 paused a job and seed 1 cancelled one.
 """
 
 from __future__ import annotations
@@ -17,10 +18,16 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import yaml
 
 from test_admission import BIG_JOBS
+from test_pipeline import ranks
 from test_training import adapter, assert_adapters_equal, make_raw, make_workspace, rel_err, write_dataset
 
 from mlora_pp.checkpoint import checkpoint_weights, read_checkpoint, step_dirs
@@ -31,6 +38,8 @@ from mlora_pp.runtime import StageWorker
 from mlora_pp.training import load_tokenizer, prepare_jobs, train
 
 SEEDS = range(int(os.environ["MLORA_PP_RANDOM_CHANGES"])) if "MLORA_PP_RANDOM_CHANGES" in os.environ else (1, 3, 12, 14, 37)
+TWO_STAGE_SEEDS = (range(int(os.environ["MLORA_PP_RANDOM_CHANGES_TWO"])) if "MLORA_PP_RANDOM_CHANGES_TWO" in os.environ
+                   else (0, 1))
 
 POOL = [
     dict(BIG_JOBS[0], name="a", max_steps=4, batch_size=4, micro_batch_size=2),
@@ -86,9 +95,27 @@ def inject_at(monkeypatch, requests: dict[int, list]) -> list:
     return written
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_random_changes_leave_every_job_as_in_a_run_without_them(workspace, reference, monkeypatch, seed):
-    ref_out, need = reference
+@dataclass
+class Trial:
+    """One seed's run: the jobs in the config, the rest submitted later, the run's settings and the
+    requests (when: an action index on one rank, tenths of a second on two; kind; body)."""
+
+    seed: int
+    jobs: list[dict]
+    initial: list[dict]
+    admission: str
+    budget: int | None
+    preempt: bool
+    requests: list[tuple[int, str, dict]]
+    alone: float
+
+    def __str__(self) -> str:
+        asked = [(at, kind, body.get("name") or body["job"]["name"]) for at, kind, body in self.requests]
+        return (f"seed {self.seed}: initial {[j['name'] for j in self.initial]}, admission {self.admission}, "
+                f"budget {self.budget} (one job alone {self.alone:.0f}), preempt {self.preempt}, requests {asked}")
+
+
+def draw(seed: int, workspace, need) -> Trial:
     rnd = random.Random(seed)
     jobs = pool(workspace)
     rnd.shuffle(jobs)
@@ -102,57 +129,121 @@ def test_random_changes_leave_every_job_as_in_a_run_without_them(workspace, refe
     alone = max(need({n}) for n in names)
     budget = None if rnd.random() < 0.15 else int(alone * rnd.uniform(1.02, 1.4))
     preempt = rnd.random() < 0.8
-    out = workspace[0] / f"random-{seed}"
-    control = ControlDir(out)
-    requests: dict[int, list] = {}  # by action: a run of these jobs is 70-110 actions long
+    requests = []  # on one rank by action: a run of these jobs is 70-110 actions long
     for job in later:  # each submitted at a random moment (or before the start)
-        requests.setdefault(rnd.choice([0, rnd.randint(1, 50)]), []).append((control, "submit", {"job": job}))
+        requests.append((rnd.choice([0, rnd.randint(1, 50)]), "submit", {"job": job}))
     for _ in range(rnd.randint(0, 2)):
-        requests.setdefault(rnd.randint(0, 60), []).append((control, "cancel", {"name": rnd.choice(names)}))
+        requests.append((rnd.randint(0, 60), "cancel", {"name": rnd.choice(names)}))
     for _ in range(rnd.randint(0, 3)):
-        body = {"name": rnd.choice(names), "priority": rnd.randint(0, 9)}
-        requests.setdefault(rnd.randint(0, 60), []).append((control, "priority", body))
-    setting = (f"seed {seed}: initial {[j['name'] for j in initial]}, admission {admission}, budget {budget} "
-               f"(one job alone {alone:.0f}), preempt {preempt}, requests "
-               f"{ {k: [(kind, body.get('name') or body['job']['name']) for _, kind, body in v] for k, v in requests.items()} }")
-    written = inject_at(monkeypatch, requests)
-    cfg = parse_config(make_raw(workspace, initial, out.name, admission=admission, memory_budget=budget,
-                                preempt=preempt), "test.yaml")
-    try:
-        result = train(cfg, progress=False)
-    except ConfigError as exc:  # a budget no job fits alone is refused up front: not drawn here
-        pytest.fail(f"{setting}: refused: {exc}")
+        requests.append((rnd.randint(0, 60), "priority", {"name": rnd.choice(names), "priority": rnd.randint(0, 9)}))
+    return Trial(seed, jobs, initial, admission, budget, preempt, requests, alone)
 
+
+def check(trial: Trial, out: Path, ref_out: Path, written: list[tuple[str, dict, Path]]) -> None:
+    """Every job of the run ends as in the reference (a cancelled one: as its checkpoint at that
+    step), every request was taken or came after the last look, and no peak passed the budget."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     outcomes = {}
     for kind, body, path in written:
         done = path.parent.parent / "done" / path.name
-        assert done.is_file() or path.is_file(), (setting, kind, body)  # taken, or written after the last look
+        assert done.is_file() or path.is_file(), (str(trial), kind, body)  # taken, or written after the last look
         if done.is_file():
             outcomes.setdefault(kind, []).append((body.get("name") or body["job"]["name"],
                                                   json.loads(done.read_text())["outcome"]))
-    ran = {job["name"] for job in initial} | {n for n, o in outcomes.get("submit", []) if o == "accepted"}
-    assert set(result.steps) | set(result.cancelled) >= ran, setting
+    ran = {job["name"] for job in trial.initial} | {n for n, o in outcomes.get("submit", []) if o == "accepted"}
     cancelled = {r["job"]: r["step"] for r in records if r.get("event") == "cancelled"}
+    steps = {}
+    for r in records:
+        if "loss" in r and "event" not in r:
+            steps[r["job"]] = max(steps.get(r["job"], 0), r["step"])
     for name in sorted(ran):
         if name in cancelled:
             k = cancelled[name]
             if k == 0:
-                assert not (out / name / "adapter_model.safetensors").exists(), (setting, name)
+                assert not (out / name / "adapter_model.safetensors").exists(), (str(trial), name)
                 continue
             saved = checkpoint_weights(read_checkpoint(dict(step_dirs(ref_out, name))[k], name)[0])
             ours = adapter(out, name)
-            assert set(ours) == set(saved), (setting, name)
+            assert set(ours) == set(saved), (str(trial), name)
             for path in saved:
                 for i in (0, 1):
-                    assert rel_err(ours[path][i], saved[path][i]) <= 1e-5, (setting, name, k, path)
+                    assert rel_err(ours[path][i], saved[path][i]) <= 1e-5, (str(trial), name, k, path)
         else:
-            assert result.steps[name] == next(j["max_steps"] for j in jobs if j["name"] == name), (setting, name)
+            assert steps.get(name) == next(j["max_steps"] for j in trial.jobs if j["name"] == name), (str(trial), name)
             try:
                 assert_adapters_equal(adapter(out, name), adapter(ref_out, name))
             except AssertionError as exc:
-                raise AssertionError(f"{setting}: job {name}: {exc}") from None
-    if budget is not None:
+                raise AssertionError(f"{trial}: job {name}: {exc}") from None
+    if trial.budget is not None:
         for r in records:
             if r.get("event") == "memory":
-                assert r["predicted_peak_bytes"] <= budget and r["measured_peak_bytes"] <= budget, (setting, r)
+                assert r["predicted_peak_bytes"] <= trial.budget and r["measured_peak_bytes"] <= trial.budget, (
+                    str(trial), r)
+
+
+def run_config(workspace, trial: Trial, out: Path) -> dict:
+    return make_raw(workspace, trial.initial, out.name, admission=trial.admission, memory_budget=trial.budget,
+                    preempt=trial.preempt)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_changes_leave_every_job_as_in_a_run_without_them(workspace, reference, monkeypatch, seed):
+    ref_out, need = reference
+    trial = draw(seed, workspace, need)
+    out = workspace[0] / f"random-{seed}"
+    control = ControlDir(out)
+    by_action: dict[int, list] = {}
+    for at, kind, body in trial.requests:
+        by_action.setdefault(at, []).append((control, kind, body))
+    written = inject_at(monkeypatch, by_action)
+    try:
+        train(parse_config(run_config(workspace, trial, out), "test.yaml"), progress=False)
+    except ConfigError as exc:  # a budget no job fits alone is refused up front: not drawn here
+        pytest.fail(f"{trial}: refused: {exc}")
+    check(trial, out, ref_out, written)
+
+
+@pytest.fixture(scope="module")
+def reference_two(workspace):
+    """The pool on 2 stages, no budget: (output dir, need), need over both stages' memory models."""
+    path = workspace[0] / "reference-two.yaml"
+    path.write_text(yaml.safe_dump(make_raw(workspace, pool(workspace), "reference-two")))
+    proc = ranks(2, path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = workspace[0] / "reference-two"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    models = [MemoryModel(**r["model"]) for r in records if r.get("event") == "memory"]
+    assert len(models) == 2
+    cfg = parse_config(make_raw(workspace, pool(workspace), "unused"), "test.yaml")
+    steps = [j.job_steps() for j in prepare_jobs(cfg, load_tokenizer(workspace[1])).values()]
+
+    def need(names: set[str]) -> float:
+        return max(m.peak(names, 2, *largest_micro(steps, names, 2, "lora", True)) for m in models)
+
+    return out, need
+
+
+@pytest.mark.parametrize("seed", TWO_STAGE_SEEDS)
+def test_random_changes_on_two_stages_leave_every_job_as_in_a_run_without_them(workspace, reference_two, seed):
+    """The same on 2 ranks, the requests written from this process while they run (an action index
+    read as tenths of a second from the launch: start-up takes about 4 s, so some land before the
+    first decision and some during training). Both ranks must take every change at the same
+    micro-batch, or the pipeline would hang or the adapters differ."""
+    ref_out, need = reference_two
+    trial = draw(seed, workspace, need)
+    out = workspace[0] / f"random-two-{seed}"
+    path = workspace[0] / f"random-two-{seed}.yaml"
+    path.write_text(yaml.safe_dump(run_config(workspace, trial, out)))
+    control = ControlDir(out)
+    finished: dict[str, object] = {}
+    launch = threading.Thread(target=lambda: finished.update(proc=ranks(2, path)))
+    start = time.monotonic()
+    launch.start()
+    written = []
+    for at, kind, body in sorted(trial.requests, key=lambda r: r[0]):
+        time.sleep(max(0.0, start + at / 10 - time.monotonic()))
+        written.append((kind, body, control.request(kind, body)))
+    launch.join(timeout=300)
+    proc = finished["proc"]
+    assert proc.returncode == 0, f"{trial}: " + proc.stderr[-4000:]
+    check(trial, out, ref_out, written)

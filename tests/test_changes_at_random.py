@@ -236,7 +236,14 @@ def test_random_changes_on_two_stages_leave_every_job_as_in_a_run_without_them(w
     path.write_text(yaml.safe_dump(run_config(workspace, trial, out)))
     control = ControlDir(out)
     finished: dict[str, object] = {}
-    launch = threading.Thread(target=lambda: finished.update(proc=ranks(2, path)))
+
+    def run_ranks() -> None:
+        try:
+            finished["proc"] = ranks(2, path, timeout=240)
+        except Exception as exc:  # a rank that never ends: ranks() kills both and raises
+            finished["error"] = exc
+
+    launch = threading.Thread(target=run_ranks)
     start = time.monotonic()
     launch.start()
     written = []
@@ -244,6 +251,7 @@ def test_random_changes_on_two_stages_leave_every_job_as_in_a_run_without_them(w
         time.sleep(max(0.0, start + at / 10 - time.monotonic()))
         written.append((kind, body, control.request(kind, body)))
     launch.join(timeout=300)
+    assert "proc" in finished, f"{trial}: {finished.get('error', 'the ranks did not end')}"
     proc = finished["proc"]
     assert proc.returncode == 0, f"{trial}: " + proc.stderr[-4000:]
     check(trial, out, ref_out, written)

@@ -14,9 +14,12 @@ bound. `static` and `job` are counted from the tensors themselves (parameters, a
 each job's LoRA matrices: gradient, exp_avg, exp_avg_sq). c[j] (`lora_per_token`) is what job j's
 LoRA keeps per token of its rows, x·Aᵀ at every module it targets (rank x the compute dtype's
 bytes): it depends on whose rows a micro-batch holds, so it is counted, not fitted, and a
-micro-batch of known parts costs b1·T + b2·T·L + sum(rows[j]·L·c[j]). b1 and b2 are fitted by
-least squares (non-negative) to a few probe micro-batches of the run's own shapes, measured on
-this stage less their parts' c, then scaled up until no probe is above them.
+micro-batch of known parts costs b1·T + b2·T·L + sum(rows[j]·L·c[j]). The operator also keeps
+each projection input that some adapter of the micro-batch reads (for A's gradient; the frozen
+GEMM keeps none): T·i[g] for each input g of the parts' jobs (`INPUT_OF`, counted from the model's
+widths), and in admission for each input of the running jobs. b1 and b2 are fitted by least
+squares (non-negative) to a few probe micro-batches of the run's own shapes, measured on this
+stage less their LoRA and inputs, then scaled up until no probe is above them.
 
 Measured, for comparison: on CUDA the allocator's peak over the run
 (`torch.cuda.max_memory_allocated`); on CPU, which keeps no allocator statistics, the peak of
@@ -32,7 +35,7 @@ import math
 import os
 import resource
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -41,6 +44,26 @@ from mlora_pp.schedule import JobSteps, MicroBatch, Schedule, group_jobs
 
 PROBES = 4
 """Probe micro-batches per stage (distinct shapes of the run, smallest to largest)."""
+
+INPUT_OF: dict[str, str] = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "o_proj",
+                            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "down_proj"}
+"""The input each target reads: projections that share one share the tensor the operator keeps."""
+
+
+def input_groups(targets: Iterable[str]) -> tuple[str, ...]:
+    """The inputs a job's LoRA keeps whole, for every row of a micro-batch it is part of."""
+    return tuple(sorted({INPUT_OF[t] for t in targets}))
+
+
+def input_token_bytes(config: Any, layers: int, dtype_bytes: int) -> dict[str, float]:
+    """Bytes per token of each input on `layers` decoder layers: the frozen base GEMM keeps none of
+    them (its weight needs no gradient), the LoRA operator keeps the whole micro-batch's for A's
+    gradient once some adapter of the micro-batch targets a projection that reads it."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    widths = {"attention": config.hidden_size, "o_proj": heads * head_dim, "mlp": config.hidden_size,
+              "down_proj": config.intermediate_size}
+    return {group: float(layers * width * dtype_bytes) for group, width in widths.items()}
 
 
 @dataclass(frozen=True)
@@ -56,6 +79,15 @@ class MemoryModel:
     """The probes it was fitted to: (padded tokens, padded length, bytes measured, their LoRA's included)."""
     lora_per_token: dict[str, float] = field(default_factory=dict)
     """Bytes each job's LoRA keeps per token of its rows (c[j] in the module docstring)."""
+    input_per_token: dict[str, float] = field(default_factory=dict)
+    """Bytes per token of each projection input (`INPUT_OF`) that LoRA keeps for a micro-batch."""
+    job_inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """The inputs each job's targets read (`input_groups`)."""
+
+    def kept_inputs(self, jobs: Iterable[str]) -> float:
+        """Bytes per token of the inputs kept for a micro-batch holding rows of `jobs`."""
+        groups = {g for j in jobs for g in self.job_inputs.get(j, ())}
+        return sum(self.input_per_token.get(g, 0.0) for g in groups)
 
     def activation(self, tokens: int, length: int) -> float:
         """Bytes autograd keeps for one micro-batch of `tokens` padded tokens, `length` long, less
@@ -65,7 +97,7 @@ class MemoryModel:
     def micro_bytes(self, mb: MicroBatch) -> float:
         """Bytes autograd keeps for micro-batch `mb`, its parts' LoRA included."""
         tokens, length = micro_shape(mb)
-        return self.activation(tokens, length) + sum(
+        return self.activation(tokens, length) + tokens * self.kept_inputs(mb.jobs) + sum(
             p.rows * length * self.lora_per_token.get(p.job, 0.0) for p in mb.parts)
 
     def peak(self, running: Iterable[str], in_flight: int, tokens: int, length: int) -> float:
@@ -74,7 +106,7 @@ class MemoryModel:
         running = list(running)
         lora = max((self.lora_per_token.get(j, 0.0) for j in running), default=0.0)
         return (self.static + sum(self.job[j] for j in running)
-                + in_flight * (self.activation(tokens, length) + tokens * lora))
+                + in_flight * (self.activation(tokens, length) + tokens * (lora + self.kept_inputs(running))))
 
     def record(self) -> dict:
         return asdict(self)
@@ -242,9 +274,14 @@ def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> Memory
     samples = probe(worker, micro_batches)
     stage = worker.stage
     lora = {name: lora_token_bytes(stage, name) for name in worker.jobs}
+    inputs = input_token_bytes(stage.config, len(stage.layers_range()), torch.empty((), dtype=stage.dtype).element_size())
+    modules = stage.lora_modules()
+    groups = {name: input_groups(path.rsplit(".", 1)[-1] for path, m in modules.items() if name in m.adapters())
+              for name in worker.jobs}
+    partial = MemoryModel(stage_index, 0, 0.0, 0.0, input_per_token=inputs, job_inputs=groups)
     base = []
     for (tokens, length, measured), mb in zip(samples, micro_batches):
-        held = sum(p.rows * length * lora.get(p.job, 0.0) for p in mb.parts)
+        held = sum(p.rows * length * lora.get(p.job, 0.0) for p in mb.parts) + tokens * partial.kept_inputs(mb.jobs)
         base.append((tokens, length, max(0, int(measured - held))))
     b1, b2 = bound_above(base, *fit_activation(base))
     job = {name: job_state_bytes(stage.adapter_parameters(name), stage.dtype) for name in worker.jobs}
@@ -253,7 +290,7 @@ def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> Memory
         static = torch.cuda.memory_allocated(worker.device)
     else:
         static = static_bytes(stage)
-    return MemoryModel(stage_index, static, b1, b2, job, tuple(samples), lora)
+    return MemoryModel(stage_index, static, b1, b2, job, tuple(samples), lora, inputs, groups)
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -35,7 +35,7 @@ from mlora_pp.control import (DECISION_LEAD, REQUESTS_EVERY, Change, ControlDir,
 from mlora_pp.data import DataError
 from mlora_pp.early_stop import EarlyStopping
 from mlora_pp.job import AdapterJob, StepStats, load_job
-from mlora_pp.memory import MemoryModel, admission_check, cut_message, human_bytes, largest_micro
+from mlora_pp.memory import MemoryModel, admission_check, cut_message, human_bytes, input_groups, largest_micro
 from mlora_pp.model import StageModel
 from mlora_pp.schedule import (CostModel, JobSteps, Schedule, admission, build_schedule, choose_streams,
                                remaining_steps)
@@ -264,7 +264,8 @@ class Replanner:
         return [dataclasses.replace(
             m, static=m.static + 4 * lora_params(self.stage.config, layers, config.rank, targets),
             job={**m.job, config.name: lora_state_bytes(self.stage.config, layers, config.rank, targets, float32)},
-            lora_per_token={**m.lora_per_token, config.name: float(layers * len(targets) * config.rank * compute)})
+            lora_per_token={**m.lora_per_token, config.name: float(layers * len(targets) * config.rank * compute)},
+            job_inputs={**m.job_inputs, config.name: input_groups(targets)})
             for m, layers in zip(models, self.layers_per_stage)]
 
     def _others_still_fit(self, name: str, models: list[MemoryModel] | None, cancelling: list[str],

@@ -20,7 +20,7 @@ from test_checkpoint import assert_same
 from mlora_pp.config import LORA_TARGETS, ConfigError, parse_config
 from mlora_pp.control import ControlDir
 from mlora_pp.memory import (
-    MemoryModel, admission_check, bound_above, fit_activation, largest_micro, predicted_peak,
+    MemoryModel, admission_check, bound_above, fit_activation, input_groups, largest_micro, predicted_peak,
 )
 from mlora_pp.model import read_model_config
 from mlora_pp.replan import lora_params
@@ -164,7 +164,8 @@ def test_activation_fit_recovers_exact_coefficients_and_stays_non_negative():
 def test_a_micro_batch_is_charged_its_own_jobs_lora_and_admission_the_costliest():
     """LoRA keeps x·Aᵀ per token of a job's rows (c[j]): a micro-batch of known parts costs its
     parts' c; admission, which knows only the largest micro-batch's size, charges every row the
-    costliest running job's. The fit's bound lifts the line above every probe."""
+    costliest running job's. It keeps the projections' inputs whole, once per micro-batch for each
+    input some part's job reads. The fit's bound lifts the line above every probe."""
     one = (((2, 40),),)  # one step of one micro-batch: 2 rows of 20 tokens
     jobs = [JobSteps("cheap", one), JobSteps("dear", one)]
     model = MemoryModel(0, static=1000, per_token=10.0, per_token_length=0.0, job={"cheap": 100, "dear": 100},
@@ -174,6 +175,13 @@ def test_a_micro_batch_is_charged_its_own_jobs_lora_and_admission_the_costliest(
     assert costs == {("cheap",): 40 * 10 + 2 * 20 * 1.0, ("dear",): 40 * 10 + 2 * 20 * 3.0}
     assert model.peak({"cheap"}, 2, 40, 20) == 1000 + 100 + 2 * (400 + 40 * 1.0)
     assert model.peak({"cheap", "dear"}, 2, 40, 20) == 1000 + 200 + 2 * (400 + 40 * 3.0)
+    # the inputs LoRA keeps whole: once per micro-batch for every input some part's job reads
+    wide = dataclasses.replace(model, input_per_token={"attention": 5.0, "mlp": 7.0, "down_proj": 11.0},
+                               job_inputs={"cheap": ("attention",), "dear": ("attention", "down_proj")})
+    assert {mb.jobs: wide.micro_bytes(mb) for mb in schedule.micro_batches} == {
+        ("cheap",): costs[("cheap",)] + 40 * 5.0, ("dear",): costs[("dear",)] + 40 * (5.0 + 11.0)}
+    assert wide.peak({"cheap", "dear"}, 2, 40, 20) == 1000 + 200 + 2 * (400 + 40 * (3.0 + 5.0 + 11.0))
+    assert input_groups(["q_proj", "v_proj", "gate_proj", "up_proj"]) == ("attention", "mlp")
     samples = [(100, 10, 1000), (200, 10, 2600), (300, 10, 3000)]  # least squares: 10.5/token, under the middle one
     b1, b2 = bound_above(samples, *fit_activation(samples))
     assert all(b1 * t + b2 * t * l >= b * (1 - 1e-12) for t, l, b in samples)  # to rounding
@@ -387,7 +395,8 @@ def test_a_submitted_job_is_cut_to_fit_the_budget_or_rejected(workspace, capsys)
         weights = 0 if job["name"] in model.job else 4 * params
         lora = 4 * len(job["target_modules"]) * job["rank"] * 4  # x·Aᵀ in fp32, per token, 4 layers
         m = MemoryModel(0, model.static + weights + extra_static, model.per_token, model.per_token_length,
-                        {job["name"]: 12 * params}, lora_per_token={job["name"]: lora})
+                        {job["name"]: 12 * params}, lora_per_token={job["name"]: lora},
+                        input_per_token=model.input_per_token, job_inputs={job["name"]: input_groups(job["target_modules"])})
         return m.peak({job["name"]}, 1, *largest_micro(steps, {job["name"]}, 1, "lora", True))
 
     budget = int(max(need(job) for job in start) * 1.01)

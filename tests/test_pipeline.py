@@ -58,8 +58,17 @@ def ranks(nproc: int, config: Path, timeout: float = 300, **extra_env: str) -> s
             procs.append(subprocess.Popen([sys.executable, "-m", "launcher", str(config), "--no-live"], cwd=ROOT,
                                           env=rank_env, stdout=out, stderr=err, text=True))
         deadline = time.monotonic() + timeout
+        timed_out = False
         for proc in procs:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                break
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         texts = []
         for out, err in outputs:
             out.seek(0), err.seek(0)
@@ -71,6 +80,9 @@ def ranks(nproc: int, config: Path, timeout: float = 300, **extra_env: str) -> s
                 proc.wait()
         for out, err in outputs:
             out.close(), err.close()
+    if timed_out:  # killed: what each rank wrote says where it was
+        tails = "\n".join(f"rank {r} stderr: {err[-1500:]}" for r, (_, err) in enumerate(texts))
+        raise AssertionError(f"the ranks did not end within {timeout:g} s\n{tails}")
     code = next((p.returncode for p in procs if p.returncode != 0), 0)
     return subprocess.CompletedProcess(procs[0].args, code, "".join(o for o, _ in texts), "".join(e for _, e in texts))
 

@@ -140,7 +140,7 @@ def saved_bytes(case: Case) -> dict[str, int]:
     for m in METHODS:
         with meter.measure() as held:
             loss = FORWARD[m](x)
-        out[m] = held[0]
+        out[m] = held.bytes
         del loss
     return out
 

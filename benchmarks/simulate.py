@@ -162,7 +162,7 @@ def saved_bytes_per_token(shape: Shape, scale: int = 8) -> float:
         meter = SavedTensorMeter(list(stage.parameters()) + list(stage.buffers()))
         with meter.measure() as saved:
             stage(x, batch)
-    return saved[0] / shape.seq * scale
+    return saved.bytes / shape.seq * scale
 
 
 def stage_memory(shape: Shape, stages: int, jobs: int, in_flight: int, saved_per_token: float) -> float:

@@ -7,24 +7,29 @@ autograd keeps for each micro-batch forwarded but not yet backwarded. mLoRA's fo
 b1·T + b2·T·L per micro-batch (T padded tokens, L its padded length: the T·L term is attention
 scores kept per row, which fused SDPA kernels never store, so it fits near zero there). So
 
-    peak(stage) = static + sum(job[j] for running j) + in_flight * (b1·T + b2·T·L + T·max c[j])
+    peak(stage) = static + sum(job[j] for running j)
+                  + in_flight * (b1·T + b2·T·L + r·L + T·max c[j] + T·sum(i[g] for inputs g read))
 
 with T, L of the largest micro-batch the running jobs can form and `in_flight` the schedule's
 bound. `static` and `job` are counted from the tensors themselves (parameters, and 3 copies of
 each job's LoRA matrices: gradient, exp_avg, exp_avg_sq). c[j] (`lora_per_token`) is what job j's
 LoRA keeps per token of its rows, x·Aᵀ at every module it targets (rank x the compute dtype's
 bytes): it depends on whose rows a micro-batch holds, so it is counted, not fitted, and a
-micro-batch of known parts costs b1·T + b2·T·L + sum(rows[j]·L·c[j]). The operator also keeps
-each projection input that some adapter of the micro-batch reads (for A's gradient; the frozen
-GEMM keeps none): T·i[g] for each input g of the parts' jobs (`INPUT_OF`, counted from the model's
-widths), and in admission for each input of the running jobs. b1 and b2 are fitted by least
-squares (non-negative) to a few probe micro-batches of the run's own shapes, measured on this
-stage less their LoRA and inputs, then scaled up until no probe is above them.
+micro-batch of known parts costs b1·T + b2·T·L + r·L + sum(rows[j]·L·c[j]) + T·i. The operator
+also keeps each projection input that some adapter of the micro-batch reads (for A's gradient;
+the frozen GEMM keeps none): i[g] for each input g of the parts' jobs (`INPUT_OF`, counted from
+the model's widths), and in admission for each input of the running jobs; 0 for an input the base
+keeps anyway (`inputs_kept_by_base`, measured). r (`per_length`) is the rotary tables, kept once
+per micro-batch. b1 and b2 are fitted by least squares (non-negative) to a few probe
+micro-batches of the run's own shapes, measured on this stage less their LoRA, inputs and tables,
+then scaled up until no probe is above them. The first stage's probes keep every layer's
+activations (`whole_graph`), so the model bounds micro-batches whose graph starts later.
 
 Measured, for comparison: on CUDA the allocator's peak over the run
 (`torch.cuda.max_memory_allocated`); on CPU, which keeps no allocator statistics, the peak of
 the bytes the stage's tensors hold (weights, gradients, optimizer state and the storages autograd
-saves for backward, counted by a saved-tensor hook), sampled after every action: the same terms
+saves for backward, counted by a saved-tensor hook, and what custom autograd Functions keep on
+their context), sampled after every action: the same terms
 the model predicts, counted rather than predicted, without the allocator's transient workspace.
 """
 
@@ -83,6 +88,13 @@ class MemoryModel:
     """Bytes per token of each projection input (`INPUT_OF`) that LoRA keeps for a micro-batch."""
     job_inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """The inputs each job's targets read (`input_groups`)."""
+    per_length: float = 0.0
+    """Bytes per position of a micro-batch's padded length, once per micro-batch: the rotary
+    tables (cos and sin, [L, head_dim]) that every layer's attention keeps, shared by its rows."""
+    kept_by_base: tuple[str, ...] = ()
+    """Inputs the frozen base keeps for its own backward whatever the jobs (the attention kernel
+    keeps its output, o_proj's input; bitsandbytes' int8 matmul keeps its input): measured at
+    start-up; LoRA adds nothing for them, so `input_per_token` has them at 0."""
 
     def kept_inputs(self, jobs: Iterable[str]) -> float:
         """Bytes per token of the inputs kept for a micro-batch holding rows of `jobs`."""
@@ -92,7 +104,7 @@ class MemoryModel:
     def activation(self, tokens: int, length: int) -> float:
         """Bytes autograd keeps for one micro-batch of `tokens` padded tokens, `length` long, less
         what its jobs' LoRA keeps (see `micro_bytes`)."""
-        return self.per_token * tokens + self.per_token_length * tokens * length
+        return self.per_token * tokens + self.per_token_length * tokens * length + self.per_length * length
 
     def micro_bytes(self, mb: MicroBatch) -> float:
         """Bytes autograd keeps for micro-batch `mb`, its parts' LoRA included."""
@@ -241,7 +253,8 @@ def probe_micro_batches(schedule: Schedule, count: int = PROBES) -> list[MicroBa
 def probe(worker, micro_batches: Sequence[MicroBatch]) -> list[tuple[int, int, int]]:
     """(padded tokens, length, bytes) of each probe micro-batch's forward + backward on this stage:
     the allocator's peak above the start on CUDA, the storages autograd saved on CPU. Input
-    activations of later stages are random (only their shape matters); gradients are cleared."""
+    activations of later stages are random (only their shape matters); gradients are cleared.
+    On the first stage the graph starts at the embedding (`whole_graph`)."""
     stage, device = worker.stage, worker.device
     cuda = device.type == "cuda"
     meter = SavedTensorMeter(list(stage.parameters()) + list(stage.buffers()))
@@ -253,14 +266,15 @@ def probe(worker, micro_batches: Sequence[MicroBatch]) -> list[tuple[int, int, i
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        with meter.measure() as held:
+        with whole_graph(stage), meter.measure() as held:
             out, total, _ = worker._compute(mb, x, where, batch)
+            held.add_graph(out if total is None else total)
         worker.probe_backward(out, total, generator)
         if cuda:
             torch.cuda.synchronize(device)
             measured = torch.cuda.max_memory_allocated(device) - base
         else:
-            measured = held[0]
+            measured = held.bytes
         samples.append((input_ids.numel(), input_ids.shape[1], int(measured)))
         del out, total, x
     for name in worker.jobs:
@@ -269,19 +283,72 @@ def probe(worker, micro_batches: Sequence[MicroBatch]) -> list[tuple[int, int, i
     return samples
 
 
+@contextlib.contextmanager
+def whole_graph(stage: torch.nn.Module) -> Iterator[None]:
+    """While probing the first stage, its embedding's output requires grad, so autograd keeps every
+    layer's activations from the first. In training the graph starts at the first projection a
+    micro-batch's jobs adapt, and a micro-batch whose jobs adapt only later ones keeps less on the
+    first layer (up to a layer's activations, for jobs on down_proj alone): probes of such jobs
+    would under-predict a micro-batch of jobs that adapt q_proj. So the model bounds every
+    micro-batch from above."""
+    embed = getattr(stage, "embed_tokens", None)
+    if embed is None:
+        yield
+        return
+    handle = embed.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def inputs_kept_by_base(stage: torch.nn.Module, x: torch.Tensor) -> tuple[str, ...]:
+    """The projection inputs (`INPUT_OF`) that the frozen base keeps for its own backward whatever
+    the adapters: the attention kernel keeps its output, which is o_proj's input; bitsandbytes' int8
+    matmul keeps its input. Measured by a forward of `x` (this stage's input) with no adapter, in
+    which every projection's input is looked up among the storages autograd keeps."""
+    inputs: dict[str, list[int]] = {}
+
+    def record(group: str) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            inputs.setdefault(group, []).append(args[0].untyped_storage().data_ptr())
+        return hook
+
+    handles = [module.register_forward_pre_hook(record(INPUT_OF[path.rsplit(".", 1)[-1]]))
+               for path, module in stage.lora_modules().items()]
+    kept = Measurement(set())
+    try:
+        with whole_graph(stage), torch.autograd.graph.saved_tensors_hooks(kept.pack, lambda t: t):
+            out = stage(x, None, head=False)
+            if out.grad_fn is not None:
+                kept.add_graph(out)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tuple(sorted(g for g, ptrs in inputs.items() if all(p in kept.storages for p in ptrs)))
+
+
 def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> MemoryModel:
-    """This stage's `MemoryModel`: counted static, job and LoRA bytes, activations fitted to probes."""
+    """This stage's `MemoryModel`: counted static, job, LoRA, input and rotary-table bytes,
+    activations fitted to probes less those."""
     samples = probe(worker, micro_batches)
     stage = worker.stage
+    size = torch.empty((), dtype=stage.dtype).element_size()
     lora = {name: lora_token_bytes(stage, name) for name in worker.jobs}
-    inputs = input_token_bytes(stage.config, len(stage.layers_range()), torch.empty((), dtype=stage.dtype).element_size())
+    generator = torch.Generator(worker.device).manual_seed(0)
+    kept = inputs_kept_by_base(stage, worker.probe_inputs(micro_batches[0], generator)[1]) if micro_batches else ()
+    inputs = {g: 0.0 if g in kept else b for g, b in input_token_bytes(stage.config, len(stage.layers_range()),
+                                                                      size).items()}
     modules = stage.lora_modules()
     groups = {name: input_groups(path.rsplit(".", 1)[-1] for path, m in modules.items() if name in m.adapters())
               for name in worker.jobs}
-    partial = MemoryModel(stage_index, 0, 0.0, 0.0, input_per_token=inputs, job_inputs=groups)
+    per_length = rotary_position_bytes(stage.config, size) if len(stage.layers_range()) else 0.0
+    partial = MemoryModel(stage_index, 0, 0.0, 0.0, input_per_token=inputs, job_inputs=groups,
+                          per_length=per_length)
     base = []
     for (tokens, length, measured), mb in zip(samples, micro_batches):
-        held = sum(p.rows * length * lora.get(p.job, 0.0) for p in mb.parts) + tokens * partial.kept_inputs(mb.jobs)
+        held = (sum(p.rows * length * lora.get(p.job, 0.0) for p in mb.parts) + tokens * partial.kept_inputs(mb.jobs)
+                + length * per_length)
         base.append((tokens, length, max(0, int(measured - held))))
     b1, b2 = bound_above(base, *fit_activation(base))
     job = {name: job_state_bytes(stage.adapter_parameters(name), stage.dtype) for name in worker.jobs}
@@ -290,7 +357,14 @@ def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> Memory
         static = torch.cuda.memory_allocated(worker.device)
     else:
         static = static_bytes(stage)
-    return MemoryModel(stage_index, static, b1, b2, job, tuple(samples), lora, inputs, groups)
+    return MemoryModel(stage_index, static, b1, b2, job, tuple(samples), lora, inputs, groups, per_length, kept)
+
+
+def rotary_position_bytes(config: Any, dtype_bytes: int) -> float:
+    """Bytes per position of the rotary tables a micro-batch keeps once for all its layers and rows:
+    cos and sin, [L, head_dim] each, in the compute dtype."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return float(2 * head_dim * dtype_bytes)
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -338,8 +412,57 @@ def job_state_bytes(params: Sequence[torch.nn.Parameter], compute_dtype: torch.d
     return total
 
 
+class Measurement:
+    """The distinct storages a forward keeps for backward, and their bytes (see `SavedTensorMeter`)."""
+
+    def __init__(self, exclude: set[int]):
+        self.bytes = 0
+        self.storages: set[int] = set()
+        self._exclude = exclude
+
+    def add(self, t: torch.Tensor) -> None:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # no storage (meta, some subclasses)
+            return
+        ptr = storage.data_ptr()
+        if ptr not in self.storages and ptr not in self._exclude:
+            self.storages.add(ptr)
+            self.bytes += storage.nbytes()
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """A saved-tensor pack hook that counts `t`."""
+        self.add(t)
+        return t
+
+    def add_graph(self, root: torch.Tensor) -> None:
+        """Also count what custom autograd Functions in `root`'s graph keep as attributes of their
+        context rather than through `save_for_backward` (bitsandbytes' int8 matmul keeps its input
+        so), which saved-tensor hooks never see."""
+        for t in context_tensors(root.grad_fn):
+            self.add(t)
+
+
+def context_tensors(root: Any) -> Iterator[torch.Tensor]:
+    """Tensors held as attributes (or in tuples and lists that are attributes) of the custom
+    Function contexts in the autograd graph below `root` (a grad_fn; None: none)."""
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for value in getattr(node, "__dict__", {}).values():  # only Python Functions' nodes have one
+            if isinstance(value, torch.Tensor):
+                yield value
+            elif isinstance(value, (tuple, list)):
+                yield from (v for v in value if isinstance(v, torch.Tensor))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+
+
 class SavedTensorMeter:
-    """Counts the new storages autograd saves for backward inside `measure()` (weights excluded)."""
+    """Counts the new storages autograd keeps for backward inside `measure()` (weights excluded):
+    what saved-tensor hooks see, and with `Measurement.add_graph` what custom Functions keep."""
 
     def __init__(self, exclude: Iterable[torch.Tensor]):
         self.exclude: set[int] = set()
@@ -352,23 +475,10 @@ class SavedTensorMeter:
         self.exclude = {t.untyped_storage().data_ptr() for t in tensors}
 
     @contextlib.contextmanager
-    def measure(self) -> Iterator[list[int]]:
-        seen: set[int] = set()
-        total = [0]
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            try:
-                storage = t.untyped_storage()
-            except (RuntimeError, NotImplementedError):
-                return t
-            ptr = storage.data_ptr()
-            if ptr not in seen and ptr not in self.exclude:
-                seen.add(ptr)
-                total[0] += storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            yield total
+    def measure(self) -> Iterator[Measurement]:
+        held = Measurement(self.exclude)
+        with torch.autograd.graph.saved_tensors_hooks(held.pack, lambda t: t):
+            yield held
 
 
 def live_job_bytes(jobs: Iterable) -> int:

@@ -262,7 +262,8 @@ class StageWorker:
         else:
             with self.meter.measure() as held:
                 out, total, part_losses = self._compute(mb, x, where, batch)
-            self._held[mb.id] = held[0]
+                held.add_graph(out if total is None else total)
+            self._held[mb.id] = held.bytes
         if not self.is_last:
             assert self.transport is not None
             self.transport.send(out, self.stage_index + 1, ACTIVATION, mb.id)

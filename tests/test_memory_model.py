@@ -1,0 +1,114 @@
+"""What the memory model measures at start-up, checked against the libraries it depends on, and a
+one-rank run in which a submitted job's targets differ from the start-up job's: the predicted peak
+must bound the measured one, and not by much."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from test_training import JOBS, make_raw, make_workspace
+
+from mlora_pp.config import parse_config
+from mlora_pp.control import ControlDir
+from mlora_pp.memory import SavedTensorMeter, inputs_kept_by_base
+from mlora_pp.model import StageSpec, build_stage
+from mlora_pp.quantize import quantize_linear
+from mlora_pp.training import train
+
+torch.set_num_threads(1)
+
+SHORT = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "g": "gate_proj", "u": "up_proj",
+         "d": "down_proj"}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("memory"))
+
+
+def kept_storages(fn, *args) -> tuple[set[int], object]:
+    """Storages plain autograd keeps for the backward of fn(*args), saved-tensor hooks' view."""
+    kept: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return kept, out
+
+
+def test_attention_keeps_its_output_so_o_projs_input_costs_lora_nothing(workspace):
+    q, k, v = (torch.randn(2, 4, 16, 8, requires_grad=True) for _ in range(3))
+    kept, out = kept_storages(lambda *a: torch.nn.functional.scaled_dot_product_attention(*a, is_causal=True), q, k, v)
+    assert out.untyped_storage().data_ptr() in kept  # plain torch: what the model's answer rests on
+    _, model_dir, _ = workspace
+    for spec in (StageSpec(0, 2, True, False), StageSpec(2, 4, False, True)):
+        stage = build_stage(model_dir, spec)
+        x = torch.arange(64).reshape(2, 32) if spec.has_embedding else torch.randn(2, 32, 128, requires_grad=True)
+        assert inputs_kept_by_base(stage, x) == ("o_proj",)
+
+
+def test_int8_keeps_every_projection_input_and_nf4_none(workspace):
+    pytest.importorskip("bitsandbytes")
+    linear = quantize_linear(torch.nn.Linear(16, 8, bias=False), "int8", torch.float32)
+    x = torch.randn(4, 16, requires_grad=True)
+    out = linear(x)
+    held = [t for t in vars(out.grad_fn).values() if isinstance(t, torch.Tensor)]
+    held += [t for v in vars(out.grad_fn).values() if isinstance(v, (tuple, list)) for t in v
+             if isinstance(t, torch.Tensor)]
+    assert any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in held)  # bitsandbytes itself
+    _, model_dir, _ = workspace
+    ids = torch.arange(64).reshape(2, 32)
+    assert inputs_kept_by_base(build_stage(model_dir, quantize="int8"), ids) == (
+        "attention", "down_proj", "mlp", "o_proj")
+    assert inputs_kept_by_base(build_stage(model_dir, quantize="nf4"), ids) == ("o_proj",)
+
+
+def test_the_meter_counts_what_a_function_keeps_on_its_context():
+    class KeepsOnContext(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            ctx.kept = (a * 3, None)
+            return a * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 2
+
+    x = torch.randn(256, requires_grad=True)
+    meter = SavedTensorMeter([])
+    with meter.measure() as hooks_only:
+        KeepsOnContext.apply(x * 1)
+    with meter.measure() as held:
+        out = KeepsOnContext.apply(x * 1)
+        held.add_graph(out)
+    assert hooks_only.bytes == 0 and held.bytes == 256 * 4
+
+
+@pytest.mark.parametrize("quantize,start,submitted", [
+    ("none", "d", "q"),  # the start-up job's graph starts at the first layer's down_proj; the submitted job's at q
+    ("none", "o", "qv"),  # o_proj's input is attention's output, kept whatever LoRA does
+    ("none", "qkvogud", "qv"),
+    ("int8", "qv", "qkvogud"),  # int8 keeps every projection's input
+])
+def test_the_predicted_peak_bounds_the_measured_one_when_targets_differ(workspace, quantize, start, submitted):
+    """Before the probes started the graph at the embedding and the model knew what the base keeps,
+    the first three ran 3-10% above their predicted peak."""
+    root, _, data = workspace
+    out = f"mix-{quantize}-{start}-{submitted}"
+    job = dict(JOBS[2], target_modules=[SHORT[c] for c in submitted], data=str(data["gamma"]))
+    ControlDir(root / out).request("submit", {"job": job})
+    raw = make_raw(workspace, [dict(JOBS[0], target_modules=[SHORT[c] for c in start])], out,
+                   model={"quantize": quantize}, schedule="lora", memory_budget=10**9)
+    cfg = parse_config(raw, "test.yaml")
+    result = train(cfg, progress=False)
+    assert result.steps == {"alpha": 3, "gamma": 4}
+    memory = next(r for r in (json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").read_text().splitlines())
+                  if r.get("event") == "memory")
+    predicted, measured = memory["predicted_peak_bytes"], memory["measured_peak_bytes"]
+    assert measured <= predicted <= 1.06 * measured, memory

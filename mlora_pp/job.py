@@ -117,6 +117,17 @@ class AdapterJob:
         evals = tuple(EvalPoint(k, evaluation) for k in self.eval_points if k > self.steps_done)
         return JobSteps(self.name, tuple(micro_batches), first_step=self.steps_done, evals=evals)
 
+    def loss_share(self) -> float:
+        """The largest share of loss tokens among the padded tokens of any of its training
+        micro-batches: it bounds what the last stage's head keeps per token of its rows
+        (`MemoryModel.loss_share`)."""
+        best = 0.0
+        for plan in self.plans:
+            for ids in plan.micro_batches:
+                padded = len(ids) * max(len(self.examples[i].input_ids) for i in ids)
+                best = max(best, sum(self.examples[i].loss_tokens for i in ids) / padded)
+        return best
+
     def token_counts(self) -> tuple[int, int]:
         """(loss tokens, padded tokens) of all its training micro-batches: what the head and what the
         decoder layers run on."""

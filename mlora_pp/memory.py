@@ -8,21 +8,23 @@ b1·T + b2·T·L per micro-batch (T padded tokens, L its padded length: the T·L
 scores kept per row, which fused SDPA kernels never store, so it fits near zero there). So
 
     peak(stage) = static + sum(job[j] for running j)
-                  + in_flight * (b1·T + b2·T·L + r·L + T·max c[j] + T·sum(i[g] for inputs g read))
+                  + in_flight * (b1·T + b2·T·L + r·L + T·max(c[j] + h·s[j]) + T·sum(i[g] for inputs g read))
 
 with T, L of the largest micro-batch the running jobs can form and `in_flight` the schedule's
 bound. `static` and `job` are counted from the tensors themselves (parameters, and 3 copies of
 each job's LoRA matrices: gradient, exp_avg, exp_avg_sq). c[j] (`lora_per_token`) is what job j's
 LoRA keeps per token of its rows, x·Aᵀ at every module it targets (rank x the compute dtype's
 bytes): it depends on whose rows a micro-batch holds, so it is counted, not fitted, and a
-micro-batch of known parts costs b1·T + b2·T·L + r·L + sum(rows[j]·L·c[j]) + T·i. The operator
+micro-batch of known parts costs b1·T + b2·T·L + r·L + sum(rows[j]·L·(c[j] + h·s[j])) + T·i. h
+(`loss_token_bytes`, last stage only, measured) is what the head keeps per loss token and s[j]
+(`loss_share`) job j's largest share of loss tokens in a micro-batch's padded tokens. The operator
 also keeps each projection input that some adapter of the micro-batch reads (for A's gradient;
 the frozen GEMM keeps none): i[g] for each input g of the parts' jobs (`INPUT_OF`, counted from
 the model's widths), and in admission for each input of the running jobs; 0 for an input the base
 keeps anyway (`inputs_kept_by_base`, measured). r (`per_length`) is the rotary tables, kept once
 per micro-batch. b1 and b2 are fitted by least squares (non-negative) to a few probe
-micro-batches of the run's own shapes, measured on this stage less their LoRA, inputs and tables,
-then scaled up until no probe is above them. The first stage's probes keep every layer's
+micro-batches of the run's own shapes, measured on this stage less their LoRA, inputs, tables
+and loss tokens, then scaled up until no probe is above them. The first stage's probes keep every layer's
 activations (`whole_graph`), so the model bounds micro-batches whose graph starts later.
 
 Measured, for comparison: on CUDA the allocator's peak over the run
@@ -45,6 +47,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from mlora_pp.config import budget_spec
+from mlora_pp.head_loss import LossTokens
 from mlora_pp.schedule import JobSteps, MicroBatch, Schedule, group_jobs
 
 PROBES = 4
@@ -80,8 +83,9 @@ class MemoryModel:
     per_token: float  # b1
     per_token_length: float  # b2
     job: dict[str, int] = field(default_factory=dict)
-    samples: tuple[tuple[int, int, int], ...] = ()
-    """The probes it was fitted to: (padded tokens, padded length, bytes measured, their LoRA's included)."""
+    samples: tuple[tuple[int, int, int, int], ...] = ()
+    """The probes it was fitted to: (padded tokens, padded length, bytes measured with their LoRA's,
+    inputs', tables' and head's, loss tokens)."""
     lora_per_token: dict[str, float] = field(default_factory=dict)
     """Bytes each job's LoRA keeps per token of its rows (c[j] in the module docstring)."""
     input_per_token: dict[str, float] = field(default_factory=dict)
@@ -95,6 +99,16 @@ class MemoryModel:
     """Inputs the frozen base keeps for its own backward whatever the jobs (the attention kernel
     keeps its output, o_proj's input; bitsandbytes' int8 matmul keeps its input): measured at
     start-up; LoRA adds nothing for them, so `input_per_token` has them at 0."""
+    loss_token_bytes: float = 0.0
+    """Bytes the last stage's head keeps per loss token (h; 0 on other stages): the gradient of the
+    hidden state, which the loss computes in its forward, the final norm's input, the positions."""
+    loss_share: dict[str, float] = field(default_factory=dict)
+    """Each job's largest share of loss tokens among a micro-batch's padded tokens
+    (`AdapterJob.loss_share`; 1 for a job not listed): a part costs h x share per padded token."""
+
+    def head_per_token(self, job: str) -> float:
+        """Bytes the head keeps per padded token of `job`'s rows, at most (see `loss_share`)."""
+        return self.loss_token_bytes * self.loss_share.get(job, 1.0)
 
     def kept_inputs(self, jobs: Iterable[str]) -> float:
         """Bytes per token of the inputs kept for a micro-batch holding rows of `jobs`."""
@@ -110,13 +124,14 @@ class MemoryModel:
         """Bytes autograd keeps for micro-batch `mb`, its parts' LoRA included."""
         tokens, length = micro_shape(mb)
         return self.activation(tokens, length) + tokens * self.kept_inputs(mb.jobs) + sum(
-            p.rows * length * self.lora_per_token.get(p.job, 0.0) for p in mb.parts)
+            p.rows * length * (self.lora_per_token.get(p.job, 0.0) + self.head_per_token(p.job)) for p in mb.parts)
 
     def peak(self, running: Iterable[str], in_flight: int, tokens: int, length: int) -> float:
         """The stage's peak with `running` under way and `in_flight` micro-batches of at most `tokens`
-        tokens, `length` long, each row of any running job (the costliest LoRA bounds every row)."""
+        tokens, `length` long, each row of any running job (the costliest LoRA and loss share bound
+        every row)."""
         running = list(running)
-        lora = max((self.lora_per_token.get(j, 0.0) for j in running), default=0.0)
+        lora = max((self.lora_per_token.get(j, 0.0) + self.head_per_token(j) for j in running), default=0.0)
         return (self.static + sum(self.job[j] for j in running)
                 + in_flight * (self.activation(tokens, length) + tokens * (lora + self.kept_inputs(running))))
 
@@ -250,8 +265,9 @@ def probe_micro_batches(schedule: Schedule, count: int = PROBES) -> list[MicroBa
     return [ordered[i] for i in picks]
 
 
-def probe(worker, micro_batches: Sequence[MicroBatch]) -> list[tuple[int, int, int]]:
-    """(padded tokens, length, bytes) of each probe micro-batch's forward + backward on this stage:
+def probe(worker, micro_batches: Sequence[MicroBatch]) -> list[tuple[int, int, int, int]]:
+    """(padded tokens, length, bytes, loss tokens on the last stage else 0) of each probe
+    micro-batch's forward + backward on this stage:
     the allocator's peak above the start on CUDA, the storages autograd saved on CPU. Input
     activations of later stages are random (only their shape matters); gradients are cleared.
     On the first stage the graph starts at the embedding (`whole_graph`)."""
@@ -275,7 +291,8 @@ def probe(worker, micro_batches: Sequence[MicroBatch]) -> list[tuple[int, int, i
             measured = torch.cuda.max_memory_allocated(device) - base
         else:
             measured = held.bytes
-        samples.append((input_ids.numel(), input_ids.shape[1], int(measured)))
+        losses = sum(where.counts) if where is not None else 0
+        samples.append((input_ids.numel(), input_ids.shape[1], int(measured), losses))
         del out, total, x
     for name in worker.jobs:
         for param in stage.adapter_parameters(name):
@@ -307,11 +324,11 @@ def inputs_kept_by_base(stage: torch.nn.Module, x: torch.Tensor) -> tuple[str, .
     the adapters: the attention kernel keeps its output, which is o_proj's input; bitsandbytes' int8
     matmul keeps its input. Measured by a forward of `x` (this stage's input) with no adapter, in
     which every projection's input is looked up among the storages autograd keeps."""
-    inputs: dict[str, list[int]] = {}
+    inputs: dict[str, list[torch.Tensor]] = {}  # held, so that no later tensor takes a storage's address
 
     def record(group: str) -> Callable:
         def hook(module: torch.nn.Module, args: tuple) -> None:
-            inputs.setdefault(group, []).append(args[0].untyped_storage().data_ptr())
+            inputs.setdefault(group, []).append(args[0])
         return hook
 
     handles = [module.register_forward_pre_hook(record(INPUT_OF[path.rsplit(".", 1)[-1]]))
@@ -325,7 +342,8 @@ def inputs_kept_by_base(stage: torch.nn.Module, x: torch.Tensor) -> tuple[str, .
     finally:
         for handle in handles:
             handle.remove()
-    return tuple(sorted(g for g, ptrs in inputs.items() if all(p in kept.storages for p in ptrs)))
+    return tuple(sorted(g for g, xs in inputs.items()
+                        if all(x.untyped_storage().data_ptr() in kept.storages for x in xs)))
 
 
 def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> MemoryModel:
@@ -343,12 +361,13 @@ def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> Memory
     groups = {name: input_groups(path.rsplit(".", 1)[-1] for path, m in modules.items() if name in m.adapters())
               for name in worker.jobs}
     per_length = rotary_position_bytes(stage.config, size) if len(stage.layers_range()) else 0.0
+    head = head_token_bytes(stage)
     partial = MemoryModel(stage_index, 0, 0.0, 0.0, input_per_token=inputs, job_inputs=groups,
                           per_length=per_length)
     base = []
-    for (tokens, length, measured), mb in zip(samples, micro_batches):
+    for (tokens, length, measured, losses), mb in zip(samples, micro_batches):
         held = (sum(p.rows * length * lora.get(p.job, 0.0) for p in mb.parts) + tokens * partial.kept_inputs(mb.jobs)
-                + length * per_length)
+                + length * per_length + losses * head)
         base.append((tokens, length, max(0, int(measured - held))))
     b1, b2 = bound_above(base, *fit_activation(base))
     job = {name: job_state_bytes(stage.adapter_parameters(name), stage.dtype) for name in worker.jobs}
@@ -357,7 +376,27 @@ def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> Memory
         static = torch.cuda.memory_allocated(worker.device)
     else:
         static = static_bytes(stage)
-    return MemoryModel(stage_index, static, b1, b2, job, tuple(samples), lora, inputs, groups, per_length, kept)
+    shares = {name: worker.jobs[name].loss_share() for name in worker.jobs}
+    return MemoryModel(stage_index, static, b1, b2, job, tuple(samples), lora, inputs, groups, per_length, kept,
+                       head, shares)
+
+
+def head_token_bytes(stage: torch.nn.Module, positions: int = 64) -> float:
+    """Bytes the last stage's head (`StageModel.head_loss`) keeps per loss token for backward,
+    measured on `positions` loss tokens of random hidden states; 0 on a stage without the head.
+    Loss tokens are a share of a micro-batch's tokens that depends on each job's data (a `plain`
+    template puts loss on every token), so the per-token fit cannot see them."""
+    if getattr(stage, "lm_head", None) is None:
+        return 0.0
+    device = stage.lm_head.weight.device
+    hidden = torch.randn(1, positions + 1, stage.config.hidden_size, dtype=stage.dtype, device=device,
+                         requires_grad=True)
+    where = LossTokens.find(torch.zeros(1, positions + 1, dtype=torch.long), [(0, 1)], [1.0], device)
+    meter = SavedTensorMeter(list(stage.parameters()) + list(stage.buffers()) + [hidden])
+    with meter.measure() as held:
+        total, _ = stage.head_loss(hidden, where)
+        held.add_graph(total)
+    return held.bytes / positions
 
 
 def rotary_position_bytes(config: Any, dtype_bytes: int) -> float:

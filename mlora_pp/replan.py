@@ -225,7 +225,7 @@ class Replanner:
                 if request.kind == "submit":
                     checked = validate_submission(cfg, request.body.get("job"), str(request.path))
                     job = load_job(checked.jobs[-1], self.tokenizer, checked.seed)
-                    with_job = self._models_with(checked.jobs[-1], models)
+                    with_job = self._models_with(checked.jobs[-1], models, job.loss_share())
                     cut = self._fit_alone(job, with_job)
                     self._others_still_fit(job.name, with_job, cancel, [self._loaded[n] for n in accepted], point)
                     if cut:
@@ -253,9 +253,11 @@ class Replanner:
             return None
         return Change(tuple(submit), tuple(cancel), priority=tuple(priority))
 
-    def _models_with(self, config: JobConfig, models: list[MemoryModel] | None) -> list[MemoryModel] | None:
+    def _models_with(self, config: JobConfig, models: list[MemoryModel] | None,
+                     loss_share: float) -> list[MemoryModel] | None:
         """`models` with a submitted job (from the model's shapes): its LoRA weights held for good,
-        like every start-up job's, and its gradients and AdamW state while it runs."""
+        like every start-up job's, and its gradients and AdamW state while it runs; `loss_share`:
+        its `AdapterJob.loss_share`."""
         if models is None:
             return None
         float32 = self.cfg.model.dtype == "float32"
@@ -265,7 +267,8 @@ class Replanner:
             m, static=m.static + 4 * lora_params(self.stage.config, layers, config.rank, targets),
             job={**m.job, config.name: lora_state_bytes(self.stage.config, layers, config.rank, targets, float32)},
             lora_per_token={**m.lora_per_token, config.name: float(layers * len(targets) * config.rank * compute)},
-            job_inputs={**m.job_inputs, config.name: input_groups(targets)})
+            job_inputs={**m.job_inputs, config.name: input_groups(targets)},
+            loss_share={**m.loss_share, config.name: loss_share})
             for m, layers in zip(models, self.layers_per_stage)]
 
     def _others_still_fit(self, name: str, models: list[MemoryModel] | None, cancelling: list[str],
@@ -443,7 +446,7 @@ class Replanner:
         self.jobs[config.name] = job
         self.job_order.append(config.name)
         if self.models is not None:
-            self.models = self._models_with(config, self.models)
+            self.models = self._models_with(config, self.models, job.loss_share())
             self._fit_alone(job, self.models)  # rank 0 cut it already while checking it; the others alike
         if self.manifests is not None:
             self.manifests.add(job, resume_fields(self.cfg, config))

@@ -390,13 +390,16 @@ def test_a_submitted_job_is_cut_to_fit_the_budget_or_rejected(workspace, capsys)
         """Alone, with its weights and state from the shapes (a start-up job's weights are in static)."""
         job = dict(job, micro_batch_size=micro_batch_size or job["micro_batch_size"])
         cfg = parse_config(dict(make_raw(workspace, [], "x"), jobs=[job]), "test.yaml")
-        steps = [j.job_steps() for j in prepare_jobs(cfg, load_tokenizer(workspace[1])).values()]
+        prepared = list(prepare_jobs(cfg, load_tokenizer(workspace[1])).values())
+        steps = [j.job_steps() for j in prepared]
         params = lora_params(model_config, 4, job["rank"], list(job["target_modules"]))
         weights = 0 if job["name"] in model.job else 4 * params
         lora = 4 * len(job["target_modules"]) * job["rank"] * 4  # x·Aᵀ in fp32, per token, 4 layers
         m = MemoryModel(0, model.static + weights + extra_static, model.per_token, model.per_token_length,
                         {job["name"]: 12 * params}, lora_per_token={job["name"]: lora},
-                        input_per_token=model.input_per_token, job_inputs={job["name"]: input_groups(job["target_modules"])})
+                        input_per_token=model.input_per_token, job_inputs={job["name"]: input_groups(job["target_modules"])},
+                        per_length=model.per_length, loss_token_bytes=model.loss_token_bytes,
+                        loss_share={job["name"]: prepared[0].loss_share()})
         return m.peak({job["name"]}, 1, *largest_micro(steps, {job["name"]}, 1, "lora", True))
 
     budget = int(max(need(job) for job in start) * 1.01)

@@ -41,6 +41,7 @@ import contextlib
 import math
 import os
 import resource
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -106,6 +107,22 @@ class MemoryModel:
     """Each job's largest share of loss tokens among a micro-batch's padded tokens
     (`AdapterJob.loss_share`; 1 for a job not listed): a part costs h x share per padded token."""
 
+    grouped: tuple[str, ...] = ()
+    """Targets whose modules run the grouped path (CUDA by default): there x·Aᵀ is kept for every
+    row of a micro-batch from the first to the last row of a job adapting the module, at the
+    module's largest rank padded to 8, whoever's rows they are. Such targets are charged per
+    micro-batch (`grouped_per_token`), not in `lora_per_token`."""
+    grouped_per_token: dict[str, float] = field(default_factory=dict)
+    """Per grouped target with adapters: bytes per token of a micro-batch in which some job adapts
+    it (every row counted: an upper bound)."""
+    job_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """The projections each job adapts."""
+
+    def grouped_lora(self, jobs: Iterable[str]) -> float:
+        """Bytes per token the grouped path keeps for a micro-batch holding rows of `jobs`."""
+        targets = {t for j in jobs for t in self.job_targets.get(j, ())}
+        return sum(self.grouped_per_token.get(t, 0.0) for t in targets)
+
     def head_per_token(self, job: str) -> float:
         """Bytes the head keeps per padded token of `job`'s rows, at most (see `loss_share`)."""
         return self.loss_token_bytes * self.loss_share.get(job, 1.0)
@@ -123,7 +140,7 @@ class MemoryModel:
     def micro_bytes(self, mb: MicroBatch) -> float:
         """Bytes autograd keeps for micro-batch `mb`, its parts' LoRA included."""
         tokens, length = micro_shape(mb)
-        return self.activation(tokens, length) + tokens * self.kept_inputs(mb.jobs) + sum(
+        return self.activation(tokens, length) + tokens * (self.kept_inputs(mb.jobs) + self.grouped_lora(mb.jobs)) + sum(
             p.rows * length * (self.lora_per_token.get(p.job, 0.0) + self.head_per_token(p.job)) for p in mb.parts)
 
     def peak(self, running: Iterable[str], in_flight: int, tokens: int, length: int) -> float:
@@ -133,7 +150,8 @@ class MemoryModel:
         running = list(running)
         lora = max((self.lora_per_token.get(j, 0.0) + self.head_per_token(j) for j in running), default=0.0)
         return (self.static + sum(self.job[j] for j in running)
-                + in_flight * (self.activation(tokens, length) + tokens * (lora + self.kept_inputs(running))))
+                + in_flight * (self.activation(tokens, length)
+                               + tokens * (lora + self.kept_inputs(running) + self.grouped_lora(running))))
 
     def record(self) -> dict:
         return asdict(self)
@@ -353,21 +371,24 @@ def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> Memory
     stage = worker.stage
     size = torch.empty((), dtype=stage.dtype).element_size()
     lora = {name: lora_token_bytes(stage, name) for name in worker.jobs}
+    grouped = grouped_targets(stage)
+    modules = stage.lora_modules()
+    targets = {name: tuple(sorted({path.rsplit(".", 1)[-1] for path, m in modules.items() if name in m.adapters()}))
+               for name in worker.jobs}
+    grouped_bytes = grouped_token_bytes(stage, grouped)
     generator = torch.Generator(worker.device).manual_seed(0)
     kept = inputs_kept_by_base(stage, worker.probe_inputs(micro_batches[0], generator)[1]) if micro_batches else ()
     inputs = {g: 0.0 if g in kept else b for g, b in input_token_bytes(stage.config, len(stage.layers_range()),
                                                                       size).items()}
-    modules = stage.lora_modules()
-    groups = {name: input_groups(path.rsplit(".", 1)[-1] for path, m in modules.items() if name in m.adapters())
-              for name in worker.jobs}
+    groups = {name: input_groups(targets[name]) for name in worker.jobs}
     per_length = rotary_position_bytes(stage.config, size) if len(stage.layers_range()) else 0.0
     head = head_token_bytes(stage)
     partial = MemoryModel(stage_index, 0, 0.0, 0.0, input_per_token=inputs, job_inputs=groups,
-                          per_length=per_length)
+                          per_length=per_length, grouped_per_token=grouped_bytes, job_targets=targets)
     base = []
     for (tokens, length, measured, losses), mb in zip(samples, micro_batches):
-        held = (sum(p.rows * length * lora.get(p.job, 0.0) for p in mb.parts) + tokens * partial.kept_inputs(mb.jobs)
-                + length * per_length + losses * head)
+        held = (sum(p.rows * length * lora.get(p.job, 0.0) for p in mb.parts) + length * per_length + losses * head
+                + tokens * (partial.kept_inputs(mb.jobs) + partial.grouped_lora(mb.jobs)))
         base.append((tokens, length, max(0, int(measured - held))))
     b1, b2 = bound_above(base, *fit_activation(base))
     job = {name: job_state_bytes(stage.adapter_parameters(name), stage.dtype) for name in worker.jobs}
@@ -378,7 +399,7 @@ def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> Memory
         static = static_bytes(stage)
     shares = {name: worker.jobs[name].loss_share() for name in worker.jobs}
     return MemoryModel(stage_index, static, b1, b2, job, tuple(samples), lora, inputs, groups, per_length, kept,
-                       head, shares)
+                       head, shares, grouped, grouped_bytes, targets)
 
 
 def head_token_bytes(stage: torch.nn.Module, positions: int = 64) -> float:
@@ -422,20 +443,47 @@ def static_bytes(stage: torch.nn.Module) -> int:
     return tensor_bytes(list(stage.parameters()) + list(stage.buffers()))
 
 
-def lora_token_bytes(stage: torch.nn.Module, name: str) -> float:
-    """Bytes job `name`'s LoRA keeps per token of its rows on this stage: x·Aᵀ, rank entries in the
-    compute dtype, at every module it targets (the operator saves it for B's gradient; x itself is
-    the base projection's input, kept anyway). The grouped path (CUDA) keeps every row at the
-    module's largest rank, padded to a multiple of 8: counted so, an upper bound."""
+def grouped_targets(stage: torch.nn.Module) -> tuple[str, ...]:
+    """The targets whose modules run the grouped path for this stage's compute dtype and device."""
+    out = set()
+    for path, module in stage.lora_modules().items():
+        probe_x = torch.empty(0, dtype=stage.dtype, device=module._device())
+        with warnings.catch_warnings():  # an explicit "grouped" that cannot run warns once, when it runs
+            warnings.simplefilter("ignore")
+            if module.resolve_path(probe_x) == "grouped":
+                out.add(path.rsplit(".", 1)[-1])
+    return tuple(sorted(out))
+
+
+def grouped_token_bytes(stage: torch.nn.Module, grouped: Iterable[str]) -> dict[str, float]:
+    """Per grouped target with adapters: x·Aᵀ per token at the modules' largest rank, padded to a
+    multiple of 8, on every layer of the stage, in the compute dtype."""
     size = torch.empty((), dtype=stage.dtype).element_size()
-    total = 0
-    for module in stage.lora_modules().values():
+    grouped = set(grouped)
+    out: dict[str, float] = {}
+    for path, module in stage.lora_modules().items():
+        target = path.rsplit(".", 1)[-1]
         names = module.adapters()
-        if name not in names:
-            continue
-        if module.path != "loop" and module._device().type == "cuda":
-            total += -(-max(module.lora_A[n].shape[0] for n in names) // 8) * 8 * size
-        else:
+        if target in grouped and names:
+            out[target] = out.get(target, 0.0) + padded_rank(max(module.lora_A[n].shape[0] for n in names)) * size
+    return out
+
+
+def padded_rank(rank: int) -> int:
+    """A rank as the grouped path stacks it: rounded up to a multiple of 8 (grouped_mm alignment)."""
+    return -(-rank // 8) * 8
+
+
+def lora_token_bytes(stage: torch.nn.Module, name: str) -> float:
+    """Bytes job `name`'s LoRA keeps per token of its rows on this stage's loop-path modules: x·Aᵀ,
+    rank entries in the compute dtype, at every such module it targets (the operator saves it for
+    B's gradient; x itself is counted with the inputs). Grouped-path modules are charged per
+    micro-batch instead (`grouped_token_bytes`)."""
+    size = torch.empty((), dtype=stage.dtype).element_size()
+    grouped = set(grouped_targets(stage))
+    total = 0
+    for path, module in stage.lora_modules().items():
+        if name in module.adapters() and path.rsplit(".", 1)[-1] not in grouped:
             total += module.lora_A[name].shape[0] * size
     return float(total)
 

@@ -35,7 +35,9 @@ from mlora_pp.control import (DECISION_LEAD, REQUESTS_EVERY, Change, ControlDir,
 from mlora_pp.data import DataError
 from mlora_pp.early_stop import EarlyStopping
 from mlora_pp.job import AdapterJob, StepStats, load_job
-from mlora_pp.memory import MemoryModel, admission_check, cut_message, human_bytes, input_groups, largest_micro
+from mlora_pp.memory import (
+    MemoryModel, admission_check, cut_message, human_bytes, input_groups, largest_micro, padded_rank,
+)
 from mlora_pp.model import StageModel
 from mlora_pp.schedule import (CostModel, JobSteps, Schedule, admission, build_schedule, choose_streams,
                                remaining_steps)
@@ -257,19 +259,29 @@ class Replanner:
                      loss_share: float) -> list[MemoryModel] | None:
         """`models` with a submitted job (from the model's shapes): its LoRA weights held for good,
         like every start-up job's, and its gradients and AdamW state while it runs; `loss_share`:
-        its `AdapterJob.loss_share`."""
+        its `AdapterJob.loss_share`. On grouped-path targets its rank can raise the module's padded
+        largest rank, which every micro-batch adapting that module then keeps."""
         if models is None:
             return None
         float32 = self.cfg.model.dtype == "float32"
         targets = list(config.target_modules)
         compute = 4 if float32 else 2  # bytes of the compute dtype, which x·Aᵀ is kept in
-        return [dataclasses.replace(
-            m, static=m.static + 4 * lora_params(self.stage.config, layers, config.rank, targets),
-            job={**m.job, config.name: lora_state_bytes(self.stage.config, layers, config.rank, targets, float32)},
-            lora_per_token={**m.lora_per_token, config.name: float(layers * len(targets) * config.rank * compute)},
-            job_inputs={**m.job_inputs, config.name: input_groups(targets)},
-            loss_share={**m.loss_share, config.name: loss_share})
-            for m, layers in zip(models, self.layers_per_stage)]
+
+        def with_job(m: MemoryModel, layers: int) -> MemoryModel:
+            grouped = [t for t in targets if t in m.grouped]  # x·Aᵀ at the module's padded largest rank
+            padded = float(layers * padded_rank(config.rank) * compute)
+            loop = len(targets) - len(grouped)
+            return dataclasses.replace(
+                m, static=m.static + 4 * lora_params(self.stage.config, layers, config.rank, targets),
+                job={**m.job, config.name: lora_state_bytes(self.stage.config, layers, config.rank, targets, float32)},
+                lora_per_token={**m.lora_per_token, config.name: float(layers * loop * config.rank * compute)},
+                grouped_per_token={**m.grouped_per_token, **{t: max(m.grouped_per_token.get(t, 0.0), padded)
+                                                              for t in grouped}},
+                job_targets={**m.job_targets, config.name: tuple(sorted(targets))},
+                job_inputs={**m.job_inputs, config.name: input_groups(targets)},
+                loss_share={**m.loss_share, config.name: loss_share})
+
+        return [with_job(m, layers) for m, layers in zip(models, self.layers_per_stage)]
 
     def _others_still_fit(self, name: str, models: list[MemoryModel] | None, cancelling: list[str],
                           submitted: list[AdapterJob], point: int) -> None:

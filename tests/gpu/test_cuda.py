@@ -1,7 +1,7 @@
 """GPU checks (issue 7): run only where CUDA is present, skipped cleanly elsewhere.
 
 Run on a GPU machine with ``python -m pytest -q tests/gpu``. The operator, nf4, training and dropout
-tests passed on one H100 on 2026-11-24; the head-loss, layer-kernel and paused-job tests (2026-12-06) have not
+tests passed on one H100 on 2026-11-24; the head-loss, layer-kernel, paused-job and memory-model tests (2026-12-06) have not
 run on a GPU yet.
 """
 
@@ -218,3 +218,34 @@ def test_a_paused_jobs_moments_leave_the_gpu_and_come_back_bit_for_bit():
     assert not paused.offloaded
     for a, b in zip(p1, p2):
         assert torch.equal(a, b)
+
+
+def test_the_predicted_peak_bounds_the_allocators_with_a_submitted_job_on_cuda(tmp_path):
+    """The memory model on the grouped path in bf16 (2026-12-06, not run on a GPU yet): o_proj's
+    input is what the attention kernel keeps, x·Aᵀ is kept at the padded largest rank, and a job
+    submitted with all 7 projections next to a q/v job stays under its predicted peak, which the
+    allocator's peak (not the CPU meter) measures here."""
+    import json
+
+    from mlora_pp.config import parse_config
+    from mlora_pp.control import ControlDir
+    from mlora_pp.tiny import make_tiny_model
+    from mlora_pp.training import train
+
+    model = make_tiny_model(tmp_path / "m", layers=2, init_std=0.06)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": "the of and to in is it you " * (2 + i % 5)}) + "\n" for i in range(32)))
+    job = {"data": str(data), "template": "plain", "lr": 3e-3, "batch_size": 4, "micro_batch_size": 2, "max_steps": 4}
+    ControlDir(tmp_path / "out").request("submit", {"job": dict(job, name="all", rank=12, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])})
+    raw = {"model": {"path": str(model), "dtype": "bfloat16"}, "output_dir": str(tmp_path / "out"),
+           "pipeline": {"memory_budget": 0.9},
+           "jobs": [dict(job, name="qv", rank=8, target_modules=["q_proj", "v_proj"])]}
+    cfg = parse_config(raw, "gpu.yaml")
+    result = train(cfg, progress=False)
+    assert result.steps == {"qv": 4, "all": 4}
+    memory = next(r for r in (json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").read_text().splitlines())
+                  if r.get("event") == "memory")
+    assert "o_proj" in memory["model"]["kept_by_base"] and memory["model"]["grouped"], memory["model"]
+    print("predicted", memory["predicted_peak_bytes"], "measured", memory["measured_peak_bytes"])
+    assert memory["measured_peak_bytes"] <= memory["predicted_peak_bytes"], memory

@@ -25,7 +25,8 @@ keeps anyway (`inputs_kept_by_base`, measured). r (`per_length`) is the rotary t
 per micro-batch. b1 and b2 are fitted by least squares (non-negative) to a few probe
 micro-batches of the run's own shapes, measured on this stage less their LoRA, inputs, tables
 and loss tokens, then scaled up until no probe is above them. The first stage's probes keep every layer's
-activations (`whole_graph`), so the model bounds micro-batches whose graph starts later.
+activations (`whole_graph`), so the model bounds micro-batches whose graph starts later. With
+`pipeline.recompute` a layer keeps its input only: c, i and the grouped terms are 0.
 
 Measured, for comparison: on CUDA the allocator's peak over the run
 (`torch.cuda.max_memory_allocated`); on CPU, which keeps no allocator statistics, the peak of
@@ -370,16 +371,20 @@ def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> Memory
     samples = probe(worker, micro_batches)
     stage = worker.stage
     size = torch.empty((), dtype=stage.dtype).element_size()
-    lora = {name: lora_token_bytes(stage, name) for name in worker.jobs}
-    grouped = grouped_targets(stage)
     modules = stage.lora_modules()
     targets = {name: tuple(sorted({path.rsplit(".", 1)[-1] for path, m in modules.items() if name in m.adapters()}))
                for name in worker.jobs}
-    grouped_bytes = grouped_token_bytes(stage, grouped)
-    generator = torch.Generator(worker.device).manual_seed(0)
-    kept = inputs_kept_by_base(stage, worker.probe_inputs(micro_batches[0], generator)[1]) if micro_batches else ()
-    inputs = {g: 0.0 if g in kept else b for g, b in input_token_bytes(stage.config, len(stage.layers_range()),
-                                                                      size).items()}
+    inputs = input_token_bytes(stage.config, len(stage.layers_range()), size)
+    if getattr(stage, "recompute", False):  # a layer keeps its input only: LoRA keeps nothing past it
+        lora, grouped, grouped_bytes, kept = dict.fromkeys(worker.jobs, 0.0), (), {}, ()
+        inputs = dict.fromkeys(inputs, 0.0)
+    else:
+        lora = {name: lora_token_bytes(stage, name) for name in worker.jobs}
+        grouped = grouped_targets(stage)
+        grouped_bytes = grouped_token_bytes(stage, grouped)
+        generator = torch.Generator(worker.device).manual_seed(0)
+        kept = inputs_kept_by_base(stage, worker.probe_inputs(micro_batches[0], generator)[1]) if micro_batches else ()
+        inputs = {g: 0.0 if g in kept else b for g, b in inputs.items()}
     groups = {name: input_groups(targets[name]) for name in worker.jobs}
     per_length = rotary_position_bytes(stage.config, size) if len(stage.layers_range()) else 0.0
     head = head_token_bytes(stage)

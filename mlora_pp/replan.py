@@ -270,7 +270,7 @@ class Replanner:
         def with_job(m: MemoryModel, layers: int) -> MemoryModel:
             grouped = [t for t in targets if t in m.grouped]  # x·Aᵀ at the module's padded largest rank
             padded = float(layers * padded_rank(config.rank) * compute)
-            loop = len(targets) - len(grouped)
+            loop = 0 if self.stage.recompute else len(targets) - len(grouped)  # recomputed: nothing kept
             return dataclasses.replace(
                 m, static=m.static + 4 * lora_params(self.stage.config, layers, config.rank, targets),
                 job={**m.job, config.name: lora_state_bytes(self.stage.config, layers, config.rank, targets, float32)},

@@ -301,10 +301,11 @@ def probe(worker, micro_batches: Sequence[MicroBatch]) -> list[tuple[int, int, i
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        with whole_graph(stage), meter.measure() as held:
-            out, total, _ = worker._compute(mb, x, where, batch)
-            held.add_graph(out if total is None else total)
-        worker.probe_backward(out, total, generator)
+        with whole_graph(stage):  # through the backward too: recompute re-runs the layers' forwards there
+            with meter.measure() as held:
+                out, total, _ = worker._compute(mb, x, where, batch)
+                held.add_graph(out if total is None else total)
+            worker.probe_backward(out, total, generator)
         if cuda:
             torch.cuda.synchronize(device)
             measured = torch.cuda.max_memory_allocated(device) - base
@@ -321,17 +322,18 @@ def probe(worker, micro_batches: Sequence[MicroBatch]) -> list[tuple[int, int, i
 
 @contextlib.contextmanager
 def whole_graph(stage: torch.nn.Module) -> Iterator[None]:
-    """While probing the first stage, its embedding's output requires grad, so autograd keeps every
-    layer's activations from the first. In training the graph starts at the first projection a
+    """While probing the first stage, the first layer's attention input requires grad, so autograd
+    keeps every layer's activations from there, as for jobs that adapt q, k or v (nothing before
+    those projections ever needs a gradient). In training the graph starts at the first projection a
     micro-batch's jobs adapt, and a micro-batch whose jobs adapt only later ones keeps less on the
     first layer (up to a layer's activations, for jobs on down_proj alone): probes of such jobs
     would under-predict a micro-batch of jobs that adapt q_proj. So the model bounds every
-    micro-batch from above."""
-    embed = getattr(stage, "embed_tokens", None)
-    if embed is None:
+    micro-batch from above, and exactly where some job adapts q, k or v."""
+    if getattr(stage, "embed_tokens", None) is None or not len(stage.layers_range()):
         yield
         return
-    handle = embed.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    norm = stage.layers[str(stage.layers_range()[0])].input_layernorm
+    handle = norm.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
     try:
         yield
     finally:

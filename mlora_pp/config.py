@@ -356,6 +356,14 @@ def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> 
                 raise err(f"{at}.early_stop_patience", "needs eval_every and eval_data (evaluations to compare)")
 
 
+def human_bytes(n: float) -> str:
+    """Bytes as people read them: 23.3 MiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 def budget_spec(value: float | str) -> tuple[str, float]:
     """("bytes", n) or ("fraction", x) from a `pipeline.memory_budget` value; ValueError if neither."""
     if isinstance(value, str):

@@ -616,11 +616,6 @@ def device_capacity(device: torch.device) -> int:
     return min(limits)
 
 
-def human_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
 
 
 def budget_bytes(value: float | str, device: torch.device) -> int:

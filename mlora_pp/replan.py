@@ -29,14 +29,14 @@ from typing import Any, Callable
 
 from mlora_pp import stopping
 from mlora_pp.checkpoint import ManifestWriter, StageSaver, due, resume_fields
-from mlora_pp.config import ConfigError, JobConfig, RunConfig, parse_config
+from mlora_pp.config import ConfigError, JobConfig, RunConfig, human_bytes, parse_config
 from mlora_pp.control import (DECISION_LEAD, REQUESTS_EVERY, Change, ControlDir, PlanChannel, Request, config_mapping,
                               validate_submission)
 from mlora_pp.data import DataError
 from mlora_pp.early_stop import EarlyStopping
 from mlora_pp.job import AdapterJob, StepStats, load_job
 from mlora_pp.memory import (
-    MemoryModel, admission_check, cut_message, human_bytes, input_groups, largest_micro, padded_rank,
+    MemoryModel, admission_check, cut_message, input_groups, largest_micro, padded_rank,
 )
 from mlora_pp.model import StageModel
 from mlora_pp.schedule import (CostModel, JobSteps, Schedule, admission, build_schedule, choose_streams,

@@ -2,8 +2,10 @@
 
 ``python -m launcher status OUTPUT_DIR`` shows every job's state, step/total, last loss, last
 gradient norm (jobs with `max_grad_norm`), latest held-out loss (jobs with `eval_data`), tokens/s
-and ETA, and its priority under `admission: priority`; ``--watch SECONDS`` refreshes it in place
-until the run is done, ``--json`` prints it for scripts. The file is append-only and a resumed run appends to it: the latest ``run`` line starts the
+and ETA, and its priority under `admission: priority`; under the table, each stage's predicted
+(and, once the run is done, measured) peak memory. ``--watch SECONDS`` refreshes it in place
+until the run is done, ``--json`` prints it for scripts. The file is append-only and a resumed
+run appends to it: the latest ``run`` line starts the
 current run, whose records alone give the speeds, while steps and losses carry over. Unknown events
 and unreadable lines (a line cut short by a crash) are skipped. A run without its ``done`` line is
 "running" while its rank 0 holds the output_dir's lock (`mlora_pp.run_lock`) and "stopped" once no
@@ -20,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlora_pp.config import human_bytes
 from mlora_pp.run_lock import LOCK_NAME
 from mlora_pp.run_lock import holder as lock_holder
 
@@ -54,6 +57,17 @@ class JobStatus:
 
 
 @dataclass
+class StageMemory:
+    """One stage's memory: the start-up plan's predicted peak (from the run line), and once the run
+    is done the predicted peak over every plan it went through and the measured one (its `memory`
+    line); bytes."""
+
+    stage: int
+    predicted_bytes: int | None = None
+    measured_bytes: int | None = None
+
+
+@dataclass
 class RunStatus:
     """A run: `state` is "finished" (a done line after the latest run line), "running", or "stopped"
     (no done line, and no process holds the output_dir's lock: the run ended without finishing)."""
@@ -71,6 +85,8 @@ class RunStatus:
     """How many runs (a fresh start and each resume) the file holds; 0 for a file without run lines."""
     admission: str | None = None
     stages: int | None = None
+    memory_budget_bytes: int | None = None
+    memory: list[StageMemory] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -184,6 +200,11 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
             status.admission = record.get("admission") if isinstance(record.get("admission"), str) else None
             stages = record.get("stages")
             status.stages = stages if isinstance(stages, int) else None
+            budget = record.get("memory_budget_bytes")
+            status.memory_budget_bytes = budget if isinstance(budget, int) else None
+            peaks = record.get("predicted_peak_bytes")
+            status.memory = [StageMemory(i, p if isinstance(p, int) else None)
+                             for i, p in enumerate(peaks if isinstance(peaks, list) else [])]
             declared = record.get("jobs") if isinstance(record.get("jobs"), dict) else {}
             run_jobs = [str(n) for n in declared]
             for n, info in declared.items():
@@ -217,6 +238,12 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
             job(name).priority = record["priority"]
         elif event == "done":
             done, done_at = True, t if t is not None else status.last_record_s
+        elif event == "memory" and isinstance(record.get("rank"), int) and record["rank"] >= 0:
+            rank = record["rank"]
+            status.memory += [StageMemory(i) for i in range(len(status.memory), rank + 1)]
+            for key, attr in (("predicted_peak_bytes", "predicted_bytes"), ("measured_peak_bytes", "measured_bytes")):
+                if isinstance(record.get(key), int):
+                    setattr(status.memory[rank], attr, record[key])
         elif event == "eval" and isinstance(name, str) and _number(record.get("eval_loss")) is not None:
             j = job(name)
             j.eval_loss = _number(record.get("eval_loss"))
@@ -231,7 +258,7 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
             if t is not None:
                 tokens = record.get("tokens")
                 j.steps_times.append((t, tokens if isinstance(tokens, int) else 0))
-        # every other event (stage, balance, memory, anything newer) only dates the run
+        # every other event (stage, balance, anything newer) only dates the run
         if t is not None:
             run_times = True
             status.last_record_s = t if status.last_record_s is None else max(status.last_record_s, t)
@@ -321,10 +348,24 @@ def render(status: RunStatus):
             _duration(job.eta_s),
             job.state,
         )
-    reasons = [f"{job.name}: {job.reason}" for job in status.jobs if job.reason]
-    if reasons:
-        table.caption = "\n".join(reasons)
+    lines = [f"{job.name}: {job.reason}" for job in status.jobs if job.reason]
+    if status.memory:
+        lines.append(memory_line(status))
+    if lines:
+        table.caption = "\n".join(lines)
     return table
+
+
+def memory_line(status: RunStatus) -> str:
+    """"memory: stage 0 predicted 23.3 MiB, measured 23.3 MiB; stage 1 ... (budget 1.0 GiB)"."""
+    parts = []
+    for m in status.memory:
+        part = f"stage {m.stage} predicted " + ("-" if m.predicted_bytes is None else human_bytes(m.predicted_bytes))
+        if m.measured_bytes is not None:
+            part += f", measured {human_bytes(m.measured_bytes)}"
+        parts.append(part)
+    budget = "" if status.memory_budget_bytes is None else f" (budget {human_bytes(status.memory_budget_bytes)})"
+    return "memory: " + "; ".join(parts) + budget
 
 
 def main(argv: list[str]) -> int:

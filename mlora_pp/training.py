@@ -34,7 +34,7 @@ from mlora_pp.checkpoint import (
     checkpoint_weights, clear_stale, newest_checkpoint, plan_resume, read_checkpoint, restore, step_dir,
     unseen_markers, write_file, write_share_marker,
 )
-from mlora_pp.config import ConfigError, RunConfig, parse_config
+from mlora_pp.config import ConfigError, RunConfig, human_bytes, parse_config
 from mlora_pp.control import CONTROL, Accepted, ControlDir, PlanChannel, config_mapping
 from mlora_pp.data import DataError
 from mlora_pp.early_stop import EarlyStopping
@@ -42,7 +42,7 @@ from mlora_pp.grad_norm import GradNormChannel
 from mlora_pp.job import AdapterJob, EvalDataError, load_job
 from mlora_pp.lora import warm_up_dropout
 from mlora_pp.memory import (
-    MemoryModel, SavedTensorMeter, admission_check, budget_bytes, cut_message, fit, human_bytes, largest_micro,
+    MemoryModel, SavedTensorMeter, admission_check, budget_bytes, cut_message, fit, largest_micro,
     predicted_peak, probe_micro_batches, process_peak_rss, static_bytes,
 )
 from mlora_pp.metrics import MetricsLog, ProgressBoard
@@ -594,6 +594,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
                                                           "priority": c.priority} for c in cfg.jobs},
                        "admission": cfg.pipeline.admission, "stages": env.world, "schedule": cfg.pipeline.schedule,
                        "memory_budget_bytes": memory.budget if memory is not None else None,
+                       "predicted_peak_bytes": ([int(predicted_peak(m, memory.schedule, i)) for i, m in
+                                                 enumerate(memory.models)] if memory is not None else None),
                        "streams": memory.streams if memory is not None else cfg.pipeline.streams,
                        "hide_latency": memory.hide_latency if memory is not None else cfg.pipeline.hide_latency is True,
                        "fusion_probe": [asdict(p) for p in memory.fusion] if memory is not None else [],

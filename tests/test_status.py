@@ -36,6 +36,11 @@ def by_name(status):
     return {job.name: job for job in status.jobs}
 
 
+def words(text: str) -> str:
+    """The text's words, one space apart: a table's caption wraps at its width."""
+    return " ".join(text.split())
+
+
 def table_text(status) -> str:
     console = Console(width=160, record=True, file=open("/dev/null", "w"))
     console.print(render(status))
@@ -307,6 +312,30 @@ def test_status_of_a_real_run(tmp_path):
         assert got[name].state == "done" or (got[name].total_steps is None and got[name].state == "running")
     if status.runs:  # training writes run/done lines
         assert status.state == "finished" and all(j.state == "done" for j in status.jobs)
+    memory = [json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").read_text().splitlines()
+              if '"event": "memory"' in line]
+    assert [(m.predicted_bytes, m.measured_bytes) for m in status.memory] == [
+        (r["predicted_peak_bytes"], r["measured_peak_bytes"]) for r in memory]
+
+
+def test_memory_shows_the_plans_predicted_peaks_then_the_measured_ones(tmp_path):
+    MiB = 2**20
+    start = dict(run_line({"alpha": 2}), memory_budget_bytes=64 * MiB, predicted_peak_bytes=[30 * MiB, 20 * MiB])
+    running = write_metrics(tmp_path / "running", [start, step("alpha", 1, 1.0)])
+    status = read_status(running, now=WALL + 2)
+    assert [(m.stage, m.predicted_bytes, m.measured_bytes) for m in status.memory] == [
+        (0, 30 * MiB, None), (1, 20 * MiB, None)]
+    assert "memory: stage 0 predicted 30.0 MiB; stage 1 predicted 20.0 MiB (budget 64.0 MiB)" in words(table_text(status))
+    ended = [{"event": "memory", "rank": r, "predicted_peak_bytes": p, "measured_peak_bytes": m, "time": 2.0}
+             for r, p, m in ((0, 31 * MiB, 29 * MiB), (1, 20 * MiB, 19 * MiB))]
+    done = write_metrics(tmp_path / "done", [start, step("alpha", 1, 1.0), step("alpha", 2, 2.0), *ended,
+                                             {"event": "done", "time": 2.1}])
+    text = words(table_text(read_status(done)))
+    assert ("memory: stage 0 predicted 31.0 MiB, measured 29.0 MiB; stage 1 predicted 20.0 MiB, measured 19.0 MiB "
+            "(budget 64.0 MiB)") in text
+    assert read_status(done).to_json()["memory"][0] == {"stage": 0, "predicted_bytes": 31 * MiB,
+                                                        "measured_bytes": 29 * MiB}
+    assert "memory: stage" not in words(table_text(read_status(write_metrics(tmp_path / "none", [run_line({"alpha": 1})]))))
 
 
 def test_a_paused_job_shows_paused_until_its_next_step(tmp_path):

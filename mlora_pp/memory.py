@@ -24,9 +24,11 @@ the model's widths), and in admission for each input of the running jobs; 0 for 
 keeps anyway (`inputs_kept_by_base`, measured). r (`per_length`) is the rotary tables, kept once
 per micro-batch. b1 and b2 are fitted by least squares (non-negative) to a few probe
 micro-batches of the run's own shapes, measured on this stage less their LoRA, inputs, tables
-and loss tokens, then scaled up until no probe is above them. The first stage's probes keep every layer's
-activations (`whole_graph`), so the model bounds micro-batches whose graph starts later. With
-`pipeline.recompute` a layer keeps its input only: c, i and the grouped terms are 0.
+and loss tokens, then scaled up until no probe is above them. The first stage's probes keep
+every layer's activations from the first layer's attention input (`whole_graph`), so the model
+bounds micro-batches whose graph starts later. On the grouped path (CUDA) x·Aᵀ is charged per
+micro-batch and module instead of c (`grouped_per_token`). With `pipeline.recompute` a layer
+keeps its input only: c, i and the grouped terms are 0.
 
 Measured, for comparison: on CUDA the allocator's peak over the run
 (`torch.cuda.max_memory_allocated`); on CPU, which keeps no allocator statistics, the peak of
@@ -107,7 +109,6 @@ class MemoryModel:
     loss_share: dict[str, float] = field(default_factory=dict)
     """Each job's largest share of loss tokens among a micro-batch's padded tokens
     (`AdapterJob.loss_share`; 1 for a job not listed): a part costs h x share per padded token."""
-
     grouped: tuple[str, ...] = ()
     """Targets whose modules run the grouped path (CUDA by default): there x·Aᵀ is kept for every
     row of a micro-batch from the first to the last row of a job adapting the module, at the
@@ -141,7 +142,8 @@ class MemoryModel:
     def micro_bytes(self, mb: MicroBatch) -> float:
         """Bytes autograd keeps for micro-batch `mb`, its parts' LoRA included."""
         tokens, length = micro_shape(mb)
-        return self.activation(tokens, length) + tokens * (self.kept_inputs(mb.jobs) + self.grouped_lora(mb.jobs)) + sum(
+        per_micro_batch = self.kept_inputs(mb.jobs) + self.grouped_lora(mb.jobs)
+        return self.activation(tokens, length) + tokens * per_micro_batch + sum(
             p.rows * length * (self.lora_per_token.get(p.job, 0.0) + self.head_per_token(p.job)) for p in mb.parts)
 
     def peak(self, running: Iterable[str], in_flight: int, tokens: int, length: int) -> float:
@@ -289,7 +291,7 @@ def probe(worker, micro_batches: Sequence[MicroBatch]) -> list[tuple[int, int, i
     micro-batch's forward + backward on this stage:
     the allocator's peak above the start on CUDA, the storages autograd saved on CPU. Input
     activations of later stages are random (only their shape matters); gradients are cleared.
-    On the first stage the graph starts at the embedding (`whole_graph`)."""
+    On the first stage the graph starts at the first layer's attention input (`whole_graph`)."""
     stage, device = worker.stage, worker.device
     cuda = device.type == "cuda"
     meter = SavedTensorMeter(list(stage.parameters()) + list(stage.buffers()))

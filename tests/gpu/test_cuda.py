@@ -220,11 +220,14 @@ def test_a_paused_jobs_moments_leave_the_gpu_and_come_back_bit_for_bit():
         assert torch.equal(a, b)
 
 
-def test_the_predicted_peak_bounds_the_allocators_with_a_submitted_job_on_cuda(tmp_path):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_the_predicted_peak_bounds_the_allocators_with_a_submitted_job_on_cuda(tmp_path, recompute):
     """The memory model on the grouped path in bf16 (2026-12-06, not run on a GPU yet): o_proj's
     input is what the attention kernel keeps, x·Aᵀ is kept at the padded largest rank, and a job
     submitted with all 7 projections next to a q/v job stays under its predicted peak, which the
-    allocator's peak (not the CPU meter) measures here."""
+    allocator's peak (not the CPU meter) measures here. Under recompute the probes' peak holds the
+    backward's transient (one layer recomputed), which the model then charges per micro-batch in
+    flight: the printed ratio says how far above that puts it."""
     import json
 
     from mlora_pp.config import parse_config
@@ -239,13 +242,15 @@ def test_the_predicted_peak_bounds_the_allocators_with_a_submitted_job_on_cuda(t
     ControlDir(tmp_path / "out").request("submit", {"job": dict(job, name="all", rank=12, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])})
     raw = {"model": {"path": str(model), "dtype": "bfloat16"}, "output_dir": str(tmp_path / "out"),
-           "pipeline": {"memory_budget": 0.9},
+           "pipeline": {"memory_budget": 0.9, "recompute": recompute},
            "jobs": [dict(job, name="qv", rank=8, target_modules=["q_proj", "v_proj"])]}
     cfg = parse_config(raw, "gpu.yaml")
     result = train(cfg, progress=False)
     assert result.steps == {"qv": 4, "all": 4}
     memory = next(r for r in (json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").read_text().splitlines())
                   if r.get("event") == "memory")
-    assert "o_proj" in memory["model"]["kept_by_base"] and memory["model"]["grouped"], memory["model"]
-    print("predicted", memory["predicted_peak_bytes"], "measured", memory["measured_peak_bytes"])
+    if not recompute:  # under recompute neither is measured: LoRA keeps nothing past a layer's input
+        assert "o_proj" in memory["model"]["kept_by_base"] and memory["model"]["grouped"], memory["model"]
+    print(f"recompute {recompute}: predicted {memory['predicted_peak_bytes']}, measured "
+          f"{memory['measured_peak_bytes']} ({memory['predicted_peak_bytes'] / memory['measured_peak_bytes']:.3f}x)")
     assert memory["measured_peak_bytes"] <= memory["predicted_peak_bytes"], memory

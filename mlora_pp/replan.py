@@ -36,7 +36,7 @@ from mlora_pp.data import DataError
 from mlora_pp.early_stop import EarlyStopping
 from mlora_pp.job import AdapterJob, StepStats, load_job
 from mlora_pp.memory import (
-    MemoryModel, admission_check, cut_message, input_groups, largest_micro, padded_rank,
+    MemoryModel, admission_check, cut_message, input_groups, largest_micro, padded_rank, predicted_peak,
 )
 from mlora_pp.model import StageModel
 from mlora_pp.schedule import (CostModel, JobSteps, Schedule, admission, build_schedule, choose_streams,
@@ -145,7 +145,8 @@ class Replanner:
     control: ControlDir | None = None  # rank 0
     manifests: ManifestWriter | None = None  # rank 0
     on_change: Callable[[str, dict], None] | None = None
-    """Rank 0: (event, fields) for metrics and the progress table ("submitted", "cancelled", "rejected")."""
+    """Rank 0: (event, fields) for metrics and the progress table ("submitted", "cancelled", "rejected",
+    "plan": a new plan's predicted peak per stage, ...)."""
     job_order: list[str] = field(default_factory=list)
     """Job names by record index, shared with the step-record sender and inbox (extended alike)."""
     cancelled: dict[str, int] = field(default_factory=dict)
@@ -174,6 +175,9 @@ class Replanner:
         if not self.schedules or self.schedules[-1] is not schedule:
             self.schedules.append(schedule)
             self.plan_models.append(self.models)
+            if self.on_change is not None and self.models is not None and len(self.schedules) > 1:
+                self.on_change("plan", {"predicted_peak_bytes": [int(predicted_peak(m, schedule, i))
+                                                                 for i, m in enumerate(self.models)]})
         count = len(schedule.micro_batches)
         return list(range(DECISION_LEAD, count)) + [count]
 

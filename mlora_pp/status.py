@@ -58,9 +58,9 @@ class JobStatus:
 
 @dataclass
 class StageMemory:
-    """One stage's memory: the start-up plan's predicted peak (from the run line), and once the run
-    is done the predicted peak over every plan it went through and the measured one (its `memory`
-    line); bytes."""
+    """One stage's memory: the current plan's predicted peak (from the run line, then each `plan`
+    line: a change of plan), and once the run is done the predicted peak over every plan it went
+    through and the measured one (its `memory` line); bytes."""
 
     stage: int
     predicted_bytes: int | None = None
@@ -238,6 +238,9 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
             job(name).priority = record["priority"]
         elif event == "done":
             done, done_at = True, t if t is not None else status.last_record_s
+        elif event == "plan" and isinstance(record.get("predicted_peak_bytes"), list):  # a change of plan
+            status.memory = [StageMemory(i, p if isinstance(p, int) else None)
+                             for i, p in enumerate(record["predicted_peak_bytes"])]
         elif event == "memory" and isinstance(record.get("rank"), int) and record["rank"] >= 0:
             rank = record["rank"]
             status.memory += [StageMemory(i) for i in range(len(status.memory), rank + 1)]

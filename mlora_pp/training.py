@@ -630,7 +630,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         ControlDir(cfg.output_dir).write_config(cfg)
 
     def changed(event: str, fields: dict) -> None:
-        """Rank 0: a job submitted, cancelled, paused or a request rejected mid-run."""
+        """Rank 0: a job submitted, cancelled, paused, a request rejected or a new plan mid-run."""
         metrics.write({"event": event, **fields, "time": time.perf_counter() - start})
         if event == "submitted":
             board.add(fields["job"], fields["total_steps"])
@@ -640,6 +640,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
             print(f"[{fields['job']}] priority {fields['priority']}", flush=True)
         elif event == "cancelled":
             board.mark(fields["job"], f"cancelled at step {fields['step']}")
+        elif event == "plan":  # its predicted peaks, for `launcher status`
+            pass
         elif event == "early_stopped":
             board.mark(fields["job"], f"stopped early at step {fields['step']} (adapter: step {fields['best_step']}, "
                                       f"held-out loss {fields['best_eval_loss']:.4f})")

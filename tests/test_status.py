@@ -326,6 +326,9 @@ def test_memory_shows_the_plans_predicted_peaks_then_the_measured_ones(tmp_path)
     assert [(m.stage, m.predicted_bytes, m.measured_bytes) for m in status.memory] == [
         (0, 30 * MiB, None), (1, 20 * MiB, None)]
     assert "memory: stage 0 predicted 30.0 MiB; stage 1 predicted 20.0 MiB (budget 64.0 MiB)" in words(table_text(status))
+    replanned = write_metrics(tmp_path / "replanned", [start, step("alpha", 1, 1.0), {
+        "event": "plan", "predicted_peak_bytes": [33 * MiB, 21 * MiB], "time": 1.1}])  # a job submitted mid-run
+    assert [m.predicted_bytes for m in read_status(replanned).memory] == [33 * MiB, 21 * MiB]
     ended = [{"event": "memory", "rank": r, "predicted_peak_bytes": p, "measured_peak_bytes": m, "time": 2.0}
              for r, p, m in ((0, 31 * MiB, 29 * MiB), (1, 20 * MiB, 19 * MiB))]
     done = write_metrics(tmp_path / "done", [start, step("alpha", 1, 1.0), step("alpha", 2, 2.0), *ended,

@@ -5,9 +5,10 @@ happens, every job ends with the adapter it has in a run where nothing happened.
 The other tests place each kind of change at one chosen moment; this one draws the moments, the
 kinds and the run's settings from a seed, so combinations nobody wrote down get run too (a job
 paused, then cancelled; a submission that crowds a paused job; a priority raised on a waiting
-job...), a quarter of them with `pipeline.recompute`. Jobs are independent, so a job's adapter
-may depend only on its own config: a job never cancelled must end as in the reference run, and a
-job cancelled after k steps with the reference's checkpoint at step k.
+job...), a quarter of them with `pipeline.recompute` (on one rank the budget is scaled to what one
+job alone needs under recompute, where activations are smaller). Jobs are independent, so a
+job's adapter may depend only on its own config: a job never cancelled must end as in the
+reference run, and a job cancelled after k steps with the reference's checkpoint at step k.
 `MLORA_PP_RANDOM_CHANGES=N` (`..._TWO=N` on two ranks) runs seeds 0 to N-1 instead of the CI's
 few, picked for what they reach with the draws as they are: pauses (3, 14, 37), cancellations
 under way (12, and 52 with recompute) and submissions (all of them); on two ranks, where the
@@ -67,18 +68,19 @@ def pool(workspace) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference(workspace):
-    """Every job from the start, no budget, a checkpoint after every step (kept): (output dir, need)
-    where need(names) is the predicted peak of those jobs under way together."""
-    cfg = parse_config(make_raw(workspace, pool(workspace), "reference"), "test.yaml")
-    train(cfg, progress=False)
-    records = [json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").read_text().splitlines()]
-    model = MemoryModel(**next(r for r in records if r.get("event") == "memory")["model"])
-    steps = [j.job_steps() for j in prepare_jobs(cfg, load_tokenizer(workspace[1])).values()]
-
-    def need(names: set[str]) -> float:
-        return model.peak(names, 1, *largest_micro(steps, names, 1, "lora", True))
-
-    return cfg.output_dir, need
+    """Every job from the start, no budget, a checkpoint after every step (kept): (output dir, need,
+    need under recompute) where need(names) is the predicted peak of those jobs under way together
+    (under recompute: from a second run's memory model; its adapters are the same, bit for bit)."""
+    needs = []
+    for out, recompute in (("reference", False), ("reference-recompute", True)):
+        cfg = parse_config(make_raw(workspace, pool(workspace), out, recompute=recompute), "test.yaml")
+        train(cfg, progress=False)
+        records = [json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").read_text().splitlines()]
+        model = MemoryModel(**next(r for r in records if r.get("event") == "memory")["model"])
+        steps = [j.job_steps() for j in prepare_jobs(cfg, load_tokenizer(workspace[1])).values()]
+        needs.append(lambda names, model=model, steps=steps: model.peak(
+            names, 1, *largest_micro(steps, names, 1, "lora", True)))
+    return workspace[0] / "reference", needs[0], needs[1]
 
 
 def inject_at(monkeypatch, requests: dict[int, list]) -> list:
@@ -119,7 +121,7 @@ class Trial:
                 f"recompute {self.recompute}, requests {asked}")
 
 
-def draw(seed: int, workspace, need) -> Trial:
+def draw(seed: int, workspace, need, need_recompute=None) -> Trial:
     rnd = random.Random(seed)
     jobs = pool(workspace)
     rnd.shuffle(jobs)
@@ -141,6 +143,10 @@ def draw(seed: int, workspace, need) -> Trial:
     for _ in range(rnd.randint(0, 3)):
         requests.append((rnd.randint(0, 60), "priority", {"name": rnd.choice(names), "priority": rnd.randint(0, 9)}))
     recompute = rnd.random() < 0.25  # drawn last, so the draws above are as the seeds were picked for
+    if recompute and need_recompute is not None:  # the same budget relative to one job alone, under recompute
+        alone_recompute = max(need_recompute({n}) for n in names)
+        budget = None if budget is None else int(budget * alone_recompute / alone)
+        alone = alone_recompute
     return Trial(seed, jobs, initial, admission, budget, preempt, requests, alone, recompute)
 
 
@@ -193,8 +199,8 @@ def run_config(workspace, trial: Trial, out: Path) -> dict:
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_changes_leave_every_job_as_in_a_run_without_them(workspace, reference, monkeypatch, seed):
-    ref_out, need = reference
-    trial = draw(seed, workspace, need)
+    ref_out, need, need_recompute = reference
+    trial = draw(seed, workspace, need, need_recompute)
     out = workspace[0] / f"random-{seed}"
     control = ControlDir(out)
     by_action: dict[int, list] = {}

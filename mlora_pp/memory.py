@@ -94,8 +94,6 @@ class MemoryModel:
     """Bytes each job's LoRA keeps per token of its rows (c[j] in the module docstring)."""
     input_per_token: dict[str, float] = field(default_factory=dict)
     """Bytes per token of each projection input (`INPUT_OF`) that LoRA keeps for a micro-batch."""
-    job_inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    """The inputs each job's targets read (`input_groups`)."""
     per_length: float = 0.0
     """Bytes per position of a micro-batch's padded length, once per micro-batch: the rotary
     tables (cos and sin, [L, head_dim]) that every layer's attention keeps, shared by its rows."""
@@ -118,7 +116,7 @@ class MemoryModel:
     """Per grouped target with adapters: bytes per token of a micro-batch in which some job adapts
     it (every row counted: an upper bound)."""
     job_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    """The projections each job adapts."""
+    """The projections each job adapts (the inputs they read: `INPUT_OF`)."""
 
     def grouped_lora(self, jobs: Iterable[str]) -> float:
         """Bytes per token the grouped path keeps for a micro-batch holding rows of `jobs`."""
@@ -131,7 +129,7 @@ class MemoryModel:
 
     def kept_inputs(self, jobs: Iterable[str]) -> float:
         """Bytes per token of the inputs kept for a micro-batch holding rows of `jobs`."""
-        groups = {g for j in jobs for g in self.job_inputs.get(j, ())}
+        groups = {g for j in jobs for g in input_groups(self.job_targets.get(j, ()))}
         return sum(self.input_per_token.get(g, 0.0) for g in groups)
 
     def activation(self, tokens: int, length: int) -> float:
@@ -383,17 +381,15 @@ def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> Memory
         lora, grouped, grouped_bytes, kept = dict.fromkeys(worker.jobs, 0.0), (), {}, ()
         inputs = dict.fromkeys(inputs, 0.0)
     else:
-        lora = {name: lora_token_bytes(stage, name) for name in worker.jobs}
         grouped = grouped_targets(stage)
+        lora = {name: lora_token_bytes(stage, name, grouped) for name in worker.jobs}
         grouped_bytes = grouped_token_bytes(stage, grouped)
         generator = torch.Generator(worker.device).manual_seed(0)
         kept = inputs_kept_by_base(stage, worker.probe_inputs(micro_batches[0], generator)[1]) if micro_batches else ()
         inputs = {g: 0.0 if g in kept else b for g, b in inputs.items()}
-    groups = {name: input_groups(targets[name]) for name in worker.jobs}
     per_length = rotary_position_bytes(stage.config, size) if len(stage.layers_range()) else 0.0
     head = head_token_bytes(stage)
-    partial = MemoryModel(stage_index, 0, 0.0, 0.0, input_per_token=inputs, job_inputs=groups,
-                          per_length=per_length, grouped_per_token=grouped_bytes, job_targets=targets)
+    partial = MemoryModel(stage_index, 0, 0.0, 0.0, input_per_token=inputs, per_length=per_length, grouped_per_token=grouped_bytes, job_targets=targets)
     base = []
     for (tokens, length, measured, losses), mb in zip(samples, micro_batches):
         held = (sum(p.rows * length * lora.get(p.job, 0.0) for p in mb.parts) + length * per_length + losses * head
@@ -407,8 +403,8 @@ def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> Memory
     else:
         static = static_bytes(stage)
     shares = {name: worker.jobs[name].loss_share() for name in worker.jobs}
-    return MemoryModel(stage_index, static, b1, b2, job, tuple(samples), lora, inputs, groups, per_length, kept,
-                       head, shares, grouped, grouped_bytes, targets)
+    return MemoryModel(stage_index, static, b1, b2, job, tuple(samples), lora, inputs, per_length, kept, head,
+                       shares, grouped, grouped_bytes, targets)
 
 
 def head_token_bytes(stage: torch.nn.Module, positions: int = 64) -> float:
@@ -483,13 +479,13 @@ def padded_rank(rank: int) -> int:
     return -(-rank // 8) * 8
 
 
-def lora_token_bytes(stage: torch.nn.Module, name: str) -> float:
+def lora_token_bytes(stage: torch.nn.Module, name: str, grouped: Iterable[str]) -> float:
     """Bytes job `name`'s LoRA keeps per token of its rows on this stage's loop-path modules: x·Aᵀ,
     rank entries in the compute dtype, at every such module it targets (the operator saves it for
     B's gradient; x itself is counted with the inputs). Grouped-path modules are charged per
-    micro-batch instead (`grouped_token_bytes`)."""
+    micro-batch instead (`grouped_token_bytes`); `grouped`: `grouped_targets(stage)`."""
     size = torch.empty((), dtype=stage.dtype).element_size()
-    grouped = set(grouped_targets(stage))
+    grouped = set(grouped)
     total = 0
     for path, module in stage.lora_modules().items():
         if name in module.adapters() and path.rsplit(".", 1)[-1] not in grouped:

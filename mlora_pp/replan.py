@@ -36,7 +36,7 @@ from mlora_pp.data import DataError
 from mlora_pp.early_stop import EarlyStopping
 from mlora_pp.job import AdapterJob, StepStats, load_job
 from mlora_pp.memory import (
-    MemoryModel, admission_check, cut_message, input_groups, largest_micro, padded_rank, predicted_peak,
+    MemoryModel, admission_check, cut_message, largest_micro, padded_rank, predicted_peak,
 )
 from mlora_pp.model import StageModel
 from mlora_pp.schedule import (CostModel, JobSteps, Schedule, admission, build_schedule, choose_streams,
@@ -282,7 +282,6 @@ class Replanner:
                 grouped_per_token={**m.grouped_per_token, **{t: max(m.grouped_per_token.get(t, 0.0), padded)
                                                               for t in grouped}},
                 job_targets={**m.job_targets, config.name: tuple(sorted(targets))},
-                job_inputs={**m.job_inputs, config.name: input_groups(targets)},
                 loss_share={**m.loss_share, config.name: loss_share})
 
         return [with_job(m, layers) for m, layers in zip(models, self.layers_per_stage)]

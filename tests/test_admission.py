@@ -177,7 +177,7 @@ def test_a_micro_batch_is_charged_its_own_jobs_lora_and_admission_the_costliest(
     assert model.peak({"cheap", "dear"}, 2, 40, 20) == 1000 + 200 + 2 * (400 + 40 * 3.0)
     # the inputs LoRA keeps whole: once per micro-batch for every input some part's job reads
     wide = dataclasses.replace(model, input_per_token={"attention": 5.0, "mlp": 7.0, "down_proj": 11.0},
-                               job_inputs={"cheap": ("attention",), "dear": ("attention", "down_proj")})
+                               job_targets={"cheap": ("q_proj",), "dear": ("v_proj", "down_proj")})
     assert {mb.jobs: wide.micro_bytes(mb) for mb in schedule.micro_batches} == {
         ("cheap",): costs[("cheap",)] + 40 * 5.0, ("dear",): costs[("dear",)] + 40 * (5.0 + 11.0)}
     assert wide.peak({"cheap", "dear"}, 2, 40, 20) == 1000 + 200 + 2 * (400 + 40 * (3.0 + 5.0 + 11.0))
@@ -397,7 +397,7 @@ def test_a_submitted_job_is_cut_to_fit_the_budget_or_rejected(workspace, capsys)
         lora = 4 * len(job["target_modules"]) * job["rank"] * 4  # x·Aᵀ in fp32, per token, 4 layers
         m = MemoryModel(0, model.static + weights + extra_static, model.per_token, model.per_token_length,
                         {job["name"]: 12 * params}, lora_per_token={job["name"]: lora},
-                        input_per_token=model.input_per_token, job_inputs={job["name"]: input_groups(job["target_modules"])},
+                        input_per_token=model.input_per_token, job_targets={job["name"]: tuple(job["target_modules"])},
                         per_length=model.per_length, loss_token_bytes=model.loss_token_bytes,
                         loss_share={job["name"]: prepared[0].loss_share()})
         return m.peak({job["name"]}, 1, *largest_micro(steps, {job["name"]}, 1, "lora", True))

@@ -28,19 +28,24 @@ and loss tokens, then scaled up until no probe is above them. The first stage's 
 every layer's activations from the first layer's attention input (`whole_graph`), so the model
 bounds micro-batches whose graph starts later. On the grouped path (CUDA) x·Aᵀ is charged per
 micro-batch and module instead of c (`grouped_per_token`). With `pipeline.recompute` a layer
-keeps its input only: c, i and the grouped terms are 0.
+keeps its input only: c, i and the grouped terms are 0; but a backward recomputes one layer at a
+time, which keeps what that layer keeps without recompute until the layer's backward is done:
+`recomputed`, a model of one layer fitted to what the probes' backwards recompute, charged once,
+for the micro-batch being backwarded (twice what a micro-batch keeps on the tests' model).
 
 Measured, for comparison: on CUDA the allocator's peak over the run
 (`torch.cuda.max_memory_allocated`); on CPU, which keeps no allocator statistics, the peak of
 the bytes the stage's tensors hold (weights, gradients, optimizer state and the storages autograd
 saves for backward, counted by a saved-tensor hook, and what custom autograd Functions keep on
 their context), sampled after every action: the same terms
-the model predicts, counted rather than predicted, without the allocator's transient workspace.
+the model predicts, counted rather than predicted, without the allocator's transient workspace;
+under recompute, also what each layer's recompute saves again (`RecomputeMeter`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import resource
@@ -49,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from mlora_pp.config import budget_spec
 from mlora_pp.head_loss import LossTokens
@@ -117,6 +123,16 @@ class MemoryModel:
     it (every row counted: an upper bound)."""
     job_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """The projections each job adapts (the inputs they read: `INPUT_OF`)."""
+    recomputed: MemoryModel | None = None
+    """Under `pipeline.recompute`: what one layer's recompute keeps while a micro-batch's backward
+    runs through it (a model of one layer without recompute: no static, job, table or head bytes),
+    on top of what the micro-batch kept from its forward. Charged once per stage, for the
+    micro-batch being backwarded: each layer's recomputed tensors are freed before the next is
+    recomputed. Several times what a micro-batch keeps under recompute on the tests' model."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.recomputed, dict):  # read back from a record
+            object.__setattr__(self, "recomputed", MemoryModel(**self.recomputed))
 
     def grouped_lora(self, jobs: Iterable[str]) -> float:
         """Bytes per token the grouped path keeps for a micro-batch holding rows of `jobs`."""
@@ -137,6 +153,10 @@ class MemoryModel:
         what its jobs' LoRA keeps (see `micro_bytes`)."""
         return self.per_token * tokens + self.per_token_length * tokens * length + self.per_length * length
 
+    def transient(self, mb: MicroBatch) -> float:
+        """Bytes the backward of `mb` adds at its peak: a recomputed layer's (see `recomputed`)."""
+        return self.recomputed.micro_bytes(mb) if self.recomputed is not None else 0.0
+
     def micro_bytes(self, mb: MicroBatch) -> float:
         """Bytes autograd keeps for micro-batch `mb`, its parts' LoRA included."""
         tokens, length = micro_shape(mb)
@@ -147,12 +167,16 @@ class MemoryModel:
     def peak(self, running: Iterable[str], in_flight: int, tokens: int, length: int) -> float:
         """The stage's peak with `running` under way and `in_flight` micro-batches of at most `tokens`
         tokens, `length` long, each row of any running job (the costliest LoRA and loss share bound
-        every row)."""
+        every row); under recompute, with one such micro-batch's recomputed layer on top."""
         running = list(running)
+        transient = self.recomputed.largest_micro_bytes(running, tokens, length) if self.recomputed is not None else 0.0
+        return (self.static + sum(self.job[j] for j in running) + transient
+                + in_flight * self.largest_micro_bytes(running, tokens, length))
+
+    def largest_micro_bytes(self, running: list[str], tokens: int, length: int) -> float:
+        """`micro_bytes` bound for a micro-batch of `tokens`, `length` long, of `running` jobs' rows."""
         lora = max((self.lora_per_token.get(j, 0.0) + self.head_per_token(j) for j in running), default=0.0)
-        return (self.static + sum(self.job[j] for j in running)
-                + in_flight * (self.activation(tokens, length)
-                               + tokens * (lora + self.kept_inputs(running) + self.grouped_lora(running))))
+        return self.activation(tokens, length) + tokens * (lora + self.kept_inputs(running) + self.grouped_lora(running))
 
     def record(self) -> dict:
         return asdict(self)
@@ -260,7 +284,9 @@ def predicted_peak(model: MemoryModel, schedule: Schedule, stage: int) -> float:
             mb = by_id[action.micro_batch]
             running.update(mb.jobs)
             in_flight[mb.id] = model.micro_bytes(mb)
-        elif action.kind == "B":
+        elif action.kind == "B":  # at its peak the backward holds the micro-batch and a recomputed layer
+            peak = max(peak, model.static + sum(model.job[j] for j in running) + sum(in_flight.values())
+                       + model.transient(by_id[action.micro_batch]))
             in_flight.pop(action.micro_batch)
         peak = max(peak, model.static + sum(model.job[j] for j in running) + sum(in_flight.values()))
         if action.kind == "S" and action.step == last[action.job]:
@@ -284,14 +310,18 @@ def probe_micro_batches(schedule: Schedule, count: int = PROBES) -> list[MicroBa
     return [ordered[i] for i in picks]
 
 
-def probe(worker, micro_batches: Sequence[MicroBatch]) -> list[tuple[int, int, int, int]]:
-    """(padded tokens, length, bytes, loss tokens on the last stage else 0) of each probe
-    micro-batch's forward + backward on this stage:
-    the allocator's peak above the start on CUDA, the storages autograd saved on CPU. Input
-    activations of later stages are random (only their shape matters); gradients are cleared.
-    On the first stage the graph starts at the first layer's attention input (`whole_graph`)."""
+def probe(worker, micro_batches: Sequence[MicroBatch]) -> list[tuple[int, int, int, int, int]]:
+    """(padded tokens, length, bytes, loss tokens on the last stage else 0, bytes of the backward's
+    recomputed layer) of each probe micro-batch's forward + backward on this stage. Bytes: the
+    allocator's peak above the start on CUDA, the storages autograd saved on CPU; under
+    `recompute`, what the forward left allocated (CUDA) and, apart, the most the backward or the
+    forward added to it (a recomputed layer and its workspace; on CPU what a layer's recompute
+    re-saves: `RecomputeMeter`). Input activations of later stages are random (only their shape
+    matters); gradients are cleared. On the first stage the graph starts at the first layer's
+    attention input (`whole_graph`)."""
     stage, device = worker.stage, worker.device
     cuda = device.type == "cuda"
+    recompute = getattr(stage, "recompute", False)
     meter = SavedTensorMeter(list(stage.parameters()) + list(stage.buffers()))
     generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG as training expects it
     samples = []
@@ -305,14 +335,28 @@ def probe(worker, micro_batches: Sequence[MicroBatch]) -> list[tuple[int, int, i
             with meter.measure() as held:
                 out, total, _ = worker._compute(mb, x, where, batch)
                 held.add_graph(out if total is None else total)
-            worker.probe_backward(out, total, generator)
+            recomputed = RecomputeMeter(meter.exclude, held)
+            if cuda and recompute:
+                torch.cuda.synchronize(device)
+                kept = torch.cuda.memory_allocated(device)
+                forward_extra = torch.cuda.max_memory_allocated(device) - kept
+                torch.cuda.reset_peak_memory_stats(device)
+            stage.recompute_observer = recomputed.layer
+            try:
+                worker.probe_backward(out, total, generator)
+            finally:
+                stage.recompute_observer = None
         if cuda:
             torch.cuda.synchronize(device)
-            measured = torch.cuda.max_memory_allocated(device) - base
+            if recompute:
+                measured = kept - base
+                transient = max(forward_extra, torch.cuda.max_memory_allocated(device) - kept)
+            else:
+                measured, transient = torch.cuda.max_memory_allocated(device) - base, 0
         else:
-            measured = held.bytes
+            measured, transient = held.bytes, recomputed.most
         losses = sum(where.counts) if where is not None else 0
-        samples.append((input_ids.numel(), input_ids.shape[1], int(measured), losses))
+        samples.append((input_ids.numel(), input_ids.shape[1], int(measured), losses, int(transient)))
         del out, total, x
     for name in worker.jobs:
         for param in stage.adapter_parameters(name):
@@ -340,11 +384,15 @@ def whole_graph(stage: torch.nn.Module) -> Iterator[None]:
         handle.remove()
 
 
-def inputs_kept_by_base(stage: torch.nn.Module, x: torch.Tensor) -> tuple[str, ...]:
+def inputs_kept_by_base(stage: torch.nn.Module, x: torch.Tensor, saved_only: bool = False) -> tuple[str, ...]:
     """The projection inputs (`INPUT_OF`) that the frozen base keeps for its own backward whatever
     the adapters: the attention kernel keeps its output, which is o_proj's input; bitsandbytes' int8
     matmul keeps its input. Measured by a forward of `x` (this stage's input) with no adapter, in
-    which every projection's input is looked up among the storages autograd keeps."""
+    which every projection's input is looked up among the storages autograd keeps.
+
+    `saved_only`: those a layer's recompute keeps, for the recomputed layer's model. A recompute
+    keeps only what autograd saves; int8's input is a context attribute, which stays on the
+    forward's graph with the forward's input, so the recomputed input is LoRA's to keep."""
     inputs: dict[str, list[torch.Tensor]] = {}  # held, so that no later tensor takes a storage's address
 
     def record(group: str) -> Callable:
@@ -355,12 +403,15 @@ def inputs_kept_by_base(stage: torch.nn.Module, x: torch.Tensor) -> tuple[str, .
     handles = [module.register_forward_pre_hook(record(INPUT_OF[path.rsplit(".", 1)[-1]]))
                for path, module in stage.lora_modules().items()]
     kept = Measurement(set())
+    recompute = getattr(stage, "recompute", False)
+    stage.recompute = False  # what a layer keeps, as its recompute keeps it in backward
     try:
         with whole_graph(stage), torch.autograd.graph.saved_tensors_hooks(kept.pack, lambda t: t):
             out = stage(x, None, head=False)
-            if out.grad_fn is not None:
+            if out.grad_fn is not None and not saved_only:
                 kept.add_graph(out)
     finally:
+        stage.recompute = recompute
         for handle in handles:
             handle.remove()
     return tuple(sorted(g for g, xs in inputs.items()
@@ -369,33 +420,35 @@ def inputs_kept_by_base(stage: torch.nn.Module, x: torch.Tensor) -> tuple[str, .
 
 def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> MemoryModel:
     """This stage's `MemoryModel`: counted static, job, LoRA, input and rotary-table bytes,
-    activations fitted to probes less those."""
+    activations fitted to probes less those; under recompute, also the recomputed layer's model."""
     samples = probe(worker, micro_batches)
     stage = worker.stage
     size = torch.empty((), dtype=stage.dtype).element_size()
     modules = stage.lora_modules()
     targets = {name: tuple(sorted({path.rsplit(".", 1)[-1] for path, m in modules.items() if name in m.adapters()}))
                for name in worker.jobs}
-    inputs = input_token_bytes(stage.config, len(stage.layers_range()), size)
-    if getattr(stage, "recompute", False):  # a layer keeps its input only: LoRA keeps nothing past it
+    layers = len(stage.layers_range())
+    grouped = grouped_targets(stage)
+    lora = {name: lora_token_bytes(stage, name, grouped) for name in worker.jobs}
+    grouped_bytes = grouped_token_bytes(stage, grouped)
+    generator = torch.Generator(worker.device).manual_seed(0)
+    recompute = getattr(stage, "recompute", False)
+    kept = (inputs_kept_by_base(stage, worker.probe_inputs(micro_batches[0], generator)[1], saved_only=recompute)
+            if micro_batches else ())
+    inputs = {g: 0.0 if g in kept else b for g, b in input_token_bytes(stage.config, layers, size).items()}
+    per_length = rotary_position_bytes(stage.config, size) if layers else 0.0
+    head = head_token_bytes(stage)
+    recomputed = None
+    if recompute:  # a layer keeps its input only: LoRA keeps nothing past it
+        per_layer = {name: c / max(layers, 1) for name, c in lora.items()}
+        layer = MemoryModel(stage_index, 0, 0.0, 0.0, lora_per_token=per_layer,
+                            input_per_token={g: b / max(layers, 1) for g, b in inputs.items()}, kept_by_base=kept,
+                            grouped=grouped, grouped_per_token={t: b / max(layers, 1) for t, b in grouped_bytes.items()},
+                            job_targets=targets)
+        layer_samples = [(t, l, transient, 0) for t, l, _, _, transient in samples]
+        recomputed = fitted(layer, layer_samples, micro_batches)
         lora, grouped, grouped_bytes, kept = dict.fromkeys(worker.jobs, 0.0), (), {}, ()
         inputs = dict.fromkeys(inputs, 0.0)
-    else:
-        grouped = grouped_targets(stage)
-        lora = {name: lora_token_bytes(stage, name, grouped) for name in worker.jobs}
-        grouped_bytes = grouped_token_bytes(stage, grouped)
-        generator = torch.Generator(worker.device).manual_seed(0)
-        kept = inputs_kept_by_base(stage, worker.probe_inputs(micro_batches[0], generator)[1]) if micro_batches else ()
-        inputs = {g: 0.0 if g in kept else b for g, b in inputs.items()}
-    per_length = rotary_position_bytes(stage.config, size) if len(stage.layers_range()) else 0.0
-    head = head_token_bytes(stage)
-    partial = MemoryModel(stage_index, 0, 0.0, 0.0, input_per_token=inputs, per_length=per_length, grouped_per_token=grouped_bytes, job_targets=targets)
-    base = []
-    for (tokens, length, measured, losses), mb in zip(samples, micro_batches):
-        held = (sum(p.rows * length * lora.get(p.job, 0.0) for p in mb.parts) + length * per_length + losses * head
-                + tokens * (partial.kept_inputs(mb.jobs) + partial.grouped_lora(mb.jobs)))
-        base.append((tokens, length, max(0, int(measured - held))))
-    b1, b2 = bound_above(base, *fit_activation(base))
     job = {name: job_state_bytes(stage.adapter_parameters(name), stage.dtype) for name in worker.jobs}
     if worker.device.type == "cuda":  # all the allocator holds between micro-batches (caches included)
         torch.cuda.synchronize(worker.device)
@@ -403,8 +456,23 @@ def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> Memory
     else:
         static = static_bytes(stage)
     shares = {name: worker.jobs[name].loss_share() for name in worker.jobs}
-    return MemoryModel(stage_index, static, b1, b2, job, tuple(samples), lora, inputs, per_length, kept, head,
-                       shares, grouped, grouped_bytes, targets)
+    counted = MemoryModel(stage_index, static, 0.0, 0.0, job, (), lora, inputs, per_length, kept, head, shares, grouped,
+                          grouped_bytes, targets, recomputed)
+    return fitted(counted, [sample[:4] for sample in samples], micro_batches)
+
+
+def fitted(counted: MemoryModel, samples: Sequence[tuple[int, int, int, int]],
+           micro_batches: Sequence[MicroBatch]) -> MemoryModel:
+    """`counted` with b1 and b2 fitted to the probes' (tokens, length, bytes, loss tokens), each
+    less what `counted` counts for its micro-batch, and scaled up until no probe is above them."""
+    base = []
+    for (tokens, length, measured, losses), mb in zip(samples, micro_batches):
+        held = (sum(p.rows * length * counted.lora_per_token.get(p.job, 0.0) for p in mb.parts)
+                + length * counted.per_length + losses * counted.loss_token_bytes
+                + tokens * (counted.kept_inputs(mb.jobs) + counted.grouped_lora(mb.jobs)))
+        base.append((tokens, length, max(0, int(measured - held))))
+    b1, b2 = bound_above(base, *fit_activation(base))
+    return dataclasses.replace(counted, per_token=b1, per_token_length=b2, samples=tuple(samples))
 
 
 def head_token_bytes(stage: torch.nn.Module, positions: int = 64) -> float:
@@ -505,12 +573,16 @@ def job_state_bytes(params: Sequence[torch.nn.Parameter], compute_dtype: torch.d
 
 
 class Measurement:
-    """The distinct storages a forward keeps for backward, and their bytes (see `SavedTensorMeter`)."""
+    """The distinct storages a forward keeps for backward, and their bytes (see `SavedTensorMeter`).
 
-    def __init__(self, exclude: set[int]):
+    Storages are told apart by address, which a storage freed since may have passed on: `holds`
+    asks whether the one counted is still alive. `kept`: count nothing that it still holds."""
+
+    def __init__(self, exclude: set[int], kept: Measurement | None = None):
         self.bytes = 0
-        self.storages: set[int] = set()
+        self.storages: dict[int, StorageWeakRef] = {}
         self._exclude = exclude
+        self._kept = kept
 
     def add(self, t: torch.Tensor) -> None:
         try:
@@ -518,9 +590,15 @@ class Measurement:
         except (RuntimeError, NotImplementedError):  # no storage (meta, some subclasses)
             return
         ptr = storage.data_ptr()
-        if ptr not in self.storages and ptr not in self._exclude:
-            self.storages.add(ptr)
-            self.bytes += storage.nbytes()
+        if ptr in self.storages or ptr in self._exclude or (self._kept is not None and self._kept.holds(ptr)):
+            return
+        self.storages[ptr] = StorageWeakRef(storage)
+        self.bytes += storage.nbytes()
+
+    def holds(self, ptr: int) -> bool:
+        """Whether a storage counted here is at address `ptr` and still alive."""
+        ref = self.storages.get(ptr)
+        return ref is not None and not ref.expired()
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         """A saved-tensor pack hook that counts `t`."""
@@ -571,6 +649,42 @@ class SavedTensorMeter:
         held = Measurement(self.exclude)
         with torch.autograd.graph.saved_tensors_hooks(held.pack, lambda t: t):
             yield held
+
+
+class RecomputeMeter:
+    """The most bytes one layer's recompute keeps during a backward under `pipeline.recompute`
+    (`StageModel.recompute_observer`): the storages `torch.utils.checkpoint` re-saves for the
+    layer's backward, less `exclude` (weights, and what the micro-batch held already: the layer's
+    input, while it lives: `kept`). A layer's recomputed tensors are freed by its backward before the layer below it is
+    recomputed, so the most over the layers is what a backward adds at its peak.
+
+    Saved-tensor hooks of our own would take the recompute's saves from checkpoint; this wraps
+    checkpoint's hooks instead (the top of autograd's hook stack, as torch's AOT autograd reads it)."""
+
+    def __init__(self, exclude: set[int], kept: Measurement | None = None):
+        self.exclude = exclude
+        self.kept = kept
+        self.most = 0
+
+    @contextlib.contextmanager
+    def layer(self) -> Iterator[None]:
+        top = torch._C._autograd._top_saved_tensors_default_hooks(True)
+        if top is None:  # not inside checkpoint's recompute: nothing to count
+            yield
+            return
+        pack, unpack = top
+        held = Measurement(self.exclude, self.kept)
+
+        def counting(t: torch.Tensor) -> Any:
+            held.add(t)
+            return pack(t)
+
+        torch._C._autograd._push_saved_tensors_default_hooks(counting, unpack)
+        try:
+            yield
+        finally:
+            torch._C._autograd._pop_saved_tensors_default_hooks()
+            self.most = max(self.most, held.bytes)
 
 
 def live_job_bytes(jobs: Iterable) -> int:

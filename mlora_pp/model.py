@@ -17,6 +17,7 @@ at most one layer are alive at once. Embedding, norms and lm_head stay in the mo
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
@@ -412,6 +413,22 @@ class SelfAttention(nn.Module):
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
+class _Observed(contextlib.AbstractContextManager):
+    """A recompute's context: the stage's `recompute_observer` at the time the recompute runs."""
+
+    def __init__(self, stage: StageModel):
+        self.stage = stage
+        self.inner: contextlib.AbstractContextManager = contextlib.nullcontext()
+
+    def __enter__(self):
+        observer = self.stage.recompute_observer
+        self.inner = observer() if observer is not None else contextlib.nullcontext()
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+
+
 class StageModel(nn.Module):
     """Embedding? + decoder layers [first, last) + norm/lm_head?, with batched LoRA on every projection."""
 
@@ -459,6 +476,10 @@ class StageModel(nn.Module):
         self.recompute = False
         """Activation checkpointing: keep each decoder layer's input only and recompute the layer in
         backward. Exact, because dropout masks are pure functions of the batch, not of RNG state."""
+        self.recompute_observer: Callable[[], contextlib.AbstractContextManager] | None = None
+        """With `recompute`: a context entered around each layer's recompute in backward (the
+        memory meter's `RecomputeMeter.layer` counts what the recompute keeps); read when the
+        recompute runs, not when the forward did."""
         self._lora_path = lora_path
         self._sliding = self._sliding_layers()
 
@@ -650,6 +671,11 @@ class StageModel(nn.Module):
             masks["sliding"] = create_sliding_window_causal_mask(**kwargs)
         return masks
 
+    def _checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """The forward's and the recompute's contexts for `torch.utils.checkpoint` (see
+        `recompute_observer`)."""
+        return contextlib.nullcontext(), _Observed(self)
+
     def _run_layer(self, index: int, hidden: torch.Tensor, batch: LoRABatch | None, **kwargs) -> torch.Tensor:
         """One decoder layer with its LoRA batch set: checkpointing replays this in backward, after
         the forward has already cleared the batch."""
@@ -682,7 +708,8 @@ class StageModel(nn.Module):
                 )
                 if self.recompute and torch.is_grad_enabled():
                     hidden = torch.utils.checkpoint.checkpoint(
-                        self._run_layer, i, hidden, batch, use_reentrant=False, **kwargs
+                        self._run_layer, i, hidden, batch, use_reentrant=False,
+                        context_fn=self._checkpoint_contexts, **kwargs
                     )
                 else:
                     hidden = self.layers[str(i)](hidden, **kwargs)

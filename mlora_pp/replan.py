@@ -271,18 +271,25 @@ class Replanner:
         targets = list(config.target_modules)
         compute = 4 if float32 else 2  # bytes of the compute dtype, which x·Aᵀ is kept in
 
-        def with_job(m: MemoryModel, layers: int) -> MemoryModel:
+        def with_activations(m: MemoryModel, layers: int, kept: bool) -> MemoryModel:
+            """What the job's rows keep on `layers` layers: x·Aᵀ unless a recomputed stage keeps
+            nothing past each layer's input (`kept` False)."""
             grouped = [t for t in targets if t in m.grouped]  # x·Aᵀ at the module's padded largest rank
             padded = float(layers * padded_rank(config.rank) * compute)
-            loop = 0 if self.stage.recompute else len(targets) - len(grouped)  # recomputed: nothing kept
+            loop = len(targets) - len(grouped) if kept else 0
             return dataclasses.replace(
-                m, static=m.static + 4 * lora_params(self.stage.config, layers, config.rank, targets),
-                job={**m.job, config.name: lora_state_bytes(self.stage.config, layers, config.rank, targets, float32)},
-                lora_per_token={**m.lora_per_token, config.name: float(layers * loop * config.rank * compute)},
+                m, lora_per_token={**m.lora_per_token, config.name: float(layers * loop * config.rank * compute)},
                 grouped_per_token={**m.grouped_per_token, **{t: max(m.grouped_per_token.get(t, 0.0), padded)
                                                               for t in grouped}},
                 job_targets={**m.job_targets, config.name: tuple(sorted(targets))},
                 loss_share={**m.loss_share, config.name: loss_share})
+
+        def with_job(m: MemoryModel, layers: int) -> MemoryModel:
+            m = with_activations(m, layers, not self.stage.recompute)
+            return dataclasses.replace(
+                m, static=m.static + 4 * lora_params(self.stage.config, layers, config.rank, targets),
+                job={**m.job, config.name: lora_state_bytes(self.stage.config, layers, config.rank, targets, float32)},
+                recomputed=None if m.recomputed is None else with_activations(m.recomputed, 1, True))
 
         return [with_job(m, layers) for m, layers in zip(models, self.layers_per_stage)]
 

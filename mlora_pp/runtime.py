@@ -34,7 +34,7 @@ from mlora_pp.grad_norm import GradNorm, GradNormChannel
 from mlora_pp.head_loss import LossTokens
 from mlora_pp.job import AdapterJob
 from mlora_pp.lora import LoRABatch, LoRASegment
-from mlora_pp.memory import SavedTensorMeter, live_job_bytes
+from mlora_pp.memory import Measurement, RecomputeMeter, SavedTensorMeter, live_job_bytes
 from mlora_pp.memory import static_bytes as count_static_bytes
 from mlora_pp.model import StageModel
 from mlora_pp.schedule import Action, MicroBatch, Schedule, cut_actions
@@ -120,12 +120,13 @@ class StageWorker:
     """Gradient norms across stages, for jobs with `max_grad_norm` (None: one stage, or not set up)."""
     static_bytes: int = 0
     peak_bytes: int = 0
-    """With `meter`: the most bytes this stage's tensors held after any action (see mlora_pp.memory)."""
+    """With `meter`: the most bytes this stage's tensors held after any action, or under recompute
+    while a backward held a recomputed layer (see mlora_pp.memory)."""
     failures: dict[str, tuple[int, str]] = field(default_factory=dict)
     """Jobs this stage failed: job -> (good steps done, reason)."""
     trace: list[TraceEvent] = field(default_factory=list)
     _in_flight: dict[int, _InFlight] = field(default_factory=dict)
-    _held: dict[int, int] = field(default_factory=dict)
+    _held: dict[int, Measurement] = field(default_factory=dict)
     _job_bytes: dict[str, int] = field(default_factory=dict)
     _started: set[str] = field(default_factory=set)
     _deferred: dict[str, int] = field(default_factory=dict)
@@ -263,7 +264,7 @@ class StageWorker:
             with self.meter.measure() as held:
                 out, total, part_losses = self._compute(mb, x, where, batch)
                 held.add_graph(out if total is None else total)
-            self._held[mb.id] = held.bytes
+            self._held[mb.id] = held
         if not self.is_last:
             assert self.transport is not None
             self.transport.send(out, self.stage_index + 1, ACTIVATION, mb.id)
@@ -313,16 +314,30 @@ class StageWorker:
             part_losses.append((part.job, sums[i], where.counts[i], tokens))
         return hidden, total, part_losses
 
+    def live_bytes(self) -> int:
+        """With `meter`: the bytes this stage's tensors hold now (weights, job state, saved activations)."""
+        return self.static_bytes + sum(h.bytes for h in self._held.values()) + sum(self._job_bytes.values())
+
     def backward(self, mb: MicroBatch) -> None:
         flight = self._in_flight.pop(mb.id)
-        self._held.pop(mb.id, None)
         output = flight.output
-        if self.is_last:
-            output.backward()
-        else:
-            assert self.transport is not None
-            grad = self.transport.recv(self.stage_index + 1, GRADIENT, mb.id, tuple(output.shape), output.dtype)
-            torch.autograd.backward(output, grad)
+        recomputed = None
+        if self.meter is not None and self.stage.recompute and mb.id in self._held:
+            level = self.live_bytes()  # the micro-batch's own bytes still count while its backward runs
+            recomputed = RecomputeMeter(self.meter.exclude, self._held[mb.id])
+            self.stage.recompute_observer = recomputed.layer
+        self._held.pop(mb.id, None)
+        try:
+            if self.is_last:
+                output.backward()
+            else:
+                assert self.transport is not None
+                grad = self.transport.recv(self.stage_index + 1, GRADIENT, mb.id, tuple(output.shape), output.dtype)
+                torch.autograd.backward(output, grad)
+        finally:
+            self.stage.recompute_observer = None
+        if recomputed is not None:
+            self.peak_bytes = max(self.peak_bytes, level + recomputed.most)
         if not self.is_first:
             assert self.transport is not None and flight.input is not None and flight.input.grad is not None
             self.transport.send(flight.input.grad, self.stage_index - 1, GRADIENT, mb.id)
@@ -426,8 +441,7 @@ class StageWorker:
                        self.schedule.micro_batches[action.micro_batch].jobs if action.kind == "B" else ())
             for name in touched:
                 self._job_bytes[name] = live_job_bytes([self.jobs[name]])
-            live = self.static_bytes + sum(self._held.values()) + sum(self._job_bytes.values())
-            self.peak_bytes = max(self.peak_bytes, live)
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes())
         if self.after_action is not None:
             self.after_action()
 

@@ -4,7 +4,9 @@ must bound the measured one, and not by much."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import types
 
 import pytest
 import torch
@@ -13,8 +15,8 @@ from test_training import JOBS, make_raw, make_workspace
 
 from mlora_pp.config import parse_config
 from mlora_pp.control import ControlDir
-from mlora_pp.memory import SavedTensorMeter, inputs_kept_by_base
-from mlora_pp.model import StageSpec, build_stage
+from mlora_pp.memory import Measurement, RecomputeMeter, SavedTensorMeter, inputs_kept_by_base
+from mlora_pp.model import StageSpec, _Observed, build_stage
 from mlora_pp.quantize import quantize_linear
 from mlora_pp.training import train
 
@@ -90,6 +92,44 @@ def test_the_meter_counts_what_a_function_keeps_on_its_context():
     assert hooks_only.bytes == 0 and held.bytes == 256 * 4
 
 
+def test_the_recompute_meter_counts_what_a_checkpointed_layer_saves_in_a_plain_forward():
+    """Checked against plain autograd: a layer's recompute saves what its forward would without
+    checkpointing. What the micro-batch still keeps (its input) is not counted again. A kept storage
+    freed before the recompute (the loss's; on the last stage the head's) must not hide a new tensor
+    that the allocator puts at its address: `Measurement.holds` tells the two apart (excluded by
+    address alone, a grouped-path run's recomputed layer varied by 0.5% from run to run)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    x = torch.randn(8, 64, requires_grad=True)
+    plain = SavedTensorMeter(layer.parameters())
+    with plain.measure() as layer_alone:
+        layer(x)
+    x_bytes = x.untyped_storage().nbytes()
+    assert layer_alone.bytes == x_bytes + 8 * 256 * 4 * 2  # x, the first output and GELU's output
+
+    meter = SavedTensorMeter(layer.parameters())
+    stage = types.SimpleNamespace(recompute_observer=None)  # read when the recompute runs, as StageModel's
+    with meter.measure() as kept:
+        y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False,
+                                              context_fn=lambda: (contextlib.nullcontext(), _Observed(stage)))
+        loss = (y * y).sum()
+    assert kept.bytes == x_bytes + 8 * 64 * 4  # the checkpoint keeps its input; the loss keeps y
+    recomputed = RecomputeMeter(weights, kept)
+    stage.recompute_observer = recomputed.layer
+    del y
+    loss.backward()
+    assert recomputed.most == layer_alone.bytes - x_bytes
+
+    freed = Measurement(set())
+    t = torch.randn(512)
+    freed.add(t)
+    address = t.untyped_storage().data_ptr()
+    assert freed.holds(address)
+    del t
+    assert not freed.holds(address)
+
+
 @pytest.mark.parametrize("quantize,start,submitted,template,pipeline", [
     ("none", "d", "q", "alpaca", {}),  # the start-up job's graph starts at the first layer's down_proj; the other's at q
     ("none", "o", "qv", "alpaca", {}),  # o_proj's input is attention's output, kept whatever LoRA does
@@ -98,13 +138,22 @@ def test_the_meter_counts_what_a_function_keeps_on_its_context():
     ("none", "qv", "qv", "plain", {}),  # every token a loss token: the head keeps ~1 kB for each
     ("none", "qv", "qkvogud", "alpaca", {"lora_path": "grouped"}),  # rank 1, but x·Aᵀ is kept at rank 8 (padded)
     ("none", "qv", "qkvogud", "alpaca", {"recompute": True}),  # a layer keeps its input only
-], ids=["late-graph", "o_proj", "all-then-qv", "int8", "plain", "grouped", "recompute"])
+    # under recompute the backward holds one recomputed layer on top: twice what a micro-batch keeps
+    ("none", "d", "q", "alpaca", {"recompute": True}),
+    ("int8", "qv", "qkvogud", "alpaca", {"recompute": True}),  # int8 keeps the forward's inputs, not the recompute's
+    ("nf4", "qkvogud", "qv", "alpaca", {"recompute": True}),
+    ("none", "qv", "qkvogud", "plain", {"recompute": True}),
+    ("none", "qv", "qkvogud", "alpaca", {"recompute": True, "lora_path": "grouped"}),
+], ids=["late-graph", "o_proj", "all-then-qv", "int8", "plain", "grouped", "recompute", "recompute-late-graph",
+        "recompute-int8", "recompute-nf4", "recompute-plain", "recompute-grouped"])
 def test_the_predicted_peak_bounds_the_measured_one_when_jobs_differ(workspace, quantize, start, submitted, template,
                                                                      pipeline):
     """Before the probes started the graph at the embedding and the model knew what the base keeps,
     the first three ran 3-10% above their predicted peak; before it counted the head's loss tokens
     per job, the fifth 1.1%; the grouped one passed it too. With recompute the model charged LoRA's
-    inputs and x·Aᵀ, which a recomputed layer does not keep: 32% above the measured peak."""
+    inputs and x·Aᵀ, which a recomputed layer does not keep: 32% above the peak measured then. That
+    measure missed the layer a backward recomputes (the peak was 22% above it); counted, it is now
+    in the model too (`MemoryModel.recomputed`)."""
     root, _, data = workspace
     out = f"mix-{quantize}-{start}-{submitted}-{template}-{'-'.join(pipeline)}"
     rank = {"rank": 1, "alpha": 2} if pipeline.get("lora_path") == "grouped" else {}

@@ -654,9 +654,10 @@ class SavedTensorMeter:
 class RecomputeMeter:
     """The most bytes one layer's recompute keeps during a backward under `pipeline.recompute`
     (`StageModel.recompute_observer`): the storages `torch.utils.checkpoint` re-saves for the
-    layer's backward, less `exclude` (weights, and what the micro-batch held already: the layer's
-    input, while it lives: `kept`). A layer's recomputed tensors are freed by its backward before the layer below it is
-    recomputed, so the most over the layers is what a backward adds at its peak.
+    layer's backward, less the weights (`exclude`) and what the micro-batch's forward counted and
+    still holds (`kept`: the layer's input). A layer's recomputed tensors are freed by its backward
+    before the layer below it is recomputed, so the most over the layers is what a backward adds
+    at its peak.
 
     Saved-tensor hooks of our own would take the recompute's saves from checkpoint; this wraps
     checkpoint's hooks instead (the top of autograd's hook stack, as torch's AOT autograd reads it)."""
@@ -668,8 +669,9 @@ class RecomputeMeter:
 
     @contextlib.contextmanager
     def layer(self) -> Iterator[None]:
-        top = torch._C._autograd._top_saved_tensors_default_hooks(True)
-        if top is None:  # not inside checkpoint's recompute: nothing to count
+        read_top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # private: may go
+        top = read_top(True) if read_top is not None else None
+        if top is None:  # not inside checkpoint's recompute (or no way to tell): nothing counted
             yield
             return
         pack, unpack = top

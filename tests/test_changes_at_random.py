@@ -11,9 +11,10 @@ job's adapter may depend only on its own config: a job never cancelled must end 
 reference run, and a job cancelled after k steps with the reference's checkpoint at step k.
 `MLORA_PP_RANDOM_CHANGES=N` (`..._TWO=N` on two ranks) runs seeds 0 to N-1 instead of the CI's
 few, picked for what they reach with the draws as they are: pauses (3, 14, 37), cancellations
-under way (12, and 52 with recompute) and submissions (all of them); on two ranks, where the
-moments are times, seed 0 paused a job, seed 8 cancelled one under way and seed 1 submitted one
-under recompute.
+under way (12, and 52 with recompute) and submissions (all of them), and seed 6 again with
+recompute forced, which pauses a job under recompute (no drawn recompute trial does); on two
+ranks, where the moments are times, seed 0 paused a job, seed 8 cancelled one under way and seed
+1 submitted one under recompute.
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ class Trial:
                 f"recompute {self.recompute}, requests {asked}")
 
 
-def draw(seed: int, workspace, need, need_recompute=None) -> Trial:
+def draw(seed: int, workspace, need, need_recompute=None, recompute: bool | None = None) -> Trial:
+    """Seed `seed`'s trial; `recompute` True or False overrides the draw (the other draws stay)."""
     rnd = random.Random(seed)
     jobs = pool(workspace)
     rnd.shuffle(jobs)
@@ -142,7 +144,8 @@ def draw(seed: int, workspace, need, need_recompute=None) -> Trial:
         requests.append((rnd.randint(0, 60), "cancel", {"name": rnd.choice(names)}))
     for _ in range(rnd.randint(0, 3)):
         requests.append((rnd.randint(0, 60), "priority", {"name": rnd.choice(names), "priority": rnd.randint(0, 9)}))
-    recompute = rnd.random() < 0.25  # drawn last, so the draws above are as the seeds were picked for
+    drawn = rnd.random() < 0.25  # drawn last, so the draws above are as the seeds were picked for
+    recompute = drawn if recompute is None else recompute
     if recompute and need_recompute is not None:  # the same budget relative to one job alone, under recompute
         alone_recompute = max(need_recompute({n}) for n in names)
         budget = None if budget is None else int(budget * alone_recompute / alone)
@@ -197,11 +200,14 @@ def run_config(workspace, trial: Trial, out: Path) -> dict:
                     preempt=trial.preempt, recompute=trial.recompute)
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_random_changes_leave_every_job_as_in_a_run_without_them(workspace, reference, monkeypatch, seed):
+@pytest.mark.parametrize("seed,recompute", [(seed, None) for seed in SEEDS] + [(6, True)],
+                         ids=[str(seed) for seed in SEEDS] + ["6-recompute"])
+def test_random_changes_leave_every_job_as_in_a_run_without_them(workspace, reference, monkeypatch, seed, recompute):
+    """`recompute` None: as drawn. No drawn recompute trial of seeds 0-119 pauses a job; seed 6 with
+    recompute forced does (so do 72, 89 and 105), with one recomputed layer charged in its budget."""
     ref_out, need, need_recompute = reference
-    trial = draw(seed, workspace, need, need_recompute)
-    out = workspace[0] / f"random-{seed}"
+    trial = draw(seed, workspace, need, need_recompute, recompute)
+    out = workspace[0] / f"random-{seed}{'-recompute' * bool(recompute)}"
     control = ControlDir(out)
     by_action: dict[int, list] = {}
     for at, kind, body in trial.requests:
@@ -212,6 +218,9 @@ def test_random_changes_leave_every_job_as_in_a_run_without_them(workspace, refe
     except ConfigError as exc:  # a budget no job fits alone is refused up front: not drawn here
         pytest.fail(f"{trial}: refused: {exc}")
     check(trial, out, ref_out, written)
+    if recompute:  # here for its pause: should the draws change, pick a seed that still pauses
+        events = [json.loads(line).get("event") for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert "paused" in events, str(trial)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ happens, every job ends with the adapter it has in a run where nothing happened.
 The other tests place each kind of change at one chosen moment; this one draws the moments, the
 kinds and the run's settings from a seed, so combinations nobody wrote down get run too (a job
 paused, then cancelled; a submission that crowds a paused job; a priority raised on a waiting
-job...), a quarter of them with `pipeline.recompute` (on one rank the budget is scaled to what one
+job...), a quarter of them with `pipeline.recompute` (the budget is scaled to what one
 job alone needs under recompute, where activations are smaller). Jobs are independent, so a
 job's adapter may depend only on its own config: a job never cancelled must end as in the
 reference run, and a job cancelled after k steps with the reference's checkpoint at step k.
@@ -225,22 +225,22 @@ def test_random_changes_leave_every_job_as_in_a_run_without_them(workspace, refe
 
 @pytest.fixture(scope="module")
 def reference_two(workspace):
-    """The pool on 2 stages, no budget: (output dir, need), need over both stages' memory models."""
-    path = workspace[0] / "reference-two.yaml"
-    path.write_text(yaml.safe_dump(make_raw(workspace, pool(workspace), "reference-two")))
-    proc = ranks(2, path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = workspace[0] / "reference-two"
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    models = [MemoryModel(**r["model"]) for r in records if r.get("event") == "memory"]
-    assert len(models) == 2
+    """The pool on 2 stages, no budget: (output dir, need, need under recompute), each need over
+    both stages' memory models (under recompute: a second run's)."""
     cfg = parse_config(make_raw(workspace, pool(workspace), "unused"), "test.yaml")
     steps = [j.job_steps() for j in prepare_jobs(cfg, load_tokenizer(workspace[1])).values()]
-
-    def need(names: set[str]) -> float:
-        return max(m.peak(names, 2, *largest_micro(steps, names, 2, "lora", True)) for m in models)
-
-    return out, need
+    needs = []
+    for name, recompute in (("reference-two", False), ("reference-two-recompute", True)):
+        path = workspace[0] / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(make_raw(workspace, pool(workspace), name, recompute=recompute)))
+        proc = ranks(2, path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        records = [json.loads(line) for line in (workspace[0] / name / "metrics.jsonl").read_text().splitlines()]
+        models = [MemoryModel(**r["model"]) for r in records if r.get("event") == "memory"]
+        assert len(models) == 2
+        needs.append(lambda names, models=models: max(
+            m.peak(names, 2, *largest_micro(steps, names, 2, "lora", True)) for m in models))
+    return workspace[0] / "reference-two", needs[0], needs[1]
 
 
 @pytest.mark.parametrize("seed", TWO_STAGE_SEEDS)
@@ -249,8 +249,8 @@ def test_random_changes_on_two_stages_leave_every_job_as_in_a_run_without_them(w
     read as tenths of a second from the launch: start-up takes about 4 s, so some land before the
     first decision and some during training). Both ranks must take every change at the same
     micro-batch, or the pipeline would hang or the adapters differ."""
-    ref_out, need = reference_two
-    trial = draw(seed, workspace, need)
+    ref_out, need, need_recompute = reference_two
+    trial = draw(seed, workspace, need, need_recompute)
     out = workspace[0] / f"random-two-{seed}"
     path = workspace[0] / f"random-two-{seed}.yaml"
     path.write_text(yaml.safe_dump(run_config(workspace, trial, out)))

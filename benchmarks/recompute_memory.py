@@ -1,8 +1,11 @@
 """Peak memory and time with and without `pipeline.recompute` (activation checkpointing), 1 rank, CPU.
 
 ``python -m benchmarks.recompute_memory [--quick]`` trains the same job twice, each in a fresh
-process, and reports the process's peak RSS and wall time, plus the autograd-saved tensor bytes of
-one forward (what a micro-batch holds until its backward). Writes
+process, and reports the process's peak RSS and wall time, the autograd-saved tensor bytes of one
+forward (what a micro-batch holds until its backward), and the run's memory record: the memory
+model's predicted peak, the CPU meter's measured one (tensor bytes: weights, job state, saved
+activations and, under recompute, the layer a backward recomputes) and, under recompute, the most
+a probe's backward recomputed on top of what its forward kept. Writes
 benchmarks/results/recompute_memory.json.
 """
 
@@ -33,8 +36,13 @@ torch.set_num_threads(2)
 cfg = parse_config(yaml.safe_load(open(sys.argv[1])), sys.argv[1])
 start = time.perf_counter()
 train(cfg, progress=False)
-print(json.dumps({"wall_s": time.perf_counter() - start,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+wall = time.perf_counter() - start
+memory = next(r for r in map(json.loads, open(cfg.output_dir / "metrics.jsonl")) if r.get("event") == "memory")
+layer = memory["model"]["recomputed"]
+print(json.dumps({"wall_s": wall, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "predicted_peak_mib": memory["predicted_peak_bytes"] / 2**20,
+                  "measured_peak_mib": memory["measured_peak_bytes"] / 2**20,
+                  "recomputed_layer_mib": max(s[2] for s in layer["samples"]) / 2**20 if layer else None}))
 """
 
 
@@ -95,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             measured["saved_tensor_mib_per_micro_batch"] = saved_bytes(model, rows, 1024, recompute) / 2**20
             results["recompute" if recompute else "keep"] = measured
             print(f"recompute={recompute}: peak RSS {measured['peak_rss_mib']:.0f} MiB, wall {measured['wall_s']:.1f} s, "
-                  f"saved by one forward {measured['saved_tensor_mib_per_micro_batch']:.0f} MiB", flush=True)
+                  f"saved by one forward {measured['saved_tensor_mib_per_micro_batch']:.0f} MiB, "
+                  f"predicted peak {measured['predicted_peak_mib']:.1f} MiB, measured {measured['measured_peak_mib']:.1f} "
+                  f"MiB", flush=True)
     out = {
         "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform()},
         "settings": {"model": "random llama, 8 layers, hidden 512, intermediate 1024", "rows": rows,
@@ -105,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
                    "wall": results["recompute"]["wall_s"] / results["keep"]["wall_s"]},
     }
     write_result(RESULTS / ("recompute_memory_quick.json" if args.quick else "recompute_memory.json"), out)
+    rows_out = [("saved by one forward until its backward (MiB)", "saved_tensor_mib_per_micro_batch"),
+                ("most a backward recomputed on top, probes (MiB)", "recomputed_layer_mib"),
+                ("predicted peak, memory model (MiB)", "predicted_peak_mib"),
+                ("measured peak, tensor bytes (MiB)", "measured_peak_mib"),
+                ("process peak RSS (MiB)", "peak_rss_mib"), ("wall (s)", "wall_s")]
+    print(f"| | keep activations | recompute |\n|---|---|---|")
+    for label, key in rows_out:
+        cells = [results[k].get(key) for k in ("keep", "recompute")]
+        print(f"| {label} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
     print(f"peak RSS ratio {out['ratios']['peak_rss']:.2f}, wall ratio {out['ratios']['wall']:.2f}")
     return 0
 

@@ -58,6 +58,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from mlora_pp.config import budget_spec
 from mlora_pp.head_loss import LossTokens
+from mlora_pp.quantize import release_freed_memory
 from mlora_pp.schedule import JobSteps, MicroBatch, Schedule, group_jobs
 
 PROBES = 4
@@ -458,6 +459,8 @@ def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> Memory
     shares = {name: worker.jobs[name].loss_share() for name in worker.jobs}
     counted = MemoryModel(stage_index, static, 0.0, 0.0, job, (), lora, inputs, per_length, kept, head, shares, grouped,
                           grouped_bytes, targets, recomputed)
+    if worker.device.type == "cpu":  # the probes' activations, freed, stay in glibc's heap otherwise
+        release_freed_memory()
     return fitted(counted, [sample[:4] for sample in samples], micro_batches)
 
 
@@ -601,9 +604,13 @@ class Measurement:
         return ref is not None and not ref.expired()
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        """A saved-tensor pack hook that counts `t`."""
+        """A saved-tensor pack hook that counts `t`. It keeps `t` detached, as `save_on_cpu` keeps
+        a copy: a saved output kept as itself would hold its own node, a reference cycle through
+        autograd that only a backward breaks. The forwards measured without one at start-up
+        (`inputs_kept_by_base`, `head_token_bytes`) leaked their graphs for the rest of the run:
+        1.1 GB in `benchmarks.recompute_memory`, and on CUDA as much device memory."""
         self.add(t)
-        return t
+        return t.detach()
 
     def add_graph(self, root: torch.Tensor) -> None:
         """Also count what custom autograd Functions in `root`'s graph keep as attributes of their

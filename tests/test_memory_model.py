@@ -5,11 +5,13 @@ must bound the measured one, and not by much."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import types
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from test_training import JOBS, make_raw, make_workspace
 
@@ -69,6 +71,25 @@ def test_int8_keeps_every_projection_input_and_nf4_none(workspace):
     assert inputs_kept_by_base(build_stage(model_dir, quantize="int8"), ids) == (
         "attention", "down_proj", "mlp", "o_proj")
     assert inputs_kept_by_base(build_stage(model_dir, quantize="nf4"), ids) == ("o_proj",)
+
+
+def test_a_measured_forward_without_a_backward_frees_its_graph(workspace):
+    """`inputs_kept_by_base` measures a forward it never backwards. Its pack hook kept each saved
+    tensor as itself, and a saved output then held its own node: a cycle through autograd that
+    Python's collector cannot see, so the whole forward's activations stayed for the rest of the
+    run (1.1 GB in benchmarks.recompute_memory)."""
+    _, model_dir, _ = workspace
+    stage = build_stage(model_dir, StageSpec(0, 2, True, False))
+    outputs = []
+    layer = stage.layers[str(stage.layers_range()[0])]  # its output is the next norm's saved input
+    handle = layer.register_forward_hook(
+        lambda module, args, out: outputs.append(StorageWeakRef((out[0] if isinstance(out, tuple) else out).untyped_storage())))
+    try:
+        inputs_kept_by_base(stage, torch.arange(64).reshape(2, 32))
+    finally:
+        handle.remove()
+    gc.collect()
+    assert outputs and all(ref.expired() for ref in outputs)
 
 
 def test_the_meter_counts_what_a_function_keeps_on_its_context():

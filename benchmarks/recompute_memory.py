@@ -63,7 +63,7 @@ def saved_bytes(model: Path, rows: int, seq: int, recompute: bool) -> int:
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         except RuntimeError:
             pass
-        return t
+        return t.detach()  # kept as itself, a saved output would hold its own node: a leaked graph
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         stage(ids, batch)

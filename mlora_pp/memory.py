@@ -129,7 +129,7 @@ class MemoryModel:
     runs through it (a model of one layer without recompute: no static, job, table or head bytes),
     on top of what the micro-batch kept from its forward. Charged once per stage, for the
     micro-batch being backwarded: each layer's recomputed tensors are freed before the next is
-    recomputed. Several times what a micro-batch keeps under recompute on the tests' model."""
+    recomputed. About twice what a micro-batch keeps under recompute on the tests' model."""
 
     def __post_init__(self) -> None:
         if isinstance(self.recomputed, dict):  # read back from a record
@@ -170,14 +170,16 @@ class MemoryModel:
         tokens, `length` long, each row of any running job (the costliest LoRA and loss share bound
         every row); under recompute, with one such micro-batch's recomputed layer on top."""
         running = list(running)
-        transient = self.recomputed.largest_micro_bytes(running, tokens, length) if self.recomputed is not None else 0.0
+        recomputed = self.recomputed
+        transient = recomputed.largest_micro_bytes(running, tokens, length) if recomputed is not None else 0.0
         return (self.static + sum(self.job[j] for j in running) + transient
                 + in_flight * self.largest_micro_bytes(running, tokens, length))
 
     def largest_micro_bytes(self, running: list[str], tokens: int, length: int) -> float:
         """`micro_bytes` bound for a micro-batch of `tokens`, `length` long, of `running` jobs' rows."""
         lora = max((self.lora_per_token.get(j, 0.0) + self.head_per_token(j) for j in running), default=0.0)
-        return self.activation(tokens, length) + tokens * (lora + self.kept_inputs(running) + self.grouped_lora(running))
+        per_token = lora + self.kept_inputs(running) + self.grouped_lora(running)
+        return self.activation(tokens, length) + tokens * per_token
 
     def record(self) -> dict:
         return asdict(self)
@@ -444,7 +446,8 @@ def fit(worker, stage_index: int, micro_batches: Sequence[MicroBatch]) -> Memory
         per_layer = {name: c / max(layers, 1) for name, c in lora.items()}
         layer = MemoryModel(stage_index, 0, 0.0, 0.0, lora_per_token=per_layer,
                             input_per_token={g: b / max(layers, 1) for g, b in inputs.items()}, kept_by_base=kept,
-                            grouped=grouped, grouped_per_token={t: b / max(layers, 1) for t, b in grouped_bytes.items()},
+                            grouped=grouped,
+                            grouped_per_token={t: b / max(layers, 1) for t, b in grouped_bytes.items()},
                             job_targets=targets)
         layer_samples = [(t, l, transient, 0) for t, l, _, _, transient in samples]
         recomputed = fitted(layer, layer_samples, micro_batches)

@@ -82,8 +82,8 @@ def test_a_measured_forward_without_a_backward_frees_its_graph(workspace):
     stage = build_stage(model_dir, StageSpec(0, 2, True, False))
     outputs = []
     layer = stage.layers[str(stage.layers_range()[0])]  # its output is the next norm's saved input
-    handle = layer.register_forward_hook(
-        lambda module, args, out: outputs.append(StorageWeakRef((out[0] if isinstance(out, tuple) else out).untyped_storage())))
+    handle = layer.register_forward_hook(lambda module, args, out: outputs.append(
+        StorageWeakRef((out[0] if isinstance(out, tuple) else out).untyped_storage())))
     try:
         inputs_kept_by_base(stage, torch.arange(64).reshape(2, 32))
     finally:

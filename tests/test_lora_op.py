@@ -265,7 +265,7 @@ def test_saves_only_x_and_small_tensors(path):
 
     def pack(t: torch.Tensor):
         saved.append(t)
-        return t
+        return t.detach()  # a saved output kept as itself would keep its graph alive (a cycle)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = module(x)

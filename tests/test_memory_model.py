@@ -39,7 +39,7 @@ def kept_storages(fn, *args) -> tuple[set[int], object]:
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         kept.add(t.untyped_storage().data_ptr())
-        return t
+        return t.detach()  # a saved output kept as itself would keep its graph alive (a cycle)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*args)

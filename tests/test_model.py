@@ -68,8 +68,9 @@ def test_stage_without_adapters_equals_transformers(model_dir):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_three_fused_adapters_equal_three_peft_models(model_dir):
-    stage = build_stage(model_dir)
+@pytest.mark.parametrize("fuse_projections", [False, True])
+def test_three_fused_adapters_equal_three_peft_models(model_dir, fuse_projections):
+    stage = build_stage(model_dir, fuse_projections=fuse_projections)
     for name, rank, alpha, targets, rslora in ADAPTERS:
         stage.add_adapter(name, rank, alpha, 0.0, targets, seed=1, rslora=rslora)
     randomize(stage)

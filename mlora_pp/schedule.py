@@ -80,6 +80,7 @@ import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Literal, Sequence
 
 ActionKind = Literal["F", "B", "S"]
@@ -201,23 +202,31 @@ class MicroBatchPart:
 
 @dataclass(frozen=True)
 class MicroBatch:
+    """Parts of one or more jobs that go through the stages together. Its derived sizes are cached:
+    a plan reads them at every action of every stage (planning, validation, replay)."""
+
     id: int
     parts: tuple[MicroBatchPart, ...]
 
-    @property
+    @cached_property
     def eval(self) -> bool:
         """A forward-only evaluation micro-batch (its parts are all eval parts: they never mix)."""
         return bool(self.parts) and self.parts[0].eval
 
-    @property
+    @cached_property
     def rows(self) -> int:
         return sum(p.rows for p in self.parts)
 
-    @property
+    @cached_property
     def jobs(self) -> tuple[str, ...]:
         return tuple(p.job for p in self.parts)
 
-    @property
+    @cached_property
+    def job_count(self) -> int:
+        """Distinct jobs (what a fused micro-batch's extra cost counts)."""
+        return len(set(self.jobs))
+
+    @cached_property
     def tokens(self) -> int:
         """Padded tokens as the runtime lays the rows out: every row padded to the longest part's rows."""
         longest = max((p.tokens / p.rows for p in self.parts if p.rows), default=0.0)
@@ -287,6 +296,9 @@ class CostModel:
                   "fused_job_overhead")
 
     def __post_init__(self) -> None:
+        # per stage: (action_overhead, fused_job_overhead, forward per token, backward per token),
+        # filled as stages are asked for (a plan asks at every action)
+        object.__setattr__(self, "_by_stage", {})
         values: list[tuple[str, float]] = []
         for name in self._PER_STAGE:
             value = getattr(self, name)
@@ -318,16 +330,23 @@ class CostModel:
     def _per_token(self, stage: int) -> float:
         return self._at(self.forward_per_token, stage)
 
-    def _fixed(self, stage: int, jobs: int) -> float:
-        return self._at(self.action_overhead, stage) + self._at(self.fused_job_overhead, stage) * max(jobs - 1, 0)
+    def _stage(self, stage: int) -> tuple[float, float, float, float]:
+        found = self._by_stage.get(stage)  # type: ignore[attr-defined]
+        if found is None:
+            backward = (self.backward_ratio * self._per_token(stage) if self.backward_per_token is None
+                        else self._at(self.backward_per_token, stage))
+            found = (self._at(self.action_overhead, stage), self._at(self.fused_job_overhead, stage),
+                     self._per_token(stage), backward)
+            self._by_stage[stage] = found  # type: ignore[attr-defined]
+        return found
 
     def forward(self, stage: int, tokens: int, jobs: int = 1) -> float:
-        return self._fixed(stage, jobs) + self._per_token(stage) * tokens
+        overhead, per_job, per_token, _ = self._stage(stage)
+        return overhead + per_job * max(jobs - 1, 0) + per_token * tokens
 
     def backward(self, stage: int, tokens: int, jobs: int = 1) -> float:
-        per_token = (self.backward_ratio * self._per_token(stage) if self.backward_per_token is None
-                     else self._at(self.backward_per_token, stage))
-        return self._fixed(stage, jobs) + per_token * tokens
+        overhead, per_job, _, per_token = self._stage(stage)
+        return overhead + per_job * max(jobs - 1, 0) + per_token * tokens
 
     def step(self, stage: int) -> float:
         return self._at(self.step_seconds, stage)
@@ -404,8 +423,15 @@ def _fused_micros(group: Sequence[JobSteps]) -> list[MicroBatch]:
 
 
 def _fused_micro_tokens(group: Sequence[JobSteps]) -> list[int]:
-    """Padded tokens of each of a group's micro-batches fused slot by slot (rows padded to the longest)."""
-    return [mb.tokens for mb in _fused_micros(group)]
+    """Padded tokens of each of a group's micro-batches fused slot by slot (rows padded to the longest),
+    as `MicroBatch.tokens` counts them, from the jobs' sizes alone."""
+    flat = [[size for micros in j.micro_batches for size in micros] for j in group]
+    out = []
+    for i in range(max((len(f) for f in flat), default=0)):
+        slot = [f[i] for f in flat if i < len(f)]
+        longest = max((tokens / rows for rows, tokens in slot if rows), default=0.0)
+        out.append(math.ceil(sum(rows for rows, _ in slot) * longest))
+    return out
 
 
 def _fused_tokens(group: Sequence[JobSteps]) -> int:
@@ -766,10 +792,13 @@ class _Clock:
     def run(self) -> None:
         n = self.num_stages
         self.admit(0.0)
+        # A stage's candidate depends on its own queues and clock, and stage 0's also on what is in
+        # flight and which jobs have stepped, all of which only stage 0 changes; an action on stage s
+        # fills the queues of s - 1 and s + 1. So only those three candidates are recomputed.
+        candidates = [self._candidate(s) for s in range(n)]
         while True:
             best: tuple[float, int, str] | None = None
-            for s in range(n):
-                cand = self._candidate(s)
+            for s, cand in enumerate(candidates):
                 # earliest start first; on a tie the later stage (drain before fill)
                 if cand is not None and (best is None or cand[0] <= best[0]):
                     best = (cand[0], s, cand[1])
@@ -778,7 +807,7 @@ class _Clock:
             start, s, kind = best
             if kind == "F":
                 mb = self._inject(start) if s == 0 else self.micro_batches[self.fwd_q[s].popleft()[1]]
-                end = start + self.cost.forward(s, mb.tokens, len(set(mb.jobs)))
+                end = start + self.cost.forward(s, mb.tokens, mb.job_count)
                 self.actions[s].append(Action("F", mb.id))
                 if not mb.eval:  # an evaluation keeps no activation for a backward
                     self.in_flight[s] += 1
@@ -789,7 +818,7 @@ class _Clock:
                     self.bwd_q[s].append((end, mb.id))
             else:
                 mb = self.micro_batches[self.bwd_q[s].popleft()[1]]
-                end = start + self.cost.backward(s, mb.tokens, len(set(mb.jobs)))
+                end = start + self.cost.backward(s, mb.tokens, mb.job_count)
                 self.actions[s].append(Action("B", mb.id))
                 self.in_flight[s] -= 1
                 self.in_flight_tokens[s] -= mb.tokens
@@ -808,6 +837,8 @@ class _Clock:
                                 self.finished.add(part.job)
                                 self.admit(end)
             self.free[s] = end
+            for t in range(max(0, s - 1), min(n, s + 2)):
+                candidates[t] = self._candidate(t)
         if any(not st.done for st in self.streams):  # pragma: no cover - the generator never stalls
             raise ScheduleError("lora generator stalled with micro-batches left\n" + render(
                 Schedule("lora", tuple(self.micro_batches), tuple(tuple(a) for a in self.actions))))
@@ -1029,6 +1060,11 @@ def lora_bubble(num_stages: int, streams: int, micros_per_step: int, steps: int)
     return 1 - busy / lora_slots(num_stages, streams, micros_per_step, steps)
 
 
+def _where(stage: int, pos: int, action: Action) -> str:
+    """An action's place, for errors (built only when there is one: a plan has millions of actions)."""
+    return f"stage {stage}, action {pos} ({action})"
+
+
 def validate(schedule: Schedule) -> None:
     """Check what every correct schedule must satisfy, on every stage and between stages.
 
@@ -1063,28 +1099,27 @@ def validate(schedule: Schedule) -> None:
         stepped: dict[str, int] = {job: step - 1 for job, step in first.items()}
         live = live_tokens = 0  # training micro-batches (and their tokens) forwarded, not backwarded
         for pos, action in enumerate(actions):
-            where = f"stage {stage}, action {pos} ({action})"
             if action.kind == "F":
                 if action.micro_batch not in by_id or action.micro_batch in forwarded:
-                    raise ScheduleError(f"{where}: unknown or repeated forward")
+                    raise ScheduleError(f"{_where(stage, pos, action)}: unknown or repeated forward")
                 forwarded.add(action.micro_batch)
                 if action.micro_batch in training:
                     live += 1
                     if bound is not None and live > bound:
-                        raise ScheduleError(f"{where}: more than {bound} micro-batches in flight")
+                        raise ScheduleError(f"{_where(stage, pos, action)}: more than {bound} micro-batches in flight")
                     live_tokens += by_id[action.micro_batch].tokens
                 if token_bound is not None and live_tokens > token_bound:
-                    raise ScheduleError(f"{where}: more than {token_bound} tokens in flight")
+                    raise ScheduleError(f"{_where(stage, pos, action)}: more than {token_bound} tokens in flight")
                 for part in by_id[action.micro_batch].parts:
                     if stepped.get(part.job, -1) != part.step - 1:
                         raise ScheduleError(
-                            f"{where}: forward of {part.job} step {part.step} before its step {part.step - 1} update"
+                            f"{_where(stage, pos, action)}: forward of {part.job} step {part.step} before its step {part.step - 1} update"
                         )
             elif action.kind == "B":
                 if action.micro_batch not in forwarded or action.micro_batch in backwarded:
-                    raise ScheduleError(f"{where}: backward without forward, or repeated")
+                    raise ScheduleError(f"{_where(stage, pos, action)}: backward without forward, or repeated")
                 if action.micro_batch not in training:
-                    raise ScheduleError(f"{where}: backward of an evaluation micro-batch")
+                    raise ScheduleError(f"{_where(stage, pos, action)}: backward of an evaluation micro-batch")
                 backwarded.add(action.micro_batch)
                 live -= 1
                 live_tokens -= by_id[action.micro_batch].tokens
@@ -1093,13 +1128,13 @@ def validate(schedule: Schedule) -> None:
             elif action.kind == "S":
                 key = (action.job, action.step)
                 if pending.get(key, -1) != 0:
-                    raise ScheduleError(f"{where}: optimizer step before all its backwards")
+                    raise ScheduleError(f"{_where(stage, pos, action)}: optimizer step before all its backwards")
                 if stepped.get(action.job, -1) != action.step - 1:
-                    raise ScheduleError(f"{where}: optimizer steps out of order")
+                    raise ScheduleError(f"{_where(stage, pos, action)}: optimizer steps out of order")
                 stepped[action.job] = action.step
                 pending.pop(key)
             else:
-                raise ScheduleError(f"{where}: unknown action kind")
+                raise ScheduleError(f"{_where(stage, pos, action)}: unknown action kind")
         if forwarded != set(by_id) or backwarded != training:
             unfinished = (set(by_id) - forwarded) | (training - backwarded)
             raise ScheduleError(f"stage {stage}: {len(unfinished)} micro-batches never finish")
@@ -1107,10 +1142,14 @@ def validate(schedule: Schedule) -> None:
             raise ScheduleError(f"stage {stage}: optimizer steps missing for {sorted(pending)[:3]}")
     for stage in range(schedule.num_stages - 1):
         for kind, sender, receiver in (("F", stage, stage + 1), ("B", stage + 1, stage)):
-            sent = [(i, a) for i, a in enumerate(schedule.stages[sender]) if a.kind == kind]
-            got = [(i, a) for i, a in enumerate(schedule.stages[receiver]) if a.kind == kind]
-            for k, ((_, a), (pos, b)) in enumerate(zip(sent, got)):
-                if a != b:
+            sent = [a.micro_batch for a in schedule.stages[sender] if a.kind == kind]
+            got = [a.micro_batch for a in schedule.stages[receiver] if a.kind == kind]
+            if sent == got:  # the common case, compared in one go; else find the first difference
+                continue
+            received = [(i, a) for i, a in enumerate(schedule.stages[receiver]) if a.kind == kind]
+            for k, (a_id, (pos, b)) in enumerate(zip(sent, received)):
+                if a_id != b.micro_batch:
+                    a = Action(kind, a_id)
                     what = "forward" if kind == "F" else "backward"
                     raise ScheduleError(
                         f"stage {receiver}, action {pos} ({b}): its {what} #{k} receives stage {sender}'s "

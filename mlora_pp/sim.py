@@ -74,28 +74,31 @@ def simulate(schedule: Schedule, cost: CostModel | None = None,
     in_flight = [0] * n
     peak = [0] * n
 
-    def tokens(action: Action, where: str) -> int:
+    def where(s: int, action: Action) -> str:
+        """Where an error is (built only when there is one: a plan has millions of actions)."""
+        return f"stage {s}, action {pos[s]} ({action})"
+
+    def tokens(s: int, action: Action) -> int:
         if action.micro_batch not in mbs:
-            raise ScheduleError(f"{where}: unknown micro-batch")
+            raise ScheduleError(f"{where(s, action)}: unknown micro-batch")
         return mbs[action.micro_batch].tokens
 
     def arrival(s: int, action: Action) -> float | None:
         """When the input of `action` on stage s is there; None while it has not been sent."""
-        where = f"stage {s}, action {pos[s]} ({action})"
         if action.kind == "F" and s > 0:
             sent, k, peer, what = fwd_sent[s - 1], fwd_got[s], s - 1, "forward"
         elif action.kind == "B" and s < n - 1:
             sent, k, peer, what = bwd_sent[s + 1], bwd_got[s], s + 1, "backward"
         else:
             if action.kind == "B" and action.micro_batch not in forwarded[s]:
-                raise ScheduleError(f"{where}: backward before its forward on this stage\n{render(schedule)}")
+                raise ScheduleError(f"{where(s, action)}: backward before its forward on this stage\n{render(schedule)}")
             return free[s]
         if k >= len(sent):
             return None
         mb, at = sent[k]
         if mb != action.micro_batch:
             raise ScheduleError(
-                f"{where}: receives stage {peer}'s {what} message #{k}, which carries micro-batch {mb}: "
+                f"{where(s, action)}: receives stage {peer}'s {what} message #{k}, which carries micro-batch {mb}: "
                 f"the {what} orders of stages {min(s, peer)} and {max(s, peer)} disagree (NCCL would hang "
                 f"or mix up tensors)\n{render(schedule)}"
             )
@@ -112,14 +115,13 @@ def simulate(schedule: Schedule, cost: CostModel | None = None,
         for s in range(n):
             while pos[s] < len(stages[s]):
                 action = stages[s][pos[s]]
-                where = f"stage {s}, action {pos[s]} ({action})"
                 ready = arrival(s, action)
                 if ready is None:
                     break
                 start = max(free[s], ready)
                 if action.kind == "F":
-                    t = tokens(action, where)
-                    end = start + cost.forward(s, t, len(set(mbs[action.micro_batch].jobs)))
+                    t = tokens(s, action)
+                    end = start + cost.forward(s, t, mbs[action.micro_batch].job_count)
                     forwarded[s].add(action.micro_batch)
                     if not mbs[action.micro_batch].eval:  # an evaluation keeps nothing for a backward
                         in_flight[s] += 1
@@ -129,8 +131,8 @@ def simulate(schedule: Schedule, cost: CostModel | None = None,
                     if s < n - 1:
                         fwd_sent[s].append((action.micro_batch, fwd_links[s].send(end, t)))
                 elif action.kind == "B":
-                    t = tokens(action, where)
-                    end = start + cost.backward(s, t, len(set(mbs[action.micro_batch].jobs)))
+                    t = tokens(s, action)
+                    end = start + cost.backward(s, t, mbs[action.micro_batch].job_count)
                     in_flight[s] -= 1
                     if s < n - 1:
                         bwd_got[s] += 1
@@ -140,7 +142,7 @@ def simulate(schedule: Schedule, cost: CostModel | None = None,
                     final = final_step_seconds is not None and action.step == last_step.get(action.job)
                     end = start + (final_step_seconds[s] if final else cost.step(s))
                 else:
-                    raise ScheduleError(f"{where}: unknown action kind")
+                    raise ScheduleError(f"{where(s, action)}: unknown action kind")
                 timed[s].append(TimedAction(action, start, end))
                 free[s] = end
                 pos[s] += 1

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import fused_projections, gpu, head_loss, host_overhead
+from benchmarks import fused_projections, gpu, head_loss, host_overhead, planning
 
 
 def test_gpu_benchmark_smoke_runs_on_any_device(capsys):
@@ -105,3 +105,16 @@ def test_gpu_check_script_parses_and_its_benchmark_commands_take_their_arguments
         args = [a.replace("$LOG", str(tmp_path)) for a in shlex.split(rest)]
         with pytest.raises(Parsed):
             importlib.import_module(f"benchmarks.{name}").main(args)
+
+
+def test_planning_benchmark_times_whole_plans(tmp_path, capsys):
+    """Each shape's plan has, on every stage, a forward and a backward per micro-batch and one
+    optimizer step per job and step; its time and traced bytes are recorded."""
+    out = tmp_path / "planning.json"
+    assert planning.main(["--quick", "--memory", "--repeat", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["stages"], r["jobs"], r["steps"]) for r in rows] == planning.QUICK
+    for r in rows:
+        assert r["actions"] == r["stages"] * (2 * r["micro_batches"] + r["jobs"] * r["steps"])
+        assert r["seconds"] > 0 and 0 < r["held_bytes"] <= r["peak_bytes"]
+    assert "making a lora plan" in capsys.readouterr().out

@@ -84,7 +84,7 @@ def final_steps(schedule: Schedule) -> dict[str, int]:
 
 def fit_cost(events: list[dict], schedule: Schedule, walls: list[float], fabric: Fabric,
              activation_bytes_per_token: float) -> Fit:
-    """Fit a `CostModel` to the trace events (`mlora_pp.training.write_trace`) of a run of `schedule`."""
+    """Fit a `CostModel` to the trace events (`mlora_pp.trace.write_trace`) of a run of `schedule`."""
     tokens = {mb.id: mb.tokens for mb in schedule.micro_batches}
     last = final_steps(schedule)
     slices = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("F", "B", "S")]

@@ -182,7 +182,11 @@ def _ours(out: Path) -> tuple[list[dict], list[dict], dict[str, float] | None]:
 def _last_steps(trace: dict) -> dict[str, float] | None:
     """Job -> end (s, from the trace's origin) of its last optimizer step on any stage; None if the
     trace has no ``S job:step`` slices. Rank 0 hears of steps late (step records arrive at the end of
-    the run), so the trace, timed on each stage, is the better clock."""
+    the run), so the trace, timed on each stage, is the better clock. None too where a stage left
+    actions out of the file (`pipeline.trace_actions`): a job may have finished in its middle."""
+    stages = trace.get("mlora_pp_stages")
+    if isinstance(stages, list) and any(isinstance(s, dict) and s.get("kept") != s.get("actions") for s in stages):
+        return None
     finished: dict[str, tuple[int, float]] = {}
     try:
         for e in trace.get("traceEvents", []):

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from mlora_pp.trace import DEFAULT_TRACE_ACTIONS
+
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEDULES: tuple[str, ...] = ("lora", "1f1b", "gpipe")
 MAX_LR = 1e30
@@ -62,6 +64,9 @@ class PipelineConfig:
     balance: str | list[int] = "auto"
     """auto (estimated FLOPs), profile (layers timed on this machine at start-up) or layer counts per stage."""
     timeout_s: float = 300.0
+    trace_actions: int = DEFAULT_TRACE_ACTIONS
+    """Actions per stage whose timings OUTPUT_DIR/trace.json keeps: the first and the last half of
+    this many (a long run's middle is counted in the totals, not kept). 0: keep none, totals only."""
     fuse: bool = True
     """Fuse micro-batches of different jobs into one (the batched LoRA operator runs them together)."""
     lora_path: str = "auto"
@@ -275,6 +280,8 @@ def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> 
         raise err("pipeline.balance", "every stage needs at least one layer")
     if cfg.pipeline.timeout_s <= 0:
         raise err("pipeline.timeout_s", "must be positive")
+    if cfg.pipeline.trace_actions < 0:
+        raise err("pipeline.trace_actions", f"must be 0 or more; got {cfg.pipeline.trace_actions}")
     choice("pipeline.admission", cfg.pipeline.admission, ADMISSION)
     if cfg.pipeline.streams is not None and cfg.pipeline.streams < 1:
         raise err("pipeline.streams", f"must be at least 1 or null; got {cfg.pipeline.streams}")

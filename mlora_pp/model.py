@@ -770,8 +770,8 @@ def build_stage(
 ) -> StageModel:
     """Build one stage from a local Hugging Face directory, reading only this stage's tensors.
 
-    `fuse_projections`: one base GEMM for q/k/v and one for gate/up (`FusedBase`). By default on
-    off the CPU and off on it; `MLORA_PP_FUSE_PROJECTIONS=1` or `0` overrides that. On CPU the
+    `fuse_projections`: one base GEMM for q/k/v and one for gate/up (`FusedBase`). On by default
+    except on CPU; `MLORA_PP_FUSE_PROJECTIONS=1` or `0` overrides that. On CPU the
     frozen weights stay in the safetensors file's memory map, and concatenating them would copy
     q/k/v and gate/up (about 60% of a layer) to the heap, for no speed measured on CPU.
     """

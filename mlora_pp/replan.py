@@ -160,11 +160,13 @@ class Replanner:
     """Jobs stopped early (also in `cancelled`): job -> its steps done at the stop."""
     _early_due: list[str] = field(default_factory=list, repr=False)
     """Rank 0: jobs whose patience ran out, stopped at the next decision point."""
-    schedules: list[Schedule] = field(default_factory=list)
-    """Every plan this rank ran, in order."""
-    plan_models: list[list[MemoryModel] | None] = field(default_factory=list)
-    """The memory models in force when each of `schedules` began (a submitted job's weights count
-    from its plan on), for each plan's predicted peak."""
+    current: Schedule | None = None
+    """The plan this rank runs now (earlier ones are not kept: a plan lists every remaining action)."""
+    plans: int = 0
+    """Plans this rank has run, this one included."""
+    predicted_peak_bytes: float | None = None
+    """With memory models: the highest predicted peak of this rank's stage over the plans so far,
+    each with the models in force when it began (a submitted job's weights count from its plan on)."""
     _loaded: dict[str, AdapterJob] = field(default_factory=dict, repr=False)
     """Rank 0: submitted jobs tokenized while checking them, used again when they are added."""
     _taken: list[Request] = field(default_factory=list, repr=False)
@@ -172,12 +174,15 @@ class Replanner:
 
     def points(self, schedule: Schedule) -> list[int]:
         """`schedule`'s decision points: every micro-batch from DECISION_LEAD on, and its end."""
-        if not self.schedules or self.schedules[-1] is not schedule:
-            self.schedules.append(schedule)
-            self.plan_models.append(self.models)
-            if self.on_change is not None and self.models is not None and len(self.schedules) > 1:
-                self.on_change("plan", {"predicted_peak_bytes": [int(predicted_peak(m, schedule, i))
-                                                                 for i, m in enumerate(self.models)]})
+        if self.current is not schedule:
+            self.current = schedule
+            self.plans += 1
+            if self.models is not None:
+                mine = predicted_peak(self.models[self.rank], schedule, self.rank)
+                self.predicted_peak_bytes = max(mine, self.predicted_peak_bytes or 0.0)
+                if self.on_change is not None and self.plans > 1:
+                    self.on_change("plan", {"predicted_peak_bytes": [
+                        int(mine if i == self.rank else predicted_peak(m, schedule, i)) for i, m in enumerate(self.models)]})
         count = len(schedule.micro_batches)
         return list(range(DECISION_LEAD, count)) + [count]
 
@@ -186,7 +191,8 @@ class Replanner:
     def decide(self, point: int) -> Change | None:
         """The decision for micro-batch `point` of the current plan: rank 0 takes it and sends it,
         the others receive it. None: the plan goes on."""
-        end = len(self.schedules[-1].micro_batches)
+        assert self.current is not None
+        end = len(self.current.micro_batches)
         if self.rank != 0:
             assert self.channel is not None
             return self.channel.await_decision(point, more=point < end)
@@ -304,7 +310,7 @@ class Replanner:
         if self.budget is None or models is None:
             return
         policy, fuse, streams = self.cfg.pipeline.schedule, self.cfg.pipeline.fuse, self.cfg.pipeline.streams
-        steps = [self._still_paused(j) for j in remaining_steps(self.schedules[-1], point)
+        steps = [self._still_paused(j) for j in remaining_steps(self.current, point)
                  if j.name not in self.cancelled and j.name not in cancelling]
         steps += [j.job_steps() for j in submitted]
         fits = admission_check(models, steps, self.budget, self.in_flight, policy, fuse, streams)

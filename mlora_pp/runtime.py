@@ -38,6 +38,7 @@ from mlora_pp.memory import Measurement, RecomputeMeter, SavedTensorMeter, live_
 from mlora_pp.memory import static_bytes as count_static_bytes
 from mlora_pp.model import StageModel
 from mlora_pp.schedule import Action, MicroBatch, Schedule, cut_actions
+from mlora_pp.trace import TraceEvent, TraceRecorder
 from mlora_pp.transport import ACTIVATION, GRADIENT, StageTransport
 
 
@@ -70,18 +71,6 @@ class EvalRecord:
     step: int  # optimizer steps done when evaluated
     loss: float  # token-mean cross-entropy over every held-out loss token
     loss_tokens: int
-
-
-@dataclass
-class TraceEvent:
-    """One timed action, for the Chrome trace and utilisation."""
-
-    name: str
-    kind: str
-    start: float
-    end: float
-    wait: float = 0.0
-    """Seconds of [start, end) spent blocked on a peer rather than computing."""
 
 
 @dataclass
@@ -124,7 +113,8 @@ class StageWorker:
     while a backward held a recomputed layer (see mlora_pp.memory)."""
     failures: dict[str, tuple[int, str]] = field(default_factory=dict)
     """Jobs this stage failed: job -> (good steps done, reason)."""
-    trace: list[TraceEvent] = field(default_factory=list)
+    trace: TraceRecorder = field(default_factory=TraceRecorder)
+    """Timed actions: the run's totals, and the first and last ones for trace.json."""
     _in_flight: dict[int, _InFlight] = field(default_factory=dict)
     _held: dict[int, Measurement] = field(default_factory=dict)
     _job_bytes: dict[str, int] = field(default_factory=dict)
@@ -434,7 +424,7 @@ class StageWorker:
             self.optimizer_step(action.job, action.step)
             name = f"S {action.job}:{action.step}"
         wait = (self.transport.waited_s - waited) if self.transport is not None else 0.0
-        self.trace.append(TraceEvent(name, action.kind, start, time.perf_counter(), wait))
+        self.trace.add(TraceEvent(name, action.kind, start, time.perf_counter(), wait))
         if self.meter is not None:
             # a job's gradients and optimizer state change only in its backwards and steps: recount those
             touched = ([action.job] if action.kind == "S" else

@@ -59,8 +59,9 @@ from mlora_pp.profiling import (
 from mlora_pp.records import RecordInbox, RecordSender
 from mlora_pp.replan import Replanner, pause_jobs
 from mlora_pp.run_lock import RunLock
-from mlora_pp.runtime import EvalRecord, StageWorker, StepRecord, TraceEvent
+from mlora_pp.runtime import EvalRecord, StageWorker, StepRecord
 from mlora_pp.schedule import Schedule, admission, build_schedule, choose_streams, min_streams
+from mlora_pp.trace import TraceRecorder, write_trace
 from mlora_pp.transport import PipelineError, StageTransport
 
 
@@ -210,28 +211,10 @@ def save_adapters(weights: dict[str, dict], cfg: RunConfig, failed: dict[str, tu
     return out
 
 
-def _stage_summary(rank: int, spec: StageSpec, trace: list[TraceEvent], wall_s: float) -> dict:
-    busy = sum(e.end - e.start - e.wait for e in trace)
+def _stage_summary(rank: int, spec: StageSpec, trace: TraceRecorder, wall_s: float) -> dict:
+    busy = trace.busy_s
     return {"event": "stage", "rank": rank, "first_layer": spec.first_layer, "last_layer": spec.last_layer,
-            "busy_s": busy, "wall_s": wall_s, "utilization": busy / max(wall_s, 1e-9)}
-
-
-def write_trace(path: Path, traces: list[list[TraceEvent]]) -> None:
-    """Chrome/Perfetto trace: one row per stage, one slice per action (waits shown separately)."""
-    origin = min((e.start for t in traces for e in t), default=0.0)
-    events = []
-    for rank, trace in enumerate(traces):
-        events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": rank, "args": {"name": f"stage {rank}"}})
-        for e in trace:
-            start = e.start + e.wait
-            events.append({"name": e.name, "cat": e.kind, "ph": "X", "pid": 0, "tid": rank,
-                           "ts": (start - origin) * 1e6, "dur": (e.end - start) * 1e6})
-            if e.wait > 0:
-                events.append({"name": "wait", "cat": "wait", "ph": "X", "pid": 0, "tid": rank,
-                               "ts": (e.start - origin) * 1e6, "dur": e.wait * 1e6})
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
-    os.replace(tmp, path)
+            "busy_s": busy, "wait_s": trace.wait_s, "wall_s": wall_s, "utilization": busy / max(wall_s, 1e-9)}
 
 
 @dataclass
@@ -249,17 +232,14 @@ class MemoryPlan:
     hide_latency: bool = False
     """Whether the schedule hides latency (`pipeline.hide_latency`: true, or auto and it fits)."""
 
-    def record(self, rank: int, measured: int, method: str, schedules: list[Schedule],
-               models: list[list[MemoryModel]]) -> dict:
-        """The `metrics.jsonl` event of one stage: predicted (over every plan the run went through,
-        each with the models in force when it began: `models[i]` for `schedules[i]`; a job
-        submitted mid-run counts from its plan on) against measured peak. The model recorded is
-        the last one."""
-        predicted = max(predicted_peak(m[rank], schedule, rank) for schedule, m in zip(schedules, models))
+    def record(self, rank: int, measured: int, method: str, predicted: float, models: list[MemoryModel]) -> dict:
+        """The `metrics.jsonl` event of one stage: the predicted peak (over every plan the run went
+        through, `Replanner.predicted_peak_bytes`) against the measured one, and the memory model
+        in force at the end."""
         return {"event": "memory", "rank": rank, "budget_bytes": self.budget, "in_flight": self.in_flight,
                 "hide_latency": self.hide_latency,
                 "predicted_peak_bytes": int(predicted), "measured_peak_bytes": measured, "method": method,
-                "model": models[-1][rank].record()}
+                "model": models[rank].record()}
 
 
 def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str, AdapterJob],
@@ -725,6 +705,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     cpu = device.type != "cuda"
     parts = PartWriter(env.rank, cfg.pipeline.timeout_s)
     worker = StageWorker(stage, jobs, schedule, stage_index=env.rank, transport=transport, device=device,
+                         trace=TraceRecorder(cfg.pipeline.trace_actions),
                          on_step=on_step, on_eval=on_eval, after_action=after_action if is_rank0 else None,
                          norms=(GradNormChannel(env.rank, env.world, cfg.pipeline.timeout_s, norms, job_order)
                                 if env.world > 1 else None),
@@ -773,9 +754,10 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
                 measured, method = worker.peak_bytes, "tensor bytes held (weights, gradients, optimizer state, saved activations)"
             else:
                 measured, method = torch.cuda.max_memory_allocated(device), "cuda allocator peak"
-            plans = replanner.schedules or [schedule]
-            in_force = [m or memory.models for m in replanner.plan_models] or [memory.models]
-            summary["memory"] = memory.record(env.rank, measured, method, plans, in_force)
+            predicted = replanner.predicted_peak_bytes
+            if predicted is None:  # no plan ran (every job was done already)
+                predicted = predicted_peak(memory.models[env.rank], schedule, env.rank)
+            summary["memory"] = memory.record(env.rank, measured, method, predicted, replanner.models or memory.models)
             summary["memory"]["process_peak_rss_bytes"] = process_peak_rss()
         slices = {name: {p: (a.cpu(), b.cpu()) for p, (a, b) in stage.adapter_state(name).items()} for name in jobs}
         gathered = [(slices, worker.trace, summary, worker.failures)]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.run import METHODS
+from benchmarks.run import METHODS, _last_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,3 +40,14 @@ def test_quick_loopback_runs_every_runtime_on_the_same_tokens(tmp_path):
     assert set(result["calibration"]) == {"ours-1", "ours-2", "torch-1f1b", "fsdp2", "peft"}
     assert all(r["predicted_makespan_s"] > 0 for r in methods.values())
     assert "predicted vs measured makespan" in proc.stdout
+
+
+def test_job_completion_comes_from_the_trace_only_where_it_kept_every_action():
+    """A trace that left a stage's middle out may have lost a job's last step: the benchmark then
+    times jobs from metrics.jsonl instead (`_last_steps` gives None)."""
+    steps = [{"ph": "X", "cat": "S", "name": "S a:0", "ts": 0, "dur": 1e6},
+             {"ph": "X", "cat": "S", "name": "S a:1", "ts": 2e6, "dur": 1e6}]
+    whole = {"traceEvents": steps, "mlora_pp_stages": [{"actions": 2, "kept": 2}]}
+    assert _last_steps(whole) == {"a": 3.0}
+    assert _last_steps({"traceEvents": steps}) == {"a": 3.0}  # written before the totals existed
+    assert _last_steps({"traceEvents": steps, "mlora_pp_stages": [{"actions": 9, "kept": 2}]}) is None

@@ -58,6 +58,8 @@ def test_issue_example_parses(tmp_path):
         ("lr: 3.0e-4", "lr: 1.0e37", "jobs[0].lr: must be at most 1e+30"),
         ("lr: 3.0e-4", "lr: 3.0e-4\n    max_grad_norm: 0", "jobs[0].max_grad_norm: must be positive (or null: no clipping); got 0"),
         ("lr: 3.0e-4", "lr: 3.0e-4\n    max_grad_norm: one", "jobs[0].max_grad_norm: expected a number or null"),
+        ("schedule: lora", "schedule: lora, trace_actions: -1", "pipeline.trace_actions: must be 0 or more; got -1"),
+        ("schedule: lora", "schedule: lora, trace_actions: many", "pipeline.trace_actions: expected an integer"),
     ],
 )
 def test_bad_field_names_file_and_field(tmp_path, old, new, expected):

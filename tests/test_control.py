@@ -108,7 +108,7 @@ def test_decisions_lead_the_forwards_and_never_hold_back_a_posted_receive(change
     schedule = build_schedule(jobs, 3, "lora")
     count = len(schedule.micro_batches)
     planner = Replanner.__new__(Replanner)
-    planner.schedules, planner.plan_models, planner.models = [], [], None
+    planner.current, planner.plans, planner.models = None, 0, None
     points = planner.points(schedule)
     assert points == list(range(DECISION_LEAD, count)) + [count] and count > 13
     for stage in range(3):

@@ -107,7 +107,7 @@ def test_gpu_cost_is_per_stage_share_of_the_model():
 
 
 def trace_of(timeline, outside: float) -> tuple[list[dict], list[float]]:
-    """The trace events `mlora_pp.training.write_trace` would write for `timeline`, and the stages'
+    """The trace events `mlora_pp.trace.write_trace` would write for `timeline`, and the stages'
     wall times with `outside` seconds outside any action."""
     events = []
     for s, actions in enumerate(timeline.stages):

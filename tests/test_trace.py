@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
 import pytest
 
-from mlora_pp.runtime import TraceEvent
-from mlora_pp.trace import main, read_trace, summarise
-from mlora_pp.training import write_trace
+from mlora_pp.trace import TraceEvent, TraceRecorder, main, read_totals, read_trace, summarise, write_trace
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -83,3 +82,71 @@ def test_png_has_a_lane_per_stage_and_stripes_per_fused_job(trace, tmp_path):
     halves = [c for c in ax.collections if to_hex(c.get_facecolor()[0], keep_alpha=True) in forwards]
     heights = sorted(round(p.get_extents().height, 3) for c in halves for p in c.get_paths())
     assert heights == [0.4] * 4
+
+
+def _events(count: int) -> list[TraceEvent]:
+    """count actions one after the other, 10 ms each, every third one waiting 4 ms of it."""
+    return [TraceEvent(f"F{i} a:{i}.0", "F", i * 0.01, (i + 1) * 0.01, wait=0.004 if i % 3 == 0 else 0.0)
+            for i in range(count)]
+
+
+def test_a_recorder_keeps_the_first_and_last_actions_and_totals_over_all():
+    events = _events(1000)
+    recorder = TraceRecorder.of(events, limit=10)
+    assert [e.name for e in recorder.events] == [e.name for e in events[:5] + events[-5:]]
+    assert recorder.actions == 1000 and recorder.dropped == 990
+    assert recorder.busy_s == pytest.approx(sum(e.end - e.start - e.wait for e in events))
+    assert recorder.wait_s == pytest.approx(sum(e.wait for e in events))
+    short = TraceRecorder.of(events[:7], limit=10)  # fewer than the limit: all kept
+    assert short.events == events[:7] and short.dropped == 0
+    assert TraceRecorder.of(events, limit=0).events == [] and TraceRecorder.of(events, limit=0).actions == 1000
+    shuffled = TraceRecorder.of(events[500:] + events[:500], limit=10)  # a plain list need not be in order
+    assert (shuffled.first_start, shuffled.last_end) == (0.0, pytest.approx(10.0))
+    with pytest.raises(ValueError, match="0 or more"):
+        TraceRecorder(-1)
+
+
+def test_a_trace_that_left_actions_out_is_summarised_over_the_whole_run(tmp_path, capsys):
+    """The file keeps 10 actions a stage and marks the gap; the summary still counts all 1000 (and
+    300 on stage 1), busy and waiting as the plain events add up."""
+    stage0, stage1 = _events(1000), _events(300)
+    path = tmp_path / "trace.json"
+    write_trace(path, [TraceRecorder.of(stage0, limit=10), TraceRecorder.of(stage1, limit=10)])
+    raw = json.loads(path.read_text())
+    kept = [e for e in raw["traceEvents"] if e["ph"] == "X" and e["name"] != "wait"]
+    assert [sum(e["tid"] == s for e in kept) for s in (0, 1)] == [10, 10]
+    marks = [e for e in raw["traceEvents"] if e["ph"] == "i"]
+    assert [(e["tid"], e["name"]) for e in marks] == [(0, "990 actions not kept"), (1, "290 actions not kept")]
+    assert [e["ts"] for e in marks] == pytest.approx([50_000.0, 50_000.0])  # after the 5 actions kept first
+    first, second = summarise(read_trace(path), read_totals(path))
+    assert (first.actions, second.actions) == (1000, 300) and first.not_kept == 990
+    assert first.span_s == pytest.approx(10.0)  # first start to last end over both stages
+    assert first.busy_s == pytest.approx(sum(e.end - e.start - e.wait for e in stage0))
+    assert second.wait_s == pytest.approx(sum(e.wait for e in stage1))
+    assert main([str(path), "--text"]) == 0
+    assert "1280 actions of the middle are left out" in capsys.readouterr().out
+    # the kept events alone would say 10 actions a stage: the totals are what changed the summary
+    assert [s.actions for s in summarise(read_trace(path))] == [10, 10]
+
+
+def test_a_run_keeps_trace_actions_per_stage_and_counts_them_all(tmp_path):
+    """A one-rank run with pipeline.trace_actions: 6 keeps 3 + 3 actions in trace.json; its totals
+    count every action of the plan, and the stage's utilisation comes from them."""
+    from test_training import JOBS, make_raw, make_workspace
+
+    from mlora_pp.config import parse_config
+    from mlora_pp.training import train
+
+    workspace = make_workspace(tmp_path)
+    raw = make_raw(workspace, JOBS[:2], "short-trace", trace_actions=6)
+    result = train(parse_config(raw, tmp_path / "c.yaml"), progress=False)
+    out = workspace[0] / "short-trace"
+    trace = json.loads((out / "trace.json").read_text())
+    actions = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["name"] != "wait"]
+    planned = len(result.schedule.stages[0])
+    assert planned > 6 and len(actions) == 6
+    [totals] = trace["mlora_pp_stages"]
+    assert totals["actions"] == planned and totals["kept"] == 6
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    [stage] = [r for r in records if r.get("event") == "stage"]
+    assert stage["busy_s"] == pytest.approx(totals["busy_s"]) and stage["wait_s"] == totals["wait_s"]

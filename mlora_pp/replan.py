@@ -181,8 +181,8 @@ class Replanner:
                 mine = predicted_peak(self.models[self.rank], schedule, self.rank)
                 self.predicted_peak_bytes = max(mine, self.predicted_peak_bytes or 0.0)
                 if self.on_change is not None and self.plans > 1:
-                    self.on_change("plan", {"predicted_peak_bytes": [
-                        int(mine if i == self.rank else predicted_peak(m, schedule, i)) for i, m in enumerate(self.models)]})
+                    peaks = [mine if i == self.rank else predicted_peak(m, schedule, i) for i, m in enumerate(self.models)]
+                    self.on_change("plan", {"predicted_peak_bytes": [int(p) for p in peaks]})
         count = len(schedule.micro_batches)
         return list(range(DECISION_LEAD, count)) + [count]
 

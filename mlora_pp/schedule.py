@@ -81,7 +81,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 ActionKind = Literal["F", "B", "S"]
 POLICIES = ("lora", "1f1b", "gpipe")
@@ -374,23 +374,26 @@ class Link:
 def _parts(job: JobSteps, evals: bool = True) -> list[MicroBatchPart]:
     """A job's micro-batches in training order; an evaluation after k steps comes right before
     step k's first micro-batch (or after the last step)."""
+    return list(_iter_parts(job, evals))
+
+
+def _iter_parts(job: JobSteps, evals: bool = True) -> Iterator[MicroBatchPart]:
+    """`_parts`, made one at a time (a long job has millions: the generator holds only its next one)."""
     points = {p.after: p for p in job.evals} if evals else {}
 
-    def evaluation(point: EvalPoint) -> list[MicroBatchPart]:
+    def evaluation(point: EvalPoint) -> Iterator[MicroBatchPart]:
         end = point.first_micro + len(point.micro_batches)
-        return [MicroBatchPart(job.name, point.after, micro, micro == end - 1, rows, tokens, eval=True)
-                for micro, (rows, tokens) in enumerate(point.micro_batches, start=point.first_micro)]
+        for micro, (rows, tokens) in enumerate(point.micro_batches, start=point.first_micro):
+            yield MicroBatchPart(job.name, point.after, micro, micro == end - 1, rows, tokens, eval=True)
 
-    out: list[MicroBatchPart] = []
     for step, micros in enumerate(job.micro_batches, start=job.first_step):
         if step in points:
-            out += evaluation(points.pop(step))
+            yield from evaluation(points.pop(step))
         offset = job.first_micro if step == job.first_step else 0
         for micro, (rows, tokens) in enumerate(micros, start=offset):
-            out.append(MicroBatchPart(job.name, step, micro, micro == offset + len(micros) - 1, rows, tokens))
+            yield MicroBatchPart(job.name, step, micro, micro == offset + len(micros) - 1, rows, tokens)
     for after in sorted(points):
-        out += evaluation(points[after])
-    return out
+        yield from evaluation(points[after])
 
 
 def form_micro_batches(jobs: Sequence[JobSteps], policy: str, fuse: bool = True) -> list[MicroBatch]:
@@ -660,22 +663,55 @@ def _one_f_one_b(micro_batches: Sequence[MicroBatch], num_stages: int) -> tuple[
     return tuple(stages)
 
 
+class _Parts:
+    """One job's parts not injected yet, made as the generator reaches them."""
+
+    __slots__ = ("head", "_rest")
+
+    def __init__(self, parts: Iterator[MicroBatchPart]) -> None:
+        self._rest = parts
+        self.head: MicroBatchPart | None = next(parts, None)
+
+    def __bool__(self) -> bool:
+        return self.head is not None
+
+    def popleft(self) -> MicroBatchPart:
+        part = self.head
+        assert part is not None
+        self.head = next(self._rest, None)
+        return part
+
+    def rest(self) -> list[MicroBatchPart]:
+        """Every part left, taken (a plan cut short hands them to the next one)."""
+        out = []
+        while self.head is not None:
+            out.append(self.popleft())
+        return out
+
+
 @dataclass
 class _Stream:
     """One lora stream: a group of jobs whose ready next parts are fused at each injection."""
 
-    parts: list[deque[MicroBatchPart]]  # per job, its remaining parts in training order
+    jobs: list[JobSteps]
+    parts: list[_Parts]  # per job, its remaining parts in training order
     total: int
+    largest: int
+    """Padded tokens of the largest micro-batch this stream can inject (any mix of its jobs' parts)."""
     injected: int = 0
 
-    @property
-    def largest(self) -> int:
-        """Padded tokens of the largest micro-batch this stream can inject (any mix of its jobs' parts)."""
-        if len(self.parts) == 1:
-            return max((p.tokens for p in self.parts[0]), default=0)
-        rows = sum(max((p.rows for p in q), default=0) for q in self.parts)
-        length = max((p.tokens / p.rows for q in self.parts for p in q if p.rows), default=0.0)
-        return math.ceil(rows * length)
+    @staticmethod
+    def of(group: Sequence[JobSteps]) -> "_Stream":
+        sizes = [[size for micros in j.micro_batches for size in micros]
+                 + [size for point in j.evals for size in point.micro_batches] for j in group]
+        if len(group) == 1:
+            largest = max((tokens for _, tokens in sizes[0]), default=0)
+        else:
+            rows = sum(max((r for r, _ in mine), default=0) for mine in sizes)
+            length = max((t / r for mine in sizes for r, t in mine if r), default=0.0)
+            largest = math.ceil(rows * length)
+        return _Stream(list(group), [_Parts(_iter_parts(j)) for j in group],
+                       total=max(1, sum(j.tokens for j in group)), largest=largest)
 
     @property
     def done(self) -> bool:
@@ -684,25 +720,30 @@ class _Stream:
     @property
     def mid_step(self) -> bool:
         """Some job of the stream has injected part of a step, not all of it."""
-        return any(q and q[0].micro > 0 for q in self.parts)
+        return any(q.head is not None and q.head.micro > 0 for q in self.parts)
 
 
 @dataclass
 class _Clock:
-    """The lora generator's state: a clock-driven run of the pipeline that records what each stage does."""
+    """The lora generator's state: a clock-driven run of the pipeline that records what each stage does.
+
+    It runs in steps (`run(until)`), each handing over what it generated (`take`): actions come out
+    in the order of their simulated start, so every stretch is the next part of every stage's list,
+    and it keeps only the micro-batches still in flight and each job's next part."""
 
     num_stages: int
     cost: CostModel
     bound: int | None  # micro-batches in flight per stage
     token_bound: int | None  # padded tokens in flight per stage
     streams: list[_Stream]
-    step_counts: dict[tuple[str, int], int]
     admission: Admission | None = None
-    micro_batches: list[MicroBatch] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = self.num_stages
         self.actions: list[list[Action]] = [[] for _ in range(n)]
+        self.count = 0  # micro-batches injected so far (the next one's id)
+        self.live: dict[int, MicroBatch] = {}  # injected, not yet done on every stage
+        self.fresh: list[MicroBatch] = []  # injected since the last `take`
         self.free = [0.0] * n
         self.fwd_q: list[deque[tuple[float, int]]] = [deque() for _ in range(n)]  # activations arrived/arriving
         self.bwd_q: list[deque[tuple[float, int]]] = [deque() for _ in range(n)]  # gradients arrived/arriving
@@ -711,17 +752,19 @@ class _Clock:
         self.in_flight = [0] * n
         self.in_flight_tokens = [0] * n
         self.largest = max((st.largest for st in self.streams), default=0)
-        self.pending = [dict(self.step_counts) for _ in range(n)]
-        self.stepped: dict[str, tuple[int, float]] = {}  # job -> (steps done on stage 0, when)
-        self.last_step = {q[0].job: max(p.step for p in q if not p.eval)
-                          for st in self.streams for q in st.parts if any(not p.eval for p in q)}
+        self.by_name = {j.name: j for st in self.streams for j in st.jobs}
+        self.pending: list[dict[tuple[str, int], int]] = [{} for _ in range(n)]  # backwards left of steps begun
+        # job -> (steps done on stage 0, when); a resumed job starts mid-plan
+        self.stepped: dict[str, tuple[int, float]] = {j.name: (j.first_step, 0.0) for st in self.streams for j in st.jobs}
+        self.last_step = {j.name: j.first_step + j.steps - 1 for st in self.streams for j in st.jobs if j.steps}
         order = self.admission.order if self.admission is not None else tuple(self.last_step)
         self.urgency = {name: k for k, name in enumerate(order)}
         self.queue = deque(name for name in order if name in self.last_step)
         self.running: set[str] = set()
         # Jobs done training: their remaining evaluations still run (they hold no gradients or optimizer
         # state, so admission no longer counts them).
-        self.finished = {q[0].job for st in self.streams for q in st.parts if q and q[0].job not in self.last_step}
+        self.finished = {j.name for st in self.streams for j in st.jobs if not j.steps and j.evals}
+        self._candidates: list[tuple[float, str] | None] | None = None
 
     def admit(self, now: float) -> None:
         """Start the jobs that hold their state already, then queued jobs, in order, while the next
@@ -748,7 +791,7 @@ class _Clock:
         return when if done == part.step else math.inf
 
     def _stream_ready(self, stream: _Stream) -> float:
-        return min((self._part_ready(q[0]) for q in stream.parts if q), default=math.inf)
+        return min((self._part_ready(q.head) for q in stream.parts if q.head is not None), default=math.inf)
 
     def _candidate(self, s: int) -> tuple[float, str] | None:
         b_at = self.bwd_q[s][0][0] if self.bwd_q[s] else math.inf
@@ -780,22 +823,30 @@ class _Clock:
             stream = min(ready, key=lambda st: (not st.mid_step, st.injected / st.total))
         else:  # the most urgent ready job's stream
             stream = min(ready, key=lambda st: (not st.mid_step, min(
-                self.urgency[q[0].job] for q in st.parts if q and self._part_ready(q[0]) <= start)))
-        ready_queues = [q for q in stream.parts if q and self._part_ready(q[0]) <= start]
+                self.urgency[q.head.job] for q in st.parts if q.head is not None and self._part_ready(q.head) <= start)))
+        ready_queues = [q for q in stream.parts if q.head is not None and self._part_ready(q.head) <= start]
         # evaluation rows run without a gradient: never fused with training rows, and they go first
-        parts = tuple(q.popleft() for q in ([q for q in ready_queues if q[0].eval] or ready_queues))
-        mb = MicroBatch(len(self.micro_batches), parts)
+        parts = tuple(q.popleft() for q in ([q for q in ready_queues if q.head.eval] or ready_queues))  # type: ignore[union-attr]
+        mb = MicroBatch(self.count, parts)
+        self.count += 1
         stream.injected += sum(p.tokens for p in parts if not p.eval)
-        self.micro_batches.append(mb)
+        self.live[mb.id] = mb
+        self.fresh.append(mb)
         return mb
 
-    def run(self) -> None:
+    def run(self, until: int | None = None) -> bool:
+        """Generate, in order of simulated start, until stage 0 would inject micro-batch `until`
+        (None: to the end); True once every stage's list is complete. Starts never go backwards (an
+        action only enqueues work that starts after it), so what one call generates follows, on
+        every stage, what the calls before it did."""
         n = self.num_stages
-        self.admit(0.0)
+        if self._candidates is None:
+            self.admit(0.0)
+            self._candidates = [self._candidate(s) for s in range(n)]
         # A stage's candidate depends on its own queues and clock, and stage 0's also on what is in
         # flight and which jobs have stepped, all of which only stage 0 changes; an action on stage s
         # fills the queues of s - 1 and s + 1. So only those three candidates are recomputed.
-        candidates = [self._candidate(s) for s in range(n)]
+        candidates = self._candidates
         while True:
             best: tuple[float, int, str] | None = None
             for s, cand in enumerate(candidates):
@@ -805,8 +856,10 @@ class _Clock:
             if best is None:
                 break
             start, s, kind = best
+            if kind == "F" and s == 0 and until is not None and self.count >= until:
+                return False
             if kind == "F":
-                mb = self._inject(start) if s == 0 else self.micro_batches[self.fwd_q[s].popleft()[1]]
+                mb = self._inject(start) if s == 0 else self.live[self.fwd_q[s].popleft()[1]]
                 end = start + self.cost.forward(s, mb.tokens, mb.job_count)
                 self.actions[s].append(Action("F", mb.id))
                 if not mb.eval:  # an evaluation keeps no activation for a backward
@@ -816,18 +869,27 @@ class _Clock:
                     self.fwd_q[s + 1].append((self.fwd_links[s].send(end, mb.tokens), mb.id))
                 elif not mb.eval:
                     self.bwd_q[s].append((end, mb.id))
+                else:  # an evaluation is done once the last stage has forwarded it
+                    del self.live[mb.id]
             else:
-                mb = self.micro_batches[self.bwd_q[s].popleft()[1]]
+                mb = self.live[self.bwd_q[s].popleft()[1]]
                 end = start + self.cost.backward(s, mb.tokens, mb.job_count)
                 self.actions[s].append(Action("B", mb.id))
                 self.in_flight[s] -= 1
                 self.in_flight_tokens[s] -= mb.tokens
                 if s > 0:
                     self.bwd_q[s - 1].append((self.bwd_links[s - 1].send(end, mb.tokens), mb.id))
+                else:  # stage 0's backward is a training micro-batch's last action
+                    del self.live[mb.id]
                 for part in mb.parts:
                     key = (part.job, part.step)
-                    self.pending[s][key] -= 1
-                    if self.pending[s][key] == 0:
+                    left = self.pending[s].pop(key, None)
+                    if left is None:
+                        job = self.by_name[part.job]
+                        left = len(job.micro_batches[part.step - job.first_step])
+                    if left > 1:
+                        self.pending[s][key] = left - 1
+                    else:
                         self.actions[s].append(Action("S", job=part.job, step=part.step))
                         end += self.cost.step(s)
                         if s == 0:
@@ -841,7 +903,19 @@ class _Clock:
                 candidates[t] = self._candidate(t)
         if any(not st.done for st in self.streams):  # pragma: no cover - the generator never stalls
             raise ScheduleError("lora generator stalled with micro-batches left\n" + render(
-                Schedule("lora", tuple(self.micro_batches), tuple(tuple(a) for a in self.actions))))
+                Schedule("lora", tuple(self.fresh), tuple(tuple(a) for a in self.actions))))
+        return True
+
+    def take(self) -> tuple[tuple[MicroBatch, ...], tuple[tuple[Action, ...], ...]]:
+        """The micro-batches injected and every stage's actions generated since the last call."""
+        fresh, actions = tuple(self.fresh), tuple(tuple(a) for a in self.actions)
+        self.fresh = []
+        self.actions = [[] for _ in range(self.num_stages)]
+        return fresh, actions
+
+    def unplanned(self) -> list[MicroBatchPart]:
+        """Every part not injected yet, taken (stream by stream, job by job, in training order)."""
+        return [part for st in self.streams for q in st.parts for part in q.rest()]
 
 
 def _counted(micro_batches: Sequence[MicroBatch], window: int, upstream: Sequence[Action]) -> tuple[Action, ...]:
@@ -884,7 +958,7 @@ def _counted(micro_batches: Sequence[MicroBatch], window: int, upstream: Sequenc
     return tuple(out)
 
 
-def _lora(
+def _lora_clock(
     jobs: Sequence[JobSteps],
     num_stages: int,
     fuse: bool,
@@ -893,21 +967,16 @@ def _lora(
     token_bound: bool,
     streams: int | None,
     admission: Admission | None = None,
-) -> tuple[tuple[MicroBatch, ...], tuple[tuple[Action, ...], ...], int]:
+) -> tuple[_Clock, int]:
+    """The lora generator for `jobs`, not run yet, and its token bound (`bound` times the largest
+    micro-batch)."""
     groups = group_jobs(jobs, num_stages, fuse, streams)
     groups += [[j] for j in jobs if not j.steps and j.evals]  # only an evaluation left (a plan cut in it)
-    stream_objs = [
-        _Stream([deque(_parts(j)) for j in group], total=max(1, sum(j.tokens for j in group))) for group in groups
-    ]
-    counts = {(j.name, k): len(m) for j in jobs for k, m in enumerate(j.micro_batches, start=j.first_step)}
+    stream_objs = [_Stream.of(group) for group in groups]
     largest = max((st.largest for st in stream_objs), default=0)
     if token_bound:
-        clock = _Clock(num_stages, cost, None, bound * largest, stream_objs, counts, admission)
-    else:
-        clock = _Clock(num_stages, cost, bound, None, stream_objs, counts, admission)
-    clock.stepped.update({j.name: (j.first_step, 0.0) for j in jobs})  # a resumed job starts mid-plan
-    clock.run()
-    return tuple(clock.micro_batches), tuple(tuple(a) for a in clock.actions), bound * largest
+        return _Clock(num_stages, cost, None, bound * largest, stream_objs, admission), bound * largest
+    return _Clock(num_stages, cost, bound, None, stream_objs, admission), bound * largest
 
 
 def build_schedule(
@@ -941,57 +1010,135 @@ def build_schedule(
     and the two hops shift that by 2 x latency at every stage). Two fewer per stage leaves a slot of
     slack at each; the price is about twice the activation memory.
     """
-    if num_stages < 1:
-        raise ScheduleError(f"need at least one stage, got {num_stages}")
-    if policy not in POLICIES:
-        raise ScheduleError(f"unknown schedule policy {policy!r}")
-    names = [j.name for j in jobs]
-    if len(set(names)) != len(names):
-        raise ScheduleError(f"job names must be unique, got {names}")
-    cost = cost or CostModel()
-    cost.check_stages(num_stages)
-    spread = 2 if hide_latency and policy == "lora" and num_stages > 1 else 1
-    bound = (spread * num_stages - (spread - 1)) if max_in_flight is None else max_in_flight
-    if bound < 1:
-        raise ScheduleError(f"max_in_flight: need at least 1, got {max_in_flight}")
-    if admission is not None:
-        if sorted(admission.order) != sorted(names):
-            raise ScheduleError(f"admission order {list(admission.order)} does not list the jobs {names}")
-        if policy != "lora":
-            rank = {name: k for k, name in enumerate(admission.order)}
-            # one job at a time: those holding their state go first, or they would hold it while others run
-            jobs = sorted(jobs, key=lambda j: (j.name not in admission.holding, rank[j.name]))
-            for j in jobs:
-                if j.steps and admission.fits is not None and not admission.fits(frozenset({j.name})):
-                    raise ScheduleError(f"job {j.name!r} does not fit on its own (admission refuses it alone)")
-    custom = admission is not None and not admission.default
-    if num_stages == 1 and not (policy == "lora" and custom):
-        micro_batches = form_micro_batches(jobs, policy, fuse)
-        schedule = Schedule(policy, tuple(micro_batches), (_single_stage(micro_batches),))
-    elif policy == "lora":
-        micro_batches, stages, tokens = _lora(jobs, num_stages, fuse, cost, bound, token_bound, streams,
+    return PlanStream(jobs, num_stages, policy, fuse, cost, max_in_flight, streams, token_bound, admission,
+                      hide_latency).whole()
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The next stretch of a plan made as it runs (`PlanStream`): the micro-batches injected in it
+    (ids consecutive, after the previous segment's) and every stage's next actions. A stage runs
+    its lists of every segment one after another, as one list."""
+
+    micro_batches: tuple[MicroBatch, ...]
+    stages: tuple[tuple[Action, ...], ...]
+    final: bool
+    """The plan's last segment: every stage's list ends here."""
+
+
+class PlanStream:
+    """A plan made while it runs: `build_schedule`'s plan, handed out in `Segment`s of about
+    `window` injected micro-batches each (None: one segment, the whole plan).
+
+    A whole plan lists every action of every remaining step of every job, so it costs time and
+    memory in proportion to the run. The lora generator runs a simulated clock, and what it
+    generates comes out in order of simulated start: a segment is the next stretch of every
+    stage's list, and the generator holds only the micro-batches in flight and each job's next
+    part. gpipe, 1f1b and lora with `hide_latency` (whose later stages are ordered by counts over
+    stage 0's whole list) come as one segment, as does a plan on one stage without admission.
+    The checks on the arguments are made here, before any segment.
+    """
+
+    def __init__(
+        self,
+        jobs: Sequence[JobSteps],
+        num_stages: int,
+        policy: str = "lora",
+        fuse: bool = True,
+        cost: CostModel | None = None,
+        max_in_flight: int | None = None,
+        streams: int | None = None,
+        token_bound: bool = False,
+        admission: Admission | None = None,
+        hide_latency: bool = False,
+        window: int | None = None,
+    ) -> None:
+        if num_stages < 1:
+            raise ScheduleError(f"need at least one stage, got {num_stages}")
+        if policy not in POLICIES:
+            raise ScheduleError(f"unknown schedule policy {policy!r}")
+        names = [j.name for j in jobs]
+        if len(set(names)) != len(names):
+            raise ScheduleError(f"job names must be unique, got {names}")
+        cost = cost or CostModel()
+        cost.check_stages(num_stages)
+        spread = 2 if hide_latency and policy == "lora" and num_stages > 1 else 1
+        bound = (spread * num_stages - (spread - 1)) if max_in_flight is None else max_in_flight
+        if bound < 1:
+            raise ScheduleError(f"max_in_flight: need at least 1, got {max_in_flight}")
+        if admission is not None:
+            if sorted(admission.order) != sorted(names):
+                raise ScheduleError(f"admission order {list(admission.order)} does not list the jobs {names}")
+            if policy != "lora":
+                rank = {name: k for k, name in enumerate(admission.order)}
+                # one job at a time: those holding their state go first, or they would hold it while others run
+                jobs = sorted(jobs, key=lambda j: (j.name not in admission.holding, rank[j.name]))
+                for j in jobs:
+                    if j.steps and admission.fits is not None and not admission.fits(frozenset({j.name})):
+                        raise ScheduleError(f"job {j.name!r} does not fit on its own (admission refuses it alone)")
+        if window is not None and window < 1:
+            raise ScheduleError(f"window: need at least 1 micro-batch, got {window}")
+        custom = admission is not None and not admission.default
+        self.policy, self.num_stages, self.window = policy, num_stages, window
+        self.paused = frozenset(j.name for j in jobs if j.paused)
+        self.max_in_flight: int | None = None
+        self.max_in_flight_tokens: int | None = None
+        self._clock: _Clock | None = None
+        self._whole: Schedule | None = None
+        self._given = 0  # segments handed out
+        self.done = False
+        if num_stages == 1 and not (policy == "lora" and custom):
+            micro_batches = form_micro_batches(jobs, policy, fuse)
+            self._whole = self._schedule(tuple(micro_batches), (_single_stage(micro_batches),))
+        elif policy == "lora":
+            self._clock, tokens = _lora_clock(jobs, num_stages, fuse, cost, bound, token_bound, streams,
                                               admission if custom else None)
-        if spread > 1:
-            counted = [stages[0]]
-            for s in range(1, num_stages):
-                counted.append(_counted(micro_batches, max(1, bound - spread * s), counted[-1]))
-            stages = tuple(counted)
-        if token_bound:
-            schedule = Schedule(policy, micro_batches, stages, max_in_flight_tokens=tokens)
+            self.max_in_flight, self.max_in_flight_tokens = (None, tokens) if token_bound else (bound, None)
+            if spread > 1:
+                self._clock.run()
+                micro_batches, stages = self._clock.take()
+                counted = [stages[0]]
+                for s in range(1, num_stages):
+                    counted.append(_counted(micro_batches, max(1, bound - spread * s), counted[-1]))
+                self._whole = self._schedule(micro_batches, tuple(counted))
+                self._clock = None
         else:
-            schedule = Schedule(policy, micro_batches, stages, max_in_flight=bound)
-    else:
-        micro_batches = form_micro_batches(jobs, policy, fuse)
-        build = _gpipe if policy == "gpipe" else _one_f_one_b
-        schedule = Schedule(
-            policy, tuple(micro_batches), build(micro_batches, num_stages),
-            max_in_flight=num_stages if policy == "1f1b" else None,
-        )
-    paused = frozenset(j.name for j in jobs if j.paused)
-    if paused:
-        schedule = dataclasses.replace(schedule, paused=paused)
-    validate(schedule)
-    return schedule
+            micro_batches = form_micro_batches(jobs, policy, fuse)
+            build = _gpipe if policy == "gpipe" else _one_f_one_b
+            self.max_in_flight = num_stages if policy == "1f1b" else None
+            self._whole = self._schedule(tuple(micro_batches), build(micro_batches, num_stages))
+
+    def _schedule(self, micro_batches: tuple[MicroBatch, ...], stages: tuple[tuple[Action, ...], ...]) -> Schedule:
+        return Schedule(self.policy, micro_batches, stages, max_in_flight=self.max_in_flight,
+                        max_in_flight_tokens=self.max_in_flight_tokens, paused=self.paused)
+
+    def next_segment(self) -> Segment | None:
+        """The plan's next segment (None after the final one)."""
+        if self.done:
+            return None
+        self._given += 1
+        if self._whole is not None:
+            self.done = True
+            return Segment(self._whole.micro_batches, self._whole.stages, final=True)
+        assert self._clock is not None
+        until = None if self.window is None else self._clock.count + self.window
+        self.done = self._clock.run(until)
+        micro_batches, stages = self._clock.take()
+        return Segment(micro_batches, stages, final=self.done)
+
+    def whole(self) -> Schedule:
+        """Every segment, from the first, as one validated `Schedule`."""
+        if self._given:
+            raise ScheduleError("whole(): segments of this plan were handed out already")
+        micro_batches: list[MicroBatch] = []
+        stages: list[list[Action]] = [[] for _ in range(self.num_stages)]
+        while (segment := self.next_segment()) is not None:
+            micro_batches += segment.micro_batches
+            for s, actions in enumerate(segment.stages):
+                stages[s] += actions
+        schedule = self._schedule(tuple(micro_batches), tuple(tuple(a) for a in stages))
+        validate(schedule)
+        return schedule
 
 
 def cut_actions(schedule: Schedule, stage: int, position: int, cut: int) -> list[Action]:

@@ -8,12 +8,15 @@ import pytest
 from mlora_pp.schedule import (
     Action,
     CostModel,
+    EvalPoint,
     JobSteps,
     MicroBatch,
     MicroBatchPart,
+    PlanStream,
     Schedule,
     ScheduleError,
     _single_stage,
+    admission,
     build_schedule,
     form_micro_batches,
     group_jobs,
@@ -305,3 +308,67 @@ def test_hide_latency_orders_are_valid_and_never_deadlock():
                                         for _ in range(rnd.randint(1, 4)))) for i in range(rnd.randint(1, 8))]
         schedule = build_schedule(jobs, stages, "lora", hide_latency=True, fuse=rnd.random() < 0.5)
         assert schedule.max_in_flight == 2 * stages - 1
+
+
+def random_mix(seed: int) -> tuple[list[JobSteps], int, str, dict]:
+    """Jobs of random sizes (some resumed, some with evaluations) and random planning options."""
+    r = random.Random(seed)
+    jobs = []
+    for j in range(r.randint(1, 7)):
+        steps, first = r.randint(1, 5), r.choice([0, 0, 2])
+        micros = tuple(tuple((r.randint(1, 4), r.randint(1, 4) * r.choice([8, 16, 32]))
+                             for _ in range(r.randint(1, 4))) for _ in range(steps))
+        evals = tuple(EvalPoint(first + k, ((1, 16), (2, 32))) for k in sorted(r.sample(range(steps + 1), r.randint(0, 2))))
+        jobs.append(JobSteps(f"j{j}", micros, first_step=first, evals=evals))
+    options: dict = dict(fuse=r.random() < 0.6, token_bound=r.random() < 0.3, hide_latency=r.random() < 0.2,
+                         streams=r.choice([None, None, 2, 3]))
+    policy = r.choice(["fifo", "priority", "shortest-first", None])
+    if policy is not None:
+        cap = r.randint(1, 3)
+        options["admission"] = admission(jobs, policy, {j.name: r.randint(0, 3) for j in jobs},
+                                         lambda running: len(running) <= cap)
+    if r.random() < 0.5:
+        options["cost"] = CostModel(action_overhead=r.random(), link_latency=r.random() / 2, fused_job_overhead=0.1)
+    return jobs, r.choice([1, 2, 3, 4, 6]), r.choice(["lora", "lora", "lora", "1f1b", "gpipe"]), options
+
+
+@pytest.mark.parametrize("window", [1, 3, 16])
+def test_a_streamed_plan_is_the_whole_plan_in_segments(window):
+    for seed in range(40):
+        jobs, stages, policy, options = random_mix(seed)
+        whole = build_schedule(jobs, stages, policy, **options)
+        stream = PlanStream(jobs, stages, policy, window=window, **options)
+        micro_batches, lists, segments = [], [[] for _ in range(stages)], []
+        while (segment := stream.next_segment()) is not None:
+            segments.append(segment)
+            assert [mb.id for mb in segment.micro_batches] == list(range(len(micro_batches), len(micro_batches) + len(segment.micro_batches)))
+            micro_batches += segment.micro_batches
+            for s, actions in enumerate(segment.stages):
+                lists[s] += actions
+        assert tuple(micro_batches) == whole.micro_batches and tuple(map(tuple, lists)) == whole.stages, seed
+        assert [s.final for s in segments] == [False] * (len(segments) - 1) + [True]
+        assert (stream.max_in_flight, stream.max_in_flight_tokens, stream.paused) == (
+            whole.max_in_flight, whole.max_in_flight_tokens, whole.paused)
+        streamed = policy == "lora" and not (options["hide_latency"] and stages > 1) and (
+            stages > 1 or not options.get("admission", admission(jobs, "fifo")).default)
+        if streamed:  # every segment but the last injects exactly `window` micro-batches
+            assert all(len(s.micro_batches) == window for s in segments[:-1])
+        else:
+            assert len(segments) == 1
+
+
+def test_a_streamed_plan_holds_only_what_is_in_flight():
+    """A long run's generator holds its in-flight micro-batches, not the run's."""
+    jobs = [job(f"j{k}", 400, 4) for k in range(4)]
+    stream = PlanStream(jobs, 4, "lora", window=64)
+    held, count = 0, 0
+    while (segment := stream.next_segment()) is not None:
+        count += len(segment.micro_batches)
+        held = max(held, len(stream._clock.live))
+    assert count == 4 * 400 * 4 and held <= 4
+    with pytest.raises(ScheduleError, match="window"):
+        PlanStream(jobs, 4, "lora", window=0)
+    whole = PlanStream(jobs, 4, "lora")
+    whole.next_segment()
+    with pytest.raises(ScheduleError, match="handed out"):
+        whole.whole()

@@ -1,15 +1,19 @@
-"""How long a plan takes to make, and what it holds, as runs grow: `build_schedule` (the lora
-generator, then `validate`, which replays the plan in `sim.simulate`) for jobs of equal 4-micro-batch
-steps, by stages, jobs and steps.
+"""How long a plan takes to make, and what it holds, as runs grow, for jobs of equal 4-micro-batch
+steps, by stages, jobs and steps; made whole, and made as it runs.
 
-Every rank makes the same plan at start-up and again at every change of plan (a job submitted,
-cancelled or stopped early), and a plan covers every remaining step of every job: its time is
-start-up time, and its size is memory every rank holds for the whole run. Reported per shape: the
-seconds (median of `--repeat` builds), microseconds per action, and with `--memory` the bytes the
-finished plan holds and the peak while making it (tracemalloc, in a separate build, as tracing
-slows Python several times over).
+Whole: `build_schedule` (the lora generator, then `validate`, which replays the plan in
+`sim.simulate`), every remaining step of every job at once. Reported per shape: the seconds (median
+of `--repeat` builds), microseconds per action, and with `--memory` the bytes the finished plan
+holds and the peak while making it (tracemalloc, in a separate build, as tracing slows Python
+several times over).
 
-    python -m benchmarks.planning [--quick] [--memory]
+As it runs (what a rank does, `mlora_pp.stage_plan`): a `StagePlan` over a `PlanStream` of
+`--window` micro-batches per segment, stage 0's actions taken one by one and forgotten behind it
+as the runtime does. Reported: the seconds to the first segment (a rank's start-up and the stall at
+a change of plan), the seconds to take every action, and with `--memory` the peak while doing so.
+`--long` adds 8 jobs of 20,000 steps on 4 stages (5.8 million actions; minutes with `--memory`).
+
+    python -m benchmarks.planning [--quick] [--memory] [--long] [--window N]
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import RESULTS, write_result
-from mlora_pp.schedule import JobSteps, build_schedule
+from mlora_pp.config import DEFAULT_PLAN_WINDOW
+from mlora_pp.schedule import JobSteps, PlanStream, build_schedule
+from mlora_pp.stage_plan import StagePlan
 
 SHAPES = [  # (stages, jobs, steps per job)
     (2, 4, 1000),
@@ -35,6 +41,7 @@ SHAPES = [  # (stages, jobs, steps per job)
     (64, 128, 8),
 ]
 QUICK = [(2, 4, 50), (4, 8, 20)]
+LONG = (4, 8, 20_000)
 
 
 def jobs_of(count: int, steps: int) -> list[JobSteps]:
@@ -65,11 +72,46 @@ def measure(stages: int, jobs: int, steps: int, repeat: int, memory: bool) -> di
     return row
 
 
+def take_all(stages: int, jobs: list[JobSteps], window: int) -> tuple[float, int, int]:
+    """Stage 0 of a plan made as it runs, every action taken and forgotten behind (its oldest
+    micro-batch in flight, as `StageWorker` does): (seconds to the first segment, actions, segments)."""
+    started = time.perf_counter()
+    plan = StagePlan(PlanStream(jobs, stages, "lora", window=window), 0, jobs)
+    first = time.perf_counter() - started
+    in_flight: dict[int, None] = {}
+    last, position = -1, 0
+    while (action := plan.action(position)) is not None:
+        position += 1
+        if action.kind == "F":
+            last = action.micro_batch
+            in_flight[last] = None
+        elif action.kind == "B":
+            del in_flight[action.micro_batch]
+        plan.forget(position, min(in_flight, default=last + 1))
+    return first, position, plan.segments
+
+
+def measure_stream(stages: int, jobs: int, steps: int, window: int, memory: bool) -> dict:
+    work = jobs_of(jobs, steps)
+    started = time.perf_counter()
+    first, actions, segments = take_all(stages, work, window)
+    row = {"stages": stages, "jobs": jobs, "steps": steps, "window": window, "segments": segments,
+           "stage_actions": actions, "first_segment_seconds": first, "seconds": time.perf_counter() - started}
+    if memory:
+        tracemalloc.start()
+        take_all(stages, work, window)
+        row["peak_bytes"] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.planning", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two small shapes (a smoke run)")
     parser.add_argument("--memory", action="store_true", help="also trace the memory of one more build per shape")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--window", type=int, default=DEFAULT_PLAN_WINDOW, help="micro-batches per segment")
+    parser.add_argument("--long", action="store_true", help="also stream 8 jobs x 20,000 steps on 4 stages")
     parser.add_argument("--out", default=None, help="result JSON (default benchmarks/results/planning.json)")
     args = parser.parse_args(argv)
     shapes = QUICK if args.quick else SHAPES
@@ -86,10 +128,24 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['held_bytes_per_action']:.0f}"]
         table.add_row(*cells)
     Console(width=140).print(table)
+    streamed = [measure_stream(s, j, k, args.window, args.memory) for s, j, k in shapes + ([LONG] if args.long else [])]
+    table = Table(title=f"making it as it runs (StagePlan, {args.window} micro-batches a segment, stage 0's actions)")
+    for name in ["stages", "jobs", "steps/job", "segments", "first segment s", "every action s"] + (
+            ["peak MiB"] if args.memory else []):
+        table.add_column(name, justify="right")
+    for r in streamed:
+        cells = [str(r["stages"]), str(r["jobs"]), str(r["steps"]), f"{r['segments']:,}",
+                 f"{r['first_segment_seconds']:.3f}", f"{r['seconds']:.2f}"]
+        if args.memory:
+            cells.append(f"{r['peak_bytes'] / 2**20:.1f}")
+        table.add_row(*cells)
+    Console(width=140).print(table)
     out = write_result(RESULTS / "planning.json" if args.out is None else Path(args.out), {
-        "command": "python -m benchmarks.planning" + (" --quick" if args.quick else "") + (" --memory" if args.memory else ""),
+        "command": "python -m benchmarks.planning" + (" --quick" if args.quick else "") + (" --memory" if args.memory else "")
+                   + (" --long" if args.long else "") + f" --window {args.window}",
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "rows": rows,
+        "streamed": streamed,
     })
     print(f"wrote {out}")
     return 0

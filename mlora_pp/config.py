@@ -21,6 +21,10 @@ import yaml
 
 from mlora_pp.trace import DEFAULT_TRACE_ACTIONS
 
+DEFAULT_PLAN_WINDOW = 1024
+"""`pipeline.plan_window`'s default: a segment of 1,024 injections is about 3 x stages x 1,024
+actions, a fraction of a second to make on 4 stages (`benchmarks.planning`)."""
+
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEDULES: tuple[str, ...] = ("lora", "1f1b", "gpipe")
 MAX_LR = 1e30
@@ -67,6 +71,9 @@ class PipelineConfig:
     trace_actions: int = DEFAULT_TRACE_ACTIONS
     """Actions per stage whose timings OUTPUT_DIR/trace.json keeps: the first and the last half of
     this many (a long run's middle is counted in the totals, not kept). 0: keep none, totals only."""
+    plan_window: int = DEFAULT_PLAN_WINDOW
+    """Micro-batches a rank plans ahead at a time: the lora plan is made in segments of this many
+    injections as the stages reach them (`mlora_pp.stage_plan`), not all at start-up."""
     fuse: bool = True
     """Fuse micro-batches of different jobs into one (the batched LoRA operator runs them together)."""
     lora_path: str = "auto"
@@ -282,6 +289,8 @@ def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> 
         raise err("pipeline.timeout_s", "must be positive")
     if cfg.pipeline.trace_actions < 0:
         raise err("pipeline.trace_actions", f"must be 0 or more; got {cfg.pipeline.trace_actions}")
+    if cfg.pipeline.plan_window < 1:
+        raise err("pipeline.plan_window", f"must be at least 1; got {cfg.pipeline.plan_window}")
     choice("pipeline.admission", cfg.pipeline.admission, ADMISSION)
     if cfg.pipeline.streams is not None and cfg.pipeline.streams < 1:
         raise err("pipeline.streams", f"must be at least 1 or null; got {cfg.pipeline.streams}")

@@ -59,7 +59,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from mlora_pp.config import budget_spec
 from mlora_pp.head_loss import LossTokens
 from mlora_pp.quantize import release_freed_memory
-from mlora_pp.schedule import JobSteps, MicroBatch, Schedule, group_jobs
+from mlora_pp.schedule import Action, JobSteps, MicroBatch, Schedule, group_jobs
 
 PROBES = 4
 """Probe micro-batches per stage (distinct shapes of the run, smallest to largest)."""
@@ -267,34 +267,57 @@ def predicted_peak(model: MemoryModel, schedule: Schedule, stage: int) -> float:
     optimizer step here; from the start for a job under way before the plan, whose state exists
     already, unless it was paused for the plan: `Schedule.paused`) and the micro-batches in flight
     after each action."""
-    by_id = {mb.id: mb for mb in schedule.micro_batches}
-    last = {}
-    running: set[str] = set()
+    under_way: set[str] = set()
+    last: dict[str, int] = {}
     for mb in schedule.micro_batches:
         for p in mb.parts:
             if p.eval:  # an evaluation holds no gradient, optimizer state or saved activation
                 continue
-            under_way = (p.step > 0 or p.micro > 0) and p.job not in schedule.paused  # steps are absolute
-            if p.job not in last and under_way:
-                running.add(p.job)
+            if p.job not in last and (p.step > 0 or p.micro > 0) and p.job not in schedule.paused:  # steps are absolute
+                under_way.add(p.job)
             last[p.job] = max(last.get(p.job, -1), p.step)
-    in_flight: dict[int, float] = {}
-    peak = float(model.static)
+    by_id = {mb.id: mb for mb in schedule.micro_batches}
+    tracker = PeakTracker(model, under_way, last)
     for action in schedule.stages[stage]:
-        if action.kind == "F" and by_id[action.micro_batch].eval:
-            continue
+        tracker.ran(action, by_id[action.micro_batch] if action.kind != "S" else None)
+    return tracker.peak
+
+
+class PeakTracker:
+    """`predicted_peak`, action by action as a stage runs them: `under_way` jobs hold their state
+    from the start, the others from their first forward here to their `last` step's update here."""
+
+    def __init__(self, model: MemoryModel, under_way: set[str], last: dict[str, int]) -> None:
+        self.model, self.last = model, last
+        self.running = set(under_way)
+        self.in_flight: dict[int, float] = {}
+        self.peak = float(model.static)
+
+    @staticmethod
+    def for_plan(model: MemoryModel, jobs: Sequence[JobSteps]) -> "PeakTracker":
+        """A tracker for a plan made of `jobs` (`JobSteps.holds_state`: under way and not paused)."""
+        return PeakTracker(model, {j.name for j in jobs if j.steps and j.holds_state},
+                           {j.name: j.first_step + j.steps - 1 for j in jobs if j.steps})
+
+    def ran(self, action: Action, mb: MicroBatch | None) -> None:
+        """`action` ran (`mb`: its micro-batch; None for an optimizer step)."""
+        model = self.model
         if action.kind == "F":
-            mb = by_id[action.micro_batch]
-            running.update(mb.jobs)
-            in_flight[mb.id] = model.micro_bytes(mb)
+            assert mb is not None
+            if mb.eval:
+                return
+            self.running.update(mb.jobs)
+            self.in_flight[mb.id] = model.micro_bytes(mb)
         elif action.kind == "B":  # at its peak the backward holds the micro-batch and a recomputed layer
-            peak = max(peak, model.static + sum(model.job[j] for j in running) + sum(in_flight.values())
-                       + model.transient(by_id[action.micro_batch]))
-            in_flight.pop(action.micro_batch)
-        peak = max(peak, model.static + sum(model.job[j] for j in running) + sum(in_flight.values()))
-        if action.kind == "S" and action.step == last[action.job]:
-            running.discard(action.job)
-    return peak
+            assert mb is not None
+            self.peak = max(self.peak, self._held() + model.transient(mb))
+            self.in_flight.pop(mb.id)
+        self.peak = max(self.peak, self._held())
+        if action.kind == "S" and action.step == self.last.get(action.job):
+            self.running.discard(action.job)
+
+    def _held(self) -> float:
+        return self.model.static + sum(self.model.job[j] for j in self.running) + sum(self.in_flight.values())
 
 
 # ------------------------------------------------------------------------------------------ measuring

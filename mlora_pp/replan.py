@@ -6,10 +6,12 @@ after its last action): a graceful stop and early stops at every point, and at e
 `REQUESTS_EVERY`-th one and the end also the requests waiting in `OUTPUT_DIR/control`, which it
 checks. It tells every rank what it decided (possibly nothing); the other ranks hear it before
 their own forward of q - DECISION_LEAD. On a change, every rank runs the old plan on to micro-batch
-q, finishes the old plan's work below q (`cut_actions`), then applies the change the same way and
-builds the same next plan from the same numbers: the old plan's remaining parts (`remaining_steps`;
-a step that straddles the point continues with the gradients it has accumulated), minus cancelled
-jobs, plus the new jobs, admitted as at start-up. Rank 0 logs the change and answers its requests
+q, finishes the old plan's work below q (`StagePlan.tail`), then applies the change the same way and
+builds the same next plan from the same numbers: the old plan's remaining parts (`StagePlan.remaining`,
+in the old plan's job order; a step that straddles the point continues with the gradients it has
+accumulated), minus cancelled jobs, plus the new jobs, admitted as at start-up. A plan is made as
+it runs (`mlora_pp.stage_plan`), so a change costs the next plan's first segment, not the whole
+rest of the run. Rank 0 logs the change and answers its requests
 once it is applied, so a run that dies before leaves them for the next run.
 
 A cancelled job drops its unfinished step and keeps the adapter of its last finished one (every
@@ -30,17 +32,17 @@ from typing import Any, Callable
 from mlora_pp import stopping
 from mlora_pp.checkpoint import ManifestWriter, StageSaver, due, resume_fields
 from mlora_pp.config import ConfigError, JobConfig, RunConfig, human_bytes, parse_config
-from mlora_pp.control import (DECISION_LEAD, REQUESTS_EVERY, Change, ControlDir, PlanChannel, Request, config_mapping,
+from mlora_pp.control import (REQUESTS_EVERY, Change, ControlDir, PlanChannel, Request, config_mapping,
                               validate_submission)
 from mlora_pp.data import DataError
 from mlora_pp.early_stop import EarlyStopping
 from mlora_pp.job import AdapterJob, StepStats, load_job
 from mlora_pp.memory import (
-    MemoryModel, admission_check, cut_message, largest_micro, padded_rank, predicted_peak,
+    MemoryModel, PeakTracker, admission_check, cut_message, largest_micro, padded_rank, predicted_peak,
 )
 from mlora_pp.model import StageModel
-from mlora_pp.schedule import (CostModel, JobSteps, Schedule, admission, build_schedule, choose_streams,
-                               remaining_steps)
+from mlora_pp.schedule import Action, CostModel, JobSteps, MicroBatch, PlanStream, admission, choose_streams
+from mlora_pp.stage_plan import StagePlan
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -160,31 +162,45 @@ class Replanner:
     """Jobs stopped early (also in `cancelled`): job -> its steps done at the stop."""
     _early_due: list[str] = field(default_factory=list, repr=False)
     """Rank 0: jobs whose patience ran out, stopped at the next decision point."""
-    current: Schedule | None = None
-    """The plan this rank runs now (earlier ones are not kept: a plan lists every remaining action)."""
+    current: StagePlan | None = None
+    """The plan this rank runs now (earlier ones are not kept)."""
     plans: int = 0
     """Plans this rank has run, this one included."""
-    predicted_peak_bytes: float | None = None
-    """With memory models: the highest predicted peak of this rank's stage over the plans so far,
-    each with the models in force when it began (a submitted job's weights count from its plan on)."""
+    tracker: PeakTracker | None = None
+    """With memory models: this rank's predicted bytes over the actions of the current plan run so
+    far, with the models in force when it began (a submitted job's weights count from its plan on)."""
+    _earlier_peak: float | None = None
     _loaded: dict[str, AdapterJob] = field(default_factory=dict, repr=False)
     """Rank 0: submitted jobs tokenized while checking them, used again when they are added."""
     _taken: list[Request] = field(default_factory=list, repr=False)
     """Rank 0: the requests of the change decided and not applied yet (answered once it is)."""
 
-    def points(self, schedule: Schedule) -> list[int]:
-        """`schedule`'s decision points: every micro-batch from DECISION_LEAD on, and its end."""
-        if self.current is not schedule:
-            self.current = schedule
-            self.plans += 1
-            if self.models is not None:
-                mine = predicted_peak(self.models[self.rank], schedule, self.rank)
-                self.predicted_peak_bytes = max(mine, self.predicted_peak_bytes or 0.0)
-                if self.on_change is not None and self.plans > 1:
-                    peaks = [mine if i == self.rank else predicted_peak(m, schedule, i) for i, m in enumerate(self.models)]
-                    self.on_change("plan", {"predicted_peak_bytes": [int(p) for p in peaks]})
-        count = len(schedule.micro_batches)
-        return list(range(DECISION_LEAD, count)) + [count]
+    def begin(self, plan: StagePlan) -> None:
+        """`plan` starts on this rank (rank 0 reports a new plan's predicted peaks, over its first
+        segment: the whole plan unless it is longer than `pipeline.plan_window`)."""
+        self.current = plan
+        self.plans += 1
+        if self.models is None:
+            return
+        self._earlier_peak = self.predicted_peak_bytes
+        self.tracker = PeakTracker.for_plan(self.models[self.rank], plan.jobs)
+        if self.on_change is not None and self.plans > 1:
+            first = plan.first_schedule()
+            self.on_change("plan", {"predicted_peak_bytes": [int(predicted_peak(m, first, i))
+                                                             for i, m in enumerate(self.models)]})
+
+    def ran(self, action: Action, mb: MicroBatch | None) -> None:
+        """This stage ran `action` of the current plan (`mb`: its micro-batch, None for a step)."""
+        if self.tracker is not None:
+            self.tracker.ran(action, mb)
+
+    @property
+    def predicted_peak_bytes(self) -> float | None:
+        """With memory models: the highest predicted bytes of this rank's stage over the actions of
+        every plan run so far (None before any)."""
+        if self.tracker is None:
+            return None
+        return max(self.tracker.peak, self._earlier_peak or 0.0)
 
     # ---------------------------------------------------------------------------------- deciding
 
@@ -192,10 +208,10 @@ class Replanner:
         """The decision for micro-batch `point` of the current plan: rank 0 takes it and sends it,
         the others receive it. None: the plan goes on."""
         assert self.current is not None
-        end = len(self.current.micro_batches)
+        end = self.current.end
         if self.rank != 0:
             assert self.channel is not None
-            return self.channel.await_decision(point, more=point < end)
+            return self.channel.await_decision(point, more=end is None or point < end)
         if stopping.requested():
             change: Change | None = Change(stop=True)
         elif point % REQUESTS_EVERY == 0 or point == end:
@@ -310,7 +326,8 @@ class Replanner:
         if self.budget is None or models is None:
             return
         policy, fuse, streams = self.cfg.pipeline.schedule, self.cfg.pipeline.fuse, self.cfg.pipeline.streams
-        steps = [self._still_paused(j) for j in remaining_steps(self.current, point)
+        assert self.current is not None
+        steps = [self._still_paused(j) for j in self.current.remaining(point)
                  if j.name not in self.cancelled and j.name not in cancelling]
         steps += [j.job_steps() for j in submitted]
         fits = admission_check(models, steps, self.budget, self.in_flight, policy, fuse, streams)
@@ -367,7 +384,7 @@ class Replanner:
 
     # ---------------------------------------------------------------------------------- applying
 
-    def apply(self, change: Change, schedule: Schedule, point: int) -> Schedule | None:
+    def apply(self, change: Change, plan: StagePlan, point: int) -> StagePlan | None:
         """Apply `change` after the old plan's work below `point`; returns the next plan (None: the
         run's training ends here)."""
         if change.stop:
@@ -384,7 +401,7 @@ class Replanner:
         if self.rank == 0 and self.control is not None and (new or change.priority):
             self.control.write_config(self.cfg)
         self._record(change)
-        steps = [self._still_paused(j) for j in remaining_steps(schedule, point) if j.name not in self.cancelled]
+        steps = [self._still_paused(j) for j in plan.remaining(point) if j.name not in self.cancelled]
         steps += [self.jobs[name].job_steps() for name in new]
         if not steps:
             return None
@@ -399,9 +416,10 @@ class Replanner:
         priority = {c.name: c.priority for c in self.cfg.jobs}
         order = admission(steps, self.cfg.pipeline.admission, priority, fits)
         policy = self.cfg.pipeline.schedule
-        return build_schedule(steps, self.world, policy, self.cfg.pipeline.fuse,
-                              max_in_flight=self.in_flight if policy == "lora" else None, admission=order,
-                              hide_latency=self.hide_latency, streams=streams)
+        stream = PlanStream(steps, self.world, policy, self.cfg.pipeline.fuse,
+                            max_in_flight=self.in_flight if policy == "lora" else None, admission=order,
+                            hide_latency=self.hide_latency, streams=streams, window=self.cfg.pipeline.plan_window)
+        return StagePlan(stream, self.rank, steps)
 
     def _still_paused(self, steps: JobSteps) -> JobSteps:
         """A job paused by an earlier plan stays paused until it runs again: its remaining steps

@@ -37,7 +37,8 @@ from mlora_pp.lora import LoRABatch, LoRASegment
 from mlora_pp.memory import Measurement, RecomputeMeter, SavedTensorMeter, live_job_bytes
 from mlora_pp.memory import static_bytes as count_static_bytes
 from mlora_pp.model import StageModel
-from mlora_pp.schedule import Action, MicroBatch, Schedule, cut_actions
+from mlora_pp.schedule import Action, MicroBatch, Schedule
+from mlora_pp.stage_plan import StagePlan
 from mlora_pp.trace import TraceEvent, TraceRecorder
 from mlora_pp.transport import ACTIVATION, GRADIENT, StageTransport
 
@@ -86,7 +87,8 @@ class StageWorker:
 
     stage: StageModel
     jobs: dict[str, AdapterJob]
-    schedule: Schedule
+    plan: StagePlan
+    """The plan this stage runs (a `Schedule` given here becomes a one-segment plan)."""
     stage_index: int = 0
     transport: StageTransport | None = None
     device: torch.device = torch.device("cpu")
@@ -121,12 +123,18 @@ class StageWorker:
     _started: set[str] = field(default_factory=set)
     _deferred: dict[str, int] = field(default_factory=dict)
     """Stages > 0: clipped jobs whose step waits for its total gradient norm from rank 0 (job -> step)."""
-    _stage0: tuple[Schedule, dict[tuple[str, int], int], dict[int, int]] | None = None
-    """For `_due`: the schedule, and where each step and each forward is in stage 0's actions."""
+    plan_segments: int = 0
+    """Segments of plans this stage has run to their end or to a change (`StagePlan.segments`)."""
+    _last_forward: int = -1
+    """The id of this stage's latest forward in the current plan."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.plan, Schedule):
+            self.plan = StagePlan.of(self.plan, self.stage_index)
 
     @property
     def num_stages(self) -> int:
-        return self.schedule.num_stages
+        return self.plan.num_stages
 
     @property
     def is_first(self) -> bool:
@@ -190,21 +198,6 @@ class StageWorker:
         rows = [ex for part in mb.parts for ex in self.jobs[part.job].part_rows(part)]
         return (len(rows), max(len(ex.input_ids) for ex in rows), self.stage.config.hidden_size)
 
-    def prefetch(self, expected: list[tuple[int, int, int]], done: int, posted: int, depth: int = DECISION_LEAD,
-                 limit: int | None = None) -> int:
-        """Post receives of `expected` ((peer, kind, micro-batch), in schedule order) until `depth`
-        are outstanding beyond the `done` already consumed, and only of micro-batches below `limit`;
-        returns the new count posted. Each receive is posted exactly once, in the order the peer sends."""
-        assert self.transport is not None
-        while posted < min(len(expected), done + depth):
-            peer, kind, mb_id = expected[posted]
-            if limit is not None and mb_id >= limit:
-                break
-            mb = self.schedule.micro_batches[mb_id]
-            self.transport.post(peer, kind, mb_id, self.activation_shape(mb), self.stage.dtype)
-            posted += 1
-        return posted
-
     def _due(self, mb: MicroBatch) -> list[str]:
         """Deferred steps to apply before forwarding `mb`: those rank 0 took before it forwarded `mb`.
 
@@ -215,18 +208,8 @@ class StageWorker:
         """
         if not self._deferred:
             return []
-        if self._stage0 is None or self._stage0[0] is not self.schedule:
-            steps, forwards = {}, {}
-            for i, action in enumerate(self.schedule.stages[0]):
-                if action.kind == "S":
-                    steps[(action.job, action.step)] = i
-                elif action.kind == "F":
-                    forwards[action.micro_batch] = i
-            self._stage0 = (self.schedule, steps, forwards)
-        _, steps, forwards = self._stage0
-        at = forwards[mb.id]
         return [job for job, step in self._deferred.items()
-                if steps[(job, step)] < at or any(part.job == job for part in mb.parts)]
+                if self.plan.stepped_before(job, step, mb.id) or any(part.job == job for part in mb.parts)]
 
     def forward(self, mb: MicroBatch) -> None:
         for job in self._due(mb):  # before the job's own next forward at the latest: its weights must be updated
@@ -413,14 +396,16 @@ class StageWorker:
         waited = self.transport.waited_s if self.transport is not None else 0.0
         start = time.perf_counter()
         if action.kind == "F":
-            mb = self.schedule.micro_batches[action.micro_batch]
+            mb = self.plan.micro_batch(action.micro_batch)
             self.forward(mb)
+            self._last_forward = mb.id
             name = f"{'E' if mb.eval else 'F'}{mb.id} " + "+".join(f"{p.job}:{p.step}.{p.micro}" for p in mb.parts)
         elif action.kind == "B":
-            mb = self.schedule.micro_batches[action.micro_batch]
+            mb = self.plan.micro_batch(action.micro_batch)
             self.backward(mb)
             name = f"B{mb.id} " + "+".join(f"{p.job}:{p.step}.{p.micro}" for p in mb.parts)
         else:
+            mb = None
             self.optimizer_step(action.job, action.step)
             name = f"S {action.job}:{action.step}"
         wait = (self.transport.waited_s - waited) if self.transport is not None else 0.0
@@ -428,10 +413,12 @@ class StageWorker:
         if self.meter is not None:
             # a job's gradients and optimizer state change only in its backwards and steps: recount those
             touched = ([action.job] if action.kind == "S" else
-                       self.schedule.micro_batches[action.micro_batch].jobs if action.kind == "B" else ())
+                       mb.jobs if mb is not None and action.kind == "B" else ())
             for name in touched:
                 self._job_bytes[name] = live_job_bytes([self.jobs[name]])
             self.peak_bytes = max(self.peak_bytes, self.live_bytes())
+        if self.replan is not None:
+            self.replan.ran(action, mb)
         if self.after_action is not None:
             self.after_action()
 
@@ -441,73 +428,98 @@ class StageWorker:
         fault = Fault.from_environ()
         count = 0  # actions run so far, over every plan (fault injection indexes them)
         while True:
-            actions = list(self.schedule.stages[self.stage_index])
-            points = [] if self.replan is None else self.replan.points(self.schedule)
-            count, cut = self._execute(actions, fault, count, points)
+            if self.replan is not None:
+                self.replan.begin(self.plan)
+            self._last_forward = -1
+            count, cut = self._execute(self.plan.action, fault, count, decide=self.replan is not None)
             if cut is None:
+                self.plan_segments += self.plan.segments
                 self.apply_deferred()
                 break
             position, point, change = cut
-            tail = cut_actions(self.schedule, self.stage_index, position, point)
-            count, _ = self._execute(tail, fault, count, [])
+            tail = self.plan.tail(position, point)
+            self.plan_segments += self.plan.segments
+            count, _ = self._execute(lambda i: tail[i] if i < len(tail) else None, fault, count, decide=False)
             self.apply_deferred()  # the old plan's steps are all done before the next plan starts
-            following = self.replan.apply(change, self.schedule, point)
+            following = self.replan.apply(change, self.plan, point)
             if self.meter is not None:  # cancelled jobs freed their state, submitted ones added weights
                 self._job_bytes = {name: live_job_bytes([job]) for name, job in self.jobs.items()}
                 self.static_bytes = count_static_bytes(self.stage)
                 self.meter.exclude_storages(list(self.stage.parameters()) + list(self.stage.buffers()))
             if following is None:  # every job left was cancelled
                 break
-            self.schedule = following
+            self.plan = following
         if self.norms is not None:
             self.norms.flush()
         if self.transport is not None:
             self.transport.flush()
 
-    def _execute(self, actions: list[Action], fault: Fault | None, count: int, points: list[int]
+    def _execute(self, actions: Callable[[int], Action | None], fault: Fault | None, count: int, decide: bool
                  ) -> tuple[int, tuple[int, int, Any] | None]:
-        """Run `actions` in order. Before forwarding micro-batch p, ask `replan` for every decision
-        point (a micro-batch id in `points`) up to p + DECISION_LEAD; a change decided for point q
-        stops the run here at the forward of q, returning (position, q, change). Every stage forwards
-        the micro-batches in id order. Receives are posted ahead only below the first point not
-        decided to go on, so none can match a message of a new plan."""
-        streams: list[list[tuple[int, int, int]]] = []  # expected receives: activations, gradients
+        """Run `actions(0)`, `actions(1)`, ... until None. With `decide` (running the plan itself),
+        before forwarding micro-batch p ask `replan` for every decision point (every micro-batch id
+        from DECISION_LEAD on) up to p + DECISION_LEAD, and for the plan's end after its last
+        action; a change decided for point q stops the run here at the forward of q, returning
+        (position, q, change). Every stage forwards the micro-batches in id order. Receives are
+        posted DECISION_LEAD ahead, and only below the first point not decided to go on, so none
+        can match a message of a new plan."""
+        expected: list[tuple[int, int, str]] = []  # (peer, tag, action kind) of each kind of receive
         if self.transport is not None:
             if not self.is_first:
-                streams.append([(self.stage_index - 1, ACTIVATION, a.micro_batch) for a in actions if a.kind == "F"])
+                expected.append((self.stage_index - 1, ACTIVATION, "F"))
             if not self.is_last:
-                streams.append([(self.stage_index + 1, GRADIENT, a.micro_batch) for a in actions if a.kind == "B"])
-        kind_of = {ACTIVATION: "F", GRADIENT: "B"}
-        done = [0] * len(streams)
-        posted = [0] * len(streams)
-        pending = sorted(points)
-        end = len(self.schedule.micro_batches)
+                expected.append((self.stage_index + 1, GRADIENT, "B"))
+        done = [0] * len(expected)  # receives consumed
+        posted = [0] * len(expected)
+        scan = [0] * len(expected)  # where to look for the next receive to post
+
+        def prefetch(k: int, limit: int | None) -> None:
+            assert self.transport is not None
+            peer, tag, kind = expected[k]
+            while posted[k] < done[k] + DECISION_LEAD:
+                action = actions(scan[k])
+                while action is not None and action.kind != kind:
+                    scan[k] += 1
+                    action = actions(scan[k])
+                if action is None or (limit is not None and action.micro_batch >= limit):
+                    return
+                mb = self.plan.micro_batch(action.micro_batch)
+                self.transport.post(peer, tag, mb.id, self.activation_shape(mb), self.stage.dtype)
+                posted[k] += 1
+                scan[k] += 1
+
+        point = DECISION_LEAD  # the next decision point
         decided: tuple[int, Any] | None = None  # (point, change): where this plan stops
-        for index, action in enumerate(actions):
+        index = 0
+        while (action := actions(index)) is not None:
             if action.kind == "F":
                 if decided is not None and action.micro_batch == decided[0]:
                     return count, (index, decided[0], decided[1])
-                ahead = action.micro_batch + DECISION_LEAD
-                while decided is None and pending and pending[0] < end and pending[0] <= ahead:
-                    point = pending.pop(0)
+                while (decide and decided is None and point <= action.micro_batch + DECISION_LEAD
+                       and self.plan.exists(point)):
                     change = self.replan.decide(point)
                     if change:
                         decided = (point, change)
+                    point += 1
             if fault is not None and fault.maybe_fire(self.stage_index, count):
                 assert action.kind == "S", f"fault 'nan' is for optimizer steps, not {action}"
                 self.jobs[action.job].poison_gradients()
-            limit = decided[0] if decided is not None else pending[0] if pending else None
-            for k, stream in enumerate(streams):
-                posted[k] = self.prefetch(stream, done[k], posted[k], limit=limit)
+            limit = None if not decide else decided[0] if decided is not None else point
+            for k in range(len(expected)):
+                prefetch(k, limit)
             self.run_action(action)
             count += 1
-            for k, stream in enumerate(streams):
-                if done[k] < len(stream) and action.kind == kind_of[stream[done[k]][1]]:
+            index += 1
+            for k, (_, _, kind) in enumerate(expected):
+                if action.kind == kind:
                     done[k] += 1
+            if decide:
+                self.plan.forget(index, min(self._in_flight, default=self._last_forward + 1))
         assert decided is None, f"stage {self.stage_index} never forwarded micro-batch {decided[0]}"
-        if pending:  # the plan's end (its micro-batch count) is a decision point too
-            point = pending.pop(0)
-            change = self.replan.decide(point)
+        if decide:  # the plan's end (its micro-batch count) is a decision point too
+            end = self.plan.end
+            assert end is not None and point >= end, f"stage {self.stage_index}: points below {end} undecided"
+            change = self.replan.decide(end)
             if change:
-                return count, (len(actions), point, change)
+                return count, (index, end, change)
         return count, None

@@ -42,6 +42,10 @@ micro-batch order; the lora micro-batches fuse one micro-batch of every live job
   previous step. What is in flight on stage s was in flight on stage 0 when stage 0 injected, so
   the bound holds on every stage.
 
+A run's plan is made as it runs (`PlanStream`, `mlora_pp.stage_plan`): the lora generator hands out
+the next `window` injections of every stage's list at a time, and `build_schedule` is its segments
+joined (what tests, benchmarks and the simulator use).
+
 For the runtime: each stage runs its list in order; receives are posted in list order and match
 the sender's sends one for one (ascending ids both ways); sends must not block the sender (isend
 kept until complete, or a send thread): with blocking rendezvous sends two neighbours that send to
@@ -76,12 +80,12 @@ backward of one micro-batch on one stage (1 + r); with M micro-batches a stage c
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 ActionKind = Literal["F", "B", "S"]
 POLICIES = ("lora", "1f1b", "gpipe")
@@ -131,7 +135,7 @@ class JobSteps:
         already."""
         return (self.first_step > 0 or self.first_micro > 0) and not self.paused
 
-    @property
+    @cached_property
     def tokens(self) -> int:
         """Padded tokens of the training micro-batches (evaluations are forward-only and not counted)."""
         return sum(t for micros in self.micro_batches for _, t in micros)
@@ -419,22 +423,27 @@ def form_micro_batches(jobs: Sequence[JobSteps], policy: str, fuse: bool = True)
     return [MicroBatch(i, parts) for i, parts in enumerate(groups)]
 
 
-def _fused_micros(group: Sequence[JobSteps]) -> list[MicroBatch]:
-    """A group's micro-batches fused slot by slot."""
-    streams = [_parts(j, evals=False) for j in group]
-    return [MicroBatch(0, tuple(s[i] for s in streams if i < len(s))) for i in range(max(len(s) for s in streams))]
+def _fused_micro_sizes(group: Sequence[JobSteps]) -> list[tuple[int, int]]:
+    """(padded tokens, jobs) of each of a group's micro-batches fused slot by slot (rows padded to the
+    longest), as `MicroBatch.tokens` counts them, from the jobs' sizes alone."""
+    flat = [[size for micros in j.micro_batches for size in micros] for j in group]
+    out = []
+    for slot in itertools.zip_longest(*flat):  # a plain loop: a long run has millions of slots
+        rows, longest, jobs = 0, 0.0, 0
+        for size in slot:
+            if size is None:
+                continue
+            jobs += 1
+            rows += size[0]
+            if size[0] and size[1] / size[0] > longest:
+                longest = size[1] / size[0]
+        out.append((math.ceil(rows * longest), jobs))
+    return out
 
 
 def _fused_micro_tokens(group: Sequence[JobSteps]) -> list[int]:
-    """Padded tokens of each of a group's micro-batches fused slot by slot (rows padded to the longest),
-    as `MicroBatch.tokens` counts them, from the jobs' sizes alone."""
-    flat = [[size for micros in j.micro_batches for size in micros] for j in group]
-    out = []
-    for i in range(max((len(f) for f in flat), default=0)):
-        slot = [f[i] for f in flat if i < len(f)]
-        longest = max((tokens / rows for rows, tokens in slot if rows), default=0.0)
-        out.append(math.ceil(sum(rows for rows, _ in slot) * longest))
-    return out
+    """Padded tokens of each of a group's micro-batches fused slot by slot (`_fused_micro_sizes`)."""
+    return [tokens for tokens, _ in _fused_micro_sizes(group)]
 
 
 def _fused_tokens(group: Sequence[JobSteps]) -> int:
@@ -557,7 +566,7 @@ def grouping_seconds(groups: Sequence[Sequence[JobSteps]], num_stages: int, cost
     forward and backward, plus S-1 of the largest for the fill and the drain. Fusing k jobs saves
     the per-action overhead of k-1 micro-batches (less what each extra job adds, `fused_job_overhead`)
     and lengthens the fill and drain k times."""
-    fused = [(mb.tokens, len(mb.parts)) for g in groups for mb in _fused_micros(g)]
+    fused = [size for g in groups for size in _fused_micro_sizes(g)]
     if not fused:
         return 0.0
 
@@ -1108,6 +1117,14 @@ class PlanStream:
             self.max_in_flight = num_stages if policy == "1f1b" else None
             self._whole = self._schedule(tuple(micro_batches), build(micro_batches, num_stages))
 
+    @staticmethod
+    def of(schedule: Schedule) -> "PlanStream":
+        """A plan made already, as a stream of one segment."""
+        stream = PlanStream([], schedule.num_stages, schedule.policy)
+        stream.max_in_flight, stream.max_in_flight_tokens = schedule.max_in_flight, schedule.max_in_flight_tokens
+        stream.paused, stream._whole, stream._clock = schedule.paused, schedule, None
+        return stream
+
     def _schedule(self, micro_batches: tuple[MicroBatch, ...], stages: tuple[tuple[Action, ...], ...]) -> Schedule:
         return Schedule(self.policy, micro_batches, stages, max_in_flight=self.max_in_flight,
                         max_in_flight_tokens=self.max_in_flight_tokens, paused=self.paused)
@@ -1125,6 +1142,12 @@ class PlanStream:
         self.done = self._clock.run(until)
         micro_batches, stages = self._clock.take()
         return Segment(micro_batches, stages, final=self.done)
+
+    def settled(self) -> int:
+        """Every micro-batch below this id is done on every stage in the segments made so far."""
+        if self._clock is None:
+            return len(self._whole.micro_batches) if self._whole is not None else 0
+        return min(self._clock.live, default=self._clock.count)
 
     def whole(self) -> Schedule:
         """Every segment, from the first, as one validated `Schedule`."""
@@ -1147,15 +1170,21 @@ def cut_actions(schedule: Schedule, stage: int, position: int, cut: int) -> list
     the forwards and backwards of micro-batches below `cut`, and the optimizer steps of the steps
     that lie wholly below it. Order is kept, and dropping actions only removes waits, so the cut
     lists of all stages run without deadlock (the original ones do)."""
+    return cut_list(schedule.stages[stage][position:], schedule.micro_batches, cut)
+
+
+def cut_list(actions: Sequence[Action], micro_batches: Iterable[MicroBatch], cut: int) -> list[Action]:
+    """`cut_actions` on one stage's `actions`; `micro_batches` must hold every one at or after `cut`
+    (a step with a part in none of them lies below it)."""
     below: dict[tuple[str, int], bool] = {}
-    for mb in schedule.micro_batches:
+    for mb in micro_batches:
         for part in mb.parts:
             if part.eval:
                 continue
             key = (part.job, part.step)
             below[key] = below.get(key, True) and mb.id < cut
-    return [a for a in schedule.stages[stage][position:]
-            if (a.kind == "S" and below[(a.job, a.step)]) or (a.kind != "S" and a.micro_batch < cut)]
+    return [a for a in actions
+            if (a.kind == "S" and below.get((a.job, a.step), True)) or (a.kind != "S" and a.micro_batch < cut)]
 
 
 def remaining_steps(schedule: Schedule, cut: int) -> list[JobSteps]:
@@ -1166,24 +1195,31 @@ def remaining_steps(schedule: Schedule, cut: int) -> list[JobSteps]:
     for mb in schedule.micro_batches[cut:]:
         for part in mb.parts:
             parts.setdefault(part.job, []).append(part)
-    out = []
-    for name, found in parts.items():
-        training = sorted((p for p in found if not p.eval), key=lambda p: (p.step, p.micro))
-        steps: list[list[tuple[int, int]]] = []
-        for i, part in enumerate(training):
-            if i == 0 or part.step != training[i - 1].step:
-                steps.append([])
-            steps[-1].append((part.rows, part.tokens))
-        evals: dict[int, list[MicroBatchPart]] = {}
-        for part in sorted((p for p in found if p.eval), key=lambda p: (p.step, p.micro)):
-            evals.setdefault(part.step, []).append(part)
-        points = tuple(EvalPoint(after, tuple((p.rows, p.tokens) for p in got), first_micro=got[0].micro)
-                       for after, got in evals.items())
-        first = training[0] if training else None
-        out.append(JobSteps(name, tuple(tuple(s) for s in steps),
-                            first_step=first.step if first else min(evals),
-                            first_micro=first.micro if first else 0, evals=points))
-    return out
+    return [steps_of(name, found) for name, found in parts.items()]
+
+
+def steps_of(name: str, found: Iterable[MicroBatchPart]) -> JobSteps:
+    """A job's `JobSteps` made of the parts it has left (`found`, in any order; at least one)."""
+    found = list(found)
+    training = sorted((p for p in found if not p.eval), key=lambda p: (p.step, p.micro))
+    steps: list[list[tuple[int, int]]] = []
+    for i, part in enumerate(training):
+        if i == 0 or part.step != training[i - 1].step:
+            steps.append([])
+        steps[-1].append((part.rows, part.tokens))
+    evals: dict[int, list[MicroBatchPart]] = {}
+    for part in sorted((p for p in found if p.eval), key=lambda p: (p.step, p.micro)):
+        evals.setdefault(part.step, []).append(part)
+    points = tuple(EvalPoint(after, tuple((p.rows, p.tokens) for p in got), first_micro=got[0].micro)
+                   for after, got in evals.items())
+    first = training[0] if training else None
+    return JobSteps(name, tuple(tuple(s) for s in steps), first_step=first.step if first else min(evals),
+                    first_micro=first.micro if first else 0, evals=points)
+
+
+def parts_after(job: JobSteps, count: int) -> Iterator[MicroBatchPart]:
+    """`job`'s parts in training order after its first `count` (those a plan has injected)."""
+    return itertools.islice(_iter_parts(job), count, None)
 
 
 def flush_bubble(num_stages: int, micros_per_step: int) -> float:

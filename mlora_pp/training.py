@@ -60,7 +60,8 @@ from mlora_pp.records import RecordInbox, RecordSender
 from mlora_pp.replan import Replanner, pause_jobs
 from mlora_pp.run_lock import RunLock
 from mlora_pp.runtime import EvalRecord, StageWorker, StepRecord
-from mlora_pp.schedule import Schedule, admission, build_schedule, choose_streams, min_streams
+from mlora_pp.schedule import PlanStream, Schedule, admission, choose_streams, min_streams
+from mlora_pp.stage_plan import StagePlan
 from mlora_pp.trace import TraceRecorder, write_trace
 from mlora_pp.transport import PipelineError, StageTransport
 
@@ -72,6 +73,8 @@ class TrainResult:
     final_loss: dict[str, float]
     wall_s: float
     schedule: Schedule
+    """The start-up plan's first segment (`StagePlan.first_schedule`: the whole plan unless it is
+    longer than `pipeline.plan_window`)."""
     stage_stats: list[dict] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     """Jobs that went non-finite: job -> reason (their adapter is their last good checkpoint)."""
@@ -219,12 +222,12 @@ def _stage_summary(rank: int, spec: StageSpec, trace: TraceRecorder, wall_s: flo
 
 @dataclass
 class MemoryPlan:
-    """The fitted memory models of every stage, the budget, and the schedule admitted under it."""
+    """The fitted memory models of every stage, the budget, and the plan admitted under it."""
 
     models: list[MemoryModel]
     budget: int | None
     in_flight: int
-    schedule: Schedule
+    plan: StagePlan
     streams: int | None = None
     """lora streams the run uses: `pipeline.streams`, or the ones `choose_streams` picked; None: the rule."""
     fusion: list[FusionProfile] = field(default_factory=list)
@@ -233,9 +236,9 @@ class MemoryPlan:
     """Whether the schedule hides latency (`pipeline.hide_latency`: true, or auto and it fits)."""
 
     def record(self, rank: int, measured: int, method: str, predicted: float, models: list[MemoryModel]) -> dict:
-        """The `metrics.jsonl` event of one stage: the predicted peak (over every plan the run went
-        through, `Replanner.predicted_peak_bytes`) against the measured one, and the memory model
-        in force at the end."""
+        """The `metrics.jsonl` event of one stage: the predicted peak (over every action the run ran,
+        `Replanner.predicted_peak_bytes`) against the measured one, and the memory model in force at
+        the end."""
         return {"event": "memory", "rank": rank, "budget_bytes": self.budget, "in_flight": self.in_flight,
                 "hide_latency": self.hide_latency,
                 "predicted_peak_bytes": int(predicted), "measured_peak_bytes": measured, "method": method,
@@ -344,9 +347,9 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
         print(f"memory: the resumed jobs {', '.join(sorted(order.holding))} are predicted over the budget together; "
               "they hold their optimizer state and none of them can be paused, so they run at once anyway",
               flush=True)
-    schedule = build_schedule(steps, stages, policy, fuse, max_in_flight=in_flight if policy == "lora" else None,
-                              admission=order, hide_latency=hide, streams=streams)
-    return MemoryPlan(models, budget, in_flight, schedule, streams, profiles, hide)
+    stream = PlanStream(steps, stages, policy, fuse, max_in_flight=in_flight if policy == "lora" else None,
+                        admission=order, hide_latency=hide, streams=streams, window=cfg.pipeline.plan_window)
+    return MemoryPlan(models, budget, in_flight, StagePlan(stream, env.rank, steps), streams, profiles, hide)
 
 
 def train(cfg: RunConfig, *, progress: bool | None = None, fresh: bool = False) -> TrainResult:
@@ -501,9 +504,12 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     _check_shared_output_dir(cfg, env, where)
     for name, point in points.items():
         jobs[name].steps_done = point.step
-    schedule = build_schedule([j.job_steps() for j in jobs.values() if j.name not in cancelled], env.world,
-                              cfg.pipeline.schedule, cfg.pipeline.fuse, hide_latency=cfg.pipeline.hide_latency is True,
-                              streams=cfg.pipeline.streams)
+    # The plan's first segment (the whole plan when it is short): what probes and profiles measure.
+    unplanned = [j.job_steps() for j in jobs.values() if j.name not in cancelled]
+    stage_plan = StagePlan(PlanStream(unplanned, env.world, cfg.pipeline.schedule, cfg.pipeline.fuse,
+                                      hide_latency=cfg.pipeline.hide_latency is True, streams=cfg.pipeline.streams,
+                                      window=cfg.pipeline.plan_window), env.rank, unplanned)
+    schedule = stage_plan.first_schedule()
     profiled: ProfiledPlan | None = None
     if cfg.pipeline.balance == "profile" and schedule.micro_batches:  # nothing left to train: keep the estimate
         profiled = profile_stages(
@@ -532,7 +538,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     memory: MemoryPlan | None = None
     if schedule.micro_batches:
         memory = _plan_memory(cfg, env, stage, jobs, schedule, device, cancelled)
-        schedule = memory.schedule
+        stage_plan = memory.plan
+        schedule = stage_plan.first_schedule()
 
     is_rank0, last = env.rank == 0, env.world - 1
     control = records = plans = norms = None
@@ -574,7 +581,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
                                                           "priority": c.priority} for c in cfg.jobs},
                        "admission": cfg.pipeline.admission, "stages": env.world, "schedule": cfg.pipeline.schedule,
                        "memory_budget_bytes": memory.budget if memory is not None else None,
-                       "predicted_peak_bytes": ([int(predicted_peak(m, memory.schedule, i)) for i, m in
+                       "predicted_peak_bytes": ([int(predicted_peak(m, schedule, i)) for i, m in
                                                  enumerate(memory.models)] if memory is not None else None),
                        "streams": memory.streams if memory is not None else cfg.pipeline.streams,
                        "hide_latency": memory.hide_latency if memory is not None else cfg.pipeline.hide_latency is True,
@@ -704,7 +711,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
 
     cpu = device.type != "cuda"
     parts = PartWriter(env.rank, cfg.pipeline.timeout_s)
-    worker = StageWorker(stage, jobs, schedule, stage_index=env.rank, transport=transport, device=device,
+    worker = StageWorker(stage, jobs, stage_plan, stage_index=env.rank, transport=transport, device=device,
                          trace=TraceRecorder(cfg.pipeline.trace_actions),
                          on_step=on_step, on_eval=on_eval, after_action=after_action if is_rank0 else None,
                          norms=(GradNormChannel(env.rank, env.world, cfg.pipeline.timeout_s, norms, job_order)
@@ -749,6 +756,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         wall = time.perf_counter() - start
         summary = _stage_summary(env.rank, stage.spec, worker.trace, wall)
         summary["bytes_sent"] = transport.bytes_sent if transport is not None else 0
+        summary["plan_segments"] = worker.plan_segments
         if memory is not None:
             if cpu:
                 measured, method = worker.peak_bytes, "tensor bytes held (weights, gradients, optimizer state, saved activations)"

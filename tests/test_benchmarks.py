@@ -111,10 +111,15 @@ def test_planning_benchmark_times_whole_plans(tmp_path, capsys):
     """Each shape's plan has, on every stage, a forward and a backward per micro-batch and one
     optimizer step per job and step; its time and traced bytes are recorded."""
     out = tmp_path / "planning.json"
-    assert planning.main(["--quick", "--memory", "--repeat", "1", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    assert planning.main(["--quick", "--memory", "--repeat", "1", "--window", "64", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert [(r["stages"], r["jobs"], r["steps"]) for r in rows] == planning.QUICK
     for r in rows:
         assert r["actions"] == r["stages"] * (2 * r["micro_batches"] + r["jobs"] * r["steps"])
         assert r["seconds"] > 0 and 0 < r["held_bytes"] <= r["peak_bytes"]
+    for whole, r in zip(rows, result["streamed"]):  # stage 0 of the same plan, made in segments of 64
+        assert r["stage_actions"] == 2 * whole["micro_batches"] + r["jobs"] * r["steps"]
+        assert r["segments"] == -(-whole["micro_batches"] // 64) and 0 < r["first_segment_seconds"] < r["seconds"]
+        assert 0 < r["peak_bytes"]
     assert "making a lora plan" in capsys.readouterr().out

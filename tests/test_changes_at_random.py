@@ -114,12 +114,14 @@ class Trial:
     requests: list[tuple[int, str, dict]]
     alone: float
     recompute: bool = False
+    window: int | None = None
+    """`pipeline.plan_window` (None: the default): a few micro-batches, so changes land in segments."""
 
     def __str__(self) -> str:
         asked = [(at, kind, body.get("name") or body["job"]["name"]) for at, kind, body in self.requests]
         return (f"seed {self.seed}: initial {[j['name'] for j in self.initial]}, admission {self.admission}, "
                 f"budget {self.budget} (one job alone {self.alone:.0f}), preempt {self.preempt}, "
-                f"recompute {self.recompute}, requests {asked}")
+                f"recompute {self.recompute}, plan_window {self.window}, requests {asked}")
 
 
 def draw(seed: int, workspace, need, need_recompute=None, recompute: bool | None = None) -> Trial:
@@ -150,7 +152,8 @@ def draw(seed: int, workspace, need, need_recompute=None, recompute: bool | None
         alone_recompute = max(need_recompute({n}) for n in names)
         budget = None if budget is None else int(budget * alone_recompute / alone)
         alone = alone_recompute
-    return Trial(seed, jobs, initial, admission, budget, preempt, requests, alone, recompute)
+    window = rnd.choice([None, 1, 2, 3, 8])  # drawn after the rest, which stay as the seeds were picked for
+    return Trial(seed, jobs, initial, admission, budget, preempt, requests, alone, recompute, window)
 
 
 def check(trial: Trial, out: Path, ref_out: Path, written: list[tuple[str, dict, Path]]) -> None:
@@ -196,8 +199,9 @@ def check(trial: Trial, out: Path, ref_out: Path, written: list[tuple[str, dict,
 
 
 def run_config(workspace, trial: Trial, out: Path) -> dict:
+    window = {} if trial.window is None else {"plan_window": trial.window}
     return make_raw(workspace, trial.initial, out.name, admission=trial.admission, memory_budget=trial.budget,
-                    preempt=trial.preempt, recompute=trial.recompute)
+                    preempt=trial.preempt, recompute=trial.recompute, **window)
 
 
 @pytest.mark.parametrize("seed,recompute", [(seed, None) for seed in SEEDS] + [(6, True)],

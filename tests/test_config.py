@@ -60,6 +60,8 @@ def test_issue_example_parses(tmp_path):
         ("lr: 3.0e-4", "lr: 3.0e-4\n    max_grad_norm: one", "jobs[0].max_grad_norm: expected a number or null"),
         ("schedule: lora", "schedule: lora, trace_actions: -1", "pipeline.trace_actions: must be 0 or more; got -1"),
         ("schedule: lora", "schedule: lora, trace_actions: many", "pipeline.trace_actions: expected an integer"),
+        ("schedule: lora", "schedule: lora, plan_window: 0", "pipeline.plan_window: must be at least 1; got 0"),
+        ("schedule: lora", "schedule: lora, plan_window: null", "pipeline.plan_window: expected an integer"),
     ],
 )
 def test_bad_field_names_file_and_field(tmp_path, old, new, expected):

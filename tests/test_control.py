@@ -26,10 +26,10 @@ import launcher.__main__ as launcher
 from mlora_pp.checkpoint import CHECKPOINTS, checkpoint_weights, newest_checkpoint, read_checkpoint, step_dirs
 from mlora_pp.config import parse_config
 from mlora_pp.control import DECISION_LEAD, REQUESTS_EVERY, Change, ControlDir
-from mlora_pp.replan import Replanner
 from mlora_pp.run_lock import RunLock
 from mlora_pp.runtime import StageWorker
-from mlora_pp.schedule import EvalPoint, JobSteps, build_schedule, cut_actions, remaining_steps
+from mlora_pp.schedule import EvalPoint, JobSteps, PlanStream, build_schedule, cut_actions, remaining_steps
+from mlora_pp.stage_plan import StagePlan
 from mlora_pp.training import train
 from mlora_pp.transport import ACTIVATION
 
@@ -88,31 +88,34 @@ class _Recorder:
         self.log.append(("post", "F" if kind == ACTIVATION else "B", micro_batch))
 
 
-def _run_stage(schedule, stage: int, points: list[int], change_at: int | None) -> tuple[list, tuple | None]:
+def _run_stage(jobs, stage: int, decide: bool, change_at: int | None, window: int | None
+               ) -> tuple[list, tuple | None, StagePlan]:
     recorder = _Recorder(change_at)
-    worker = StageWorker(stage=type("Stage", (), {"dtype": None})(), jobs={}, schedule=schedule, stage_index=stage,
+    plan = StagePlan(PlanStream(jobs, 3, "lora", window=window), stage, jobs)
+    worker = StageWorker(stage=type("Stage", (), {"dtype": None})(), jobs={}, plan=plan, stage_index=stage,
                          transport=recorder, replan=recorder)
     worker.activation_shape = lambda mb: (1,)
     worker.run_action = lambda action: recorder.log.append(("run", action.kind, action.micro_batch))
-    _, cut = worker._execute(list(schedule.stages[stage]), None, 0, points)
-    return recorder.log, cut
+    recorder.current = plan
+    _, cut = worker._execute(plan.action, None, 0, decide)
+    return recorder.log, cut, plan
 
 
+@pytest.mark.parametrize("window", [None, 1, 4])
 @pytest.mark.parametrize("change_at", [None, 2, 5, 9, 13])
-def test_decisions_lead_the_forwards_and_never_hold_back_a_posted_receive(change_at):
+def test_decisions_lead_the_forwards_and_never_hold_back_a_posted_receive(change_at, window):
     """On every stage: the decision for micro-batch q comes before the forward of q - DECISION_LEAD;
     a change decided for q stops the plan right at the forward of q and no point is decided after
     it; no receive is posted for a micro-batch at or past a point not decided to go on; and, the
-    reason for the lead, the decisions never delay a receive the stage would post without them."""
+    reason for the lead, the decisions never delay a receive the stage would post without them.
+    The same whether the plan is made whole or in segments of `window` micro-batches."""
     jobs = [JobSteps(f"j{i}", tuple(((2, 32),) * 2 for _ in range(3))) for i in range(3)]
     schedule = build_schedule(jobs, 3, "lora")
     count = len(schedule.micro_batches)
-    planner = Replanner.__new__(Replanner)
-    planner.current, planner.plans, planner.models = None, 0, None
-    points = planner.points(schedule)
-    assert points == list(range(DECISION_LEAD, count)) + [count] and count > 13
+    points = list(range(DECISION_LEAD, count)) + [count]
+    assert count > 13
     for stage in range(3):
-        log, cut = _run_stage(schedule, stage, points, change_at)
+        log, cut, plan = _run_stage(jobs, stage, True, change_at, window)
         decided = [e[1] for e in log if e[0] == "decide"]
         forwards = [e[2] for e in log if e[:2] == ("run", "F")]
         if change_at is None:
@@ -123,6 +126,9 @@ def test_decisions_lead_the_forwards_and_never_hold_back_a_posted_receive(change
             assert forwards == list(range(change_at)), (stage, forwards)
             assert schedule.stages[stage][cut[0]] == next(a for a in schedule.stages[stage]
                                                            if a.kind == "F" and a.micro_batch == change_at)
+            assert plan.tail(cut[0], change_at) == cut_actions(schedule, stage, cut[0], change_at)
+            by_name = lambda steps: sorted(steps, key=lambda j: j.name)  # noqa: E731
+            assert by_name(plan.remaining(change_at)) == by_name(remaining_steps(schedule, change_at))
         for i, event in enumerate(log):
             before = [e[1] for e in log[:i] if e[0] == "decide"]
             if event[:2] == ("run", "F"):
@@ -133,7 +139,7 @@ def test_decisions_lead_the_forwards_and_never_hold_back_a_posted_receive(change
                 assert change_at is None or event[2] < change_at
         if change_at is None and stage > 0:  # the same receives, each posted no later than without decisions
             ours = [e for e in log if e[0] != "decide"]
-            free = _run_stage(schedule, stage, [], None)[0]
+            free = _run_stage(jobs, stage, False, None, window)[0]
             assert [e for e in ours if e[0] == "post"] == [e for e in free if e[0] == "post"]
             assert all(ours.index(e) <= free.index(e) for e in ours if e[0] == "post"), stage
 

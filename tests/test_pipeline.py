@@ -173,6 +173,23 @@ def test_recompute_pipeline_equals_single_rank(workspace, single_rank):
         assert_adapters_equal(adapter(workspace[0] / "recompute-two", job["name"]), adapter(single_rank, job["name"]))
 
 
+def test_a_plan_made_in_segments_equals_single_rank(workspace, single_rank):
+    """3 stages with `plan_window: 2`: every rank makes the plan 2 micro-batches at a time as its
+    stage reaches the end of what it has (beta's clipped steps on later stages wait for rank 0's
+    total across segments, evaluations straddle them); same adapters and evaluations. (That the
+    segments joined are the whole plan is checked in tests/test_stage_plan.py.)"""
+    out = "s3-window-2"
+    proc = ranks(3, write_config(workspace, out, plan_window=2))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for job in JOBS:
+        assert_adapters_equal(adapter(workspace[0] / out, job["name"]), adapter(single_rank, job["name"]))
+    assert_same_evaluations(workspace[0] / out, single_rank)
+    records = [json.loads(line) for line in (workspace[0] / out / "metrics.jsonl").read_text().splitlines()]
+    segments = [r["plan_segments"] for r in records if r.get("event") == "stage"]
+    assert len(segments) == 3 and min(segments) > 10, segments  # the same plan on every rank, in many pieces
+    assert len(set(segments)) == 1, segments
+
+
 def test_hide_latency_pipeline_equals_single_rank(workspace, single_rank):
     """3 stages with twice the micro-batches in flight and counted stage orders: same adapters."""
     proc = ranks(3, write_config(workspace, "hide-latency-three", hide_latency=True))

@@ -12,6 +12,8 @@ As it runs (what a rank does, `mlora_pp.stage_plan`): a `StagePlan` over a `Plan
 as the runtime does. Reported: the seconds to the first segment (a rank's start-up and the stall at
 a change of plan), the seconds to take every action, and with `--memory` the peak while doing so.
 `--long` adds 8 jobs of 20,000 steps on 4 stages (5.8 million actions; minutes with `--memory`).
+Without `--quick`, 64 x 128 x 8 with `hide_latency` comes last, made whole once (`whole_seconds`)
+and as it runs.
 
     python -m benchmarks.planning [--quick] [--memory] [--long] [--window N]
 """
@@ -72,11 +74,11 @@ def measure(stages: int, jobs: int, steps: int, repeat: int, memory: bool) -> di
     return row
 
 
-def take_all(stages: int, jobs: list[JobSteps], window: int) -> tuple[float, int, int]:
+def take_all(stages: int, jobs: list[JobSteps], window: int, hide_latency: bool = False) -> tuple[float, int, int]:
     """Stage 0 of a plan made as it runs, every action taken and forgotten behind (its oldest
     micro-batch in flight, as `StageWorker` does): (seconds to the first segment, actions, segments)."""
     started = time.perf_counter()
-    plan = StagePlan(PlanStream(jobs, stages, "lora", window=window), 0, jobs)
+    plan = StagePlan(PlanStream(jobs, stages, "lora", window=window, hide_latency=hide_latency), 0, jobs)
     first = time.perf_counter() - started
     in_flight: dict[int, None] = {}
     last, position = -1, 0
@@ -91,15 +93,16 @@ def take_all(stages: int, jobs: list[JobSteps], window: int) -> tuple[float, int
     return first, position, plan.segments
 
 
-def measure_stream(stages: int, jobs: int, steps: int, window: int, memory: bool) -> dict:
+def measure_stream(stages: int, jobs: int, steps: int, window: int, memory: bool, hide_latency: bool = False) -> dict:
     work = jobs_of(jobs, steps)
     started = time.perf_counter()
-    first, actions, segments = take_all(stages, work, window)
-    row = {"stages": stages, "jobs": jobs, "steps": steps, "window": window, "segments": segments,
+    first, actions, segments = take_all(stages, work, window, hide_latency)
+    row = {"stages": stages, "jobs": jobs, "steps": steps, "hide_latency": hide_latency, "window": window,
+           "segments": segments,
            "stage_actions": actions, "first_segment_seconds": first, "seconds": time.perf_counter() - started}
     if memory:
         tracemalloc.start()
-        take_all(stages, work, window)
+        take_all(stages, work, window, hide_latency)
         row["peak_bytes"] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     return row
@@ -129,20 +132,28 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(*cells)
     Console(width=140).print(table)
     streamed = [measure_stream(s, j, k, args.window, args.memory) for s, j, k in shapes + ([LONG] if args.long else [])]
+    if not args.quick:  # the shape hide_latency is for (see README "Simulator"): whole, then as it runs
+        started = time.perf_counter()
+        build_schedule(jobs_of(128, 8), 64, "lora", hide_latency=True)
+        whole = time.perf_counter() - started
+        streamed.append(dict(measure_stream(64, 128, 8, args.window, args.memory, hide_latency=True),
+                             whole_seconds=whole))
     table = Table(title=f"making it as it runs (StagePlan, {args.window} micro-batches a segment, stage 0's actions)")
-    for name in ["stages", "jobs", "steps/job", "segments", "first segment s", "every action s"] + (
+    for name in ["stages", "jobs", "steps/job", "hide_latency", "segments", "first segment s", "every action s"] + (
             ["peak MiB"] if args.memory else []):
         table.add_column(name, justify="right")
     for r in streamed:
-        cells = [str(r["stages"]), str(r["jobs"]), str(r["steps"]), f"{r['segments']:,}",
+        cells = [str(r["stages"]), str(r["jobs"]), str(r["steps"]), "yes" if r["hide_latency"] else "",
+                 f"{r['segments']:,}",
                  f"{r['first_segment_seconds']:.3f}", f"{r['seconds']:.2f}"]
         if args.memory:
             cells.append(f"{r['peak_bytes'] / 2**20:.1f}")
         table.add_row(*cells)
     Console(width=140).print(table)
     out = write_result(RESULTS / "planning.json" if args.out is None else Path(args.out), {
-        "command": "python -m benchmarks.planning" + (" --quick" if args.quick else "") + (" --memory" if args.memory else "")
-                   + (" --long" if args.long else "") + f" --window {args.window}",
+        "command": ("python -m benchmarks.planning" + (" --quick" if args.quick else "")
+                    + (" --memory" if args.memory else "") + (" --long" if args.long else "")
+                    + f" --window {args.window}"),
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "rows": rows,
         "streamed": streamed,

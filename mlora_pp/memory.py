@@ -262,22 +262,27 @@ def cut_message(job: str, rows: int, configured: int) -> str:
             f"{configured} to fit the budget")
 
 
-def predicted_peak(model: MemoryModel, schedule: Schedule, stage: int) -> float:
+def predicted_peak(model: MemoryModel, schedule: Schedule, stage: int, jobs: Sequence[JobSteps] | None = None
+                   ) -> float:
     """The model's peak over this stage's actions, in order: running jobs (first forward to last
     optimizer step here; from the start for a job under way before the plan, whose state exists
     already, unless it was paused for the plan: `Schedule.paused`) and the micro-batches in flight
-    after each action."""
-    under_way: set[str] = set()
-    last: dict[str, int] = {}
-    for mb in schedule.micro_batches:
-        for p in mb.parts:
-            if p.eval:  # an evaluation holds no gradient, optimizer state or saved activation
-                continue
-            if p.job not in last and (p.step > 0 or p.micro > 0) and p.job not in schedule.paused:  # steps are absolute
-                under_way.add(p.job)
-            last[p.job] = max(last.get(p.job, -1), p.step)
+    after each action. With `jobs` (what the plan was made of), `schedule` may be the start of a
+    plan made as it runs (`StagePlan.first_schedule`): a job's last step is its last in `jobs`."""
+    if jobs is not None:
+        tracker = PeakTracker.for_plan(model, jobs)
+    else:
+        under_way: set[str] = set()
+        last: dict[str, int] = {}
+        for mb in schedule.micro_batches:
+            for p in mb.parts:
+                if p.eval:  # an evaluation holds no gradient, optimizer state or saved activation
+                    continue
+                if p.job not in last and (p.step > 0 or p.micro > 0) and p.job not in schedule.paused:  # absolute steps
+                    under_way.add(p.job)
+                last[p.job] = max(last.get(p.job, -1), p.step)
+        tracker = PeakTracker(model, under_way, last)
     by_id = {mb.id: mb for mb in schedule.micro_batches}
-    tracker = PeakTracker(model, under_way, last)
     for action in schedule.stages[stage]:
         tracker.ran(action, by_id[action.micro_batch] if action.kind != "S" else None)
     return tracker.peak

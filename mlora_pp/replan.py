@@ -186,7 +186,7 @@ class Replanner:
         self.tracker = PeakTracker.for_plan(self.models[self.rank], plan.jobs)
         if self.on_change is not None and self.plans > 1:
             first = plan.first_schedule()
-            self.on_change("plan", {"predicted_peak_bytes": [int(predicted_peak(m, first, i))
+            self.on_change("plan", {"predicted_peak_bytes": [int(predicted_peak(m, first, i, plan.jobs))
                                                              for i, m in enumerate(self.models)]})
 
     def ran(self, action: Action, mb: MicroBatch | None) -> None:

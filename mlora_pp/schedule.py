@@ -42,9 +42,9 @@ micro-batch order; the lora micro-batches fuse one micro-batch of every live job
   previous step. What is in flight on stage s was in flight on stage 0 when stage 0 injected, so
   the bound holds on every stage.
 
-A run's plan is made as it runs (`PlanStream`, `mlora_pp.stage_plan`): the lora generator hands out
-the next `window` injections of every stage's list at a time, and `build_schedule` is its segments
-joined (what tests, benchmarks and the simulator use).
+A run's plan is made as it runs (`PlanStream`, `mlora_pp.stage_plan`): the next `window` injections
+of every stage's list at a time, and `build_schedule` is its segments joined (what tests,
+benchmarks and the simulator use).
 
 For the runtime: each stage runs its list in order; receives are posted in list order and match
 the sender's sends one for one (ascending ids both ways); sends must not block the sender (isend
@@ -406,21 +406,33 @@ def form_micro_batches(jobs: Sequence[JobSteps], policy: str, fuse: bool = True)
     (With several stages the lora micro-batches are formed while generating the order: see
     `build_schedule`.)
     """
-    streams = [_parts(job) for job in jobs]
-    groups: list[tuple[MicroBatchPart, ...]] = []
-    if policy == "lora":
-        for slot in range(max((len(s) for s in streams), default=0)):
-            live = [s[slot] for s in streams if slot < len(s)]
-            if fuse:  # evaluation rows run without a gradient: never in a training micro-batch
-                groups += [g for g in (tuple(p for p in live if p.eval), tuple(p for p in live if not p.eval)) if g]
-            else:
-                groups.extend((p,) for p in live)
-    elif policy in ("gpipe", "1f1b"):
-        for stream in streams:
-            groups.extend((p,) for p in stream)
-    else:
+    if policy not in POLICIES:
         raise ScheduleError(f"unknown schedule policy {policy!r}")
-    return [MicroBatch(i, parts) for i, parts in enumerate(groups)]
+    parts = [group for groups in _groups(jobs, policy, fuse) for group in groups]
+    return [MicroBatch(i, group) for i, group in enumerate(parts)]
+
+
+def _groups(jobs: Sequence[JobSteps], policy: str, fuse: bool) -> Iterator[list[tuple[MicroBatchPart, ...]]]:
+    """The parts of the micro-batches `form_micro_batches` forms, in its order, a group at a time:
+    for gpipe and 1f1b a job's step (or evaluation), whose actions are made together; for lora one
+    slot (one micro-batch of every live job: fused, or each alone)."""
+    if policy == "lora":
+        for slot in itertools.zip_longest(*(_iter_parts(job) for job in jobs)):
+            live = [p for p in slot if p is not None]
+            if fuse:  # evaluation rows run without a gradient: never in a training micro-batch
+                yield [g for g in (tuple(p for p in live if p.eval), tuple(p for p in live if not p.eval)) if g]
+            else:
+                yield [(p,) for p in live]
+        return
+    for job in jobs:
+        group: list[tuple[MicroBatchPart, ...]] = []
+        for part in _iter_parts(job):
+            if group and (group[-1][0].step, group[-1][0].eval) != (part.step, part.eval):
+                yield group
+                group = []
+            group.append((part,))
+        if group:
+            yield group
 
 
 def _fused_micro_sizes(group: Sequence[JobSteps]) -> list[tuple[int, int]]:
@@ -621,55 +633,31 @@ def _single_stage(micro_batches: Sequence[MicroBatch]) -> tuple[Action, ...]:
     return tuple(actions)
 
 
-def _steps_in_order(micro_batches: Sequence[MicroBatch]) -> list[list[MicroBatch]]:
-    """Consecutive single-job micro-batches grouped by (job, step, evaluation or not)."""
-    out: list[list[MicroBatch]] = []
-
-    def key(mb: MicroBatch) -> tuple[str, int, bool]:
-        return mb.parts[0].job, mb.parts[0].step, mb.eval
-
-    for mb in micro_batches:
-        if out and key(out[-1][0]) == key(mb):
-            out[-1].append(mb)
-        else:
-            out.append([mb])
-    return out
+def _gpipe_step(group: Sequence[MicroBatch]) -> tuple[Action, ...]:
+    """One stage's gpipe actions for a job's step: every forward, then every backward, then `S`
+    (an evaluation: its forwards)."""
+    actions = [Action("F", mb.id) for mb in group]
+    if group[0].eval:
+        return tuple(actions)
+    part = group[-1].parts[0]
+    return tuple(actions + [Action("B", mb.id) for mb in group] + [Action("S", job=part.job, step=part.step)])
 
 
-def _gpipe(micro_batches: Sequence[MicroBatch], num_stages: int) -> tuple[tuple[Action, ...], ...]:
-    stages = []
-    for _ in range(num_stages):
-        actions: list[Action] = []
-        for group in _steps_in_order(micro_batches):
-            actions += [Action("F", mb.id) for mb in group]
-            if group[0].eval:
-                continue
-            actions += [Action("B", mb.id) for mb in group]
-            part = group[-1].parts[0]
-            actions.append(Action("S", job=part.job, step=part.step))
-        stages.append(tuple(actions))
-    return tuple(stages)
-
-
-def _one_f_one_b(micro_batches: Sequence[MicroBatch], num_stages: int) -> tuple[tuple[Action, ...], ...]:
-    stages = []
-    for s in range(num_stages):
-        actions: list[Action] = []
-        for group in _steps_in_order(micro_batches):
-            if group[0].eval:
-                actions += [Action("F", mb.id) for mb in group]
-                continue
-            n = len(group)
-            warm = min(num_stages - 1 - s, n)
-            actions += [Action("F", mb.id) for mb in group[:warm]]
-            for i in range(n - warm):
-                actions.append(Action("F", group[warm + i].id))
-                actions.append(Action("B", group[i].id))
-            actions += [Action("B", mb.id) for mb in group[n - warm :]]
-            part = group[-1].parts[0]
-            actions.append(Action("S", job=part.job, step=part.step))
-        stages.append(tuple(actions))
-    return tuple(stages)
+def _one_f_one_b_step(group: Sequence[MicroBatch], stage: int, num_stages: int) -> tuple[Action, ...]:
+    """One stage's 1f1b actions for a job's step: min(S-1-s, N) forwards, then one forward and one
+    backward at a time, then the remaining backwards and `S` (an evaluation: its forwards)."""
+    if group[0].eval:
+        return tuple(Action("F", mb.id) for mb in group)
+    n = len(group)
+    warm = min(num_stages - 1 - stage, n)
+    actions = [Action("F", mb.id) for mb in group[:warm]]
+    for i in range(n - warm):
+        actions.append(Action("F", group[warm + i].id))
+        actions.append(Action("B", group[i].id))
+    actions += [Action("B", mb.id) for mb in group[n - warm:]]
+    part = group[-1].parts[0]
+    actions.append(Action("S", job=part.job, step=part.step))
+    return tuple(actions)
 
 
 class _Parts:
@@ -832,10 +820,12 @@ class _Clock:
             stream = min(ready, key=lambda st: (not st.mid_step, st.injected / st.total))
         else:  # the most urgent ready job's stream
             stream = min(ready, key=lambda st: (not st.mid_step, min(
-                self.urgency[q.head.job] for q in st.parts if q.head is not None and self._part_ready(q.head) <= start)))
+                self.urgency[q.head.job] for q in st.parts
+                if q.head is not None and self._part_ready(q.head) <= start)))
         ready_queues = [q for q in stream.parts if q.head is not None and self._part_ready(q.head) <= start]
         # evaluation rows run without a gradient: never fused with training rows, and they go first
-        parts = tuple(q.popleft() for q in ([q for q in ready_queues if q.head.eval] or ready_queues))  # type: ignore[union-attr]
+        evaluations = [q for q in ready_queues if q.head is not None and q.head.eval]
+        parts = tuple(q.popleft() for q in (evaluations or ready_queues))
         mb = MicroBatch(self.count, parts)
         self.count += 1
         stream.injected += sum(p.tokens for p in parts if not p.eval)
@@ -927,44 +917,102 @@ class _Clock:
         return [part for st in self.streams for q in st.parts for part in q.rest()]
 
 
-def _counted(micro_batches: Sequence[MicroBatch], window: int, upstream: Sequence[Action]) -> tuple[Action, ...]:
-    """One stage's list by counts: forward the next micro-batch while fewer than `window` are in
-    flight, its jobs have stepped here, and the stage before (`upstream`, its list) forwards it
-    before it backwards the micro-batch this stage would otherwise backward; else backward the
-    oldest. A job's `S` follows its step's last backward. Independent of timing, so a message's
-    latency shifts this stage's work without reordering it. The upstream rule keeps the lists
-    deadlock-free: the stage before backwards that micro-batch only after this stage does.
-    Evaluation micro-batches are forwarded only and do not count against the window."""
-    where = {(a.kind, a.micro_batch): i for i, a in enumerate(upstream) if a.kind != "S"}
-    pending: dict[tuple[str, int], int] = {}
-    stepped: dict[str, int] = {}
-    for mb in micro_batches:
-        for p in mb.parts:
-            if not p.eval:
-                pending[(p.job, p.step)] = pending.get((p.job, p.step), 0) + 1
-            stepped.setdefault(p.job, p.step - 1)
-    training = [mb.id for mb in micro_batches if not mb.eval]
-    out: list[Action] = []
-    f = b = forwarded = 0  # next forward, next backward (index into `training`), training forwards done
-    while f < len(micro_batches) or b < len(training):
-        in_flight = forwarded - b
-        if (f < len(micro_batches) and (micro_batches[f].eval or in_flight < window)
-                and all(stepped[p.job] == p.step - 1 for p in micro_batches[f].parts)
-                and (in_flight == 0 or where[("F", f)] < where[("B", training[b])])):
-            out.append(Action("F", f))
-            forwarded += not micro_batches[f].eval
-            f += 1
-            continue
-        if in_flight == 0:  # pragma: no cover - a forward waits only for a step whose backwards are in flight
-            raise ScheduleError(f"counted order stuck before forward {f}")
-        out.append(Action("B", training[b]))
-        for p in micro_batches[training[b]].parts:
-            pending[(p.job, p.step)] -= 1
-            if pending[(p.job, p.step)] == 0:
-                out.append(Action("S", job=p.job, step=p.step))
-                stepped[p.job] = p.step
-        b += 1
-    return tuple(out)
+class _Counted:
+    """One stage's list by counts, made as its inputs arrive (`feed`): forward the next micro-batch
+    while fewer than `window` are in flight, its jobs have stepped here, and the stage before (its
+    list: `upstream`) forwards it before it backwards the micro-batch this stage would otherwise
+    backward; else backward the oldest. A job's `S` follows its step's last backward. Independent
+    of timing, so a message's latency shifts this stage's work without reordering it. The upstream
+    rule keeps the lists deadlock-free: the stage before backwards that micro-batch only after this
+    stage does. Evaluation micro-batches are forwarded only and do not count against the window.
+
+    Where a choice needs what is not made yet (the next micro-batch, or neither of the two upstream
+    actions), it waits for the next `feed`; an upstream action not made yet comes after every one
+    made, so one of the two suffices."""
+
+    def __init__(self, window: int, jobs: dict[str, JobSteps]) -> None:
+        self.window, self.jobs = window, jobs
+        self.micro: dict[int, MicroBatch] = {}  # made, not yet done here
+        self.count = 0  # micro-batches made
+        self.training: deque[int] = deque()  # training micro-batches made, not yet backwarded here
+        self.where: dict[tuple[str, int], int] = {}  # position of F and B actions in the upstream list
+        self.upstream = 0  # upstream actions seen
+        self.pending: dict[tuple[str, int], int] = {}  # backwards left of steps begun here
+        self.stepped: dict[str, int] = {}
+        self.f = 0  # next forward
+        self.in_flight = 0
+
+    @property
+    def settled(self) -> int:
+        """Every micro-batch below this id is done here in what is made so far."""
+        return min(self.f, self.training[0] if self.training else self.f)
+
+    def feed(self, micro_batches: Sequence[MicroBatch], upstream: Sequence[Action], complete: bool) -> list[Action]:
+        """The next micro-batches and upstream actions made (`complete`: the last of them); returns
+        this stage's next actions."""
+        for mb in micro_batches:
+            self.micro[mb.id] = mb
+            for p in mb.parts:
+                self.stepped.setdefault(p.job, p.step - 1)
+            if not mb.eval:
+                self.training.append(mb.id)
+        self.count += len(micro_batches)
+        for action in upstream:
+            if action.kind != "S":
+                self.where[(action.kind, action.micro_batch)] = self.upstream
+            self.upstream += 1
+        out: list[Action] = []
+        while True:
+            forward = self._may_forward(complete)
+            if forward is None:
+                return out
+            if forward:
+                mb = self.micro[self.f]
+                out.append(Action("F", self.f))
+                self.where.pop(("F", self.f), None)
+                if mb.eval:
+                    del self.micro[self.f]
+                else:
+                    self.in_flight += 1
+                self.f += 1
+                continue
+            if self.in_flight == 0:
+                if complete and self.f >= self.count:
+                    return out
+                raise ScheduleError(f"counted order stuck before forward {self.f}")  # pragma: no cover
+            mb_id = self.training.popleft()
+            self.where.pop(("B", mb_id), None)
+            self.in_flight -= 1
+            out.append(Action("B", mb_id))
+            for p in self.micro.pop(mb_id).parts:
+                key = (p.job, p.step)
+                left = self.pending.pop(key, None)
+                if left is None:
+                    job = self.jobs[p.job]
+                    left = len(job.micro_batches[p.step - job.first_step])
+                if left > 1:
+                    self.pending[key] = left - 1
+                else:
+                    out.append(Action("S", job=p.job, step=p.step))
+                    self.stepped[p.job] = p.step
+
+    def _may_forward(self, complete: bool) -> bool | None:
+        """Whether the next action is the forward of `f` (None: not known until more is made)."""
+        if self.f >= self.count:
+            return False if complete else None
+        mb = self.micro[self.f]
+        if not (mb.eval or self.in_flight < self.window):
+            return False
+        if not all(self.stepped[p.job] == p.step - 1 for p in mb.parts):
+            return False
+        if self.in_flight == 0:
+            return True
+        at_f, at_b = self.where.get(("F", self.f)), self.where.get(("B", self.training[0]))
+        if at_f is not None and at_b is not None:
+            return at_f < at_b
+        if at_f is not None or at_b is not None:  # the one not made yet comes after it
+            return at_f is not None
+        return None
 
 
 def _lora_clock(
@@ -1012,7 +1060,7 @@ def build_schedule(
     `Admission`); gpipe and 1f1b run one job at a time, in its order.
 
     `hide_latency` (lora, several stages): 2S-1 micro-batches in flight on stage 0 (default bound),
-    two fewer on each next stage, every stage after the first ordered by counts (`_counted`). With
+    two fewer on each next stage, every stage after the first ordered by counts (`_Counted`). With
     one fewer per stage, as by default, a steady one-forward-one-backward rhythm cannot absorb the
     messages: each slot stretches by a round trip of two messages between neighbours (a period
     argument: stage s's backward must start one forward after its forward ends, modulo the slot,
@@ -1042,10 +1090,11 @@ class PlanStream:
     A whole plan lists every action of every remaining step of every job, so it costs time and
     memory in proportion to the run. The lora generator runs a simulated clock, and what it
     generates comes out in order of simulated start: a segment is the next stretch of every
-    stage's list, and the generator holds only the micro-batches in flight and each job's next
-    part. gpipe, 1f1b and lora with `hide_latency` (whose later stages are ordered by counts over
-    stage 0's whole list) come as one segment, as does a plan on one stage without admission.
-    The checks on the arguments are made here, before any segment.
+    part. With `hide_latency` the later stages' lists are ordered by counts (`_Counted`) as far as
+    the stage before's list is made, and wait for the next segment where they cannot tell. gpipe,
+    1f1b and a plan on one stage without admission come a job's step (or a slot) at a time, in
+    segments of at least `window` micro-batches. The checks on the arguments are made here,
+    before any segment.
     """
 
     def __init__(
@@ -1093,36 +1142,34 @@ class PlanStream:
         self.max_in_flight: int | None = None
         self.max_in_flight_tokens: int | None = None
         self._clock: _Clock | None = None
+        self._counted: list[_Counted] = []  # hide_latency: stages 1.. ordered by counts
         self._whole: Schedule | None = None
         self._given = 0  # segments handed out
         self.done = False
+        self._source: Iterator[list[tuple[MicroBatchPart, ...]]] | None = None
+        self._ahead: list[tuple[MicroBatchPart, ...]] | None = None  # the source's next group
+        self._count = 0
         if num_stages == 1 and not (policy == "lora" and custom):
-            micro_batches = form_micro_batches(jobs, policy, fuse)
-            self._whole = self._schedule(tuple(micro_batches), (_single_stage(micro_batches),))
+            self._source = _groups(jobs, policy, fuse)
         elif policy == "lora":
             self._clock, tokens = _lora_clock(jobs, num_stages, fuse, cost, bound, token_bound, streams,
                                               admission if custom else None)
             self.max_in_flight, self.max_in_flight_tokens = (None, tokens) if token_bound else (bound, None)
-            if spread > 1:
-                self._clock.run()
-                micro_batches, stages = self._clock.take()
-                counted = [stages[0]]
-                for s in range(1, num_stages):
-                    counted.append(_counted(micro_batches, max(1, bound - spread * s), counted[-1]))
-                self._whole = self._schedule(micro_batches, tuple(counted))
-                self._clock = None
+            if spread > 1:  # stages after the first by counts: two fewer in flight on each
+                by_name = {j.name: j for j in jobs}
+                self._counted = [_Counted(max(1, bound - spread * s), by_name) for s in range(1, num_stages)]
         else:
-            micro_batches = form_micro_batches(jobs, policy, fuse)
-            build = _gpipe if policy == "gpipe" else _one_f_one_b
+            self._source = _groups(jobs, policy, fuse)
             self.max_in_flight = num_stages if policy == "1f1b" else None
-            self._whole = self._schedule(tuple(micro_batches), build(micro_batches, num_stages))
+        if self._source is not None:
+            self._ahead = next(self._source, None)
 
     @staticmethod
     def of(schedule: Schedule) -> "PlanStream":
         """A plan made already, as a stream of one segment."""
         stream = PlanStream([], schedule.num_stages, schedule.policy)
         stream.max_in_flight, stream.max_in_flight_tokens = schedule.max_in_flight, schedule.max_in_flight_tokens
-        stream.paused, stream._whole, stream._clock = schedule.paused, schedule, None
+        stream.paused, stream._whole, stream._clock, stream._source = schedule.paused, schedule, None, None
         return stream
 
     def _schedule(self, micro_batches: tuple[MicroBatch, ...], stages: tuple[tuple[Action, ...], ...]) -> Schedule:
@@ -1137,17 +1184,46 @@ class PlanStream:
         if self._whole is not None:
             self.done = True
             return Segment(self._whole.micro_batches, self._whole.stages, final=True)
+        if self._source is not None:
+            return self._next_groups()
         assert self._clock is not None
         until = None if self.window is None else self._clock.count + self.window
         self.done = self._clock.run(until)
         micro_batches, stages = self._clock.take()
+        if self._counted:
+            lists = [stages[0]]
+            for counted in self._counted:
+                lists.append(tuple(counted.feed(micro_batches, lists[-1], self.done)))
+            stages = tuple(lists)
         return Segment(micro_batches, stages, final=self.done)
+
+    def _next_groups(self) -> Segment:
+        """gpipe, 1f1b and one stage: whole groups (a job's step, a slot) up to `window` micro-batches."""
+        micro_batches: list[MicroBatch] = []
+        stages: list[list[Action]] = [[] for _ in range(self.num_stages)]
+        while self._ahead is not None and (self.window is None or len(micro_batches) < self.window):
+            group = [MicroBatch(self._count + i, parts) for i, parts in enumerate(self._ahead)]
+            self._count += len(group)
+            micro_batches += group
+            for s in range(self.num_stages):
+                if self.num_stages == 1:
+                    stages[s] += _single_stage(group)
+                elif self.policy == "gpipe":
+                    stages[s] += _gpipe_step(group)
+                else:
+                    stages[s] += _one_f_one_b_step(group, s, self.num_stages)
+            self._ahead = next(self._source, None)  # type: ignore[arg-type]
+        self.done = self._ahead is None
+        return Segment(tuple(micro_batches), tuple(tuple(a) for a in stages), final=self.done)
 
     def settled(self) -> int:
         """Every micro-batch below this id is done on every stage in the segments made so far."""
-        if self._clock is None:
-            return len(self._whole.micro_batches) if self._whole is not None else 0
-        return min(self._clock.live, default=self._clock.count)
+        if self._whole is not None:
+            return len(self._whole.micro_batches)
+        if self._source is not None:  # a group's actions are made whole on every stage
+            return self._count
+        assert self._clock is not None
+        return min([min(self._clock.live, default=self._clock.count)] + [c.settled for c in self._counted])
 
     def whole(self) -> Schedule:
         """Every segment, from the first, as one validated `Schedule`."""

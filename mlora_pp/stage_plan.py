@@ -7,10 +7,10 @@ reaches the end of what it has, keeps its own stage's actions and where stage 0 
 (a deferred step waits for that, see `StageWorker._due`), and forgets what its stage is past.
 Every rank makes the same segments from the same numbers, so this costs no message. Pure: no torch.
 
-A segment's actions all start, in the plan's simulated clock, before the next segment's first
-injection, and each waits only on actions that ended before it started: what a stage needs from
-its neighbours to finish a segment lies in that segment or an earlier one, so pulling segments
-only when a stage runs out never holds the pipeline up beyond the time to make one.
+Each stage runs exactly its list of the plan made whole, in order, and making a segment waits on
+no other rank: the ranks exchange the same messages in the same order as they would with the
+whole plan, so a plan made in segments cannot hang where the whole one would not. Making a segment
+costs its rank the time to make it, once per `plan_window` injections.
 """
 
 from __future__ import annotations

@@ -581,7 +581,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
                                                           "priority": c.priority} for c in cfg.jobs},
                        "admission": cfg.pipeline.admission, "stages": env.world, "schedule": cfg.pipeline.schedule,
                        "memory_budget_bytes": memory.budget if memory is not None else None,
-                       "predicted_peak_bytes": ([int(predicted_peak(m, schedule, i)) for i, m in
+                       "predicted_peak_bytes": ([int(predicted_peak(m, schedule, i, stage_plan.jobs)) for i, m in
                                                  enumerate(memory.models)] if memory is not None else None),
                        "streams": memory.streams if memory is not None else cfg.pipeline.streams,
                        "hide_latency": memory.hide_latency if memory is not None else cfg.pipeline.hide_latency is True,
@@ -764,7 +764,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
                 measured, method = torch.cuda.max_memory_allocated(device), "cuda allocator peak"
             predicted = replanner.predicted_peak_bytes
             if predicted is None:  # no plan ran (every job was done already)
-                predicted = predicted_peak(memory.models[env.rank], schedule, env.rank)
+                predicted = predicted_peak(memory.models[env.rank], schedule, env.rank, stage_plan.jobs)
             summary["memory"] = memory.record(env.rank, measured, method, predicted, replanner.models or memory.models)
             summary["memory"]["process_peak_rss_bytes"] = process_peak_rss()
         slices = {name: {p: (a.cpu(), b.cpu()) for p, (a, b) in stage.adapter_state(name).items()} for name in jobs}

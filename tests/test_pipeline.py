@@ -173,13 +173,15 @@ def test_recompute_pipeline_equals_single_rank(workspace, single_rank):
         assert_adapters_equal(adapter(workspace[0] / "recompute-two", job["name"]), adapter(single_rank, job["name"]))
 
 
-def test_a_plan_made_in_segments_equals_single_rank(workspace, single_rank):
+@pytest.mark.parametrize("hide_latency", [False, True])
+def test_a_plan_made_in_segments_equals_single_rank(workspace, single_rank, hide_latency):
     """3 stages with `plan_window: 2`: every rank makes the plan 2 micro-batches at a time as its
     stage reaches the end of what it has (beta's clipped steps on later stages wait for rank 0's
-    total across segments, evaluations straddle them); same adapters and evaluations. (That the
-    segments joined are the whole plan is checked in tests/test_stage_plan.py.)"""
-    out = "s3-window-2"
-    proc = ranks(3, write_config(workspace, out, plan_window=2))
+    total across segments, evaluations straddle them; with hide_latency the later stages' counted
+    orders wait for what they cannot tell yet); same adapters and evaluations. (That the segments
+    joined are the whole plan is checked in tests/test_stage_plan.py.)"""
+    out = f"s3-window-2{'-hide' * hide_latency}"
+    proc = ranks(3, write_config(workspace, out, plan_window=2, hide_latency=hide_latency))
     assert proc.returncode == 0, proc.stderr[-4000:]
     for job in JOBS:
         assert_adapters_equal(adapter(workspace[0] / out, job["name"]), adapter(single_rank, job["name"]))

@@ -318,7 +318,8 @@ def random_mix(seed: int) -> tuple[list[JobSteps], int, str, dict]:
         steps, first = r.randint(1, 5), r.choice([0, 0, 2])
         micros = tuple(tuple((r.randint(1, 4), r.randint(1, 4) * r.choice([8, 16, 32]))
                              for _ in range(r.randint(1, 4))) for _ in range(steps))
-        evals = tuple(EvalPoint(first + k, ((1, 16), (2, 32))) for k in sorted(r.sample(range(steps + 1), r.randint(0, 2))))
+        evals = tuple(EvalPoint(first + k, ((1, 16), (2, 32)))
+                      for k in sorted(r.sample(range(steps + 1), r.randint(0, 2))))
         jobs.append(JobSteps(f"j{j}", micros, first_step=first, evals=evals))
     options: dict = dict(fuse=r.random() < 0.6, token_bound=r.random() < 0.3, hide_latency=r.random() < 0.2,
                          streams=r.choice([None, None, 2, 3]))
@@ -341,7 +342,8 @@ def test_a_streamed_plan_is_the_whole_plan_in_segments(window):
         micro_batches, lists, segments = [], [[] for _ in range(stages)], []
         while (segment := stream.next_segment()) is not None:
             segments.append(segment)
-            assert [mb.id for mb in segment.micro_batches] == list(range(len(micro_batches), len(micro_batches) + len(segment.micro_batches)))
+            first = len(micro_batches)
+            assert [mb.id for mb in segment.micro_batches] == list(range(first, first + len(segment.micro_batches)))
             micro_batches += segment.micro_batches
             for s, actions in enumerate(segment.stages):
                 lists[s] += actions
@@ -349,12 +351,28 @@ def test_a_streamed_plan_is_the_whole_plan_in_segments(window):
         assert [s.final for s in segments] == [False] * (len(segments) - 1) + [True]
         assert (stream.max_in_flight, stream.max_in_flight_tokens, stream.paused) == (
             whole.max_in_flight, whole.max_in_flight_tokens, whole.paused)
-        streamed = policy == "lora" and not (options["hide_latency"] and stages > 1) and (
-            stages > 1 or not options.get("admission", admission(jobs, "fifo")).default)
-        if streamed:  # every segment but the last injects exactly `window` micro-batches
+        clock = policy == "lora" and (stages > 1 or not options.get("admission", admission(jobs, "fifo")).default)
+        if clock:  # every segment but the last injects exactly `window` micro-batches
             assert all(len(s.micro_batches) == window for s in segments[:-1])
-        else:
-            assert len(segments) == 1
+        else:  # whole steps (gpipe, 1f1b) or slots (one stage) up to at least `window`
+            assert all(len(s.micro_batches) >= window for s in segments[:-1])
+
+
+@pytest.mark.parametrize("window", [1, 7])
+def test_hide_latency_orders_are_made_in_segments_too(window):
+    """The later stages' counted orders wait for what they cannot tell yet, and come out as the
+    orders counted over the whole plan, on 2 to 8 stages with evaluations and resumed jobs."""
+    for seed in range(30):
+        jobs, _, _, options = random_mix(seed)
+        stages = 2 + seed % 7
+        options.update(hide_latency=True, token_bound=False)
+        whole = build_schedule(jobs, stages, "lora", **options)
+        stream = PlanStream(jobs, stages, "lora", window=window, **options)
+        lists = [[] for _ in range(stages)]
+        while (segment := stream.next_segment()) is not None:
+            for s, actions in enumerate(segment.stages):
+                lists[s] += actions
+        assert tuple(map(tuple, lists)) == whole.stages, seed
 
 
 def test_a_streamed_plan_holds_only_what_is_in_flight():

@@ -86,6 +86,8 @@ class StagePlan:
 
     def action(self, position: int) -> Action | None:
         """This stage's action at `position` of its whole list (None past its end)."""
+        if position < self._base:  # a negative index would silently read the list's end
+            raise IndexError(f"stage {self.stage}: action {position} is forgotten already (kept from {self._base})")
         while position - self._base >= len(self._own):
             if self.complete or not self._pull():
                 return None

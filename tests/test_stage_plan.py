@@ -52,6 +52,9 @@ def test_each_stage_runs_the_whole_plans_actions_and_knows_where_stage_0_steps(w
             assert plan.complete and plan.end == len(whole.micro_batches)
             # behind the stage's last action: no micro-batch left, fewer actions than `forget_every`
             assert not plan._micro and not plan._f0 and len(plan._own) < 3, (seed, stage)
+            if plan._base > 0:  # a forgotten action is an error, not the list's end read backwards
+                with pytest.raises(IndexError, match="forgotten"):
+                    plan.action(plan._base - 1)
 
 
 @pytest.mark.parametrize("window", [1, 3])

@@ -15,6 +15,12 @@ a change of plan), the seconds to take every action, and with `--memory` the pea
 Without `--quick`, 64 x 128 x 8 with `hide_latency` comes last, made whole once (`whole_seconds`)
 and as it runs.
 
+Grouping (what a plan's start reads of every micro-batch of the run, at start-up and at every
+change of plan), for jobs of unequal lengths (`varied_jobs`: 1, 2 or 4 rows of 100-512 tokens, 4
+micro-batches a step): `group_jobs`; `choose_streams` with a per-action cost; and the first
+segment of a plan under a memory budget that admits a third of the jobs at once
+(`admission_check`, asked at every job's start and end).
+
     python -m benchmarks.planning [--quick] [--memory] [--long] [--window N]
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import random
 import statistics
 import time
 import tracemalloc
@@ -32,7 +39,8 @@ from rich.table import Table
 
 from benchmarks import RESULTS, write_result
 from mlora_pp.config import DEFAULT_PLAN_WINDOW
-from mlora_pp.schedule import JobSteps, PlanStream, build_schedule
+from mlora_pp.memory import MemoryModel, admission_check
+from mlora_pp.schedule import CostModel, JobSteps, PlanStream, admission, build_schedule, choose_streams, group_jobs
 from mlora_pp.stage_plan import StagePlan
 
 SHAPES = [  # (stages, jobs, steps per job)
@@ -44,12 +52,50 @@ SHAPES = [  # (stages, jobs, steps per job)
 ]
 QUICK = [(2, 4, 50), (4, 8, 20)]
 LONG = (4, 8, 20_000)
+GROUPING = [(4, 8, 20_000), (16, 64, 1000), (64, 128, 200)]
+QUICK_GROUPING = [(4, 8, 50)]
 
 
 def jobs_of(count: int, steps: int) -> list[JobSteps]:
     """`count` jobs of `steps` steps, each of 4 micro-batches of 2 rows x 512 tokens."""
     return [JobSteps(f"job{j}", tuple(tuple((2, 1024) for _ in range(4)) for _ in range(steps)))
             for j in range(count)]
+
+
+def varied_jobs(count: int, steps: int, seed: int = 0) -> list[JobSteps]:
+    """`count` jobs of `steps` steps of 4 micro-batches, each job 1, 2 or 4 rows a micro-batch, each
+    micro-batch's rows padded to a length drawn from 100-512 (real data: no two alike)."""
+    rng = random.Random(seed)
+    out = []
+    for j in range(count):
+        rows = rng.choice([1, 2, 4])
+        out.append(JobSteps(f"job{j}", tuple(tuple((rows, rows * rng.randint(100, 512)) for _ in range(4))
+                                             for _ in range(steps))))
+    return out
+
+
+def measure_grouping(stages: int, jobs: int, steps: int) -> dict:
+    """Seconds of `group_jobs`, of `choose_streams`, and to the first segment of a plan under a
+    memory budget that admits a third of the jobs."""
+    work = varied_jobs(jobs, steps)
+    row: dict = {"stages": stages, "jobs": jobs, "steps": steps}
+    started = time.perf_counter()
+    row["streams"] = len(group_jobs(work, stages))
+    row["group_jobs_seconds"] = time.perf_counter() - started
+    started = time.perf_counter()
+    choose_streams(work, stages, CostModel(forward_per_token=1e-6, action_overhead=1e-3))
+    row["choose_streams_seconds"] = time.perf_counter() - started
+    # 100 bytes a job, nothing a token: a third of the jobs fit at once
+    models = [MemoryModel(s, static=0, per_token=0.0, per_token_length=0.0, job={j.name: 100 for j in work})
+              for s in range(stages)]
+    admitted = max(1, jobs // 3)
+    started = time.perf_counter()
+    fits = admission_check(models, work, budget=100 * admitted, in_flight=stages, policy="lora", fuse=True)
+    stream = PlanStream(work, stages, "lora", admission=admission(work, "fifo", fits=fits), window=DEFAULT_PLAN_WINDOW)
+    stream.next_segment()
+    row["admitted"] = admitted
+    row["budget_first_segment_seconds"] = time.perf_counter() - started
+    return row
 
 
 def measure(stages: int, jobs: int, steps: int, repeat: int, memory: bool) -> dict:
@@ -150,6 +196,16 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(f"{r['peak_bytes'] / 2**20:.1f}")
         table.add_row(*cells)
     Console(width=140).print(table)
+    grouping = [measure_grouping(s, j, k) for s, j, k in (QUICK_GROUPING if args.quick else GROUPING)]
+    table = Table(title="a plan's start: grouping jobs of unequal lengths into streams (varied_jobs)")
+    for name in ["stages", "jobs", "steps/job", "streams", "group_jobs s", "choose_streams s",
+                 "first segment under a budget s"]:
+        table.add_column(name, justify="right")
+    for r in grouping:
+        table.add_row(str(r["stages"]), str(r["jobs"]), str(r["steps"]), str(r["streams"]),
+                      f"{r['group_jobs_seconds']:.2f}", f"{r['choose_streams_seconds']:.2f}",
+                      f"{r['budget_first_segment_seconds']:.2f}")
+    Console(width=140).print(table)
     out = write_result(RESULTS / "planning.json" if args.out is None else Path(args.out), {
         "command": ("python -m benchmarks.planning" + (" --quick" if args.quick else "")
                     + (" --memory" if args.memory else "") + (" --long" if args.long else "")
@@ -157,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "rows": rows,
         "streamed": streamed,
+        "grouping": grouping,
     })
     print(f"wrote {out}")
     return 0

@@ -227,30 +227,53 @@ def micro_shape(mb: MicroBatch) -> tuple[int, int]:
 def largest_micro(jobs: Sequence[JobSteps], running: Iterable[str], num_stages: int, policy: str, fuse: bool,
                   streams: int | None = None) -> tuple[int, int]:
     """(tokens, length) bounding every micro-batch the `running` jobs can form: per lora stream,
-    the running members' largest rows summed, padded to their longest row; else one job's largest."""
-    running = set(running)
-    if policy == "lora" and fuse:
-        groups = group_jobs(jobs, num_stages, fuse, streams)
-    else:
-        groups = [[j] for j in jobs if j.steps]
-    best = (0, 0)
-    for group in groups:
-        members = [j for j in group if j.name in running]
-        if not members:
-            continue
-        rows = sum(max(r for micros in j.micro_batches for r, _ in micros) for j in members)
-        length = max(math.ceil(t / r) for j in members for micros in j.micro_batches for r, t in micros if r)
-        best = max(best, (rows * length, length))
-    return best
+    the running members' largest rows summed, padded to their longest row; else one job's largest.
+    The two are maxima over the streams apart (`MicroBound.__call__`)."""
+    return MicroBound(jobs, num_stages, policy, fuse, streams)(running)
+
+
+class MicroBound:
+    """`largest_micro` of `jobs` for any set of running jobs. The streams and each job's largest rows
+    and longest row are found once, reading every micro-batch of the run: an admission check asks
+    at every job's start and end, and a long run has millions of micro-batches."""
+
+    def __init__(self, jobs: Sequence[JobSteps], num_stages: int, policy: str, fuse: bool,
+                 streams: int | None = None) -> None:
+        groups = group_jobs(jobs, num_stages, fuse, streams) if policy == "lora" and fuse else [[j] for j in jobs if j.steps]
+        self.groups = [[(j.name, *self._largest(j)) for j in group] for group in groups]
+        """Per stream, each job's (name, largest rows, longest row)."""
+
+    @staticmethod
+    def _largest(job: JobSteps) -> tuple[int, int]:
+        rows, length = 0, 0
+        for micros in job.micro_batches:
+            for r, t in micros:
+                rows = max(rows, r)
+                if r:
+                    length = max(length, math.ceil(t / r))
+        return rows, length
+
+    def __call__(self, running: Iterable[str]) -> tuple[int, int]:
+        """The largest tokens of any stream's micro-batch and, apart, the longest row of any: a
+        micro-batch's activation grows with both (tokens x length for eager attention), and the
+        stream with the most tokens need not have the longest rows."""
+        running = set(running)
+        tokens, longest = 0, 0
+        for group in self.groups:
+            members = [(rows, length) for name, rows, length in group if name in running]
+            if members:
+                length = max(n for _, n in members)
+                tokens, longest = max(tokens, sum(r for r, _ in members) * length), max(longest, length)
+        return tokens, longest
 
 
 def admission_check(models: Sequence[MemoryModel], jobs: Sequence[JobSteps], budget: float, in_flight: int,
                     policy: str, fuse: bool, streams: int | None = None) -> Callable[[frozenset[str]], bool]:
     """Whether a set of running jobs keeps every stage's predicted peak within `budget` (pure)."""
-    num_stages = len(models)
+    bound = MicroBound(jobs, len(models), policy, fuse, streams)
 
     def fits(running: frozenset[str]) -> bool:
-        tokens, length = largest_micro(jobs, running, num_stages, policy, fuse, streams)
+        tokens, length = bound(running)
         return all(m.peak(running, in_flight, tokens, length) <= budget for m in models)
 
     return fits

@@ -87,6 +87,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Iterable, Iterator, Literal, Sequence
 
+import numpy as np
+
 ActionKind = Literal["F", "B", "S"]
 POLICIES = ("lora", "1f1b", "gpipe")
 BALANCE = 0.1  # fused lora streams may differ this much in total padded tokens
@@ -435,74 +437,81 @@ def _groups(jobs: Sequence[JobSteps], policy: str, fuse: bool) -> Iterator[list[
             yield group
 
 
-def _fused_micro_sizes(group: Sequence[JobSteps]) -> list[tuple[int, int]]:
-    """(padded tokens, jobs) of each of a group's micro-batches fused slot by slot (rows padded to the
-    longest), as `MicroBatch.tokens` counts them, from the jobs' sizes alone."""
-    flat = [[size for micros in j.micro_batches for size in micros] for j in group]
-    out = []
-    for slot in itertools.zip_longest(*flat):  # a plain loop: a long run has millions of slots
-        rows, longest, jobs = 0, 0.0, 0
-        for size in slot:
-            if size is None:
-                continue
-            jobs += 1
-            rows += size[0]
-            if size[0] and size[1] / size[0] > longest:
-                longest = size[1] / size[0]
-        out.append((math.ceil(rows * longest), jobs))
-    return out
+class _Sizes:
+    """A job's training micro-batches as arrays, to weigh groupings of jobs in C, not Python: a
+    long run has millions of micro-batches, and `group_jobs` weighs dozens of groupings."""
+
+    __slots__ = ("rows", "per_row", "tokens", "total_rows")
+
+    def __init__(self, job: JobSteps) -> None:
+        flat = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(job.micro_batches)),
+                           dtype=np.int64).reshape(-1, 2)
+        self.rows = flat[:, 0]
+        """rows of each micro-batch."""
+        self.per_row = np.divide(flat[:, 1], self.rows, out=np.zeros(len(flat)), where=self.rows > 0)
+        """padded tokens per row (0.0 for an empty micro-batch): a double, as Python's `t / r`."""
+        self.tokens = int(flat[:, 1].sum())
+        """`JobSteps.tokens`."""
+        self.total_rows = int(self.rows.sum())
 
 
-def _fused_micro_tokens(group: Sequence[JobSteps]) -> list[int]:
-    """Padded tokens of each of a group's micro-batches fused slot by slot (`_fused_micro_sizes`)."""
-    return [tokens for tokens, _ in _fused_micro_sizes(group)]
+def _fused_arrays(sizes: Sequence[_Sizes]) -> tuple[np.ndarray, np.ndarray]:
+    """(padded tokens, jobs) of each micro-batch of jobs fused slot by slot, as `MicroBatch.tokens`
+    counts them: the slot's rows padded to its longest row."""
+    length = max((len(z.rows) for z in sizes), default=0)
+    rows = np.zeros(length, dtype=np.int64)
+    longest = np.zeros(length)
+    jobs = np.zeros(length, dtype=np.int64)
+    for z in sizes:
+        n = len(z.rows)
+        rows[:n] += z.rows
+        np.maximum(longest[:n], z.per_row, out=longest[:n])
+        jobs[:n] += 1
+    return np.ceil(rows * longest).astype(np.int64), jobs
 
 
-def _fused_tokens(group: Sequence[JobSteps]) -> int:
+def _fused_tokens(sizes: Sequence[_Sizes]) -> int:
     """Padded tokens of a group's micro-batches fused slot by slot (rows padded to the longest)."""
-    return sum(_fused_micro_tokens(group))
+    return int(_fused_arrays(sizes)[0].sum())
 
 
-def _pack_lpt(live: list[tuple[int, JobSteps]], count: int) -> list[list[tuple[int, JobSteps]]]:
+_Live = list[tuple[int, _Sizes]]
+"""The jobs to group, each as (its index in the jobs given, its sizes)."""
+
+
+def _pack_lpt(live: _Live, count: int) -> list[_Live]:
     """Largest total tokens first into the lightest group."""
     loads = [0] * count
-    members: list[list[tuple[int, JobSteps]]] = [[] for _ in range(count)]
-    for i, j in sorted(live, key=lambda ij: (-ij[1].tokens, ij[0])):
+    members: list[_Live] = [[] for _ in range(count)]
+    for i, z in sorted(live, key=lambda iz: (-iz[1].tokens, iz[0])):
         g = min(range(count), key=lambda k: (loads[k], k))
-        loads[g] += j.tokens
-        members[g].append((i, j))
+        loads[g] += z.tokens
+        members[g].append((i, z))
     return members
 
 
-def _pack_by_length(live: list[tuple[int, JobSteps]], count: int) -> list[list[tuple[int, JobSteps]]]:
+def _pack_by_length(live: _Live, count: int) -> list[_Live]:
     """Jobs sorted by mean row length, cut into `count` runs of about equal tokens (little padding)."""
-    order = sorted(live, key=lambda ij: (ij[1].tokens / max(1, _rows(ij[1])), ij[0]))
-    total = sum(j.tokens for _, j in order)
-    members: list[list[tuple[int, JobSteps]]] = [[] for _ in range(count)]
+    order = sorted(live, key=lambda iz: (iz[1].tokens / max(1, iz[1].total_rows), iz[0]))
+    total = sum(z.tokens for _, z in order)
+    members: list[_Live] = [[] for _ in range(count)]
     done, g = 0, 0
-    for pos, (i, j) in enumerate(order):
+    for pos, (i, z) in enumerate(order):
         left = len(order) - pos
         # next group once this one reached its share, or when the rest are needed one per group
-        if members[g] and g < count - 1 and (done + j.tokens / 2 > total * (g + 1) / count or left <= count - 1 - g):
+        if members[g] and g < count - 1 and (done + z.tokens / 2 > total * (g + 1) / count or left <= count - 1 - g):
             g += 1
-        members[g].append((i, j))
-        done += j.tokens
+        members[g].append((i, z))
+        done += z.tokens
     return members
 
 
-def _rows(job: JobSteps) -> int:
-    return sum(r for micros in job.micro_batches for r, _ in micros)
-
-
-_Members = list[list[tuple[int, JobSteps]]]
-
-
-def _packing(live: list[tuple[int, JobSteps]], count: int) -> tuple[_Members, tuple[int, float]]:
+def _packing(live: _Live, count: int) -> tuple[list[_Live], tuple[int, float]]:
     """The better of the two packings of `live` into `count` groups (fewer padded tokens), with its
     (padded tokens, largest over smallest group load)."""
     options = []
     for k, members in enumerate((_pack_lpt(live, count), _pack_by_length(live, count))):
-        loads = [_fused_tokens([j for _, j in m]) for m in members if m]
+        loads = [_fused_tokens([z for _, z in m]) for m in members if m]
         options.append(((sum(loads), max(loads) / max(1, min(loads))), k, members))
     padded, _, members = min(options, key=lambda o: (o[0][0], o[1]))
     return members, padded
@@ -533,28 +542,33 @@ def group_jobs(
     messages: `CostModel.action_overhead`) and costs activation memory (a fused micro-batch holds
     every member's activations). Groups keep the jobs' input order.
     """
-    live = [(i, j) for i, j in enumerate(jobs) if j.steps]
-    if not live:
-        return []
     if streams is not None and streams < 1:
         raise ScheduleError(f"streams: need at least 1, got {streams}")
-    raw = sum(j.tokens for _, j in live)
+    live = [(i, _Sizes(j)) for i, j in enumerate(jobs) if j.steps]
+    return [[jobs[i] for i, _ in m] for m in _group(live, num_stages, fuse, streams)]
+
+
+def _group(live: _Live, num_stages: int, fuse: bool, streams: int | None) -> list[_Live]:
+    """`group_jobs` of the `live` jobs, each group in input order, the groups by their first job."""
+    if not live:
+        return []
+    raw = sum(z.tokens for _, z in live)
     if not fuse:
-        members = [[ij] for ij in live]
+        members = [[iz] for iz in live]
     elif num_stages == 1 and streams is None:
         members = [live]
     elif streams is not None:
         members, _ = _packing(live, min(streams, len(live)))
     else:
-        members = [[ij] for ij in live]
+        members = [[iz] for iz in live]
         for g in range(num_stages + 1, len(live)):
             candidate, (padded, spread) = _packing(live, g)
             if _balanced(padded, spread, raw):
                 members = candidate
                 break
-    groups = [sorted(m, key=lambda ij: ij[0]) for m in members if m]
+    groups = [sorted(m, key=lambda iz: iz[0]) for m in members if m]
     groups.sort(key=lambda m: m[0][0])
-    return [[j for _, j in m] for m in groups]
+    return groups
 
 
 FUSION_MARGIN = 0.01
@@ -578,15 +592,28 @@ def grouping_seconds(groups: Sequence[Sequence[JobSteps]], num_stages: int, cost
     forward and backward, plus S-1 of the largest for the fill and the drain. Fusing k jobs saves
     the per-action overhead of k-1 micro-batches (less what each extra job adds, `fused_job_overhead`)
     and lengthens the fill and drain k times."""
-    fused = [size for g in groups for size in _fused_micro_sizes(g)]
-    if not fused:
+    return _grouping_seconds([[_Sizes(j) for j in g] for g in groups], num_stages, cost)
+
+
+def _grouping_seconds(groups: Sequence[Sequence[_Sizes]], num_stages: int, cost: CostModel) -> float:
+    """`grouping_seconds` over the jobs' sizes: each stage's sum over the micro-batches in closed
+    form (a forward or backward is linear in tokens and jobs), not a Python call per micro-batch."""
+    fused = [_fused_arrays(g) for g in groups if g]
+    count = sum(len(tokens) for tokens, _ in fused)
+    if not count:
         return 0.0
+    tokens = sum(int(t.sum()) for t, _ in fused)
+    extra_jobs = sum(int(np.maximum(k - 1, 0).sum()) for _, k in fused)
+    largest = max(max(zip(t.tolist(), k.tolist())) for t, k in fused if len(t))
 
     def slot(s: int, tokens: int, jobs: int) -> float:
         return cost.forward(s, tokens, jobs) + cost.backward(s, tokens, jobs)
 
-    return max(sum(slot(s, t, k) for t, k in fused) + (num_stages - 1) * slot(s, *max(fused))
-               for s in range(num_stages))
+    def busy(s: int) -> float:
+        overhead, per_job, forward, backward = cost._stage(s)
+        return 2 * (count * overhead + per_job * extra_jobs) + (forward + backward) * tokens
+
+    return max(busy(s) + (num_stages - 1) * slot(s, *largest) for s in range(num_stages))
 
 
 def choose_streams(jobs: Sequence[JobSteps], num_stages: int, cost: CostModel, hide_latency: bool = False
@@ -598,19 +625,23 @@ def choose_streams(jobs: Sequence[JobSteps], num_stages: int, cost: CostModel, h
     if num_stages < 2 or not any(cost.action_overhead if isinstance(cost.action_overhead, tuple)
                                  else (cost.action_overhead,)):
         return None
-    live = [(i, j) for i, j in enumerate(jobs) if j.steps]
+    live = [(i, _Sizes(j)) for i, j in enumerate(jobs) if j.steps]
     if not live:
         return None
-    raw = sum(j.tokens for _, j in live)
-    rule = grouping_seconds(group_jobs(jobs, num_stages), num_stages, cost)
+    raw = sum(z.tokens for _, z in live)
+
+    def seconds(members: list[_Live]) -> float:
+        return _grouping_seconds([[z for _, z in m] for m in members if m], num_stages, cost)
+
+    rule = seconds(_group(live, num_stages, True, None))
     best: tuple[float, int] | None = None
-    for g in range(min_streams([j for _, j in live], num_stages, hide_latency), len(live) + 1):
-        members, (padded, spread) = _packing(live, g) if g < len(live) else ([[ij] for ij in live], (raw, 1.0))
+    for g in range(min_streams([jobs[i] for i, _ in live], num_stages, hide_latency), len(live) + 1):
+        members, (padded, spread) = _packing(live, g) if g < len(live) else ([[iz] for iz in live], (raw, 1.0))
         if g < len(live) and not _balanced(padded, spread, raw):
             continue
-        seconds = grouping_seconds([[j for _, j in m] for m in members if m], num_stages, cost)
-        if best is None or seconds < best[0]:
-            best = (seconds, g)
+        predicted = seconds(members)
+        if best is None or predicted < best[0]:
+            best = (predicted, g)
     if best is None or best[0] >= (1 - FUSION_MARGIN) * rule:
         return None
     return best[1]

@@ -219,6 +219,31 @@ def test_jobs_fused_into_one_stream_are_admitted_by_their_fused_micro_batches():
         assert predicted_peak(model, schedule, stage) <= budget
 
 
+def test_largest_micro_bounds_every_micro_batch_the_plan_forms():
+    """`largest_micro` (the streams and each job's sizes read once, `MicroBound`) against the
+    micro-batches a plan of the running jobs forms: none is larger, in tokens or in row length,
+    and a job alone is bounded by its own largest micro-batch's rows at its longest row."""
+    import random
+
+    rng = random.Random(11)
+    for _ in range(40):
+        jobs = [JobSteps(f"j{i}", tuple(tuple((r, r * rng.randint(5, 40)) for r in [rng.randint(1, 4)] * rng.randint(1, 3))
+                                        for _ in range(rng.randint(1, 3))))
+                for i in range(rng.randint(1, 9))]
+        stages, fuse = rng.randint(1, 3), rng.random() < 0.8
+        # one stage without a budget fuses every job of a slot, whatever `streams` says (a budget's
+        # admission plans by streams there too)
+        streams = rng.choice([None, None, 1, 2]) if stages > 1 else None
+        running = {j.name for j in jobs}
+        tokens, length = largest_micro(jobs, running, stages, "lora", fuse, streams)
+        for mb in build_schedule(jobs, stages, "lora", fuse=fuse, streams=streams).micro_batches:
+            assert mb.tokens <= tokens and max(math.ceil(p.tokens / p.rows) for p in mb.parts) <= length
+        for j in jobs:
+            sizes = [size for micros in j.micro_batches for size in micros]
+            longest = max(math.ceil(t / r) for r, t in sizes)
+            assert largest_micro(jobs, {j.name}, stages, "lora", fuse, streams) == (max(r for r, _ in sizes) * longest, longest)
+
+
 # -------------------------------------------------------------------------------- a real run, 2 stages
 
 

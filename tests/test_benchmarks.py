@@ -122,4 +122,7 @@ def test_planning_benchmark_times_whole_plans(tmp_path, capsys):
         assert r["stage_actions"] == 2 * whole["micro_batches"] + r["jobs"] * r["steps"]
         assert r["segments"] == -(-whole["micro_batches"] // 64) and 0 < r["first_segment_seconds"] < r["seconds"]
         assert 0 < r["peak_bytes"]
+    for r in result["grouping"]:
+        assert (r["stages"], r["jobs"], r["steps"]) in planning.QUICK_GROUPING and r["streams"] >= 1
+        assert r["group_jobs_seconds"] > 0 and r["choose_streams_seconds"] > 0 and r["budget_first_segment_seconds"] > 0
     assert "making a lora plan" in capsys.readouterr().out

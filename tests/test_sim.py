@@ -1,6 +1,7 @@
 """The dry run: timings under a cost model, deadlock reports, and the bubble formulas of `schedule`."""
 
 import itertools
+import random
 
 import pytest
 
@@ -176,3 +177,25 @@ def test_chosen_streams_are_faster_in_the_simulator(stages, count, overhead):
     assert chosen.makespan < rule.makespan
     assert grouping_seconds(group_jobs(jobs, stages, streams=g), stages, cost) < \
         grouping_seconds(group_jobs(jobs, stages), stages, cost)
+
+
+def test_grouping_seconds_sums_every_fused_micro_batch_of_the_streams():
+    """`grouping_seconds` sums in closed form; here each fused micro-batch (one stage's plan of the
+    group: every live job of a slot in one micro-batch) is costed one by one, as the plan costs it."""
+    rng = random.Random(3)
+    for _ in range(30):
+        jobs = [JobSteps(f"j{i}", tuple(tuple((r, r * rng.randint(10, 40)) for r in [rng.choice([1, 2, 3])] * rng.randint(1, 3))
+                                        for _ in range(rng.randint(1, 4))))
+                for i in range(rng.randint(1, 9))]
+        stages = rng.randint(1, 5)
+        cost = CostModel(forward_per_token=tuple(rng.uniform(0.5, 2) for _ in range(stages)),
+                         action_overhead=rng.uniform(0, 40), fused_job_overhead=rng.uniform(0, 5), backward_ratio=1.7)
+        groups = group_jobs(jobs, stages, streams=rng.choice([None, 1, 2, 3]))
+        fused = [mb for g in groups for mb in build_schedule(g, 1, "lora").micro_batches]
+
+        def slot(s: int, mb) -> float:
+            return cost.forward(s, mb.tokens, mb.job_count) + cost.backward(s, mb.tokens, mb.job_count)
+
+        largest = max(fused, key=lambda mb: (mb.tokens, mb.job_count))
+        expected = max(sum(slot(s, mb) for mb in fused) + (stages - 1) * slot(s, largest) for s in range(stages))
+        assert grouping_seconds(groups, stages, cost) == pytest.approx(expected, rel=1e-12)

@@ -1329,6 +1329,43 @@ def parts_after(job: JobSteps, count: int) -> Iterator[MicroBatchPart]:
     return itertools.islice(_iter_parts(job), count, None)
 
 
+def steps_after(job: JobSteps, count: int) -> JobSteps | None:
+    """`steps_of(job.name, parts_after(job, count))` (None where no part is left), made from the
+    job's sizes without making a part: a change of plan late in a long run would otherwise make
+    every part the old plan injected, a microsecond each."""
+    points = {p.after: p for p in job.evals}
+    done = 0
+
+    def result(steps: tuple, first_step: int, first_micro: int, cut: EvalPoint | None) -> JobSteps:
+        evals = sorted(([cut] if cut is not None else []) + [p for p in points.values() if p.micro_batches],
+                       key=lambda p: p.after)
+        if not steps:
+            first_step, first_micro = min(p.after for p in evals), 0
+        return JobSteps(job.name, steps, first_step=first_step, first_micro=first_micro, evals=tuple(evals))
+
+    def rest_of(point: EvalPoint, skip: int) -> EvalPoint:
+        return EvalPoint(point.after, point.micro_batches[skip:], first_micro=point.first_micro + skip)
+
+    for k, micros in enumerate(job.micro_batches):
+        step = job.first_step + k
+        offset = job.first_micro if k == 0 else 0
+        if step in points:
+            point = points.pop(step)
+            if done + len(point.micro_batches) > count:  # the cut is in this evaluation
+                return result(job.micro_batches[k:], step, offset, rest_of(point, count - done))
+            done += len(point.micro_batches)
+        if done + len(micros) > count:  # the cut is in this step
+            skip = count - done
+            return result((micros[skip:],) + job.micro_batches[k + 1:], step, offset + skip, None)
+        done += len(micros)
+    for after in sorted(points):  # evaluations after the last step
+        point = points.pop(after)
+        if done + len(point.micro_batches) > count:
+            return result((), 0, 0, rest_of(point, count - done))
+        done += len(point.micro_batches)
+    return None
+
+
 def flush_bubble(num_stages: int, micros_per_step: int) -> float:
     """Bubble of gpipe and of 1f1b under unit costs (r >= 1): (S-1) / (N+S-1), every step alike."""
     return (num_stages - 1) / (micros_per_step + num_stages - 1)

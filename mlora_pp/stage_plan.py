@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Sequence
 
-from mlora_pp.schedule import (Action, JobSteps, MicroBatch, PlanStream, Schedule, Segment, cut_list, parts_after,
-                               remaining_steps, steps_of)
+from mlora_pp.schedule import (Action, JobSteps, MicroBatch, PlanStream, Schedule, Segment, cut_list,
+                               remaining_steps, steps_after)
 
 FORGET_EVERY = 4096
 """A stage drops the actions it has run once this many have piled up (a list's front is costly to trim)."""
@@ -154,9 +154,9 @@ class StagePlan:
                 taken[part.job] -= 1
         out = []
         for job in self.jobs:
-            left = list(parts_after(job, taken.get(job.name, 0)))
-            if left:
-                out.append(steps_of(job.name, left))
+            left = steps_after(job, taken.get(job.name, 0))
+            if left is not None:
+                out.append(left)
         return out
 
     def first_schedule(self) -> Schedule:

@@ -9,7 +9,8 @@ import pytest
 
 from test_schedule import random_mix
 
-from mlora_pp.schedule import PlanStream, build_schedule, cut_actions, remaining_steps
+from mlora_pp.schedule import (EvalPoint, JobSteps, PlanStream, build_schedule, cut_actions, parts_after,
+                               remaining_steps, steps_after, steps_of)
 from mlora_pp.stage_plan import StagePlan
 
 
@@ -79,3 +80,25 @@ def test_a_change_of_plan_leaves_what_the_whole_plan_leaves(window):
             assert plan.tail(stop, cut) == cut_actions(whole, stage, stop, cut), (seed, stage, cut)
             assert [j.name for j in plan.remaining(cut)] == [j.name for j in jobs if j.name in
                                                               {k.name for k in remaining_steps(whole, cut)}]
+
+
+def test_a_jobs_steps_after_a_count_of_parts_are_those_its_parts_make():
+    """`steps_after` reads the job's sizes; the reference makes every part (`parts_after`) and
+    gathers those left (`steps_of`), for every count, on jobs resumed mid-step, with evaluations
+    before steps, after the last one and cut mid-evaluation."""
+    rng = random.Random(7)
+    for _ in range(300):
+        steps = rng.randint(0, 4)
+        first, first_micro = rng.choice([0, 0, 3]), 0
+        micros = tuple(tuple((rng.randint(1, 3), rng.randint(1, 64)) for _ in range(rng.randint(1, 3)))
+                       for _ in range(steps))
+        if micros and rng.random() < 0.3:
+            first_micro = rng.randint(1, 2)
+        afters = sorted(rng.sample(range(first, first + steps + 2), rng.randint(0 if steps else 1, 2)))
+        evals = tuple(EvalPoint(a, tuple((1, rng.randint(1, 9)) for _ in range(rng.randint(1, 3))),
+                                first_micro=rng.choice([0, 0, 2])) for a in afters)
+        job = JobSteps("j", micros, first_step=first, first_micro=first_micro, evals=evals)
+        total = sum(1 for _ in parts_after(job, 0))
+        for count in range(total + 2):
+            left = list(parts_after(job, count))
+            assert steps_after(job, count) == (steps_of("j", left) if left else None), (job, count)

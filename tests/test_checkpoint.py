@@ -614,3 +614,30 @@ def test_part_writer_failure_stops_it_and_is_raised_on_the_training_thread(tmp_p
         writer.submit(tmp_path / "c", {}, {"step": 3})
     writer.close()
     assert written == [1]
+
+
+def test_manifests_look_only_at_checkpoints_rank_0_has_stepped_to(tmp_path, monkeypatch):
+    """Rank 0 polls for complete checkpoints after every action. It looks at a job's files only once
+    it has taken the job's next due step itself (stage 0 steps last, its part follows): with 100
+    jobs and none due, a poll reads no file; once one is, only that job's, and its manifest follows."""
+    from mlora_pp.checkpoint import ManifestWriter, step_dir, write_part
+
+    def stand_in(name: str) -> SimpleNamespace:
+        config = SimpleNamespace(save_every=1, keep_last=2, early_stop_patience=None, eval_every=None)
+        return SimpleNamespace(name=name, steps_done=0, total_steps=4, config=config)
+
+    jobs = {f"j{i}": stand_in(f"j{i}") for i in range(100)}
+    writer = ManifestWriter(tmp_path, jobs, num_stages=2, fields={name: {} for name in jobs}, seed=0)
+    for stage in range(2):
+        write_part(step_dir(tmp_path, "j7", 1), stage, {"w": torch.zeros(2)},
+                   {"job": "j7", "step": 1, "stage": stage, "modules": [], "data_position": {"epoch": 0, "index": 1}})
+    looked: list[str] = []
+    missing = writer._missing
+    monkeypatch.setattr(writer, "_missing", lambda job, step: looked.append(job) or missing(job, step))
+    writer.poll()
+    assert looked == [] and not (step_dir(tmp_path, "j7", 1) / MANIFEST).exists()  # j7's parts: ahead of rank 0
+    jobs["j7"].steps_done = 1
+    jobs["j3"].steps_done = 1  # stepped, its parts not written yet
+    writer.poll()
+    assert sorted(set(looked)) == ["j3", "j7"] and (step_dir(tmp_path, "j7", 1) / MANIFEST).exists()
+    assert list(writer.pending["j7"]) == [2, 3, 4] and list(writer.pending["j3"]) == [1, 2, 3, 4]

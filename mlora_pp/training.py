@@ -708,6 +708,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
 
     def admitted(job: str) -> None:
         metrics.write({"event": "admitted", "job": job, "time": time.perf_counter() - start})
+        board.start(job)
 
     cpu = device.type != "cuda"
     parts = PartWriter(env.rank, cfg.pipeline.timeout_s)

@@ -63,3 +63,30 @@ def test_metrics_log_appends_json_lines(tmp_path):
     log.write({"job": "a", "step": 2})
     log.close()
     assert [json.loads(l)["step"] for l in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_table_taller_than_the_terminal_shows_the_jobs_under_way_and_counts_the_rest():
+    """40 jobs, room for 10 rows: the 3 running and the paused one come first (config order), then
+    queued ones; the last row and the caption count what is not shown. Admission (`start`) moves a
+    job from queued to running."""
+    out = io.StringIO()
+    names = [f"job{i:02d}" for i in range(40)]
+    board = ProgressBoard({name: 4 for name in names}, stream=out, live=True, max_rows=10)
+    for name in ("job05", "job30", "job12"):
+        board.start(name)
+    board.update("job30", 1, 2.0, 100)
+    board.update("job01", 4, 1.0, 100)  # done
+    board.start("job20")
+    board.mark("job20", "paused")
+    board.mark("job02", "failed")
+    table = board._table()
+    shown = table.columns[0]._cells
+    assert table.row_count == 10 and shown[:4] == ["job05", "job12", "job20", "job30"]
+    assert shown[4:9] == ["job00", "job03", "job04", "job06", "job07"]  # queued, in order
+    assert shown[9] == "+31 more" and table.columns[-1]._cells[9] == "29 queued, 1 done, 1 failed"
+    assert table.caption.startswith("40 jobs: 3 running, 1 paused, 34 queued, 1 done, 1 failed;")
+    board.close()
+    assert "+31 more" in out.getvalue()
+    small = ProgressBoard({"a": 2, "b": 2}, stream=io.StringIO(), live=True, max_rows=10)
+    assert small._table().row_count == 2 and small.jobs["a"].state == "queued"
+    small.close()

@@ -15,7 +15,9 @@ process does (killed, interrupted, a lost rank): running its config again resume
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +29,8 @@ from mlora_pp.run_lock import LOCK_NAME
 from mlora_pp.run_lock import holder as lock_holder
 
 METRICS_FILE = "metrics.jsonl"
+READ_CHUNK = 1 << 23
+"""Bytes of metrics.jsonl read at a time (a long run's file is hundreds of MB)."""
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 
@@ -102,6 +106,25 @@ class RunStatus:
 
 
 @dataclass
+class _Steps:
+    """A job's step records in the current run, as `_speed` needs them: a long run has millions, and
+    a list of them held a gigabyte."""
+
+    count: int = 0
+    tokens: int = 0
+    first_time: float = 0.0
+    first_tokens: int = 0
+    last_time: float = 0.0
+
+    def add(self, t: float, tokens: int) -> None:
+        if not self.count:
+            self.first_time, self.first_tokens = t, tokens
+        self.count += 1
+        self.tokens += tokens
+        self.last_time = t
+
+
+@dataclass
 class _Job:
     """Parsing state of one job: `step`/`loss` carry over runs, the rest is the current run's."""
 
@@ -110,7 +133,8 @@ class _Job:
     step: int = 0
     loss: float | None = None
     admitted: float | None = None
-    steps_times: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens) of this run's steps
+    steps: _Steps = field(default_factory=_Steps)
+    """This run's step records, summed."""
     ended: str | None = None  # "failed" / "cancelled" in this run
     reason: str | None = None
     eval_loss: float | None = None
@@ -120,21 +144,16 @@ class _Job:
     priority: int | None = None
 
     def new_run(self) -> None:
-        self.admitted, self.steps_times, self.ended, self.reason, self.paused = None, [], None, None, False
+        self.admitted, self.steps, self.ended, self.reason, self.paused = None, _Steps(), None, None, False
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    """The file's JSON objects; lines that do not parse (a truncated last line) are skipped."""
-    out = []
-    with path.open("rb") as f:
-        for raw in f:
-            try:
-                record = json.loads(raw)
-            except ValueError:  # includes UnicodeDecodeError
-                continue
-            if isinstance(record, dict):
-                out.append(record)
-    return out
+def _record(raw: bytes) -> dict[str, Any] | None:
+    """A line's JSON object; None for a line that does not parse (cut short by a crash) or is not one."""
+    try:
+        record = json.loads(raw)
+    except ValueError:  # includes UnicodeDecodeError
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _number(value: Any) -> float | None:
@@ -146,57 +165,99 @@ def _speed(job: _Job) -> tuple[float | None, float | None]:
 
     From the admitted time when there is one; otherwise from the first step record, whose own
     tokens and step then fall before the measured interval and are left out."""
-    if not job.steps_times:
+    steps = job.steps
+    if not steps.count:
         return None, None
-    last = job.steps_times[-1][0]
     if job.admitted is not None:
-        start, counted = job.admitted, job.steps_times
+        start, counted, tokens = job.admitted, steps.count, steps.tokens
     else:
-        start, counted = job.steps_times[0][0], job.steps_times[1:]
-    span = last - start
+        start, counted, tokens = steps.first_time, steps.count - 1, steps.tokens - steps.first_tokens
+    span = steps.last_time - start
     if not counted or span <= 0:
         return None, None
-    return sum(tokens for _, tokens in counted) / span, span / len(counted)
+    return tokens / span, span / counted
 
 
 def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
     """Parse `output_dir/metrics.jsonl` into a RunStatus; `now` (time.time()) dates the last record.
 
     Raises StatusError when the directory or its metrics.jsonl is missing."""
-    output_dir = Path(output_dir)
-    path = output_dir / METRICS_FILE
-    if not path.is_file():
-        raise StatusError(f"{output_dir}: no {METRICS_FILE} (not a run directory?)")
-    now = time.time() if now is None else now
+    return StatusReader(output_dir).read(now)
 
-    jobs: dict[str, _Job] = {}
-    run_jobs: list[str] | None = None  # the latest run line's jobs, in its order
-    status = RunStatus(output_dir=str(output_dir))
-    wall_clock: float | None = None
-    run_times = False  # the current run has a timed record (a "resumed" line after one starts a new run)
-    done = False  # the current run has its done line
-    done_at: float | None = None
 
-    def job(name: str) -> _Job:
-        if name not in jobs:
-            jobs[name] = _Job(name)
-        return jobs[name]
+class StatusReader:
+    """A run's status from its metrics.jsonl, read as the file grows: each `read` parses only the
+    lines added since the one before (`--watch` reads a long run's file every few seconds, and
+    it has millions of lines). A line not finished yet waits for the next read; a line that does
+    not parse is skipped. A file that shrank or was replaced (a fresh run) is read again from its
+    start."""
 
-    def new_run() -> None:
-        nonlocal run_times, done, done_at, wall_clock
-        for j in jobs.values():
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / METRICS_FILE
+        self._reset()
+
+    def _reset(self) -> None:
+        self._offset = 0
+        self._file_id: tuple[int, int] | None = None
+        self._jobs: dict[str, _Job] = {}
+        self._run_jobs: list[str] | None = None  # the latest run line's jobs, in its order
+        self._status = RunStatus(output_dir=str(self.output_dir))
+        self._wall_clock: float | None = None
+        self._run_times = False  # the current run has a timed record (a "resumed" line after one starts a new run)
+        self._done = False  # the current run has its done line
+        self._done_at: float | None = None
+
+    def read(self, now: float | None = None) -> RunStatus:
+        """The status with every line written so far; `now` (time.time()) dates the last record."""
+        if not self.path.is_file():
+            raise StatusError(f"{self.output_dir}: no {METRICS_FILE} (not a run directory?)")
+        now = time.time() if now is None else now
+        with self.path.open("rb") as f:
+            stat = os.fstat(f.fileno())
+            if (stat.st_dev, stat.st_ino) != self._file_id or stat.st_size < self._offset:
+                self._reset()
+                self._file_id = (stat.st_dev, stat.st_ino)
+            f.seek(self._offset)
+            tail = b""
+            while chunk := f.read(READ_CHUNK):
+                data = tail + chunk
+                end = data.rfind(b"\n") + 1
+                for raw in data[:end].splitlines():
+                    self._feed_line(raw)
+                self._offset += end
+                tail = data[end:]
+        if tail and _record(tail) is not None:  # a last line without its newline, whole
+            self._feed_line(tail)
+            self._offset += len(tail)
+        # else what follows the last newline is a line still being written: read next time
+        return self._result(now)
+
+    def _feed_line(self, raw: bytes) -> None:
+        record = _record(raw)
+        if record is not None:
+            self._feed(record)
+
+    def _job(self, name: str) -> _Job:
+        if name not in self._jobs:
+            self._jobs[name] = _Job(name)
+        return self._jobs[name]
+
+    def _new_run(self) -> None:
+        for j in self._jobs.values():
             j.new_run()
-        run_times, done, done_at, wall_clock = False, False, None, None
-        status.last_record_s = None
+        self._run_times, self._done, self._done_at, self._wall_clock = False, False, None, None
+        self._status.last_record_s = None
 
-    for record in _records(path):
+    def _feed(self, record: dict[str, Any]) -> None:
+        status, job = self._status, self._job
         event = record.get("event")
         name = record.get("job")
         t = _number(record.get("time"))
         if event == "run":
-            new_run()
+            self._new_run()
             status.runs += 1
-            wall_clock = _number(record.get("wall_clock"))
+            self._wall_clock = _number(record.get("wall_clock"))
             status.admission = record.get("admission") if isinstance(record.get("admission"), str) else None
             stages = record.get("stages")
             status.stages = stages if isinstance(stages, int) else None
@@ -206,15 +267,15 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
             status.memory = [StageMemory(i, p if isinstance(p, int) else None)
                              for i, p in enumerate(peaks if isinstance(peaks, list) else [])]
             declared = record.get("jobs") if isinstance(record.get("jobs"), dict) else {}
-            run_jobs = [str(n) for n in declared]
+            self._run_jobs = [str(n) for n in declared]
             for n, info in declared.items():
                 total = info.get("total_steps") if isinstance(info, dict) else None
                 job(str(n)).total = total if isinstance(total, int) else None
                 priority = info.get("priority") if isinstance(info, dict) else None
                 job(str(n)).priority = priority if isinstance(priority, int) else None
         elif event == "resumed" and isinstance(name, str):
-            if run_times and status.runs == 0:
-                new_run()  # an old file without run lines: a resume starts a new run
+            if self._run_times and status.runs == 0:
+                self._new_run()  # an old file without run lines: a resume starts a new run
             step = record.get("step")
             if isinstance(step, int):
                 job(name).step = step
@@ -222,8 +283,8 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
             total, priority = record.get("total_steps"), record.get("priority")
             job(name).total = total if isinstance(total, int) else None
             job(name).priority = priority if isinstance(priority, int) else None
-            if run_jobs is not None and name not in run_jobs:
-                run_jobs.append(name)
+            if self._run_jobs is not None and name not in self._run_jobs:
+                self._run_jobs.append(name)
         elif event == "admitted" and isinstance(name, str):
             if t is not None:
                 job(name).admitted = t
@@ -237,7 +298,7 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
         elif event == "priority" and isinstance(name, str) and isinstance(record.get("priority"), int):
             job(name).priority = record["priority"]
         elif event == "done":
-            done, done_at = True, t if t is not None else status.last_record_s
+            self._done, self._done_at = True, t if t is not None else status.last_record_s
         elif event == "plan" and isinstance(record.get("predicted_peak_bytes"), list):  # a change of plan
             status.memory = [StageMemory(i, p if isinstance(p, int) else None)
                              for i, p in enumerate(record["predicted_peak_bytes"])]
@@ -260,29 +321,32 @@ def read_status(output_dir: Path, now: float | None = None) -> RunStatus:
             j.grad_norm = _number(record.get("grad_norm"))
             if t is not None:
                 tokens = record.get("tokens")
-                j.steps_times.append((t, tokens if isinstance(tokens, int) else 0))
+                j.steps.add(t, tokens if isinstance(tokens, int) else 0)
         # every other event (stage, balance, anything newer) only dates the run
         if t is not None:
-            run_times = True
+            self._run_times = True
             status.last_record_s = t if status.last_record_s is None else max(status.last_record_s, t)
 
-    if done:
-        status.state, status.finished_s = "finished", done_at
-    else:
-        if status.last_record_s is not None and wall_clock is not None:
-            status.last_record_ago_s = max(0.0, now - (wall_clock + status.last_record_s))
-        elif status.last_record_s is not None:
-            status.last_record_ago_s = max(0.0, now - path.stat().st_mtime)  # no wall clock: the file's age
-        if (output_dir / LOCK_NAME).exists() and lock_holder(output_dir) is None:  # runs that lock, only
-            status.state = "stopped"
+    def _result(self, now: float) -> RunStatus:
+        status = dataclasses.replace(self._status, memory=[dataclasses.replace(m) for m in self._status.memory])
+        if self._done:
+            status.state, status.finished_s = "finished", self._done_at
+        else:
+            if status.last_record_s is not None and self._wall_clock is not None:
+                status.last_record_ago_s = max(0.0, now - (self._wall_clock + status.last_record_s))
+            elif status.last_record_s is not None:
+                status.last_record_ago_s = max(0.0, now - self.path.stat().st_mtime)  # no wall clock: the file's age
+            if (self.output_dir / LOCK_NAME).exists() and lock_holder(self.output_dir) is None:  # runs that lock, only
+                status.state = "stopped"
 
-    names = list(run_jobs or [])
-    current = set(names)
-    # Jobs heard of in the current run but missing from its run line; all jobs when there is none.
-    names += [n for n, j in jobs.items() if n not in current and (run_jobs is None or j.steps_times or j.ended
-                                                                   or j.admitted is not None)]
-    status.jobs = [_job_status(jobs[n], status.finished, status.state == "stopped") for n in names]
-    return status
+        run_jobs, jobs = self._run_jobs, self._jobs
+        names = list(run_jobs or [])
+        current = set(names)
+        # Jobs heard of in the current run but missing from its run line; all jobs when there is none.
+        names += [n for n, j in jobs.items() if n not in current and (run_jobs is None or j.steps.count or j.ended
+                                                                       or j.admitted is not None)]
+        status.jobs = [_job_status(jobs[n], status.finished, status.state == "stopped") for n in names]
+        return status
 
 
 def _job_status(job: _Job, run_finished: bool, run_stopped: bool = False) -> JobStatus:
@@ -293,7 +357,7 @@ def _job_status(job: _Job, run_finished: bool, run_stopped: bool = False) -> Job
         state = "done"
     elif job.paused:
         state = "paused"
-    elif job.admitted is not None or job.steps_times:
+    elif job.admitted is not None or job.steps.count:
         state = "running"
     else:
         state = "queued"
@@ -384,7 +448,8 @@ def main(argv: list[str]) -> int:
     if args.watch is not None and args.watch <= 0:
         parser.error("--watch needs a positive number of seconds")
     try:
-        status = read_status(args.output_dir)
+        reader = StatusReader(args.output_dir)
+        status = reader.read()
         if args.json:
             print(json.dumps(status.to_json(), indent=2))
             return EXIT_OK
@@ -394,20 +459,20 @@ def main(argv: list[str]) -> int:
         if args.watch is None:
             console.print(render(status))
             return EXIT_OK
-        return _watch(args.output_dir, status, args.watch, console)
+        return _watch(reader, status, args.watch, console)
     except StatusError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
 
 
-def _watch(output_dir: Path, status: RunStatus, every: float, console) -> int:
+def _watch(reader: StatusReader, status: RunStatus, every: float, console) -> int:
     from rich.live import Live
 
     try:
         with Live(render(status), console=console, auto_refresh=False) as live:
             while not status.over:
                 time.sleep(every)
-                status = read_status(output_dir)
+                status = reader.read()
                 live.update(render(status), refresh=True)
     except KeyboardInterrupt:
         pass

@@ -367,3 +367,40 @@ def test_priorities_come_from_the_run_line_submissions_and_changes_and_show_unde
     assert "priority" in text and "7" in text
     write_metrics(out, [run_line({"a": 4})])  # fifo: priorities order nothing, no column
     assert "priority" not in table_text(read_status(out, now=WALL + 3))
+
+
+def test_watching_reads_only_what_was_appended_and_equals_reading_the_whole_file(tmp_path):
+    """`--watch` keeps one `StatusReader`: after every piece of the file written so far (cut at
+    random bytes, mid-line included) its status equals a fresh read of the same bytes. A file
+    written anew (a fresh run) is read from its start. Step records are summed, not kept."""
+    import random
+
+    from mlora_pp.status import StatusReader
+
+    records = [run_line({"a": 6, "b": 2, "c": 3}), {"event": "admitted", "job": "a", "time": 0.5},
+               {"event": "admitted", "job": "b", "time": 0.5}, step("a", 1, 1.0, tokens=1000), step("b", 1, 1.5),
+               {"event": "eval", "job": "a", "step": 1, "eval_loss": 1.25, "time": 1.6}, step("a", 2, 2.0, tokens=900),
+               {"event": "paused", "job": "b", "time": 2.1}, {"event": "cancelled", "job": "c", "step": 0, "time": 2.2},
+               run_line({"a": 6, "b": 2, "c": 3}, wall=WALL + 50),
+               {"event": "resumed", "job": "a", "step": 2, "checkpoint": "x"},
+               {"event": "admitted", "job": "a", "time": 1.0}, step("a", 3, 2.0, loss=1.5, tokens=80),
+               step("a", 4, 3.0, loss=1.25, tokens=70), {"event": "done", "time": 3.5}]
+    text = "".join(json.dumps(r) + "\n" for r in records).encode()
+    rng = random.Random(2)
+    cuts = sorted(rng.sample(range(1, len(text)), 25)) + [len(text)]
+    run = tmp_path / "run"
+    run.mkdir()
+    path, whole = run / "metrics.jsonl", tmp_path / "whole"
+    whole.mkdir()
+    path.write_bytes(b"")
+    reader = StatusReader(run)
+    for cut in cuts:
+        with path.open("ab") as f:
+            f.write(text[len(path.read_bytes()):cut])
+        (whole / "metrics.jsonl").write_bytes(text[:cut])
+        assert reader.read(now=WALL + 60).to_json() | {"output_dir": ""} == \
+            read_status(whole, now=WALL + 60).to_json() | {"output_dir": ""}
+    assert reader.read(now=WALL + 60).state == "finished"
+    assert reader._jobs["a"].steps.count == 2  # this run's two steps, summed
+    path.write_bytes(text[:text.index(b"\n") + 1])  # written anew: one run line
+    assert [j.step for j in reader.read(now=WALL + 60).jobs] == [0, 0, 0]

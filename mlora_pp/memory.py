@@ -268,9 +268,11 @@ class MicroBound:
 
 
 def admission_check(models: Sequence[MemoryModel], jobs: Sequence[JobSteps], budget: float, in_flight: int,
-                    policy: str, fuse: bool, streams: int | None = None) -> Callable[[frozenset[str]], bool]:
-    """Whether a set of running jobs keeps every stage's predicted peak within `budget` (pure)."""
-    bound = MicroBound(jobs, len(models), policy, fuse, streams)
+                    policy: str, fuse: bool, streams: int | None = None, micro: MicroBound | None = None
+                    ) -> Callable[[frozenset[str]], bool]:
+    """Whether a set of running jobs keeps every stage's predicted peak within `budget` (pure).
+    `micro`: the jobs' `MicroBound` where the caller has it (it reads every micro-batch of the run)."""
+    bound = MicroBound(jobs, len(models), policy, fuse, streams) if micro is None else micro
 
     def fits(running: frozenset[str]) -> bool:
         tokens, length = bound(running)

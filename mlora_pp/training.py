@@ -42,7 +42,7 @@ from mlora_pp.grad_norm import GradNormChannel
 from mlora_pp.job import AdapterJob, EvalDataError, load_job
 from mlora_pp.lora import warm_up_dropout
 from mlora_pp.memory import (
-    MemoryModel, SavedTensorMeter, admission_check, budget_bytes, cut_message, fit, largest_micro,
+    MemoryModel, MicroBound, SavedTensorMeter, admission_check, budget_bytes, cut_message, fit,
     predicted_peak, probe_micro_batches, process_peak_rss, static_bytes,
 )
 from mlora_pp.metrics import MetricsLog, ProgressBoard
@@ -305,8 +305,10 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
     in_flight, fits = options[0], None
     if budget is not None:
 
+        micro = MicroBound(steps, stages, policy, fuse, streams)  # the same for every bound tried
+
         def fitting(bound: int) -> bool:
-            check = admission_check(models, steps, budget, bound, policy, fuse, streams)
+            check = admission_check(models, steps, budget, bound, policy, fuse, streams, micro)
             return all(check(frozenset({j.name})) for j in live)
 
         chosen = next((bound for bound in options if fitting(bound)), None)
@@ -319,15 +321,14 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
                 rows = jobs[name].largest_micro_rows()
                 if rows < cfg.job(name).micro_batch_size and env.rank == 0:
                     print(cut_message(name, rows, cfg.job(name).micro_batch_size), flush=True)
+            micro = MicroBound(steps, stages, policy, fuse, streams)
             chosen = next((bound for bound in options if fitting(bound)), None)
         if chosen is not None:
             in_flight = chosen
-            fits = admission_check(models, steps, budget, chosen, policy, fuse, streams)
+            fits = admission_check(models, steps, budget, chosen, policy, fuse, streams, micro)
         else:
-            worst = max(live, key=lambda j: max(
-                m.peak({j.name}, options[-1],
-                       *largest_micro(steps, {j.name}, stages, policy, fuse, streams)) for m in models))
-            tokens, length = largest_micro(steps, {worst.name}, stages, policy, fuse, streams)
+            worst = max(live, key=lambda j: max(m.peak({j.name}, options[-1], *micro({j.name})) for m in models))
+            tokens, length = micro({worst.name})
             need = max(models, key=lambda m: m.peak({worst.name}, options[-1], tokens, length))
             raise ConfigError(
                 f"{source(cfg)}: pipeline.memory_budget: job {worst.name!r} alone needs about "

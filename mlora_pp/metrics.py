@@ -87,7 +87,7 @@ class ProgressBoard:
     The table shows at most `max_rows` jobs (default: what the terminal's height holds), those under
     way first, and counts the rest in its last row and caption. Its refresh thread renders it twice
     a second and holds the GIL while it does, about 0.4 ms a row: a row for each of 500 jobs would
-    take 0.2 s of every second from the training loop on rank 0."""
+    take 0.2 s a draw, 0.4 s of every second, from the training loop on rank 0."""
 
     def __init__(self, jobs: dict[str, int], log_every: int = 1, stream: TextIO | None = None, live: bool | None = None,
                  max_rows: int | None = None):

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import resource
 import warnings
@@ -59,7 +58,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from mlora_pp.config import budget_spec
 from mlora_pp.head_loss import LossTokens
 from mlora_pp.quantize import release_freed_memory
-from mlora_pp.schedule import Action, JobSteps, MicroBatch, Schedule, group_jobs
+from mlora_pp.schedule import Action, JobSteps, MicroBatch, Schedule, group_jobs, micro_extent
 
 PROBES = 4
 """Probe micro-batches per stage (distinct shapes of the run, smallest to largest)."""
@@ -240,18 +239,8 @@ class MicroBound:
     def __init__(self, jobs: Sequence[JobSteps], num_stages: int, policy: str, fuse: bool,
                  streams: int | None = None) -> None:
         groups = group_jobs(jobs, num_stages, fuse, streams) if policy == "lora" and fuse else [[j] for j in jobs if j.steps]
-        self.groups = [[(j.name, *self._largest(j)) for j in group] for group in groups]
+        self.groups = [[(j.name, *micro_extent(j)) for j in group] for group in groups]
         """Per stream, each job's (name, largest rows, longest row)."""
-
-    @staticmethod
-    def _largest(job: JobSteps) -> tuple[int, int]:
-        rows, length = 0, 0
-        for micros in job.micro_batches:
-            for r, t in micros:
-                rows = max(rows, r)
-                if r:
-                    length = max(length, math.ceil(t / r))
-        return rows, length
 
     def __call__(self, running: Iterable[str]) -> tuple[int, int]:
         """The largest tokens of any stream's micro-batch and, apart, the longest row of any: a

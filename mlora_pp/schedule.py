@@ -455,6 +455,14 @@ class _Sizes:
         self.total_rows = int(self.rows.sum())
 
 
+def micro_extent(job: JobSteps) -> tuple[int, int]:
+    """(most rows, longest padded row) of any of `job`'s training micro-batches; (0, 0) without any."""
+    z = _Sizes(job)
+    if not len(z.rows):
+        return 0, 0
+    return int(z.rows.max()), int(np.ceil(z.per_row).max())
+
+
 def _fused_arrays(sizes: Sequence[_Sizes]) -> tuple[np.ndarray, np.ndarray]:
     """(padded tokens, jobs) of each micro-batch of jobs fused slot by slot, as `MicroBatch.tokens`
     counts them: the slot's rows padded to its longest row."""

@@ -35,6 +35,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlora_pp.config import JobConfig, RunConfig, load_config
-from mlora_pp.data import IGNORE_INDEX, Example, collate
+from mlora_pp.data import IGNORE_INDEX, collate_sources
 from mlora_pp.job import AdapterJob, lr_factor
 from mlora_pp.model import DTYPES, StageSpec
 from mlora_pp.preflight import check_inputs
@@ -136,8 +137,9 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def _tokens(rows: list[Example]) -> int:
-    return sum(len(ex.input_ids) for ex in rows)
+def _tokens(job, rows: Sequence[int]) -> int:
+    lengths = job.lengths
+    return sum(lengths[i] for i in rows)
 
 
 # ---------------------------------------------------------------------------------------- peft
@@ -165,14 +167,14 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, job: Adapter
         set_lr(optimizer, job, step)
         loss, tokens = 0.0, 0
         for micro in range(rank, len(plan.micro_batches), world):
-            rows = job.rows(step, micro)
-            ids, labels = collate(rows, pad_id(tokenizer))
+            rows = job.plans[step].micro_batches[micro]
+            ids, labels = collate_sources([(job.examples, rows)], pad_id(tokenizer))
             started = time.perf_counter()
             part = token_loss_sum(model(input_ids=ids).logits, labels) / plan.loss_tokens
             (part * world).backward()
             report.timed("FB", ids.numel(), started)
             loss += float(part.detach())
-            tokens += _tokens(rows)
+            tokens += _tokens(job, rows)
         started = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -352,8 +354,8 @@ def train_torch_1f1b(cfg: RunConfig, jobs: dict[str, AdapterJob], tokenizer, spe
             sizes = {len(mb) for mb in plan.micro_batches}
             if len(sizes) != 1:
                 raise SystemExit(f"torch-1f1b: job {job.name} step {step}: micro-batches of unequal rows {sizes}")
-            rows = [ex for micro in range(len(plan.micro_batches)) for ex in job.rows(step, micro)]
-            ids, labels = collate(rows, pad_id(tokenizer))
+            rows = [i for micro in plan.micro_batches for i in micro]
+            ids, labels = collate_sources([(job.examples, rows)], pad_id(tokenizer))
             denominator[0] = plan.loss_tokens
             schedule = runner(ids.shape[1], len(plan.micro_batches), ids.shape[0])
             losses: list[torch.Tensor] = []
@@ -371,7 +373,7 @@ def train_torch_1f1b(cfg: RunConfig, jobs: dict[str, AdapterJob], tokenizer, spe
             activation = ids.shape[0] * ids.shape[1] * hidden * DTYPES[cfg.model.dtype].itemsize  # [rows, L, d]
             report.bytes_sent += activation * (int(not last) + int(not first))
             if last:
-                report.steps.append(StepLog(job.name, step + 1, _tokens(rows), float(sum(x.detach() for x in losses)), clock.now()))
+                report.steps.append(StepLog(job.name, step + 1, _tokens(job, rows), float(sum(x.detach() for x in losses)), clock.now()))
         clock.pause()
         del part, optimizer, runners
     report.wall_s, report.busy_s = clock.done, timer.busy

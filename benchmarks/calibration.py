@@ -32,6 +32,7 @@ import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from mlora_pp.data import row_lengths
 from mlora_pp.schedule import CostModel, Schedule, build_schedule
 from mlora_pp.sim import simulate
 
@@ -240,7 +241,8 @@ class BaselineFit:
 
 
 def _longest(job, ids) -> int:
-    return max(len(job.examples[i].input_ids) for i in ids)
+    lengths = row_lengths(job.examples)
+    return max(lengths[i] for i in ids)
 
 
 def torch_job_steps(jobs: dict) -> list:

@@ -41,6 +41,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from mlora_pp.config import ConfigError, JobConfig, RunConfig
 from mlora_pp.data import DataError, load_template
+from mlora_pp.data_cache import file_digest
 from mlora_pp.durable import fsync_dir, write_atomic
 from mlora_pp.faults import Fault
 from mlora_pp.job import AdapterJob
@@ -154,14 +155,10 @@ def _json_bytes(value: dict) -> bytes:
 
 def resume_fields(cfg: RunConfig, job: JobConfig) -> dict[str, Any]:
     """The `RESUME_FIELDS` of a job, as recorded in its manifests (data and template by content)."""
-    data = hashlib.sha256()
-    with open(job.data, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            data.update(chunk)
     template = hashlib.sha256(repr(load_template(job.template)).encode()).hexdigest()
     values = {
         "rank": job.rank, "alpha": job.alpha, "rslora": job.rslora, "target_modules": sorted(job.target_modules),
-        "data": f"sha256:{data.hexdigest()}", "template": f"{job.template} sha256:{template}",
+        "data": f"sha256:{file_digest(Path(job.data))}", "template": f"{job.template} sha256:{template}",
         "batch_size": job.batch_size, "micro_batch_size": job.micro_batch_size,
         "micro_batch_tokens": job.micro_batch_tokens, "epochs": job.epochs, "max_steps": job.max_steps,
         "max_seq_len": job.max_seq_len, "seed": cfg.seed,

@@ -38,6 +38,8 @@ ADMISSION: tuple[str, ...] = ("fifo", "priority", "shortest-first")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$")
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+RESERVED_NAMES: tuple[str, ...] = ("checkpoints", "control", "data-cache")
+"""Directories of a run in output_dir, beside each job's adapter directory (`output_dir/<job>`)."""
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no '.': names key parameters and directories
 
 
@@ -165,6 +167,9 @@ class RunConfig:
     jobs: list[JobConfig]
     output_dir: Path = Path("runs/out")
     seed: int = 0
+    data_cache: Path | None = None
+    """Where tokenized data is kept (`mlora_pp.data_cache`); None: ``output_dir/data-cache``. Runs that
+    name one directory share it: a file is tokenized once for all of them."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     log_every: int = 1
     source: Path | None = None
@@ -314,6 +319,9 @@ def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> 
         at = f"jobs[{i}]"
         if not _JOB_NAME.match(job.name):
             raise err(f"{at}.name", f"{job.name!r} must be letters, digits, '_' or '-', starting with a letter or digit")
+        if job.name in RESERVED_NAMES:
+            raise err(f"{at}.name", f"{job.name!r} is the name of the run's own directory in output_dir "
+                                    f"(reserved: {', '.join(RESERVED_NAMES)})")
         if job.name in seen:
             raise err(f"{at}.name", f"duplicate job name {job.name!r}")
         seen.add(job.name)

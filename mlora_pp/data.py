@@ -12,8 +12,6 @@ Every problem with user data raises `DataError` whose message names the file and
 
 from __future__ import annotations
 
-import functools
-
 import json
 import logging
 import string
@@ -26,11 +24,9 @@ import torch
 import yaml
 
 from mlora_pp.seeding import stable_seed
+from mlora_pp.tokenized import IGNORE_INDEX, Example, RowsBuilder, TokenizedRows, collate_rows  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-"""Label of a position that carries no loss (PyTorch's cross-entropy default ``ignore_index``)."""
 
 
 class DataError(ValueError):
@@ -253,26 +249,9 @@ def load_records(path: Path) -> list[dict]:
 # Tokenization.
 
 
-@dataclass(frozen=True)
-class Example:
-    """One tokenized training row.
-
-    ``labels`` has the length of ``input_ids`` and is `IGNORE_INDEX` where there is no loss. HF
-    convention: the model predicts ``labels[t + 1]`` from positions ``<= t``, so the loss pairs
-    ``logits[:, :-1]`` with ``labels[:, 1:]`` and ``labels[0]`` never counts.
-    """
-
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.input_ids) != len(self.labels):
-            raise ValueError(f"input_ids ({len(self.input_ids)}) and labels ({len(self.labels)}) differ in length")
-
-    @functools.cached_property
-    def loss_tokens(self) -> int:
-        """Number of positions that carry loss (``labels[1:] != IGNORE_INDEX``); computed once."""
-        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+ENCODE_CHUNK = 4096
+"""Records tokenized per call: fast tokenizers parallelise within a call, and the encodings of one
+chunk (several times the size of its ids) are all that is held at once."""
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -284,8 +263,9 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 def _assemble(
     prompt_ids: list[int], response_ids: list[int], bos: int | None, eos: int | None, max_seq_len: int
-) -> Example | None:
-    """bos + prompt + response + eos, truncated to ``max_seq_len``; None if no loss token is left.
+) -> tuple[list[int], list[bool]] | None:
+    """bos + prompt + response + eos, truncated to ``max_seq_len``, and which positions carry loss
+    (the response and eos; never position 0); None if no loss token is left.
 
     Over-long rows lose prompt tokens from the left first (bos stays), then response tokens (and
     eos) from the right, so the row keeps the tokens closest to the prompt/response boundary.
@@ -302,11 +282,14 @@ def _assemble(
         head = head[:max_seq_len]
         tail = tail[: max_seq_len - len(head)]
     ids = head + prompt + tail
-    labels = [IGNORE_INDEX] * (len(head) + len(prompt)) + tail
-    if labels:
-        labels[0] = IGNORE_INDEX  # position 0 is never predicted
-    example = Example(tuple(ids), tuple(labels))
-    return example if example.loss_tokens > 0 else None
+    trained = [False] * (len(head) + len(prompt)) + [True] * len(tail)
+    if trained:
+        trained[0] = False  # position 0 is never predicted
+    return (ids, trained) if any(trained) else None
+
+
+def _example(ids: list[int], trained: list[bool]) -> Example:
+    return Example(tuple(ids), tuple(i if t else IGNORE_INDEX for i, t in zip(ids, trained)))
 
 
 def _special_ids(tokenizer: Any) -> tuple[int | None, int | None]:
@@ -323,7 +306,8 @@ def tokenize_record(tokenizer: Any, template: Template, record: dict, max_seq_le
         raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
     prompt, response = template.render(record)
     prompt_ids, response_ids = _encode(tokenizer, [prompt, response])
-    return _assemble(prompt_ids, response_ids, *_special_ids(tokenizer), max_seq_len)
+    row = _assemble(prompt_ids, response_ids, *_special_ids(tokenizer), max_seq_len)
+    return None if row is None else _example(*row)
 
 
 def _chat_messages(record: dict) -> list[dict]:
@@ -380,11 +364,16 @@ def chat_example(tokenizer: Any, messages: list[dict], max_seq_len: int) -> Exam
     return example if example.loss_tokens > 0 else None
 
 
-def load_examples(path: Path, template: Template, tokenizer: Any, max_seq_len: int) -> list[Example]:
+def load_examples(path: Path, template: Template, tokenizer: Any, max_seq_len: int) -> TokenizedRows:
     """All usable examples of a data file; raises `DataError` on bad records or if none is usable.
 
     Records left without a loss token after truncation are skipped; the count is logged.
     """
+    return read_rows(path, template, tokenizer, max_seq_len)[0]
+
+
+def read_rows(path: Path, template: Template, tokenizer: Any, max_seq_len: int) -> tuple[TokenizedRows, int]:
+    """`load_examples` and the number of records the file holds (those skipped included)."""
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
     path = Path(path)
@@ -395,51 +384,54 @@ def load_examples(path: Path, template: Template, tokenizer: Any, max_seq_len: i
             raise DataError(f"{path} {where}: {template._missing_message(missing)}")
     if template.kind == "chat":
         return _load_chat(path, located, tokenizer, max_seq_len)
-    prompts: list[str] = []
-    responses: list[str] = []
+    texts: list[tuple[str, str]] = []
     for where, record in located:
         try:
-            prompt, response = template.render(record)
+            texts.append(template.render(record))
         except DataError as exc:
             raise DataError(f"{path} {where}: {exc}") from None
-        prompts.append(prompt)
-        responses.append(response)
+    del located[:]  # the records are rendered: only their count is needed from here on
     bos, eos = _special_ids(tokenizer)
-    examples: list[Example] = []
-    for prompt_ids, response_ids in zip(_encode(tokenizer, prompts), _encode(tokenizer, responses)):
-        example = _assemble(prompt_ids, response_ids, bos, eos, max_seq_len)
-        if example is not None:
-            examples.append(example)
-    return _usable(path, located, examples, max_seq_len)
+    rows = RowsBuilder()
+    for start in range(0, len(texts), ENCODE_CHUNK):
+        chunk = texts[start : start + ENCODE_CHUNK]
+        prompts = _encode(tokenizer, [prompt for prompt, _ in chunk])
+        responses = _encode(tokenizer, [response for _, response in chunk])
+        for prompt_ids, response_ids in zip(prompts, responses):
+            row = _assemble(prompt_ids, response_ids, bos, eos, max_seq_len)
+            if row is not None:
+                rows.add(*row)
+    return _usable(path, len(texts), rows, max_seq_len), len(texts)
 
 
-def _load_chat(path: Path, located: list[tuple[str, dict]], tokenizer: Any, max_seq_len: int) -> list[Example]:
+def _load_chat(path: Path, located: list[tuple[str, dict]], tokenizer: Any, max_seq_len: int
+               ) -> tuple[TokenizedRows, int]:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{path}: template chat needs a tokenizer with a chat template; this model's has none "
                         "(use alpaca, plain or a template file)")
-    examples: list[Example] = []
+    rows = RowsBuilder()
     for where, record in located:
         try:
             example = chat_example(tokenizer, _chat_messages(record), max_seq_len)
         except DataError as exc:
             raise DataError(f"{path} {where}: {exc}") from None
         if example is not None:
-            examples.append(example)
-    return _usable(path, located, examples, max_seq_len)
+            rows.add(example.input_ids, [label != IGNORE_INDEX for label in example.labels])
+    return _usable(path, len(located), rows, max_seq_len), len(located)
 
 
-def _usable(path: Path, located: list[tuple[str, dict]], examples: list[Example], max_seq_len: int) -> list[Example]:
-    """The examples, unless none is left; logs how many records truncation left without a loss token."""
-    skipped = len(located) - len(examples)
-    if not examples:
+def _usable(path: Path, records: int, rows: RowsBuilder, max_seq_len: int) -> TokenizedRows:
+    """The rows, unless none is left; logs how many records truncation left without a loss token."""
+    skipped = records - len(rows)
+    if not len(rows):
         raise DataError(
-            f"{path}: no usable examples: all {len(located)} records are left without a loss token "
+            f"{path}: no usable examples: all {records} records are left without a loss token "
             f"at max_seq_len={max_seq_len}"
         )
     if skipped:
         log.warning("%s: skipped %d of %d records left without a loss token at max_seq_len=%d",
-                    path, skipped, len(located), max_seq_len)
-    return examples
+                    path, skipped, records, max_seq_len)
+    return rows.build()
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,6 +463,21 @@ class StepPlan:
     def rows(self) -> int:
         """Number of examples in the step."""
         return sum(len(mb) for mb in self.micro_batches)
+
+
+def row_lengths(examples: Sequence[Example]) -> list[int]:
+    """Tokens of each row (from the arrays of `TokenizedRows`, without making its `Example`s; that
+    list is made once and shared, so do not modify it)."""
+    if isinstance(examples, TokenizedRows):
+        return examples.length_list
+    return [len(ex.input_ids) for ex in examples]
+
+
+def row_loss_tokens(examples: Sequence[Example]) -> list[int]:
+    """Loss tokens of each row (from the arrays of `TokenizedRows`, without making its `Example`s)."""
+    if isinstance(examples, TokenizedRows):
+        return examples.loss_tokens.tolist()
+    return [ex.loss_tokens for ex in examples]
 
 
 def cut_micro_batches(
@@ -525,8 +532,8 @@ def plan_steps(
         raise ValueError(f"max_steps must be >= 0 or None, got {max_steps}")
     if micro_batch_tokens is not None and micro_batch_tokens < 1:
         raise ValueError(f"micro_batch_tokens must be positive, got {micro_batch_tokens}")
-    lengths = [len(ex.input_ids) for ex in examples]
-    loss_tokens = [ex.loss_tokens for ex in examples]
+    lengths = row_lengths(examples)
+    loss_tokens = row_loss_tokens(examples)
     plans: list[StepPlan] = []
     for epoch in range(epochs):
         order = epoch_order(len(examples), seed, job, epoch)
@@ -573,15 +580,25 @@ def collate(examples: Sequence[Example], pad_id: int, pad_to: int | None = None)
     return input_ids, labels
 
 
+def collate_sources(sources: Sequence[tuple[Sequence[Example], Sequence[int]]], pad_id: int,
+                    pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`collate` of the given rows of several sources in order (straight from the arrays when every
+    source is `TokenizedRows`)."""
+    if all(isinstance(src, TokenizedRows) for src, _ in sources):
+        return collate_rows(sources, pad_id, pad_to)  # type: ignore[arg-type]
+    return collate([src[i] for src, rows in sources for i in rows], pad_id, pad_to)
+
+
 def padding_waste(plans: Sequence[StepPlan], examples: Sequence[Example]) -> float:
     """Fraction of padded slots over all micro-batches, each padded to its longest row (0.0 if none)."""
     slots = 0
     real = 0
+    all_lengths = row_lengths(examples)
     for plan in plans:
         for mb in plan.micro_batches:
             if not mb:
                 continue
-            lengths = [len(examples[i].input_ids) for i in mb]
+            lengths = [all_lengths[i] for i in mb]
             slots += len(mb) * max(lengths)
             real += sum(lengths)
     return (slots - real) / slots if slots else 0.0

@@ -8,6 +8,7 @@ this stage, and one job's optimizer step never waits for another's.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,11 @@ import torch
 from torch.autograd.graph import increment_version
 
 from mlora_pp.config import JobConfig
-from mlora_pp.data import DataError, Example, StepPlan, cut_micro_batches, load_examples, load_template, plan_steps
+from mlora_pp.data import (
+    DataError, Example, StepPlan, cut_micro_batches, load_examples, load_template, plan_steps, row_lengths,
+    row_loss_tokens,
+)
+from mlora_pp.data_cache import DataCache, Source
 from mlora_pp.schedule import EvalPoint, JobSteps, MicroBatchPart
 from mlora_pp.seeding import stable_seed
 
@@ -49,7 +54,8 @@ class StepStats:
 @dataclass
 class AdapterJob:
     config: JobConfig
-    examples: list[Example]
+    examples: Sequence[Example]
+    """Its training rows: `TokenizedRows` when read from data, any sequence of `Example`s in tests."""
     plans: list[StepPlan]
     seed: int
     optimizer: torch.optim.Optimizer | None = None
@@ -59,7 +65,7 @@ class AdapterJob:
     """Why the job stopped (non-finite loss, gradients or weights); None while it is healthy."""
     failed_step: int | None = None
     """Steps done well before it failed: its last good state is the checkpoint at or before this."""
-    eval_examples: list[Example] = field(default_factory=list)
+    eval_examples: Sequence[Example] = field(default_factory=list)
     """Held-out examples (`JobConfig.eval_data`); empty: the job is not evaluated."""
     eval_batches: tuple[tuple[int, ...], ...] = ()
     """`eval_examples` indices per evaluation micro-batch (longest first, cut like a training step)."""
@@ -76,14 +82,29 @@ class AdapterJob:
     def total_steps(self) -> int:
         return len(self.plans)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens of each training row."""
+        return row_lengths(self.examples)
+
+    @property
+    def eval_lengths(self) -> list[int]:
+        """Tokens of each held-out row."""
+        return row_lengths(self.eval_examples)
+
     def rows(self, step: int, micro: int) -> list[Example]:
         return [self.examples[i] for i in self.plans[step].micro_batches[micro]]
 
-    def part_rows(self, part: MicroBatchPart) -> list[Example]:
-        """The examples of one part of a micro-batch: training rows, or held-out rows to evaluate."""
+    def part_source(self, part: MicroBatchPart) -> tuple[Sequence[Example], tuple[int, ...]]:
+        """Where one part of a micro-batch reads its rows: (training or held-out rows, their indices)."""
         if part.eval:
-            return [self.eval_examples[i] for i in self.eval_batches[part.micro]]
-        return self.rows(part.step, part.micro)
+            return self.eval_examples, self.eval_batches[part.micro]
+        return self.examples, self.plans[part.step].micro_batches[part.micro]
+
+    def part_lengths(self, part: MicroBatchPart) -> list[int]:
+        """Tokens of each row of one part of a micro-batch."""
+        lengths = self.eval_lengths if part.eval else self.lengths
+        return [lengths[i] for i in self.part_source(part)[1]]
 
     @property
     def eval_points(self) -> list[int]:
@@ -105,15 +126,15 @@ class AdapterJob:
 
     def job_steps(self) -> JobSteps:
         """Rows and padded tokens of every micro-batch of the steps still to do, for the scheduler."""
+        lengths, eval_lengths = self.lengths, self.eval_lengths
         micro_batches = []
         for plan in self.plans[self.steps_done :]:
             micros = []
             for ids in plan.micro_batches:
-                longest = max(len(self.examples[i].input_ids) for i in ids)
+                longest = max(lengths[i] for i in ids)
                 micros.append((len(ids), longest * len(ids)))
             micro_batches.append(tuple(micros))
-        evaluation = tuple((len(ids), len(ids) * max(len(self.eval_examples[i].input_ids) for i in ids))
-                           for ids in self.eval_batches)
+        evaluation = tuple((len(ids), len(ids) * max(eval_lengths[i] for i in ids)) for ids in self.eval_batches)
         evals = tuple(EvalPoint(k, evaluation) for k in self.eval_points if k > self.steps_done)
         return JobSteps(self.name, tuple(micro_batches), first_step=self.steps_done, evals=evals)
 
@@ -122,20 +143,22 @@ class AdapterJob:
         micro-batches: it bounds what the last stage's head keeps per token of its rows
         (`MemoryModel.loss_share`)."""
         best = 0.0
+        lengths, loss_tokens = self.lengths, row_loss_tokens(self.examples)
         for plan in self.plans:
             for ids in plan.micro_batches:
-                padded = len(ids) * max(len(self.examples[i].input_ids) for i in ids)
-                best = max(best, sum(self.examples[i].loss_tokens for i in ids) / padded)
+                padded = len(ids) * max(lengths[i] for i in ids)
+                best = max(best, sum(loss_tokens[i] for i in ids) / padded)
         return best
 
     def token_counts(self) -> tuple[int, int]:
         """(loss tokens, padded tokens) of all its training micro-batches: what the head and what the
         decoder layers run on."""
         loss = padded = 0
+        lengths = self.lengths
         for plan in self.plans:
             loss += plan.loss_tokens
             for ids in plan.micro_batches:
-                padded += len(ids) * max(len(self.examples[i].input_ids) for i in ids)
+                padded += len(ids) * max(lengths[i] for i in ids)
         return loss, padded
 
     def halve_micro_batches(self) -> bool:
@@ -282,10 +305,10 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.stack(norms).isfinite().all())
 
 
-def eval_batches(examples: list[Example], micro_batch_size: int, micro_batch_tokens: int | None
+def eval_batches(examples: Sequence[Example], micro_batch_size: int, micro_batch_tokens: int | None
                  ) -> tuple[tuple[int, ...], ...]:
     """Held-out examples cut into micro-batches like a training step's rows: longest first."""
-    lengths = [len(ex.input_ids) for ex in examples]
+    lengths = row_lengths(examples)
     order = sorted(range(len(examples)), key=lambda i: (-lengths[i], i))
     return cut_micro_batches(order, lengths, micro_batch_size, micro_batch_tokens)
 
@@ -294,10 +317,18 @@ class EvalDataError(DataError):
     """A problem with `JobConfig.eval_data` (reported against that field, not `data`)."""
 
 
-def load_job(config: JobConfig, tokenizer, seed: int, base_dir: Path | None = None) -> AdapterJob:
-    """Read and tokenize a job's data (and held-out data) and plan all its steps."""
+def load_job(config: JobConfig, tokenizer, seed: int, base_dir: Path | None = None,
+             cache: DataCache | None = None) -> AdapterJob:
+    """Read and tokenize a job's data (and held-out data) and plan all its steps; with a `DataCache`
+    (which holds the tokenizer), rows come from it and jobs that read the same file share them."""
     template = load_template(config.template, base_dir)
-    examples = load_examples(Path(config.data), template, tokenizer, config.max_seq_len)
+
+    def rows(path: str | Path):
+        if cache is None:
+            return load_examples(Path(path), template, tokenizer, config.max_seq_len)
+        return cache.rows(Source(Path(path), template, config.max_seq_len))
+
+    examples = rows(config.data)
     plans = plan_steps(
         examples,
         batch_size=config.batch_size,
@@ -311,7 +342,7 @@ def load_job(config: JobConfig, tokenizer, seed: int, base_dir: Path | None = No
     job = AdapterJob(config=config, examples=examples, plans=plans, seed=seed)
     if config.eval_data is not None:
         try:
-            job.eval_examples = load_examples(Path(config.eval_data), template, tokenizer, config.max_seq_len)
+            job.eval_examples = rows(config.eval_data)
         except DataError as exc:
             raise EvalDataError(str(exc)) from exc
         job.eval_batches = eval_batches(job.eval_examples, config.micro_batch_size, config.micro_batch_tokens)

@@ -36,6 +36,7 @@ from mlora_pp.control import (REQUESTS_EVERY, Change, ControlDir, PlanChannel, R
                               validate_submission)
 from mlora_pp.data import DataError
 from mlora_pp.early_stop import EarlyStopping
+from mlora_pp.data_cache import DataCache
 from mlora_pp.job import AdapterJob, StepStats, load_job
 from mlora_pp.memory import (
     MemoryModel, PeakTracker, admission_check, cut_message, largest_micro, padded_rank, predicted_peak,
@@ -160,6 +161,8 @@ class Replanner:
     """Rank 0: the jobs' best evaluations (`mlora_pp.early_stop`)."""
     early_stopped: dict[str, int] = field(default_factory=dict)
     """Jobs stopped early (also in `cancelled`): job -> its steps done at the stop."""
+    data_cache: DataCache | None = None
+    """Where submitted jobs get their rows (rank 0 tokenizes one while checking it; the others read it)."""
     _early_due: list[str] = field(default_factory=list, repr=False)
     """Rank 0: jobs whose patience ran out, stopped at the next decision point."""
     current: StagePlan | None = None
@@ -252,7 +255,7 @@ class Replanner:
             try:
                 if request.kind == "submit":
                     checked = validate_submission(cfg, request.body.get("job"), str(request.path))
-                    job = load_job(checked.jobs[-1], self.tokenizer, checked.seed)
+                    job = load_job(checked.jobs[-1], self.tokenizer, checked.seed, cache=self.data_cache)
                     with_job = self._models_with(checked.jobs[-1], models, job.loss_share())
                     cut = self._fit_alone(job, with_job)
                     self._others_still_fit(job.name, with_job, cancel, [self._loaded[n] for n in accepted], point)
@@ -485,7 +488,8 @@ class Replanner:
         mapping["jobs"].append(raw)
         config: JobConfig = parse_config(mapping, "submitted job").jobs[-1]
         self.cfg.jobs.append(config)
-        job = self._loaded.pop(config.name, None) or load_job(config, self.tokenizer, self.cfg.seed)
+        job = self._loaded.pop(config.name, None) or load_job(config, self.tokenizer, self.cfg.seed,
+                                                             cache=self.data_cache)
         self.stage.add_adapter(config.name, config.rank, config.alpha, config.dropout, list(config.target_modules),
                                seed=self.cfg.seed, rslora=config.rslora)
         job.make_optimizer(self.stage.adapter_parameters(config.name))

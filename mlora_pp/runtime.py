@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from mlora_pp.control import DECISION_LEAD
-from mlora_pp.data import collate
+from mlora_pp.data import collate_sources
 from mlora_pp.faults import Fault
 from mlora_pp.grad_norm import GradNorm, GradNormChannel
 from mlora_pp.head_loss import LossTokens
@@ -147,9 +147,8 @@ class StageWorker:
     def inputs(self, mb: MicroBatch) -> tuple[torch.Tensor, LossTokens | None, LoRABatch]:
         """Token ids [rows, L] of a micro-batch, where its loss is (last stage only; None elsewhere),
         and its LoRA row layout. A training part's loss tokens weigh 1 / its job's step loss tokens."""
-        rows = [ex for part in mb.parts for ex in self.jobs[part.job].part_rows(part)]
         pad_id = self.stage.config.pad_token_id if self.stage.config.pad_token_id is not None else 0
-        input_ids, labels = collate(rows, pad_id)
+        input_ids, labels = collate_sources([self.jobs[part.job].part_source(part) for part in mb.parts], pad_id)
         segments, start = [], 0
         for part in mb.parts:
             job = self.jobs[part.job]
@@ -195,8 +194,8 @@ class StageWorker:
 
     def activation_shape(self, mb: MicroBatch) -> tuple[int, int, int]:
         """[rows, padded length, hidden] of the activations of `mb`: known on every rank from the data plan."""
-        rows = [ex for part in mb.parts for ex in self.jobs[part.job].part_rows(part)]
-        return (len(rows), max(len(ex.input_ids) for ex in rows), self.stage.config.hidden_size)
+        lengths = [n for part in mb.parts for n in self.jobs[part.job].part_lengths(part)]
+        return (len(lengths), max(lengths), self.stage.config.hidden_size)
 
     def _due(self, mb: MicroBatch) -> list[str]:
         """Deferred steps to apply before forwarding `mb`: those rank 0 took before it forwarded `mb`.
@@ -283,7 +282,7 @@ class StageWorker:
         total, sums = self.stage.head_loss(hidden, where)
         part_losses = []
         for i, part in enumerate(mb.parts):
-            tokens = sum(len(ex.input_ids) for ex in self.jobs[part.job].rows(part.step, part.micro))
+            tokens = sum(self.jobs[part.job].part_lengths(part))
             part_losses.append((part.job, sums[i], where.counts[i], tokens))
         return hidden, total, part_losses
 

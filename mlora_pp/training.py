@@ -39,6 +39,7 @@ from mlora_pp.control import CONTROL, Accepted, ControlDir, PlanChannel, config_
 from mlora_pp.data import DataError
 from mlora_pp.early_stop import EarlyStopping
 from mlora_pp.grad_norm import GradNormChannel
+from mlora_pp.data_cache import DATA_CACHE, DataCache, job_sources
 from mlora_pp.job import AdapterJob, EvalDataError, load_job
 from mlora_pp.lora import warm_up_dropout
 from mlora_pp.memory import (
@@ -115,12 +116,19 @@ class DistEnv:
         return torch.device("cpu")
 
 
-def prepare_jobs(cfg: RunConfig, tokenizer) -> dict[str, AdapterJob]:
-    """Each job's examples and step plan; a data problem names the job's field and the data line."""
+def data_cache_dir(cfg: RunConfig) -> Path:
+    """`RunConfig.data_cache`, or its place in the output_dir."""
+    return Path(cfg.data_cache) if cfg.data_cache is not None else Path(cfg.output_dir) / DATA_CACHE
+
+
+def prepare_jobs(cfg: RunConfig, tokenizer, cache: DataCache | None = None) -> dict[str, AdapterJob]:
+    """Each job's examples and step plan; a data problem names the job's field and the data line.
+    Jobs that read one file share its rows (through ``cache``, or one kept in memory for this call)."""
+    cache = cache if cache is not None else DataCache(tokenizer, None)
     jobs: dict[str, AdapterJob] = {}
     for i, job in enumerate(cfg.jobs):
         try:
-            jobs[job.name] = load_job(job, tokenizer, cfg.seed)
+            jobs[job.name] = load_job(job, tokenizer, cfg.seed, cache=cache)
         except DataError as exc:
             field_name = "eval_data" if isinstance(exc, EvalDataError) else "data"
             raise DataError(f"{source(cfg)}: jobs[{i}].{field_name}: {exc}") from exc
@@ -485,19 +493,26 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     accepted = _accepted_changes(cfg, env, fresh)  # jobs submitted mid-run join cfg.jobs here
     cancelled = accepted.cancelled
 
-    def prepare() -> tuple[list[StageSpec], dict[str, AdapterJob], ResumePlan | None, Any]:
+    def check() -> tuple[Any, DataCache]:
         checked = check_inputs(cfg, env.rank, env.world)
         check_writable(cfg, env.rank, where)  # every rank writes its own checkpoint parts
-        jobs = prepare_jobs(cfg, checked.tokenizer)
+        cache = DataCache(checked.tokenizer, data_cache_dir(cfg), env.rank)
+        cache.fill(job_sources(cfg.jobs), env.world)  # this rank's share of the files not tokenized yet
+        return checked, cache
+
+    def prepare() -> tuple[list[StageSpec], dict[str, AdapterJob], ResumePlan | None]:
+        jobs = prepare_jobs(cfg, checked.tokenizer, cache)  # every file is tokenized by now (or bad)
         plan = plan_resume(cfg, fresh, where) if env.rank == 0 else None
         specs = checked.specs
         if cfg.pipeline.balance == "auto" and env.world > 1:  # the head's share of tokens is known now
             specs = plan_stages(checked.hf_config, env.world, "auto", head_share=head_share(jobs.values()))
-        return specs, jobs, plan, checked.tokenizer
+        return specs, jobs, plan
 
     # Bad input anywhere (a config that no longer fits its checkpoints included) ends every rank with
     # the same line, before any weight is read.
-    specs, jobs, plan, tokenizer = agree(env.rank, env.world, prepare)
+    checked, cache = agree(env.rank, env.world, check)
+    specs, jobs, plan = agree(env.rank, env.world, prepare)
+    tokenizer = checked.tokenizer
     if env.rank == 0:
         assert plan is not None
         clear_stale(cfg, plan, fresh)  # before any rank can write a part
@@ -732,7 +747,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         channel=PlanChannel(env.rank, env.world, plans, cfg.pipeline.timeout_s) if env.world > 1 else None,
         control=ControlDir(cfg.output_dir) if is_rank0 else None, manifests=manifests,
         on_change=changed if is_rank0 else None, job_order=job_order, cancelled=dict(cancelled),
-        early_stopping=early if is_rank0 else None, early_stopped={n: s for n, s in cancelled.items() if n in accepted.early})
+        early_stopping=early if is_rank0 else None, early_stopped={n: s for n, s in cancelled.items() if n in accepted.early},
+        data_cache=cache)
     worker.replan = replanner
     for name in jobs:  # patience that ran out in an earlier run, before its stop took effect
         if is_rank0 and early.decided(name):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import fused_projections, gpu, head_loss, host_overhead, planning
+from benchmarks import data_loading, fused_projections, gpu, head_loss, host_overhead, planning
 
 
 def test_gpu_benchmark_smoke_runs_on_any_device(capsys):
@@ -126,3 +126,12 @@ def test_planning_benchmark_times_whole_plans(tmp_path, capsys):
         assert (r["stages"], r["jobs"], r["steps"]) in planning.QUICK_GROUPING and r["streams"] >= 1
         assert r["group_jobs_seconds"] > 0 and r["choose_streams_seconds"] > 0 and r["budget_first_segment_seconds"] > 0
     assert "making a lora plan" in capsys.readouterr().out
+
+
+def test_data_loading_benchmark_tokenizes_each_file_once_between_the_ranks(capsys):
+    """Two rank processes: without a cache each tokenizes all 3 files; with it they tokenize 3
+    between them, and a fresh reader finds all 3 (the script asserts both, and equal tokens)."""
+    result = data_loading.main(["--files", "3", "--records", "40", "--ranks", "2", "--quick"])
+    assert [r["misses"] for r in result["every_rank_tokenizes"]] == [3, 3]
+    assert sum(r["misses"] for r in result["shared"]) == 3 and result["read_back"]["hits"] == 3
+    assert "the ranks share it through the cache" in capsys.readouterr().out

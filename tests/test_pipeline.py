@@ -19,7 +19,8 @@ from test_evaluation import eval_records
 from test_training import JOBS, adapter, assert_adapters_equal, make_raw, make_workspace, write_dataset
 
 from mlora_pp.config import parse_config
-from mlora_pp.training import train
+from mlora_pp.data_cache import DATA_CACHE, DataCache, job_sources
+from mlora_pp.training import load_tokenizer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,6 +155,10 @@ def test_pipeline_equals_single_rank(workspace, single_rank, stages, policy):
     # before the last (a polled Gloo receive once delivered them all at the final drain).
     times = [r["time"] for r in records if "loss" in r]
     assert min(times) < 0.8 * max(times), times
+    # The ranks tokenized each data file once between them: one cache entry per file as its jobs read it.
+    cfg = parse_config(yaml.safe_load((workspace[0] / f"{out}.yaml").read_text()))
+    keys = {DataCache(load_tokenizer(Path(cfg.model.path)), None).key(s) for s in job_sources(cfg.jobs)}
+    assert sorted(p.name for p in (workspace[0] / out / DATA_CACHE).iterdir()) == sorted(keys) and len(keys) == 4
 
 
 def assert_same_evaluations(out: Path, reference: Path) -> None:

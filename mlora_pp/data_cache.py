@@ -1,0 +1,243 @@
+"""Tokenized data on disk, keyed by everything it depends on: tokenized once, mapped by every rank.
+
+Every rank needs every job's rows (each stage runs every job's micro-batches), so without this each
+rank tokenized every data file at every start and resume: a job of 20,000 records took 15 s of a
+2-core machine per rank. Here one rank tokenizes each file (`DataCache.fill` spreads the files over
+the ranks), writes its rows as `TokenizedRows` arrays under a key, and every rank memory-maps them.
+A later start or a resume finds them by the same key. Jobs of one run that read the same file with
+the same template and length share one copy in memory.
+
+The key hashes the file's bytes, the template, the tokenizer (its whole serialised definition, its
+special ids and chat template) and ``max_seq_len``, with the versions of the code that tokenized:
+changing any of these makes a new entry, never a wrong hit. An entry is written to a temporary
+directory and renamed into place, so a reader sees a whole entry or none; ranks that race on one
+entry write the same bytes, and the first rename wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from mlora_pp.data import DataError, Template, load_template, read_rows
+from mlora_pp.durable import fsync_dir
+from mlora_pp.tokenized import TokenizedRows
+
+log = logging.getLogger(__name__)
+
+DATA_CACHE = "data-cache"
+"""The cache's directory under ``output_dir`` unless the config names another (``data_cache``)."""
+
+FORMAT = 1
+"""Version of what an entry holds and how rows are made from records; bump it when either changes."""
+
+_ENTRY = "entry.json"
+_REPORT_S = 1.0
+"""Tokenizing that takes longer than this is reported on stdout (one line per file)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One data file as a job reads it."""
+
+    path: Path
+    template: Template
+    max_seq_len: int
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes; remembered for the process while its size, mtime and inode stay."""
+    path = Path(path)
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    found = _DIGESTS.get(memo)
+    if found is None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        found = _DIGESTS[memo] = digest.hexdigest()
+    return found
+
+
+def tokenizer_digest(tokenizer: Any) -> str | None:
+    """sha256 of what a tokenizer's output depends on, or None when it cannot be serialised (a slow
+    tokenizer: its rows are then kept in memory only)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    import tokenizers
+    import transformers
+
+    digest = hashlib.sha256()
+    for part in (type(tokenizer).__name__, transformers.__version__, tokenizers.__version__, backend.to_str(),
+                 repr(getattr(tokenizer, "bos_token_id", None)), repr(getattr(tokenizer, "eos_token_id", None)),
+                 repr(getattr(tokenizer, "chat_template", None))):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+class DataCache:
+    """Where a run's jobs get their rows: memory, then the cache directory, then tokenizing.
+
+    ``directory`` None keeps rows in memory only (shared by the jobs of this process).
+    """
+
+    def __init__(self, tokenizer: Any, directory: Path | None, rank: int = 0):
+        self.tokenizer = tokenizer
+        self.rank = rank
+        self._tokenizer_digest = tokenizer_digest(tokenizer)
+        self.directory = Path(directory) if directory is not None and self._tokenizer_digest is not None else None
+        self._rows: dict[str, TokenizedRows] = {}
+        self.hits = self.misses = 0
+
+    def key(self, source: Source) -> str:
+        """What the rows of `source` depend on, hashed (it names the entry's directory)."""
+        tok = self._tokenizer_digest or f"object {id(self.tokenizer)}"
+        parts = (FORMAT, file_digest(source.path), repr(source.template), tok, source.max_seq_len)
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+    def stored(self, key: str) -> bool:
+        return self.directory is not None and (self.directory / key / _ENTRY).is_file()
+
+    def rows(self, source: Source) -> TokenizedRows:
+        """The rows of `source`; raises `DataError` on bad data (which is never cached)."""
+        try:
+            key = self.key(source)
+        except OSError:  # no such file, or unreadable: reading it says which, as a DataError
+            return read_rows(Path(source.path), source.template, self.tokenizer, source.max_seq_len)[0]
+        rows = self._rows.get(key)
+        if rows is None:
+            rows = self._read(key, source)
+            if rows is None:
+                rows = self._tokenize(key, source)
+            self._rows[key] = rows
+        return rows
+
+    def fill(self, sources: list[Source], world: int) -> None:
+        """Tokenize and store this rank's share of the sources not stored yet. Every rank must call
+        it with the same sources (in any order): the shares are cut from all of them (largest file
+        first, each to the rank with the fewest bytes so far), so ranks agree on them whatever the
+        others have stored already. Afterwards, once all ranks are done, every rank reads them all.
+
+        A file with bad data is skipped here: every rank meets it again when it reads its jobs, and
+        reports it there with the job it belongs to."""
+        if self.directory is None or world < 1:
+            return
+        unique: dict[str, tuple[int, Source]] = {}
+        for source in sources:
+            try:
+                unique.setdefault(self.key(source), (Path(source.path).stat().st_size, source))
+            except OSError:  # reported with its job when the jobs are read
+                continue
+        loads = [0] * world
+        mine: list[tuple[str, Source]] = []
+        for key, (size, source) in sorted(unique.items(), key=lambda kv: (-kv[1][0], kv[0])):
+            rank = loads.index(min(loads))
+            loads[rank] += size
+            if rank == self.rank:
+                mine.append((key, source))
+        missing = [size for key, (size, _) in unique.items() if not self.stored(key)]
+        if missing and self.rank == 0:
+            print(f"tokenizing {len(missing)} data file(s), {sum(missing) / 2**20:.1f} MiB, on up to "
+                  f"{min(world, len(unique))} rank(s); cached in {self.directory}", flush=True)
+        for key, source in mine:
+            if self.stored(key):
+                continue
+            try:
+                self.rows(source)
+            except DataError:
+                continue
+
+    def _read(self, key: str, source: Source) -> TokenizedRows | None:
+        if not self.stored(key):
+            return None
+        assert self.directory is not None
+        entry = self.directory / key
+        try:
+            info = json.loads((entry / _ENTRY).read_text())
+            rows = TokenizedRows.load(entry)
+            if len(rows) != info["rows"] or rows.tokens != info["tokens"]:
+                raise ValueError(f"holds {len(rows)} rows and {rows.tokens} tokens, its entry says "
+                                 f"{info['rows']} and {info['tokens']}")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("rank %d: cannot read cached rows of %s from %s (%s); tokenizing again",
+                        self.rank, source.path, entry, exc)
+            self._discard(entry)
+            return None
+        self.hits += 1
+        if info.get("skipped"):
+            log.warning("%s: skipped %d of %d records left without a loss token at max_seq_len=%d",
+                        source.path, info["skipped"], info["records"], source.max_seq_len)
+        return rows
+
+    def _tokenize(self, key: str, source: Source) -> TokenizedRows:
+        start = time.perf_counter()
+        rows, records = read_rows(Path(source.path), source.template, self.tokenizer, source.max_seq_len)
+        self.misses += 1
+        seconds = time.perf_counter() - start
+        if seconds >= _REPORT_S:
+            print(f"rank {self.rank}: tokenized {source.path}: {len(rows):,} rows, {rows.tokens:,} tokens "
+                  f"in {seconds:.1f} s", flush=True)
+        if self.directory is not None:
+            self._store(key, source, rows, {"skipped": records - len(rows), "records": records})
+        return rows
+
+    def _store(self, key: str, source: Source, rows: TokenizedRows, counts: dict) -> None:
+        """Write the entry beside its place and rename it in; a failure costs the cache, not the run."""
+        assert self.directory is not None
+        final = self.directory / key
+        tmp = self.directory / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}"
+        info = {"format": FORMAT, "data": str(source.path), "template": source.template.name,
+                "max_seq_len": source.max_seq_len, "rows": len(rows), "tokens": rows.tokens, **counts}
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            rows.save(tmp)
+            with open(tmp / _ENTRY, "w") as f:
+                json.dump(info, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(tmp)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / _ENTRY).is_file():  # not another rank's entry that won the race
+                    raise
+            fsync_dir(self.directory)
+        except OSError as exc:
+            log.warning("rank %d: cannot cache the rows of %s in %s (%s)", self.rank, source.path, final, exc)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def _discard(entry: Path) -> None:
+        aside = entry.with_name(f".bad-{entry.name}-{os.getpid()}")
+        try:
+            os.rename(entry, aside)
+        except OSError:
+            return
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def job_sources(jobs: list[Any], base_dir: Path | None = None) -> list[Source]:
+    """The data and held-out files of the jobs (`JobConfig`s), as `Source`s."""
+    sources = []
+    for job in jobs:
+        template = load_template(job.template, base_dir)
+        for path in (job.data, job.eval_data):
+            if path is not None:
+                sources.append(Source(Path(path), template, job.max_seq_len))
+    return sources

@@ -1,0 +1,136 @@
+"""Tests of mlora_pp.data_cache: tokenized rows kept on disk by what they depend on, shared by ranks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlora_pp.config import RESERVED_NAMES, ConfigError, JobConfig, ModelConfig, RunConfig, parse_config
+from mlora_pp.data import DataError, load_examples, load_template
+from mlora_pp.data_cache import DATA_CACHE, DataCache, Source, job_sources
+from mlora_pp.tiny import build_tokenizer
+from mlora_pp.training import prepare_jobs
+
+WORDS = "the of and to in is was for on that with as by at from his her are be or".split()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def _data(path: Path, n: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    path.write_text("".join(json.dumps({"instruction": " ".join(rng.choices(WORDS, k=rng.randint(2, 9))),
+                                        "output": " ".join(rng.choices(WORDS, k=rng.randint(1, 7)))}) + "\n"
+                            for _ in range(n)))
+    return path
+
+
+def test_a_second_cache_reads_what_the_first_tokenized(tmp_path: Path, tokenizer) -> None:
+    source = Source(_data(tmp_path / "a.jsonl", 40, 0), load_template("alpaca"), 32)
+    reference = load_examples(source.path, source.template, tokenizer, source.max_seq_len)
+    first = DataCache(tokenizer, tmp_path / "cache")
+    assert first.rows(source) == reference and (first.hits, first.misses) == (0, 1)
+    assert first.rows(source) is first.rows(source)  # once per process
+    second = DataCache(tokenizer, tmp_path / "cache", rank=1)
+    rows = second.rows(source)
+    assert (second.hits, second.misses) == (1, 0)
+    assert isinstance(rows.ids, np.memmap) and rows == reference
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.key(source)]  # no temporary left
+
+
+def test_the_key_changes_with_everything_rows_depend_on(tmp_path: Path, tokenizer) -> None:
+    path = _data(tmp_path / "a.jsonl", 10, 0)
+    cache = DataCache(tokenizer, tmp_path / "cache")
+    base = Source(path, load_template("alpaca"), 32)
+    keys = {cache.key(base), cache.key(Source(path, load_template("alpaca"), 33)),
+            cache.key(Source(path, load_template("plain"), 32))}
+    other = build_tokenizer()
+    other.eos_token = other.bos_token  # same vocabulary, another eos id
+    keys.add(DataCache(other, tmp_path / "cache").key(base))
+    assert len(keys) == 4
+    assert DataCache(build_tokenizer(), tmp_path / "cache").key(base) == cache.key(base)  # equal tokenizers
+    copy = tmp_path / "b.jsonl"
+    copy.write_bytes(path.read_bytes())
+    assert cache.key(Source(copy, base.template, 32)) == cache.key(base)  # by content, not by name
+    path.write_text(path.read_text() + json.dumps({"instruction": "x", "output": "y"}) + "\n")
+    assert cache.key(base) not in keys
+
+
+def test_a_damaged_entry_is_tokenized_again(tmp_path: Path, tokenizer, caplog) -> None:
+    source = Source(_data(tmp_path / "a.jsonl", 30, 1), load_template("alpaca"), 32)
+    DataCache(tokenizer, tmp_path / "cache").rows(source)
+    entry = tmp_path / "cache" / DataCache(tokenizer, None).key(source)
+    ids = entry / "ids.npy"
+    ids.write_bytes(ids.read_bytes()[:-8])  # a row's tokens lost
+    with caplog.at_level(logging.WARNING):
+        cache = DataCache(tokenizer, tmp_path / "cache")
+        rows = cache.rows(source)
+    assert "cannot read cached rows" in caplog.text and (cache.hits, cache.misses) == (0, 1)
+    assert rows == load_examples(source.path, source.template, tokenizer, 32)
+    assert DataCache(tokenizer, tmp_path / "cache").rows(source) == rows  # and stored whole again
+
+
+def test_skipped_records_are_reported_again_when_read_back(tmp_path: Path, tokenizer, caplog) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"instruction": "", "output": ""}) + "\n" + json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    (tmp_path / "t.yaml").write_text('prompt: "{instruction}"\nresponse: "{output}"\n')
+    tokenizer = build_tokenizer()
+    tokenizer.bos_token = None  # the empty record is eos alone at position 0: no loss token
+    source = Source(path, load_template("t.yaml", tmp_path), 16)
+    with caplog.at_level(logging.WARNING):
+        assert len(DataCache(tokenizer, tmp_path / "cache").rows(source)) == 1
+        caplog.clear()
+        cache = DataCache(tokenizer, tmp_path / "cache")
+        assert len(cache.rows(source)) == 1 and cache.hits == 1
+    assert "skipped 1 of 2 records" in caplog.text
+
+
+def test_fill_gives_each_file_to_one_rank_whatever_the_others_did(tmp_path: Path, tokenizer) -> None:
+    """Three ranks, seven jobs over five files (one bad): each good file is tokenized by exactly one
+    rank, whichever order the ranks run in, and then every rank reads every file from disk."""
+    template = load_template("alpaca")
+    paths = [_data(tmp_path / f"d{k}.jsonl", 10 + 15 * k, k) for k in range(4)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"oops": 1}\n')
+    sources = [Source(p, template, 24) for p in paths + [bad, paths[0], paths[2]]]
+    for order in ([0, 1, 2], [2, 0, 1]):
+        directory = tmp_path / f"cache-{order[0]}"
+        caches = {r: DataCache(tokenizer, directory, rank=r) for r in range(3)}
+        for r in order:
+            caches[r].fill(list(reversed(sources)) if r == 1 else sources, world=3)
+        assert sum(c.misses for c in caches.values()) == 4 and max(c.misses for c in caches.values()) <= 2
+        assert len(list(directory.iterdir())) == 4
+        reader = DataCache(tokenizer, directory, rank=1)
+        for p in paths:
+            assert reader.rows(Source(p, template, 24)) == load_examples(p, template, tokenizer, 24)
+        assert (reader.hits, reader.misses) == (4, 0)
+        with pytest.raises(DataError, match="bad.jsonl line 2: missing field"):
+            reader.rows(Source(bad, template, 24))
+
+
+def test_jobs_reading_one_file_share_its_rows(tmp_path: Path, tokenizer) -> None:
+    path = _data(tmp_path / "a.jsonl", 20, 3)
+    jobs = [JobConfig(name=f"j{k}", data=str(path), batch_size=4, micro_batch_size=2, max_seq_len=32) for k in range(3)]
+    jobs.append(JobConfig(name="other", data=str(path), batch_size=4, micro_batch_size=2, max_seq_len=16))
+    cfg = RunConfig(model=ModelConfig(path=tmp_path), jobs=jobs, output_dir=tmp_path / "out")
+    loaded = prepare_jobs(cfg, tokenizer)
+    assert loaded["j0"].examples is loaded["j1"].examples is loaded["j2"].examples
+    assert loaded["other"].examples is not loaded["j0"].examples
+    assert len(job_sources(jobs)) == 4
+
+
+def test_job_names_cannot_be_the_runs_own_directories() -> None:
+    from mlora_pp.checkpoint import CHECKPOINTS
+    from mlora_pp.control import CONTROL
+
+    assert {CHECKPOINTS, CONTROL, DATA_CACHE} <= set(RESERVED_NAMES)
+    for name in RESERVED_NAMES:
+        with pytest.raises(ConfigError, match=rf"jobs\[0\]\.name: '{name}' is the name of the run's own directory"):
+            parse_config({"model": {"path": "m"}, "jobs": [{"name": name, "data": "d.jsonl"}]}, "x.yaml")

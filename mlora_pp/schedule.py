@@ -1188,7 +1188,8 @@ class PlanStream:
         self._source: Iterator[list[tuple[MicroBatchPart, ...]]] | None = None
         self._ahead: list[tuple[MicroBatchPart, ...]] | None = None  # the source's next group
         self._count = 0
-        if num_stages == 1 and not (policy == "lora" and custom):
+        if num_stages == 1 and not (policy == "lora" and (custom or streams is not None)):
+            # one stage needs no streams: each slot fuses every live job (unless streams are asked for)
             self._source = _groups(jobs, policy, fuse)
         elif policy == "lora":
             self._clock, tokens = _lora_clock(jobs, num_stages, fuse, cost, bound, token_bound, streams,

@@ -215,6 +215,20 @@ def test_one_fused_stream_pipeline_equals_single_rank(workspace, single_rank):
     assert_same_evaluations(workspace[0] / "one-stream", single_rank)
 
 
+def test_one_stage_keeps_the_streams_asked_for(workspace, single_rank):
+    """pipeline.streams: 2 on one stage runs two streams, as on more stages (it fused every job into
+    each slot before, unless a memory budget was set): same adapters as every job fused."""
+    config = write_config(workspace, "one-stage-two-streams", streams=2)
+    train(parse_config(yaml.safe_load(config.read_text()), config), progress=False)
+    out = workspace[0] / "one-stage-two-streams"
+    for job in JOBS:
+        assert_adapters_equal(adapter(out, job["name"]), adapter(single_rank, job["name"]))
+    assert_same_evaluations(out, single_rank)
+    forwards = [e["name"] for e in json.loads((out / "trace.json").read_text())["traceEvents"] if e.get("cat") == "F"]
+    fused = [{part.split(":")[0] for part in name.split(" ", 1)[1].split("+")} for name in forwards]
+    assert forwards and max(map(len, fused)) == 2  # two streams: no micro-batch holds all three jobs
+
+
 def test_nf4_pipeline_equals_single_rank(workspace):
     """QLoRA: each stage quantizes its own layers; 2 stages give the 1-rank nf4 adapters."""
     single = write_config(workspace, "nf4-single", quantize="nf4")

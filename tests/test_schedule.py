@@ -131,13 +131,15 @@ def test_every_policy_is_runnable(stages):
 
 def test_lora_fuses_within_token_balanced_groups_and_stays_runnable():
     jobs = mixed_jobs(5) + [job(f"x{i}", 2, 2) for i in range(5)]
-    for stages, streams in ((2, None), (2, 1), (3, 2), (4, 3)):
+    for stages, streams in ((2, None), (2, 1), (3, 2), (4, 3), (1, 2), (1, 3)):
         s = build_schedule(jobs, stages, "lora", streams=streams)
         check_schedule(s, jobs)
         groups = group_jobs(jobs, stages, streams=streams)
         # a micro-batch only fuses jobs of one group
         where = {j.name: g for g, members in enumerate(groups) for j in members}
         assert all(len({where[p.job] for p in mb.parts}) == 1 for mb in s.micro_batches)
+        assert streams is None or len(groups) == streams  # one stage too: streams asked for are kept
+        assert {where[mb.parts[0].job] for mb in s.micro_batches} == set(range(len(groups)))
 
 
 def test_lora_steps_right_after_each_jobs_last_backward():

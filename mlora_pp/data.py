@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +186,12 @@ def load_template(spec: str, base_dir: Path | None = None) -> Template:
 
 def _read_located(path: Path) -> list[tuple[str, dict]]:
     """Records of a data file, each with where it came from (``"line 7"`` or ``"record 3"``)."""
+    return list(_iter_located(path))
+
+
+def _iter_located(path: Path) -> Iterator[tuple[str, dict]]:
+    """`_read_located` one record at a time: a JSONL file is read line by line, so a large file is
+    never held whole (a ``.json`` file is one document and is parsed whole)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: data file not found")
@@ -195,32 +201,27 @@ def _read_located(path: Path) -> list[tuple[str, dict]]:
     if suffix not in (".jsonl", ".ndjson", ".json"):
         raise DataError(f"{path}: unsupported data file type {suffix or '(none)'!r}; use .jsonl or .json")
     try:
-        data = path.read_bytes()
+        f = open(path, "rb")
     except OSError as exc:
         raise DataError(f"{path}: cannot read data file ({exc.strerror or exc.__class__.__name__})") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path} line {line}: not valid UTF-8") from None
-
-    located: list[tuple[str, dict]] = []
-    if suffix == ".json":
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
-        if isinstance(raw, dict) and isinstance(raw.get("data"), list):
-            raw = raw["data"]
-        if not isinstance(raw, list):
-            raise DataError(f'{path}: expected a list of objects or {{"data": [...]}}')
-        for i, record in enumerate(raw, 1):
-            if not isinstance(record, dict):
-                raise DataError(f"{path} record {i}: expected a JSON object, got {_json_type(record)}")
-            located.append((f"record {i}", record))
-    else:
-        # Split on "\n" only: str.splitlines would also split on U+2028 etc., legal inside JSON strings.
-        for lineno, line in enumerate(text.split("\n"), 1):
+    with f:
+        if suffix == ".json":
+            yield from _json_records(path, f)
+            return
+        found = False
+        lineno = 0
+        while True:
+            try:
+                raw = f.readline()  # splits on b"\n" only: U+2028 etc. are legal inside JSON strings
+            except OSError as exc:
+                raise DataError(f"{path}: cannot read data file ({exc.strerror or exc.__class__.__name__})") from None
+            if not raw:
+                break
+            lineno += 1
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path} line {lineno}: not valid UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -229,10 +230,36 @@ def _read_located(path: Path) -> list[tuple[str, dict]]:
                 raise DataError(f"{path} line {lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path} line {lineno}: expected a JSON object, got {_json_type(record)}")
-            located.append((f"line {lineno}", record))
-    if not located:
+            found = True
+            yield f"line {lineno}", record
+        if not found:
+            raise DataError(f"{path} has no records")
+
+
+def _json_records(path: Path, f: Any) -> Iterator[tuple[str, dict]]:
+    try:
+        data = f.read()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read data file ({exc.strerror or exc.__class__.__name__})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not valid UTF-8") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
+    if isinstance(raw, dict) and isinstance(raw.get("data"), list):
+        raw = raw["data"]
+    if not isinstance(raw, list):
+        raise DataError(f'{path}: expected a list of objects or {{"data": [...]}}')
+    if not raw:
         raise DataError(f"{path} has no records")
-    return located
+    for i, record in enumerate(raw, 1):
+        if not isinstance(record, dict):
+            raise DataError(f"{path} record {i}: expected a JSON object, got {_json_type(record)}")
+        yield f"record {i}", record
 
 
 def _json_type(value: Any) -> str:
@@ -249,7 +276,7 @@ def load_records(path: Path) -> list[dict]:
 # Tokenization.
 
 
-ENCODE_CHUNK = 4096
+ENCODE_CHUNK = 1024
 """Records tokenized per call: fast tokenizers parallelise within a call, and the encodings of one
 chunk (several times the size of its ids) are all that is held at once."""
 
@@ -372,52 +399,69 @@ def load_examples(path: Path, template: Template, tokenizer: Any, max_seq_len: i
     return read_rows(path, template, tokenizer, max_seq_len)[0]
 
 
-def read_rows(path: Path, template: Template, tokenizer: Any, max_seq_len: int) -> tuple[TokenizedRows, int]:
-    """`load_examples` and the number of records the file holds (those skipped included)."""
+def read_rows(path: Path, template: Template, tokenizer: Any, max_seq_len: int,
+              progress: Callable[[int], None] | None = None) -> tuple[TokenizedRows, int]:
+    """`load_examples` and the number of records the file holds (those skipped included).
+
+    Records are read, checked, rendered and tokenized `ENCODE_CHUNK` at a time, so what is held
+    besides the rows is one chunk's records, whatever the file's size. ``progress`` is called
+    with the records done so far after each chunk."""
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
     path = Path(path)
-    located = _read_located(path)
-    for where, record in located:
-        missing = template.missing_fields(record)
-        if missing:
-            raise DataError(f"{path} {where}: {template._missing_message(missing)}")
     if template.kind == "chat":
-        return _load_chat(path, located, tokenizer, max_seq_len)
-    texts: list[tuple[str, str]] = []
-    for where, record in located:
-        try:
-            texts.append(template.render(record))
-        except DataError as exc:
-            raise DataError(f"{path} {where}: {exc}") from None
-    del located[:]  # the records are rendered: only their count is needed from here on
+        return _load_chat(path, template, tokenizer, max_seq_len)
     bos, eos = _special_ids(tokenizer)
     rows = RowsBuilder()
-    for start in range(0, len(texts), ENCODE_CHUNK):
-        chunk = texts[start : start + ENCODE_CHUNK]
-        prompts = _encode(tokenizer, [prompt for prompt, _ in chunk])
-        responses = _encode(tokenizer, [response for _, response in chunk])
+    records = 0
+    for chunk in _chunks(_iter_located(path), ENCODE_CHUNK):
+        texts: list[tuple[str, str]] = []
+        for where, record in chunk:
+            try:
+                texts.append(template.render(record))
+            except DataError as exc:
+                raise DataError(f"{path} {where}: {exc}") from None
+        prompts = _encode(tokenizer, [prompt for prompt, _ in texts])
+        responses = _encode(tokenizer, [response for _, response in texts])
         for prompt_ids, response_ids in zip(prompts, responses):
             row = _assemble(prompt_ids, response_ids, bos, eos, max_seq_len)
             if row is not None:
                 rows.add(*row)
-    return _usable(path, len(texts), rows, max_seq_len), len(texts)
+        records += len(chunk)
+        if progress is not None:
+            progress(records)
+    return _usable(path, records, rows, max_seq_len), records
 
 
-def _load_chat(path: Path, located: list[tuple[str, dict]], tokenizer: Any, max_seq_len: int
-               ) -> tuple[TokenizedRows, int]:
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _load_chat(path: Path, template: Template, tokenizer: Any, max_seq_len: int) -> tuple[TokenizedRows, int]:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{path}: template chat needs a tokenizer with a chat template; this model's has none "
                         "(use alpaca, plain or a template file)")
     rows = RowsBuilder()
-    for where, record in located:
+    records = 0
+    for where, record in _iter_located(path):
+        records += 1
+        missing = template.missing_fields(record)
+        if missing:
+            raise DataError(f"{path} {where}: {template._missing_message(missing)}")
         try:
             example = chat_example(tokenizer, _chat_messages(record), max_seq_len)
         except DataError as exc:
             raise DataError(f"{path} {where}: {exc}") from None
         if example is not None:
             rows.add(example.input_ids, [label != IGNORE_INDEX for label in example.labels])
-    return _usable(path, len(located), rows, max_seq_len), len(located)
+    return _usable(path, records, rows, max_seq_len), records
 
 
 def _usable(path: Path, records: int, rows: RowsBuilder, max_seq_len: int) -> TokenizedRows:

@@ -42,6 +42,8 @@ FORMAT = 1
 _ENTRY = "entry.json"
 _REPORT_S = 1.0
 """Tokenizing that takes longer than this is reported on stdout (one line per file)."""
+PROGRESS_S = 10.0
+"""While a file is tokenized, the records done so far are reported this often (stdout)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,8 +186,17 @@ class DataCache:
         return rows
 
     def _tokenize(self, key: str, source: Source) -> TokenizedRows:
-        start = time.perf_counter()
-        rows, records = read_rows(Path(source.path), source.template, self.tokenizer, source.max_seq_len)
+        start = last = time.perf_counter()
+
+        def progress(done: int) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            if now - last >= PROGRESS_S:
+                print(f"rank {self.rank}: tokenizing {source.path}: {done:,} records in {now - start:.0f} s",
+                      flush=True)
+                last = now
+
+        rows, records = read_rows(Path(source.path), source.template, self.tokenizer, source.max_seq_len, progress)
         self.misses += 1
         seconds = time.perf_counter() - start
         if seconds >= _REPORT_S:

@@ -115,9 +115,14 @@ class TokenizedRows(Sequence[Example]):
 
     @functools.cached_property
     def loss_tokens(self) -> np.ndarray:
-        """Positions that carry loss in each row (int64); `Example.loss_tokens` of every row."""
-        cumulative = np.concatenate(([0], np.cumsum(self.trained, dtype=np.int64)))
-        return cumulative[self.offsets[1:]] - cumulative[self.offsets[:-1]]
+        """Positions after the first that carry loss in each row (int64): `Example.loss_tokens` of
+        every row, found without a temporary the size of the tokens."""
+        sums = np.zeros(len(self), dtype=np.int64)
+        full = np.flatnonzero(self.lengths > 0)
+        if len(full):
+            starts = self.offsets[full]  # the empty rows between two full ones hold no token
+            sums[full] = np.add.reduceat(self.trained, starts, dtype=np.int64) - self.trained[starts]
+        return sums
 
     @property
     def tokens(self) -> int:

@@ -412,3 +412,21 @@ def test_collate_pads_right() -> None:
         collate([a, b], pad_id=0, pad_to=4)
     with pytest.raises(ValueError):
         collate([], pad_id=0)
+
+
+def test_encoding_errors_and_marks_name_the_line(tmp_path: Path) -> None:
+    """A JSONL file is read a line at a time: a byte-order mark, CRLF endings and a bad byte on a
+    late line are handled as when the file was decoded whole."""
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "a"}\r\n{"text": "b"}\r\n')
+    assert load_records(path) == [{"text": "a"}, {"text": "b"}]
+    path.write_bytes(b'{"text": "a"}\n\n{"text": "\xff"}\n')
+    with pytest.raises(DataError, match=r"a\.jsonl line 3: not valid UTF-8"):
+        load_records(path)
+    json_path = tmp_path / "b.json"
+    json_path.write_bytes(b'[{"text": "a"},\n {"text": "\xff"}]')
+    with pytest.raises(DataError, match=r"b\.json line 2: not valid UTF-8"):
+        load_records(json_path)
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
+    with pytest.raises(DataError, match="has no records"):
+        load_records(tmp_path / "empty.jsonl")

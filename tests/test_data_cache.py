@@ -92,6 +92,19 @@ def test_skipped_records_are_reported_again_when_read_back(tmp_path: Path, token
     assert "skipped 1 of 2 records" in caplog.text
 
 
+def test_a_long_tokenization_reports_its_progress(tmp_path: Path, tokenizer, monkeypatch, capsys) -> None:
+    import mlora_pp.data
+    import mlora_pp.data_cache
+
+    monkeypatch.setattr(mlora_pp.data, "ENCODE_CHUNK", 16)
+    monkeypatch.setattr(mlora_pp.data_cache, "PROGRESS_S", 0.0)
+    source = Source(_data(tmp_path / "a.jsonl", 40, 4), load_template("alpaca"), 32)
+    DataCache(tokenizer, tmp_path / "cache", rank=1).rows(source)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "tokenizing" in line]
+    assert [line.split(": ")[-1].split(" records")[0] for line in lines] == ["16", "32", "40"]
+    assert lines[0].startswith(f"rank 1: tokenizing {source.path}: ")
+
+
 def test_fill_gives_each_file_to_one_rank_whatever_the_others_did(tmp_path: Path, tokenizer) -> None:
     """Three ranks, seven jobs over five files (one bad): each good file is tokenized by exactly one
     rank, whichever order the ranks run in, and then every rank reads every file from disk."""

@@ -100,3 +100,15 @@ def test_load_examples_over_many_chunks_matches_each_record_alone(tmp_path: Path
         assert expected.count(None) == 7
         expected = [ex for ex in expected if ex is not None]
         assert load_examples(path, template, tokenizer, max_seq_len) == expected
+
+
+def test_loss_tokens_of_rows_empty_or_trained_at_position_0_match_examples() -> None:
+    """`Example.loss_tokens` never counts position 0; nor do the rows' sums, empty rows included."""
+    rng = random.Random(4)
+    for _ in range(500):
+        examples = []
+        for _ in range(rng.randint(0, 8)):
+            ids = tuple(rng.randrange(9) for _ in range(rng.choice([0, 0, 1, 2, 5])))
+            examples.append(Example(ids, tuple(IGNORE_INDEX if rng.random() < 0.5 else t for t in ids)))
+        rows = TokenizedRows.from_examples(examples)
+        assert rows.loss_tokens.tolist() == [ex.loss_tokens for ex in examples]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from mlora_pp.data import IGNORE_INDEX
+from mlora_pp.lora import host_to_device
 
 CHUNK_LOGIT_BYTES = 256 * 2**20
 """Bytes of fp32 logits one chunk computes at once: the softmax and its gradient are computed in
@@ -65,7 +66,7 @@ class LossTokens:
         part_index = torch.repeat_interleave(torch.arange(len(parts)), torch.tensor(counts, dtype=torch.long))
         token_weights = torch.tensor(list(weights), dtype=torch.float32)[part_index]
         moved = (rr * length + tt, nxt[rr, tt], token_weights, part_index)
-        positions, targets, token_weights, part_index = (t.to(device, non_blocking=True) for t in moved)
+        positions, targets, token_weights, part_index = (host_to_device(t, device) for t in moved)
         return LossTokens(positions, targets, token_weights, part_index, counts)
 
 

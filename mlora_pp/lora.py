@@ -93,8 +93,12 @@ class LoRABatch:
         return self.segments[-1].row_end if self.segments else 0
 
 
-def _to_device(t: Tensor, device: torch.device) -> Tensor:
-    """Host tensor to `device` without making the host wait for the device's queue (pinned, async)."""
+def host_to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """Host tensor to `device` without making the host wait for the device's queue (pinned, async).
+
+    A plain ``.to("cuda")`` of pageable memory synchronizes the stream: the host would wait for
+    every kernel it queued before, and could not run ahead of the GPU."""
+    device = torch.device(device)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
@@ -124,7 +128,7 @@ class LoRAContext:
 
         def build() -> Tensor:
             mods = torch.tensor([_module_seed(m) for m in ids], dtype=torch.int64)
-            return _as_int32(_mix32(self.key_seeds(device)[None, :] ^ _to_device(mods, device)[:, None]))
+            return _as_int32(_mix32(self.key_seeds(device)[None, :] ^ host_to_device(mods, device)[:, None]))
 
         table = self.cached(("positions", device, ids), build)
         return table[self._row_of[module_id]]
@@ -154,7 +158,7 @@ class LoRAContext:
         if seeds is None:
             assert self._batch is not None
             flat = [k for seg in self._batch.segments for k in seg.dropout_keys]
-            keys = _to_device(torch.tensor(flat, dtype=torch.int64), device)
+            keys = host_to_device(torch.tensor(flat, dtype=torch.int64), device)
             seeds = self._seeds[device] = _key_seeds(keys, self._batch.seq_len)
         return seeds
 
@@ -966,7 +970,7 @@ class BatchedLoRALinear(nn.Module):
         slots = tuple(index[names[g.slot]] if g.slot >= 0 else len(index) for g in plan.groups)
         if slots != tuple(range(len(index))):
             plan.slots = self.context.cached(("slots", x.device, slots),
-                                             lambda: _to_device(torch.tensor(slots, dtype=torch.int64), x.device))
+                                             lambda: host_to_device(torch.tensor(slots, dtype=torch.int64), x.device))
         lo, hi = plan.span
         layout = tuple((g.start, g.end, plan.scales[g.slot] if g.slot >= 0 else 0.0, plan.active_p(g), g.drops)
                        for g in plan.groups)
@@ -987,10 +991,10 @@ def _span_tables(plan: _Plan, device: torch.device) -> tuple[Tensor, Tensor, Ten
     thresh = inv_keep = None
     if any(g.drops for g in plan.groups):
         per_group = [_threshold(plan.dropouts[g.slot]) if g.drops else _I32_MIN for g in plan.groups]
-        thresh = _to_device(torch.repeat_interleave(torch.tensor(per_group, dtype=torch.int32), lengths), device)
+        thresh = host_to_device(torch.repeat_interleave(torch.tensor(per_group, dtype=torch.int32), lengths), device)
         keep = torch.tensor([1.0 / (1.0 - plan.active_p(g)) for g in plan.groups], dtype=torch.float32)
-        inv_keep = _to_device(torch.repeat_interleave(keep, lengths), device)[:, None]
-    return _to_device(offs, device), _to_device(scales, device).view(-1, 1, 1), thresh, inv_keep
+        inv_keep = host_to_device(torch.repeat_interleave(keep, lengths), device)[:, None]
+    return host_to_device(offs, device), host_to_device(scales, device).view(-1, 1, 1), thresh, inv_keep
 
 
 def _merge_gaps(groups: list[_Group]) -> list[_Group]:

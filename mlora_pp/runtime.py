@@ -33,7 +33,7 @@ from mlora_pp.faults import Fault
 from mlora_pp.grad_norm import GradNorm, GradNormChannel
 from mlora_pp.head_loss import LossTokens
 from mlora_pp.job import AdapterJob
-from mlora_pp.lora import LoRABatch, LoRASegment
+from mlora_pp.lora import LoRABatch, LoRASegment, host_to_device
 from mlora_pp.memory import Measurement, RecomputeMeter, SavedTensorMeter, live_job_bytes
 from mlora_pp.memory import static_bytes as count_static_bytes
 from mlora_pp.model import StageModel
@@ -162,7 +162,7 @@ class StageWorker:
             weights = [1.0 if part.eval else 1.0 / max(self.jobs[part.job].plans[part.step].loss_tokens, 1)
                        for part in mb.parts]
             where = LossTokens.find(labels, [(s.row_start, s.row_end) for s in segments], weights, self.device)
-        return input_ids.to(self.device), where, batch
+        return host_to_device(input_ids, self.device), where, batch
 
     def probe_inputs(self, mb: MicroBatch, generator: torch.Generator
                      ) -> tuple[torch.Tensor, torch.Tensor, LossTokens | None, LoRABatch]:

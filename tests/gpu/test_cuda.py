@@ -255,3 +255,31 @@ def test_the_predicted_peak_bounds_the_allocators_with_a_submitted_job_on_cuda(t
     print(f"recompute {recompute}: predicted {memory['predicted_peak_bytes']}, measured "
           f"{memory['measured_peak_bytes']} ({memory['predicted_peak_bytes'] / memory['measured_peak_bytes']:.3f}x)")
     assert memory["measured_peak_bytes"] <= memory["predicted_peak_bytes"], memory
+
+
+def test_a_micro_batch_reaches_the_gpu_without_the_host_waiting_for_it():
+    """`StageWorker.inputs` moves token ids (and the last stage its loss tokens) with
+    `host_to_device`: the host goes on while earlier kernels run. A plain ``.to("cuda")`` of
+    pageable memory would wait for them (the control below)."""
+    from mlora_pp.head_loss import LossTokens
+    from mlora_pp.lora import host_to_device
+    from mlora_pp.tokenized import Example, TokenizedRows, collate_rows
+
+    rows = TokenizedRows.from_examples([Example((1, 2, 3, 4), (-100, -100, 3, 4)), Example((5, 6), (-100, 6))])
+    input_ids, labels = collate_rows([(rows, [0, 1])], pad_id=0)
+
+    def queue_work() -> None:
+        a = torch.randn(4096, 4096, device="cuda")
+        for _ in range(50):  # about 0.1 s of fp32 matmuls queued
+            a = (a @ a) / 4096
+        torch.cuda._sleep(100_000_000)
+
+    queue_work()
+    ids = host_to_device(input_ids, "cuda")
+    where = LossTokens.find(labels, [(0, 2)], [0.5], "cuda")
+    assert not torch.cuda.current_stream().query()  # still busy: the host did not wait
+    torch.cuda.synchronize()
+    assert torch.equal(ids.cpu(), input_ids) and where.counts == (3,)
+    queue_work()
+    input_ids.to("cuda")
+    assert torch.cuda.current_stream().query()  # the control: a pageable copy waited for the queue

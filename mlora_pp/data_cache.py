@@ -103,6 +103,8 @@ class DataCache:
         self._tokenizer_digest = tokenizer_digest(tokenizer)
         self.directory = Path(directory) if directory is not None and self._tokenizer_digest is not None else None
         self._rows: dict[str, TokenizedRows] = {}
+        self._shares: dict[str, int] = {}  # key -> the rank `fill` gave it to
+        self._unshared_warned = False
         self.hits = self.misses = 0
 
     def key(self, source: Source) -> str:
@@ -124,6 +126,12 @@ class DataCache:
         if rows is None:
             rows = self._read(key, source)
             if rows is None:
+                owner = self._shares.get(key, self.rank)
+                if owner != self.rank and not self._unshared_warned:
+                    self._unshared_warned = True
+                    print(f"warning: rank {self.rank}: the data cache {self.directory} does not hold the rows rank "
+                          f"{owner} tokenized for {source.path}: it is not shared between them, so this rank "
+                          "tokenizes every file the others did (name a data_cache every machine sees)", flush=True)
                 rows = self._tokenize(key, source)
             self._rows[key] = rows
         return rows
@@ -149,6 +157,7 @@ class DataCache:
         for key, (size, source) in sorted(unique.items(), key=lambda kv: (-kv[1][0], kv[0])):
             rank = loads.index(min(loads))
             loads[rank] += size
+            self._shares[key] = rank
             if rank == self.rank:
                 mine.append((key, source))
         missing = [size for key, (size, _) in unique.items() if not self.stored(key)]

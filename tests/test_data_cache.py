@@ -128,6 +128,22 @@ def test_fill_gives_each_file_to_one_rank_whatever_the_others_did(tmp_path: Path
             reader.rows(Source(bad, template, 24))
 
 
+def test_a_cache_the_ranks_do_not_share_is_named_once(tmp_path: Path, tokenizer, capsys) -> None:
+    """Two ranks with a directory each (a node-local data_cache): each tokenizes the other's share
+    too, and says once why."""
+    template = load_template("alpaca")
+    sources = [Source(_data(tmp_path / f"d{k}.jsonl", 20 + k, k), template, 24) for k in range(4)]
+    caches = [DataCache(tokenizer, tmp_path / f"node{r}", rank=r) for r in range(2)]
+    for cache in caches:
+        cache.fill(sources, world=2)
+    capsys.readouterr()
+    for cache in caches:
+        assert [cache.rows(s) for s in sources] == [load_examples(s.path, template, tokenizer, 24) for s in sources]
+        assert cache.misses == 4
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and "rank 0: the data cache" in warnings[0] and "is not shared" in warnings[1]
+
+
 def test_jobs_reading_one_file_share_its_rows(tmp_path: Path, tokenizer) -> None:
     path = _data(tmp_path / "a.jsonl", 20, 3)
     jobs = [JobConfig(name=f"j{k}", data=str(path), batch_size=4, micro_batch_size=2, max_seq_len=32) for k in range(3)]

@@ -310,7 +310,8 @@ def submit_main(argv: list[str]) -> int:
         pending = [r.body.get("job", {}).get("name") for r in control.pending() if r.kind == "submit"]
         if isinstance(job, dict) and job.get("name") in pending:
             raise ConfigError(f"{job_file}: name: a job named {job['name']!r} is already submitted and waiting")
-        validate_submission(cfg, job, str(job_file))
+        checked = validate_submission(cfg, job, str(job_file))
+        tokenize_submission(checked, output_dir, str(job_file))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -318,6 +319,32 @@ def submit_main(argv: list[str]) -> int:
     within = REQUESTS_EVERY + DECISION_LEAD
     print(f"submitted {job['name']!r}: {_who_acts(output_dir)} picks it up within {within} micro-batches ({path})")
     return 0
+
+
+def tokenize_submission(checked: RunConfig, output_dir: Path, where: str) -> None:
+    """Tokenize a submitted job's data into the run's data cache here, so that rank 0 reads it at
+    its decision point instead of tokenizing it there while every stage waits. Bad data is refused
+    now (ConfigError); a tokenizer that cannot be loaded from here only leaves the work to the run."""
+    from mlora_pp.data import DataError
+    from mlora_pp.data_cache import DataCache, cache_dir
+    from mlora_pp.job import EvalDataError, load_job
+    from mlora_pp.preflight import load_tokenizer
+
+    job = checked.jobs[-1]
+    try:
+        tokenizer = load_tokenizer(Path(checked.model.path))
+    except Exception as exc:  # noqa: BLE001 - the run loads it itself and says what is wrong
+        print(f"note: not tokenized here ({exc.__class__.__name__}: {exc}); the run tokenizes {job.name}'s data")
+        return
+    cache = DataCache(tokenizer, cache_dir(checked.data_cache, output_dir))
+    try:
+        loaded = load_job(job, tokenizer, checked.seed, cache=cache)
+    except DataError as exc:
+        field = "eval_data" if isinstance(exc, EvalDataError) else "data"
+        raise ConfigError(f"{where}: {field}: {exc}") from None
+    if cache.directory is not None:
+        print(f"tokenized {job.name}'s data: {len(loaded.examples):,} rows, {loaded.examples.tokens:,} tokens "
+              f"(cached in {cache.directory})")
 
 
 def _who_acts(output_dir: Path) -> str:

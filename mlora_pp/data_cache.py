@@ -252,6 +252,11 @@ class DataCache:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def cache_dir(data_cache: Path | None, output_dir: Path) -> Path:
+    """Where a run keeps its tokenized data: its config's ``data_cache``, or ``output_dir/data-cache``."""
+    return Path(data_cache) if data_cache is not None else Path(output_dir) / DATA_CACHE
+
+
 def job_sources(jobs: list[Any], base_dir: Path | None = None) -> list[Source]:
     """The data and held-out files of the jobs (`JobConfig`s), as `Source`s."""
     sources = []

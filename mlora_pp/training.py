@@ -39,7 +39,7 @@ from mlora_pp.control import CONTROL, Accepted, ControlDir, PlanChannel, config_
 from mlora_pp.data import DataError
 from mlora_pp.early_stop import EarlyStopping
 from mlora_pp.grad_norm import GradNormChannel
-from mlora_pp.data_cache import DATA_CACHE, DataCache, job_sources
+from mlora_pp.data_cache import DataCache, cache_dir, job_sources
 from mlora_pp.job import AdapterJob, EvalDataError, load_job
 from mlora_pp.lora import warm_up_dropout
 from mlora_pp.memory import (
@@ -114,11 +114,6 @@ class DistEnv:
         if torch.cuda.is_available():
             return torch.device("cuda", self.local_rank % torch.cuda.device_count())
         return torch.device("cpu")
-
-
-def data_cache_dir(cfg: RunConfig) -> Path:
-    """`RunConfig.data_cache`, or its place in the output_dir."""
-    return Path(cfg.data_cache) if cfg.data_cache is not None else Path(cfg.output_dir) / DATA_CACHE
 
 
 def prepare_jobs(cfg: RunConfig, tokenizer, cache: DataCache | None = None) -> dict[str, AdapterJob]:
@@ -496,7 +491,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     def check() -> tuple[Any, DataCache]:
         checked = check_inputs(cfg, env.rank, env.world)
         check_writable(cfg, env.rank, where)  # every rank writes its own checkpoint parts
-        cache = DataCache(checked.tokenizer, data_cache_dir(cfg), env.rank)
+        cache = DataCache(checked.tokenizer, cache_dir(cfg.data_cache, cfg.output_dir), env.rank)
         cache.fill(job_sources(cfg.jobs), env.world)  # this rank's share of the files not tokenized yet
         return checked, cache
 

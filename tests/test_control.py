@@ -26,6 +26,8 @@ import launcher.__main__ as launcher
 from mlora_pp.checkpoint import CHECKPOINTS, checkpoint_weights, newest_checkpoint, read_checkpoint, step_dirs
 from mlora_pp.config import parse_config
 from mlora_pp.control import DECISION_LEAD, REQUESTS_EVERY, Change, ControlDir
+from mlora_pp.data_cache import DATA_CACHE, DataCache, job_sources
+from mlora_pp.preflight import load_tokenizer
 from mlora_pp.run_lock import RunLock
 from mlora_pp.runtime import StageWorker
 from mlora_pp.schedule import EvalPoint, JobSteps, PlanStream, build_schedule, cut_actions, remaining_steps
@@ -269,11 +271,14 @@ def test_submit_and_cancel_commands_check_their_input(workspace, capsys, tmp_pat
     assert "not a run directory" in capsys.readouterr().err
     ControlDir(out).write_config(parse_config(raw(workspace, "run", JOBS[:2]), "test.yaml"))
     job_file = tmp_path / "job.yaml"
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
     cases = [
         (dict(job_mapping(workspace, JOBS[2]), rank=0), f"error: {job_file}: rank: must be a positive integer"),
         (dict(job_mapping(workspace, JOBS[2]), name="alpha"), f"error: {job_file}: name: duplicate job name 'alpha'"),
         (dict(job_mapping(workspace, JOBS[2]), data=str(tmp_path / "none.jsonl")), "data file not found"),
         (dict(job_mapping(workspace, JOBS[2]), colour="red"), "colour: unknown field"),
+        (dict(job_mapping(workspace, JOBS[2]), data=str(bad_data)), f"error: {job_file}: data: {bad_data} line 2: invalid JSON"),
     ]
     for job, message in cases:
         job_file.write_text(yaml.safe_dump(job))
@@ -281,7 +286,13 @@ def test_submit_and_cancel_commands_check_their_input(workspace, capsys, tmp_pat
         assert message in capsys.readouterr().err
     job_file.write_text(yaml.safe_dump(job_mapping(workspace, JOBS[2])))
     assert launcher.main(["submit", str(out), str(job_file)]) == 0
-    assert "submitted 'gamma'" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "submitted 'gamma'" in printed and f"tokenized gamma's data" in printed
+    # tokenized here, into the run's cache, so that rank 0 only reads it at its decision point
+    cfg = parse_config(raw(workspace, "run", JOBS[:2] + [JOBS[2]]), "test.yaml")
+    cache = DataCache(load_tokenizer(cfg.model.path), out / DATA_CACHE)
+    keys = {cache.key(source) for source in job_sources(cfg.jobs[-1:])}
+    assert keys and keys <= {p.name for p in (out / DATA_CACHE).iterdir()}
     assert launcher.main(["submit", str(out), str(job_file)]) == 2  # the same name is already waiting
     assert "already submitted and waiting" in capsys.readouterr().err
     assert launcher.main(["cancel", str(out), "nobody"]) == 2

@@ -77,6 +77,24 @@ def test_a_damaged_entry_is_tokenized_again(tmp_path: Path, tokenizer, caplog) -
     assert DataCache(tokenizer, tmp_path / "cache").rows(source) == rows  # and stored whole again
 
 
+def test_what_a_killed_writer_left_is_removed_once_it_is_old(tmp_path: Path, tokenizer) -> None:
+    import os
+    import time
+
+    source = Source(_data(tmp_path / "a.jsonl", 10, 5), load_template("alpaca"), 32)
+    cache_dir = tmp_path / "cache"
+    old, new = cache_dir / ".tmp-abc-host-1", cache_dir / ".tmp-def-host-2"
+    for path in (old, new):
+        path.mkdir(parents=True)
+        (path / "ids.npy").write_bytes(b"partial")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    DataCache(tokenizer, cache_dir, rank=1).fill([source], world=2)  # only rank 0 tidies
+    assert old.exists()
+    DataCache(tokenizer, cache_dir, rank=0).fill([source], world=2)
+    assert not old.exists() and new.exists()  # a writer may still be at work on the recent one
+
+
 def test_skipped_records_are_reported_again_when_read_back(tmp_path: Path, tokenizer, caplog) -> None:
     path = tmp_path / "a.jsonl"
     path.write_text(json.dumps({"instruction": "", "output": ""}) + "\n" + json.dumps({"instruction": "a", "output": "b"}) + "\n")

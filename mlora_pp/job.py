@@ -7,11 +7,13 @@ this stage, and one job's optimizer step never waits for another's.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
@@ -21,6 +23,7 @@ from mlora_pp.data import (
     row_loss_tokens,
 )
 from mlora_pp.data_cache import DataCache, Source
+from mlora_pp.tokenized import TokenizedRows
 from mlora_pp.schedule import EvalPoint, JobSteps, MicroBatchPart
 from mlora_pp.seeding import stable_seed
 
@@ -73,6 +76,7 @@ class AdapterJob:
     """Last stage: evaluation after k steps -> [summed cross-entropy so far, its loss tokens]."""
     offloaded: bool = False
     """Pre-empted (`offload_state`): its AdamW moments are in host memory until its next optimizer step."""
+    _sizes: "_MicroSizes | None" = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -124,16 +128,23 @@ class AdapterJob:
         count = len(self.plans[step].micro_batches[micro])
         return tuple(stable_seed("dropout", self.seed, self.name, step, first + k) for k in range(count))
 
+    def micro_sizes(self) -> "_MicroSizes":
+        """Its training micro-batches' sizes as arrays, found once per step plan (and again when
+        `halve_micro_batches` re-plans)."""
+        if self._sizes is None or self._sizes.plans is not self.plans:
+            self._sizes = _MicroSizes.of(self.plans, self.examples)
+        return self._sizes
+
     def job_steps(self) -> JobSteps:
         """Rows and padded tokens of every micro-batch of the steps still to do, for the scheduler."""
-        lengths, eval_lengths = self.lengths, self.eval_lengths
-        micro_batches = []
-        for plan in self.plans[self.steps_done :]:
-            micros = []
-            for ids in plan.micro_batches:
-                longest = max(lengths[i] for i in ids)
-                micros.append((len(ids), longest * len(ids)))
-            micro_batches.append(tuple(micros))
+        sizes = self.micro_sizes()
+        first = int(sizes.per_step[: self.steps_done].sum())
+        pairs = list(zip(sizes.rows[first:].tolist(), sizes.padded[first:].tolist()))
+        micro_batches, k = [], 0
+        for n in sizes.per_step[self.steps_done :].tolist():
+            micro_batches.append(tuple(pairs[k : k + n]))
+            k += n
+        eval_lengths = self.eval_lengths
         evaluation = tuple((len(ids), len(ids) * max(eval_lengths[i] for i in ids)) for ids in self.eval_batches)
         evals = tuple(EvalPoint(k, evaluation) for k in self.eval_points if k > self.steps_done)
         return JobSteps(self.name, tuple(micro_batches), first_step=self.steps_done, evals=evals)
@@ -142,24 +153,13 @@ class AdapterJob:
         """The largest share of loss tokens among the padded tokens of any of its training
         micro-batches: it bounds what the last stage's head keeps per token of its rows
         (`MemoryModel.loss_share`)."""
-        best = 0.0
-        lengths, loss_tokens = self.lengths, row_loss_tokens(self.examples)
-        for plan in self.plans:
-            for ids in plan.micro_batches:
-                padded = len(ids) * max(lengths[i] for i in ids)
-                best = max(best, sum(loss_tokens[i] for i in ids) / padded)
-        return best
+        sizes = self.micro_sizes()
+        return float(np.max(sizes.loss / sizes.padded, initial=0.0))
 
     def token_counts(self) -> tuple[int, int]:
         """(loss tokens, padded tokens) of all its training micro-batches: what the head and what the
         decoder layers run on."""
-        loss = padded = 0
-        lengths = self.lengths
-        for plan in self.plans:
-            loss += plan.loss_tokens
-            for ids in plan.micro_batches:
-                padded += len(ids) * max(lengths[i] for i in ids)
-        return loss, padded
+        return sum(plan.loss_tokens for plan in self.plans), int(self.micro_sizes().padded.sum())
 
     def halve_micro_batches(self) -> bool:
         """Re-plan with micro-batches of half the rows (or half the token budget); False when they are
@@ -180,7 +180,7 @@ class AdapterJob:
 
     def largest_micro_rows(self) -> int:
         """Rows of the job's largest micro-batch."""
-        return max(len(m) for plan in self.plans for m in plan.micro_batches)
+        return int(self.micro_sizes().rows.max())
 
     def data_position(self) -> tuple[int, int]:
         """(epoch, rows of that epoch's shuffled order consumed) after `steps_done` steps, for humans:
@@ -295,6 +295,42 @@ class AdapterJob:
     def _params(self) -> list[torch.Tensor]:
         assert self.optimizer is not None, "make_optimizer first"
         return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+
+@dataclass(frozen=True)
+class _MicroSizes:
+    """A step plan's micro-batches in arrays: a run's start reads every one of every job (a job of
+    50,000 records over 3 epochs has 75,000 of 2 rows), which loops over rows in Python could not
+    do quickly."""
+
+    plans: list[StepPlan]
+    """The plans these are of (compared by identity)."""
+    per_step: np.ndarray
+    """Micro-batches of each step."""
+    rows: np.ndarray
+    """Rows of each micro-batch, in plan order."""
+    padded: np.ndarray
+    """Rows x longest row of each micro-batch: its padded tokens."""
+    loss: np.ndarray
+    """Loss tokens of each micro-batch."""
+
+    @staticmethod
+    def of(plans: list[StepPlan], examples: Sequence[Example]) -> "_MicroSizes":
+        per_step = np.fromiter((len(p.micro_batches) for p in plans), dtype=np.int64, count=len(plans))
+        micros = [m for p in plans for m in p.micro_batches]
+        rows = np.fromiter((len(m) for m in micros), dtype=np.int64, count=len(micros))
+        if not len(micros):
+            return _MicroSizes(plans, per_step, rows, rows.copy(), rows.copy())
+        flat = np.fromiter(itertools.chain.from_iterable(micros), dtype=np.int64, count=int(rows.sum()))
+        starts = np.zeros(len(rows), dtype=np.int64)
+        np.cumsum(rows[:-1], out=starts[1:])
+        if isinstance(examples, TokenizedRows):
+            lengths, loss = examples.lengths[flat], examples.loss_tokens[flat]
+        else:
+            lengths = np.asarray(row_lengths(examples), dtype=np.int64)[flat]
+            loss = np.asarray(row_loss_tokens(examples), dtype=np.int64)[flat]
+        return _MicroSizes(plans, per_step, rows, rows * np.maximum.reduceat(lengths, starts),
+                           np.add.reduceat(loss, starts))
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

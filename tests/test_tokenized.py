@@ -112,3 +112,40 @@ def test_loss_tokens_of_rows_empty_or_trained_at_position_0_match_examples() -> 
             examples.append(Example(ids, tuple(IGNORE_INDEX if rng.random() < 0.5 else t for t in ids)))
         rows = TokenizedRows.from_examples(examples)
         assert rows.loss_tokens.tolist() == [ex.loss_tokens for ex in examples]
+
+
+def test_a_jobs_micro_batch_sizes_equal_plain_loops_over_its_rows() -> None:
+    """`AdapterJob`'s sizes for the scheduler and the memory model, found with arrays, against the
+    plain definitions over each micro-batch's rows: random data, token budgets, held-out rows,
+    resumed starts and re-planned (halved) micro-batches."""
+    from mlora_pp.config import JobConfig
+    from mlora_pp.data import plan_steps
+    from mlora_pp.job import AdapterJob, eval_batches
+
+    rng = random.Random(5)
+    for trial in range(60):
+        examples = _random_examples(rng, rng.randint(1, 60))
+        rows = TokenizedRows.from_examples(examples)
+        tokens = rng.choice([None, 40, 90])
+        config = JobConfig(name=f"j{trial}", data="unused.jsonl", batch_size=rng.randint(1, 9),
+                           micro_batch_size=rng.randint(1, 4), micro_batch_tokens=tokens, epochs=rng.randint(1, 3))
+        plans = plan_steps(rows, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
+                           epochs=config.epochs, max_steps=None, seed=0, job=config.name, micro_batch_tokens=tokens)
+        source = rows if trial % 2 else examples  # arrays, or a plain list of Examples
+        job = AdapterJob(config=config, examples=source, plans=plans, seed=0)
+        if trial % 3 == 0:
+            job.eval_examples = examples[:7]
+            job.eval_batches = eval_batches(job.eval_examples, 2, None)
+        for _ in range(2):
+            job.steps_done = rng.randint(0, len(job.plans))
+            steps = job.job_steps()
+            want = tuple(tuple((len(m), len(m) * max(len(examples[i].input_ids) for i in m)) for m in p.micro_batches)
+                         for p in job.plans[job.steps_done:])
+            assert steps.micro_batches == want and steps.first_step == job.steps_done
+            micros = [m for p in job.plans for m in p.micro_batches]
+            padded = [len(m) * max(len(examples[i].input_ids) for i in m) for m in micros]
+            shares = [sum(examples[i].loss_tokens for i in m) / n for m, n in zip(micros, padded)]
+            assert job.loss_share() == max(shares, default=0.0)
+            assert job.token_counts() == (sum(p.loss_tokens for p in job.plans), sum(padded))
+            assert job.largest_micro_rows() == max(len(m) for m in micros)
+            job.halve_micro_batches()  # the sizes follow the new plans

@@ -410,7 +410,7 @@ def read_rows(path: Path, template: Template, tokenizer: Any, max_seq_len: int,
         raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
     path = Path(path)
     if template.kind == "chat":
-        return _load_chat(path, template, tokenizer, max_seq_len)
+        return _load_chat(path, template, tokenizer, max_seq_len, progress)
     bos, eos = _special_ids(tokenizer)
     rows = RowsBuilder()
     records = 0
@@ -444,7 +444,8 @@ def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _load_chat(path: Path, template: Template, tokenizer: Any, max_seq_len: int) -> tuple[TokenizedRows, int]:
+def _load_chat(path: Path, template: Template, tokenizer: Any, max_seq_len: int,
+               progress: Callable[[int], None] | None = None) -> tuple[TokenizedRows, int]:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{path}: template chat needs a tokenizer with a chat template; this model's has none "
                         "(use alpaca, plain or a template file)")
@@ -461,6 +462,8 @@ def _load_chat(path: Path, template: Template, tokenizer: Any, max_seq_len: int)
             raise DataError(f"{path} {where}: {exc}") from None
         if example is not None:
             rows.add(example.input_ids, [label != IGNORE_INDEX for label in example.labels])
+        if progress is not None and records % ENCODE_CHUNK == 0:
+            progress(records)
     return _usable(path, records, rows, max_seq_len), records
 
 

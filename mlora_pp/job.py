@@ -23,9 +23,9 @@ from mlora_pp.data import (
     row_loss_tokens,
 )
 from mlora_pp.data_cache import DataCache, Source
-from mlora_pp.tokenized import TokenizedRows
 from mlora_pp.schedule import EvalPoint, JobSteps, MicroBatchPart
 from mlora_pp.seeding import stable_seed
+from mlora_pp.tokenized import TokenizedRows
 
 
 def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> float:
@@ -140,10 +140,10 @@ class AdapterJob:
         sizes = self.micro_sizes()
         first = int(sizes.per_step[: self.steps_done].sum())
         pairs = list(zip(sizes.rows[first:].tolist(), sizes.padded[first:].tolist()))
-        micro_batches, k = [], 0
+        micro_batches, at = [], 0
         for n in sizes.per_step[self.steps_done :].tolist():
-            micro_batches.append(tuple(pairs[k : k + n]))
-            k += n
+            micro_batches.append(tuple(pairs[at : at + n]))
+            at += n
         eval_lengths = self.eval_lengths
         evaluation = tuple((len(ids), len(ids) * max(eval_lengths[i] for i in ids)) for ids in self.eval_batches)
         evals = tuple(EvalPoint(k, evaluation) for k in self.eval_points if k > self.steps_done)

@@ -1,4 +1,4 @@
-"""Tokenized rows: one as an `Example`, a job's all as three flat arrays, and their on-disk form that every rank maps.
+"""Tokenized rows: one as an `Example`, a job's all as three flat arrays that every rank can map.
 
 Tuples of Python ints cost about 32 bytes a token (an int object and two pointers); a job of 50,000
 records of 300 tokens held 0.5 GB on every rank. Here a token costs 5 bytes (an int32 id and a
@@ -40,11 +40,6 @@ class Example:
             raise ValueError(f"input_ids ({len(self.input_ids)}) and labels ({len(self.labels)}) differ in length")
 
     @functools.cached_property
-    def length_list(self) -> list[int]:
-        """`lengths` as Python ints, for loops that look up one row at a time (do not modify)."""
-        return self.lengths.tolist()
-
-    @functools.cached_property
     def loss_tokens(self) -> int:
         """Number of positions that carry loss (``labels[1:] != IGNORE_INDEX``); computed once."""
         return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
@@ -52,8 +47,8 @@ class Example:
 
 class TokenizedRows(Sequence[Example]):
     """Rows ``i`` is ``ids[offsets[i]:offsets[i + 1]]``; its labels are the ids where ``trained``
-    and `IGNORE_INDEX` elsewhere. Indexing gives an `Example` (made on demand); `batch` pads rows
-    straight from the arrays."""
+    and `IGNORE_INDEX` elsewhere. Indexing gives an `Example` (made on demand); `collate_rows` pads
+    rows straight from the arrays."""
 
     def __init__(self, ids: np.ndarray, trained: np.ndarray, offsets: np.ndarray):
         if ids.ndim != 1 or trained.shape != ids.shape or offsets.ndim != 1 or len(offsets) < 1:
@@ -131,11 +126,6 @@ class TokenizedRows(Sequence[Example]):
     @property
     def nbytes(self) -> int:
         return self.ids.nbytes + self.trained.nbytes + self.offsets.nbytes
-
-    def batch(self, rows: Sequence[int], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, labels) int64 ``[len(rows), width]`` of the given rows, right-padded like
-        `mlora_pp.data.collate` (``width`` defaults to the longest row)."""
-        return collate_rows([(self, rows)], pad_id, width)
 
     def save(self, directory: Path) -> None:
         """The three arrays as ``.npy`` files in ``directory`` (which must exist)."""

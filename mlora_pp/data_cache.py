@@ -164,10 +164,13 @@ class DataCache:
                 mine.append((key, source))
         if self.rank == 0:
             self._remove_stale()
-        missing = [size for key, (size, _) in unique.items() if not self.stored(key)]
+        missing = [(size, source) for key, (size, source) in unique.items() if not self.stored(key)]
         if missing and self.rank == 0:
-            print(f"tokenizing {len(missing)} data file(s), {sum(missing) / 2**20:.1f} MiB, on up to "
-                  f"{min(world, len(unique))} rank(s); cached in {self.directory}", flush=True)
+            files = len({Path(source.path).resolve() for _, source in missing})
+            what = f"{files} data file(s)" + ("" if files == len(missing) else f" for {len(missing)} template and "
+                                                                              "length settings")
+            print(f"tokenizing {what}, {sum(size for size, _ in missing) / 2**20:.1f} MiB to read, on up to "
+                  f"{min(world, len(missing))} rank(s); cached in {self.directory}", flush=True)
         for key, source in mine:
             if self.stored(key):
                 continue

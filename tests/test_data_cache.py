@@ -123,7 +123,7 @@ def test_a_long_tokenization_reports_its_progress(tmp_path: Path, tokenizer, mon
     assert lines[0].startswith(f"rank 1: tokenizing {source.path}: ")
 
 
-def test_fill_gives_each_file_to_one_rank_whatever_the_others_did(tmp_path: Path, tokenizer) -> None:
+def test_fill_gives_each_file_to_one_rank_whatever_the_others_did(tmp_path: Path, tokenizer, capsys) -> None:
     """Three ranks, seven jobs over five files (one bad): each good file is tokenized by exactly one
     rank, whichever order the ranks run in, and then every rank reads every file from disk."""
     template = load_template("alpaca")
@@ -136,6 +136,8 @@ def test_fill_gives_each_file_to_one_rank_whatever_the_others_did(tmp_path: Path
         caches = {r: DataCache(tokenizer, directory, rank=r) for r in range(3)}
         for r in order:
             caches[r].fill(list(reversed(sources)) if r == 1 else sources, world=3)
+            if r == 0 and order[0] == 0:  # rank 0 says what is to do (four good files, one bad, nothing stored)
+                assert "tokenizing 5 data file(s), " in capsys.readouterr().out
         assert sum(c.misses for c in caches.values()) == 4 and max(c.misses for c in caches.values()) <= 2
         assert len(list(directory.iterdir())) == 4
         reader = DataCache(tokenizer, directory, rank=1)
@@ -162,13 +164,15 @@ def test_a_cache_the_ranks_do_not_share_is_named_once(tmp_path: Path, tokenizer,
     assert len(warnings) == 2 and "rank 0: the data cache" in warnings[0] and "is not shared" in warnings[1]
 
 
-def test_jobs_reading_one_file_share_its_rows(tmp_path: Path, tokenizer) -> None:
+def test_jobs_reading_one_file_share_its_rows(tmp_path: Path, tokenizer, capsys) -> None:
     path = _data(tmp_path / "a.jsonl", 20, 3)
     jobs = [JobConfig(name=f"j{k}", data=str(path), batch_size=4, micro_batch_size=2, max_seq_len=32) for k in range(3)]
     jobs.append(JobConfig(name="other", data=str(path), batch_size=4, micro_batch_size=2, max_seq_len=16))
     cfg = RunConfig(model=ModelConfig(path=tmp_path), jobs=jobs, output_dir=tmp_path / "out")
     loaded = prepare_jobs(cfg, tokenizer)
     assert loaded["j0"].examples is loaded["j1"].examples is loaded["j2"].examples
+    DataCache(tokenizer, tmp_path / "cache").fill(job_sources(jobs), world=2)
+    assert "tokenizing 1 data file(s) for 2 template and length settings" in capsys.readouterr().out
     assert loaded["other"].examples is not loaded["j0"].examples
     assert len(job_sources(jobs)) == 4
 

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -226,12 +227,13 @@ class DataCache:
         """Write the entry beside its place and rename it in; a failure costs the cache, not the run."""
         assert self.directory is not None
         final = self.directory / key
-        tmp = self.directory / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}"
+        tmp: Path | None = None
         info = {"format": FORMAT, "data": str(source.path), "template": source.template.name,
                 "max_seq_len": source.max_seq_len, "rows": len(rows), "tokens": rows.tokens, **counts}
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{socket.gethostname()}-", dir=self.directory))
+            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would keep the entry from other users sharing the cache
             rows.save(tmp)
             with open(tmp / _ENTRY, "w") as f:
                 json.dump(info, f, indent=1)
@@ -247,7 +249,8 @@ class DataCache:
         except OSError as exc:
             log.warning("rank %d: cannot cache the rows of %s in %s (%s)", self.rank, source.path, final, exc)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def _remove_stale(self) -> None:
         """Remove what writers killed mid-write left (an hour old: a live writer's is newer)."""

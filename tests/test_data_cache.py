@@ -185,3 +185,30 @@ def test_job_names_cannot_be_the_runs_own_directories() -> None:
     for name in RESERVED_NAMES:
         with pytest.raises(ConfigError, match=rf"jobs\[0\]\.name: '{name}' is the name of the run's own directory"):
             parse_config({"model": {"path": "m"}, "jobs": [{"name": name, "data": "d.jsonl"}]}, "x.yaml")
+
+
+def test_ranks_that_race_on_one_entry_leave_one_whole_entry(tmp_path: Path, tokenizer, caplog) -> None:
+    """Ranks that miss one file together (a cache written to by several runs, or a fallback) each
+    tokenize and store it; the first rename wins and the others' equal entries are dropped quietly."""
+    import threading
+
+    source = Source(_data(tmp_path / "a.jsonl", 200, 6), load_template("alpaca"), 64)
+    caches = [DataCache(tokenizer, tmp_path / "cache", rank=r) for r in range(4)]
+    start = threading.Barrier(4)
+    found: dict[int, object] = {}
+
+    def rank(r: int) -> None:
+        start.wait()
+        found[r] = caches[r].rows(source)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(4)]
+    with caplog.at_level(logging.WARNING):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert "cannot cache" not in caplog.text
+    reference = load_examples(source.path, source.template, tokenizer, 64)
+    assert all(found[r] == reference for r in range(4))
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [caches[0].key(source)]
+    assert DataCache(tokenizer, tmp_path / "cache").rows(source) == reference

@@ -19,7 +19,7 @@ from torch.autograd.graph import increment_version
 
 from mlora_pp.config import JobConfig
 from mlora_pp.data import (
-    DataError, Example, StepPlan, cut_micro_batches, load_examples, load_template, plan_steps, row_lengths,
+    DataError, Example, StepPlan, StepPlans, cut_micro_batches, load_examples, load_template, plan_steps, row_lengths,
     row_loss_tokens,
 )
 from mlora_pp.data_cache import DataCache, Source
@@ -59,7 +59,8 @@ class AdapterJob:
     config: JobConfig
     examples: Sequence[Example]
     """Its training rows: `TokenizedRows` when read from data, any sequence of `Example`s in tests."""
-    plans: list[StepPlan]
+    plans: Sequence[StepPlan]
+    """Its steps: `StepPlans` (arrays) from `plan_steps`, any sequence of `StepPlan`s in tests."""
     seed: int
     optimizer: torch.optim.Optimizer | None = None
     steps_done: int = 0
@@ -159,7 +160,9 @@ class AdapterJob:
     def token_counts(self) -> tuple[int, int]:
         """(loss tokens, padded tokens) of all its training micro-batches: what the head and what the
         decoder layers run on."""
-        return sum(plan.loss_tokens for plan in self.plans), int(self.micro_sizes().padded.sum())
+        loss = int(self.plans.loss_tokens.sum()) if isinstance(self.plans, StepPlans) else sum(
+            plan.loss_tokens for plan in self.plans)
+        return loss, int(self.micro_sizes().padded.sum())
 
     def halve_micro_batches(self) -> bool:
         """Re-plan with micro-batches of half the rows (or half the token budget); False when they are
@@ -188,6 +191,9 @@ class AdapterJob:
         if self.steps_done == 0:
             return 0, 0
         epoch = self.plans[self.steps_done - 1].epoch
+        if isinstance(self.plans, StepPlans):  # steps are in epoch order: rows since the epoch's first step
+            first = int(np.searchsorted(self.plans.epochs, epoch))
+            return epoch, self.plans.rows_before(self.steps_done) - self.plans.rows_before(first)
         return epoch, sum(p.rows for p in self.plans[: self.steps_done] if p.epoch == epoch)
 
     def make_optimizer(self, params: list[torch.nn.Parameter]) -> None:
@@ -303,7 +309,7 @@ class _MicroSizes:
     50,000 records over 3 epochs has 75,000 of 2 rows), which loops over rows in Python could not
     do quickly."""
 
-    plans: list[StepPlan]
+    plans: Sequence[StepPlan]
     """The plans these are of (compared by identity)."""
     per_step: np.ndarray
     """Micro-batches of each step."""
@@ -315,13 +321,18 @@ class _MicroSizes:
     """Loss tokens of each micro-batch."""
 
     @staticmethod
-    def of(plans: list[StepPlan], examples: Sequence[Example]) -> "_MicroSizes":
-        per_step = np.fromiter((len(p.micro_batches) for p in plans), dtype=np.int64, count=len(plans))
-        micros = [m for p in plans for m in p.micro_batches]
-        rows = np.fromiter((len(m) for m in micros), dtype=np.int64, count=len(micros))
-        if not len(micros):
+    def of(plans: Sequence[StepPlan], examples: Sequence[Example]) -> "_MicroSizes":
+        if isinstance(plans, StepPlans):
+            per_step = np.diff(plans.step_ends, prepend=0)
+            rows = np.diff(plans.micro_ends, prepend=0)
+            flat = plans.rows
+        else:
+            per_step = np.fromiter((len(p.micro_batches) for p in plans), dtype=np.int64, count=len(plans))
+            micros = [m for p in plans for m in p.micro_batches]
+            rows = np.fromiter((len(m) for m in micros), dtype=np.int64, count=len(micros))
+            flat = np.fromiter(itertools.chain.from_iterable(micros), dtype=np.int64, count=int(rows.sum()))
+        if not len(rows):
             return _MicroSizes(plans, per_step, rows, rows.copy(), rows.copy())
-        flat = np.fromiter(itertools.chain.from_iterable(micros), dtype=np.int64, count=int(rows.sum()))
         starts = np.zeros(len(rows), dtype=np.int64)
         np.cumsum(rows[:-1], out=starts[1:])
         if isinstance(examples, TokenizedRows):

@@ -430,3 +430,40 @@ def test_encoding_errors_and_marks_name_the_line(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("\n  \n")
     with pytest.raises(DataError, match="has no records"):
         load_records(tmp_path / "empty.jsonl")
+
+
+def test_step_plans_in_arrays_equal_each_step_made_one_by_one() -> None:
+    """`plan_steps` keeps its steps in arrays: read back in any order, slices included, they equal
+    each step made the plain way (sorted longest first, cut greedily), and so do the rows before
+    a step and a resumed job's place in its epoch."""
+    from mlora_pp.config import JobConfig
+    from mlora_pp.data import StepPlans, cut_micro_batches
+    from mlora_pp.job import AdapterJob
+
+    rng = random.Random(7)
+    for trial in range(200):
+        n = rng.randint(1, 60)
+        examples = [Example(tuple(range(k)), tuple([IGNORE_INDEX] + list(range(1, k)))) for k in
+                    (rng.randint(1, 50) for _ in range(n))]
+        kw = dict(batch_size=rng.randint(1, 12), micro_batch_size=rng.randint(1, 5), epochs=rng.randint(1, 3),
+                  max_steps=rng.choice([None, None, rng.randint(0, 20)]), seed=rng.randint(0, 3), job=f"j{trial}",
+                  micro_batch_tokens=rng.choice([None, rng.randint(1, 120)]))
+        lengths = [len(ex.input_ids) for ex in examples]
+        want: list[StepPlan] = []
+        for epoch in range(kw["epochs"]):
+            order = epoch_order(n, kw["seed"], kw["job"], epoch)
+            for start in range(0, n, kw["batch_size"]):
+                if kw["max_steps"] is None or len(want) < kw["max_steps"]:
+                    rows = sorted(order[start : start + kw["batch_size"]], key=lambda i: (-lengths[i], i))
+                    micro = cut_micro_batches(rows, lengths, kw["micro_batch_size"], kw["micro_batch_tokens"])
+                    want.append(StepPlan(len(want), epoch, micro, sum(examples[i].loss_tokens for i in rows)))
+        plans = plan_steps(examples, **kw)
+        assert isinstance(plans, StepPlans) and len(plans) == len(want)
+        for k in rng.sample(range(len(want)), len(want)) + list(range(len(want))):
+            assert plans[k] == want[k]
+        assert plans == want and plans[1:3] == want[1:3] and (not want or plans[-1] == want[-1])
+        for k in range(len(want) + 1):
+            assert plans.rows_before(k) == sum(p.rows for p in want[:k])
+            job = AdapterJob(JobConfig(name="a", data="unused.jsonl"), examples, plans, 0, steps_done=k)
+            reference = AdapterJob(JobConfig(name="a", data="unused.jsonl"), examples, want, 0, steps_done=k)
+            assert job.data_position() == reference.data_position()

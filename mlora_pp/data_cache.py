@@ -133,8 +133,9 @@ class DataCache:
                 if owner != self.rank and not self._unshared_warned:
                     self._unshared_warned = True
                     print(f"warning: rank {self.rank}: the data cache {self.directory} does not hold the rows rank "
-                          f"{owner} tokenized for {source.path}: it is not shared between them, so this rank "
-                          "tokenizes every file the others did (name a data_cache every machine sees)", flush=True)
+                          f"{owner} tokenized for {source.path}: the ranks do not share it (name a data_cache every "
+                          f"machine sees) or rank {owner} could not write it (see its warnings), so this rank "
+                          "tokenizes what the others did", flush=True)
                 rows = self._tokenize(key, source)
             self._rows[key] = rows
         return rows

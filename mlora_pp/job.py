@@ -97,9 +97,6 @@ class AdapterJob:
         """Tokens of each held-out row."""
         return row_lengths(self.eval_examples)
 
-    def rows(self, step: int, micro: int) -> list[Example]:
-        return [self.examples[i] for i in self.plans[step].micro_batches[micro]]
-
     def part_source(self, part: MicroBatchPart) -> tuple[Sequence[Example], tuple[int, ...]]:
         """Where one part of a micro-batch reads its rows: (training or held-out rows, their indices)."""
         if part.eval:

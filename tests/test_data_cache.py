@@ -161,7 +161,7 @@ def test_a_cache_the_ranks_do_not_share_is_named_once(tmp_path: Path, tokenizer,
         assert [cache.rows(s) for s in sources] == [load_examples(s.path, template, tokenizer, 24) for s in sources]
         assert cache.misses == 4
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 2 and "rank 0: the data cache" in warnings[0] and "is not shared" in warnings[1]
+    assert len(warnings) == 2 and "rank 0: the data cache" in warnings[0] and "the ranks do not share it" in warnings[1]
 
 
 def test_jobs_reading_one_file_share_its_rows(tmp_path: Path, tokenizer, capsys) -> None:

@@ -21,7 +21,13 @@ micro-batches a step): `group_jobs`; `choose_streams` with a per-action cost; an
 segment of a plan under a memory budget that admits a third of the jobs at once
 (`admission_check`, asked at every job's start and end).
 
-    python -m benchmarks.planning [--quick] [--memory] [--long] [--window N]
+From data (what a rank does between its jobs' rows and its first action, at every start; the
+sizes again at every change of plan), for jobs of `--records` rows of 50-511 tokens over 3 epochs,
+batches of 16 in micro-batches of 2: `plan_steps` of every job, the scheduler's sizes of every job
+(`AdapterJob.job_steps`) and the bytes they hold, and the first segment of stage 0's plan.
+
+    python -m benchmarks.planning [--quick] [--memory] [--long] [--window N] [--records N]
+    python -m benchmarks.planning --from-data-only --out F   # only the last table
 """
 
 from __future__ import annotations
@@ -120,6 +126,49 @@ def measure(stages: int, jobs: int, steps: int, repeat: int, memory: bool) -> di
     return row
 
 
+FROM_DATA = [(4, 8), (8, 32), (16, 128)]  # (stages, jobs)
+QUICK_FROM_DATA = [(2, 4)]
+
+
+def measure_from_data(stages: int, jobs: int, records: int, seed: int = 0) -> dict:
+    """Seconds of `plan_steps` and of `job_steps` for every job, the bytes the `JobSteps` hold
+    (beyond the arrays each job keeps of its plan), and seconds to stage 0's first segment."""
+    import numpy as np
+
+    from mlora_pp.config import JobConfig
+    from mlora_pp.data import plan_steps
+    from mlora_pp.job import AdapterJob
+    from mlora_pp.tokenized import TokenizedRows
+
+    lengths = np.random.default_rng(seed).integers(50, 512, records)
+    offsets = np.zeros(records + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    rows = TokenizedRows(np.zeros(int(offsets[-1]), np.int32), np.ones(int(offsets[-1]), bool), offsets)
+    configs = [JobConfig(name=f"job{j}", data="unused.jsonl", batch_size=16, micro_batch_size=2, epochs=3)
+               for j in range(jobs)]
+    started = time.perf_counter()
+    plans = [plan_steps(rows, batch_size=c.batch_size, micro_batch_size=c.micro_batch_size, epochs=c.epochs,
+                        max_steps=None, seed=seed, job=c.name) for c in configs]
+    row: dict = {"stages": stages, "jobs": jobs, "records": records, "epochs": 3,
+                 "plan_steps_seconds": time.perf_counter() - started}
+    adapters = [AdapterJob(config=c, examples=rows, plans=p, seed=seed) for c, p in zip(configs, plans)]
+    for a in adapters:
+        a.micro_sizes()  # kept by every job whatever the scheduler holds
+    started = time.perf_counter()
+    steps = [a.job_steps() for a in adapters]
+    row["job_steps_seconds"] = time.perf_counter() - started
+    row["micro_batches"] = sum(len(m) for s in steps for m in s.micro_batches)
+    del steps
+    tracemalloc.start()
+    steps = [a.job_steps() for a in adapters]
+    row["job_steps_bytes"] = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    started = time.perf_counter()
+    StagePlan(PlanStream(steps, stages, "lora", window=DEFAULT_PLAN_WINDOW), 0, steps)
+    row["first_segment_seconds"] = time.perf_counter() - started
+    return row
+
+
 def take_all(stages: int, jobs: list[JobSteps], window: int, hide_latency: bool = False) -> tuple[float, int, int]:
     """Stage 0 of a plan made as it runs, every action taken and forgotten behind (its oldest
     micro-batch in flight, as `StageWorker` does): (seconds to the first segment, actions, segments)."""
@@ -162,7 +211,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=DEFAULT_PLAN_WINDOW, help="micro-batches per segment")
     parser.add_argument("--long", action="store_true", help="also stream 8 jobs x 20,000 steps on 4 stages")
     parser.add_argument("--out", default=None, help="result JSON (default benchmarks/results/planning.json)")
+    parser.add_argument("--records", type=int, default=None,
+                        help="rows of each job in the from-data table (default 52,000; 2,000 with --quick)")
+    parser.add_argument("--from-data-only", action="store_true", help="only the from-data table")
     args = parser.parse_args(argv)
+    if args.records is None:
+        args.records = 2_000 if args.quick else 52_000
+    from_data = [measure_from_data(s, j, args.records) for s, j in (QUICK_FROM_DATA if args.quick else FROM_DATA)]
+    table = Table(title=f"from data: jobs of {args.records:,} rows x 3 epochs, micro-batches of 2 rows")
+    for name in ["stages", "jobs", "micro-batches", "plan_steps s", "job_steps s", "job_steps MiB",
+                 "B/micro-batch", "first segment s"]:
+        table.add_column(name, justify="right")
+    for r in from_data:
+        table.add_row(str(r["stages"]), str(r["jobs"]), f"{r['micro_batches']:,}", f"{r['plan_steps_seconds']:.2f}",
+                      f"{r['job_steps_seconds']:.2f}", f"{r['job_steps_bytes'] / 2**20:.1f}",
+                      f"{r['job_steps_bytes'] / max(1, r['micro_batches']):.0f}", f"{r['first_segment_seconds']:.2f}")
+    Console(width=140).print(table)
+    if args.from_data_only:
+        out = write_result(RESULTS / "planning-from-data.json" if args.out is None else Path(args.out), {
+            "command": "python -m benchmarks.planning --from-data-only" + (" --quick" if args.quick else "")
+                       + f" --records {args.records}",
+            "machine": {"platform": platform.platform(), "python": platform.python_version()},
+            "from_data": from_data,
+        })
+        print(f"wrote {out}")
+        return 0
     shapes = QUICK if args.quick else SHAPES
     rows = [measure(s, j, k, args.repeat, args.memory) for s, j, k in shapes]
     table = Table(title="making a lora plan (build_schedule, validated)")
@@ -214,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "streamed": streamed,
         "grouping": grouping,
+        "from_data": from_data,
     })
     print(f"wrote {out}")
     return 0

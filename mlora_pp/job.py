@@ -25,6 +25,7 @@ from mlora_pp.data import (
 from mlora_pp.data_cache import DataCache, Source
 from mlora_pp.schedule import EvalPoint, JobSteps, MicroBatchPart
 from mlora_pp.seeding import stable_seed
+from mlora_pp.step_sizes import StepSizes
 from mlora_pp.tokenized import TokenizedRows
 
 
@@ -137,15 +138,11 @@ class AdapterJob:
         """Rows and padded tokens of every micro-batch of the steps still to do, for the scheduler."""
         sizes = self.micro_sizes()
         first = int(sizes.per_step[: self.steps_done].sum())
-        pairs = list(zip(sizes.rows[first:].tolist(), sizes.padded[first:].tolist()))
-        micro_batches, at = [], 0
-        for n in sizes.per_step[self.steps_done :].tolist():
-            micro_batches.append(tuple(pairs[at : at + n]))
-            at += n
+        micro_batches = StepSizes(sizes.rows[first:], sizes.padded[first:], np.cumsum(sizes.per_step[self.steps_done :]))
         eval_lengths = self.eval_lengths
         evaluation = tuple((len(ids), len(ids) * max(eval_lengths[i] for i in ids)) for ids in self.eval_batches)
         evals = tuple(EvalPoint(k, evaluation) for k in self.eval_points if k > self.steps_done)
-        return JobSteps(self.name, tuple(micro_batches), first_step=self.steps_done, evals=evals)
+        return JobSteps(self.name, micro_batches, first_step=self.steps_done, evals=evals)
 
     def loss_share(self) -> float:
         """The largest share of loss tokens among the padded tokens of any of its training

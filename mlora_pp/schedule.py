@@ -89,6 +89,8 @@ from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
+from mlora_pp.step_sizes import StepSizes
+
 ActionKind = Literal["F", "B", "S"]
 POLICIES = ("lora", "1f1b", "gpipe")
 BALANCE = 0.1  # fused lora streams may differ this much in total padded tokens
@@ -111,8 +113,9 @@ class JobSteps:
     """What the scheduler needs to know about one job: rows and tokens per micro-batch, per step."""
 
     name: str
-    micro_batches: tuple[tuple[tuple[int, int], ...], ...]
-    """micro_batches[k][micro] = (rows, padded tokens) of step `first_step + k`."""
+    micro_batches: StepSizes
+    """micro_batches[k][micro] = (rows, padded tokens) of step `first_step + k` (nested sequences
+    are accepted and stored as `StepSizes`)."""
     first_step: int = 0
     """Absolute index of the first step listed: a resumed job schedules only its remaining steps, and
     its parts and `S` actions keep absolute step numbers (dropout keys and the learning rate use them)."""
@@ -125,6 +128,10 @@ class JobSteps:
     """Paused for a more urgent job or a budget (`mlora_pp.replan.pause_jobs`): under way, but its
     AdamW moments are in host memory and its unfinished step's gradients were dropped, so it holds
     nothing on the device until it starts again, and waits to be admitted like a job not under way."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.micro_batches, StepSizes):
+            object.__setattr__(self, "micro_batches", StepSizes.of(self.micro_batches))
 
     @property
     def steps(self) -> int:
@@ -140,7 +147,7 @@ class JobSteps:
     @cached_property
     def tokens(self) -> int:
         """Padded tokens of the training micro-batches (evaluations are forward-only and not counted)."""
-        return sum(t for micros in self.micro_batches for _, t in micros)
+        return int(self.micro_batches.tokens.sum())
 
 
 ADMISSION = ("fifo", "priority", "shortest-first")
@@ -444,13 +451,12 @@ class _Sizes:
     __slots__ = ("rows", "per_row", "tokens", "total_rows")
 
     def __init__(self, job: JobSteps) -> None:
-        flat = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(job.micro_batches)),
-                           dtype=np.int64).reshape(-1, 2)
-        self.rows = flat[:, 0]
+        sizes = job.micro_batches
+        self.rows = sizes.rows
         """rows of each micro-batch."""
-        self.per_row = np.divide(flat[:, 1], self.rows, out=np.zeros(len(flat)), where=self.rows > 0)
+        self.per_row = np.divide(sizes.tokens, self.rows, out=np.zeros(len(self.rows)), where=self.rows > 0)
         """padded tokens per row (0.0 for an empty micro-batch): a double, as Python's `t / r`."""
-        self.tokens = int(flat[:, 1].sum())
+        self.tokens = job.tokens
         """`JobSteps.tokens`."""
         self.total_rows = int(self.rows.sum())
 
@@ -591,7 +597,8 @@ def min_streams(jobs: Sequence[JobSteps], num_stages: int, hide_latency: bool = 
     streams cover a stream's round trip (`lora_bubble`), and the extra slot absorbs what the unit
     model leaves out (optimizer steps, messages, jobs of unequal length)."""
     window = 2 * num_stages - 1 if hide_latency and num_stages > 1 else num_stages
-    n = min((len(micros) for j in jobs for micros in j.micro_batches if micros), default=1)
+    counts = [c[c > 0] for c in (j.micro_batches.counts for j in jobs)]
+    n = min((int(c.min()) for c in counts if len(c)), default=1)
     return 1 + -(-window // n)
 
 
@@ -738,13 +745,16 @@ class _Stream:
 
     @staticmethod
     def of(group: Sequence[JobSteps]) -> "_Stream":
-        sizes = [[size for micros in j.micro_batches for size in micros]
-                 + [size for point in j.evals for size in point.micro_batches] for j in group]
+        sizes = [(np.concatenate([j.micro_batches.rows] + [np.array([r for r, _ in p.micro_batches], np.int64)
+                                                           for p in j.evals]),
+                  np.concatenate([j.micro_batches.tokens] + [np.array([t for _, t in p.micro_batches], np.int64)
+                                                             for p in j.evals])) for j in group]
         if len(group) == 1:
-            largest = max((tokens for _, tokens in sizes[0]), default=0)
+            largest = int(sizes[0][1].max(initial=0))
         else:
-            rows = sum(max((r for r, _ in mine), default=0) for mine in sizes)
-            length = max((t / r for mine in sizes for r, t in mine if r), default=0.0)
+            rows = sum(int(r.max(initial=0)) for r, _ in sizes)
+            length = max((float(np.divide(t, r, out=np.zeros(len(r)), where=r > 0).max(initial=0.0))
+                          for r, t in sizes), default=0.0)
             largest = math.ceil(rows * length)
         return _Stream(list(group), [_Parts(_iter_parts(j)) for j in group],
                        total=max(1, sum(j.tokens for j in group)), largest=largest)
@@ -924,7 +934,7 @@ class _Clock:
                     left = self.pending[s].pop(key, None)
                     if left is None:
                         job = self.by_name[part.job]
-                        left = len(job.micro_batches[part.step - job.first_step])
+                        left = job.micro_batches.micros_in(part.step - job.first_step)
                     if left > 1:
                         self.pending[s][key] = left - 1
                     else:
@@ -1028,7 +1038,7 @@ class _Counted:
                 left = self.pending.pop(key, None)
                 if left is None:
                     job = self.jobs[p.job]
-                    left = len(job.micro_batches[p.step - job.first_step])
+                    left = job.micro_batches.micros_in(p.step - job.first_step)
                 if left > 1:
                     self.pending[key] = left - 1
                 else:
@@ -1342,35 +1352,43 @@ def steps_after(job: JobSteps, count: int) -> JobSteps | None:
     """`steps_of(job.name, parts_after(job, count))` (None where no part is left), made from the
     job's sizes without making a part: a change of plan late in a long run would otherwise make
     every part the old plan injected, a microsecond each."""
-    points = {p.after: p for p in job.evals}
-    done = 0
+    sizes = job.micro_batches
+    listed = range(job.first_step, job.first_step + len(sizes))
+    inside = sorted((p for p in job.evals if p.after in listed), key=lambda p: p.after)  # before its step
+    after = sorted((p for p in job.evals if p.after not in listed), key=lambda p: p.after)  # after every step
 
-    def result(steps: tuple, first_step: int, first_micro: int, cut: EvalPoint | None) -> JobSteps:
-        evals = sorted(([cut] if cut is not None else []) + [p for p in points.values() if p.micro_batches],
+    def result(first: int, training: int, cut: EvalPoint | None, rest: list[EvalPoint]) -> JobSteps:
+        """Steps from index `first` on, less the `training` micro-batches of them already injected."""
+        left = sizes[first:].without_first(training)
+        evals = sorted(([cut] if cut is not None else []) + [p for p in rest if p.micro_batches],
                        key=lambda p: p.after)
-        if not steps:
-            first_step, first_micro = min(p.after for p in evals), 0
-        return JobSteps(job.name, steps, first_step=first_step, first_micro=first_micro, evals=tuple(evals))
+        if not left:
+            return JobSteps(job.name, left, first_step=min(p.after for p in evals), evals=tuple(evals))
+        step = first + int(np.searchsorted(sizes[first:].ends, training, side="right"))
+        offset = (job.first_micro if step == 0 else 0) + training - (sizes.start(step) - sizes.start(first))
+        return JobSteps(job.name, left, first_step=job.first_step + step, first_micro=offset, evals=tuple(evals))
 
     def rest_of(point: EvalPoint, skip: int) -> EvalPoint:
         return EvalPoint(point.after, point.micro_batches[skip:], first_micro=point.first_micro + skip)
 
-    for k, micros in enumerate(job.micro_batches):
-        step = job.first_step + k
-        offset = job.first_micro if k == 0 else 0
-        if step in points:
-            point = points.pop(step)
-            if done + len(point.micro_batches) > count:  # the cut is in this evaluation
-                return result(job.micro_batches[k:], step, offset, rest_of(point, count - done))
-            done += len(point.micro_batches)
-        if done + len(micros) > count:  # the cut is in this step
-            skip = count - done
-            return result((micros[skip:],) + job.micro_batches[k + 1:], step, offset + skip, None)
-        done += len(micros)
-    for after in sorted(points):  # evaluations after the last step
-        point = points.pop(after)
-        if done + len(point.micro_batches) > count:
-            return result((), 0, 0, rest_of(point, count - done))
+    evaluated = 0  # evaluation micro-batches before the point looked at
+    for i, point in enumerate(inside):
+        k = point.after - job.first_step
+        before = sizes.start(k) + evaluated
+        if count < before:  # the cut is in training before this evaluation
+            break
+        if count < before + len(point.micro_batches):  # the cut is in this evaluation
+            return result(k, 0, rest_of(point, count - before), inside[i + 1 :] + after)
+        evaluated += len(point.micro_batches)
+    else:
+        i = len(inside)
+    trained = count - evaluated
+    if trained < sizes.micro_count:  # the cut is in a step
+        return result(0, trained, None, inside[i:] + after)
+    done = sizes.micro_count + evaluated
+    for j, point in enumerate(after):  # evaluations after the last step
+        if count < done + len(point.micro_batches):
+            return result(len(sizes), 0, rest_of(point, count - done), after[j + 1 :])
         done += len(point.micro_batches)
     return None
 

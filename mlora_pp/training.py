@@ -298,7 +298,7 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
             print(f"memory: hide_latency auto: {'on' if hide else 'off'} (every job with {wide} micro-batches "
                   f"in flight {'fits' if hide else 'does not fit'} the budget)", flush=True)
     if policy == "gpipe":  # every micro-batch of a step is forwarded before the first backward
-        options = [max(len(m) for j in live for m in j.micro_batches)]
+        options = [max(int(j.micro_batches.counts.max(initial=0)) for j in live)]
     elif policy == "1f1b":
         options = [stages]
     elif hide:  # its windows are fixed: 2S-1, two fewer per stage

@@ -125,6 +125,9 @@ def test_planning_benchmark_times_whole_plans(tmp_path, capsys):
     for r in result["grouping"]:
         assert (r["stages"], r["jobs"], r["steps"]) in planning.QUICK_GROUPING and r["streams"] >= 1
         assert r["group_jobs_seconds"] > 0 and r["choose_streams_seconds"] > 0 and r["budget_first_segment_seconds"] > 0
+    for r in result["from_data"]:  # 3 epochs of 125 steps of 8 micro-batches
+        assert (r["stages"], r["jobs"]) in planning.QUICK_FROM_DATA and r["micro_batches"] == r["jobs"] * 3 * 1000
+        assert r["plan_steps_seconds"] > 0 and r["job_steps_bytes"] > 0 and r["first_segment_seconds"] > 0
     assert "making a lora plan" in capsys.readouterr().out
 
 

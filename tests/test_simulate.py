@@ -138,7 +138,7 @@ def test_calibration_recovers_the_costs_a_trace_was_made_with():
     assert fit.final_step_seconds == pytest.approx(final) and fit.outside_s == pytest.approx(0.25)
     assert fit.samples == {"F": 2 * 3 * 2 * 4, "B": 2 * 3 * 2 * 4, "S": 2 * 3 * 2}
 
-    long = [JobSteps(j.name, j.micro_batches * 4) for j in short]
+    long = [JobSteps(j.name, tuple(j.micro_batches) * 4) for j in short]
     for policy in ("lora", "1f1b", "gpipe"):
         schedule = build_schedule(long, 2, policy)
         expected = simulate(schedule, truth, final_step_seconds=final).makespan + 0.25

@@ -433,28 +433,30 @@ def test_encoding_errors_and_marks_name_the_line(tmp_path: Path) -> None:
 
 
 def test_step_plans_in_arrays_equal_each_step_made_one_by_one() -> None:
-    """`plan_steps` keeps its steps in arrays: read back in any order, slices included, they equal
-    each step made the plain way (sorted longest first, cut greedily), and so do the rows before
-    a step and a resumed job's place in its epoch."""
+    """`plan_steps` plans in arrays, every step at once: read back in any order, slices included,
+    its steps equal each step made the plain way (sorted longest first or not, cut greedily), and
+    so do the rows before a step and a resumed job's place in its epoch."""
     from mlora_pp.config import JobConfig
     from mlora_pp.data import StepPlans, cut_micro_batches
     from mlora_pp.job import AdapterJob
 
     rng = random.Random(7)
-    for trial in range(200):
+    for trial in range(400):
         n = rng.randint(1, 60)
         examples = [Example(tuple(range(k)), tuple([IGNORE_INDEX] + list(range(1, k)))) for k in
                     (rng.randint(1, 50) for _ in range(n))]
         kw = dict(batch_size=rng.randint(1, 12), micro_batch_size=rng.randint(1, 5), epochs=rng.randint(1, 3),
                   max_steps=rng.choice([None, None, rng.randint(0, 20)]), seed=rng.randint(0, 3), job=f"j{trial}",
-                  micro_batch_tokens=rng.choice([None, rng.randint(1, 120)]))
+                  micro_batch_tokens=rng.choice([None, rng.randint(1, 120)]), sort_by_length=rng.random() < 0.75)
         lengths = [len(ex.input_ids) for ex in examples]
         want: list[StepPlan] = []
         for epoch in range(kw["epochs"]):
             order = epoch_order(n, kw["seed"], kw["job"], epoch)
             for start in range(0, n, kw["batch_size"]):
                 if kw["max_steps"] is None or len(want) < kw["max_steps"]:
-                    rows = sorted(order[start : start + kw["batch_size"]], key=lambda i: (-lengths[i], i))
+                    rows = order[start : start + kw["batch_size"]]
+                    if kw["sort_by_length"]:
+                        rows = sorted(rows, key=lambda i: (-lengths[i], i))
                     micro = cut_micro_batches(rows, lengths, kw["micro_batch_size"], kw["micro_batch_tokens"])
                     want.append(StepPlan(len(want), epoch, micro, sum(examples[i].loss_tokens for i in rows)))
         plans = plan_steps(examples, **kw)

@@ -811,6 +811,10 @@ class _Clock:
         # state, so admission no longer counts them).
         self.finished = {j.name for st in self.streams for j in st.jobs if not j.steps and j.evals}
         self._candidates: list[tuple[float, str] | None] | None = None
+        self._stream_of = {j.name: i for i, st in enumerate(self.streams) for j in st.jobs}
+        # each stream's `_stream_ready`, None where it may have changed: it changes only when the
+        # stream injects, one of its jobs steps on stage 0, or the jobs admitted change
+        self._ready: list[float | None] = [None] * len(self.streams)
 
     def admit(self, now: float) -> None:
         """Start the jobs that hold their state already, then queued jobs, in order, while the next
@@ -829,6 +833,7 @@ class _Clock:
             self.stepped[name] = (done, now)
         if self.queue and not self.running:
             raise ScheduleError(f"job {self.queue[0]!r} does not fit on its own (admission refuses it alone)")
+        self._ready = [None] * len(self.streams)
 
     def _part_ready(self, part: MicroBatchPart) -> float:
         if part.job not in self.running and not (part.eval and part.job in self.finished):
@@ -839,6 +844,13 @@ class _Clock:
     def _stream_ready(self, stream: _Stream) -> float:
         return min((self._part_ready(q.head) for q in stream.parts if q.head is not None), default=math.inf)
 
+    def _ready_at(self, i: int) -> float:
+        """`_stream_ready` of stream `i`, kept until it may change."""
+        ready = self._ready[i]
+        if ready is None:
+            ready = self._ready[i] = self._stream_ready(self.streams[i])
+        return ready
+
     def _candidate(self, s: int) -> tuple[float, str] | None:
         b_at = self.bwd_q[s][0][0] if self.bwd_q[s] else math.inf
         f_at = math.inf
@@ -846,7 +858,7 @@ class _Clock:
         # injected, so every later stage stays within the same bounds.
         if s > 0 or self._may_inject():
             if s == 0:
-                f_at = min((self._stream_ready(st) for st in self.streams), default=math.inf)
+                f_at = min(map(self._ready_at, range(len(self.streams))), default=math.inf)
             elif self.fwd_q[s]:
                 f_at = self.fwd_q[s][0][0]
         first = min(b_at, f_at)
@@ -862,7 +874,7 @@ class _Clock:
         return self.token_bound is None or self.in_flight_tokens[0] + self.largest <= self.token_bound
 
     def _inject(self, start: float) -> MicroBatch:
-        ready = [st for st in self.streams if self._stream_ready(st) <= start]
+        ready = [st for i, st in enumerate(self.streams) if self._ready_at(i) <= start]
         # finish injecting a step once started (streams then reach their step boundaries staggered,
         # and each one's round trip is covered by the others' steps); else the least advanced stream
         if self.admission is None or self.admission.share:
@@ -875,6 +887,7 @@ class _Clock:
         # evaluation rows run without a gradient: never fused with training rows, and they go first
         evaluations = [q for q in ready_queues if q.head is not None and q.head.eval]
         parts = tuple(q.popleft() for q in (evaluations or ready_queues))
+        self._ready[self._stream_of[parts[0].job]] = None
         mb = MicroBatch(self.count, parts)
         self.count += 1
         stream.injected += sum(p.tokens for p in parts if not p.eval)
@@ -942,6 +955,7 @@ class _Clock:
                         end += self.cost.step(s)
                         if s == 0:
                             self.stepped[part.job] = (part.step + 1, end)
+                            self._ready[self._stream_of[part.job]] = None
                             if part.step == self.last_step[part.job]:  # finished on every stage
                                 self.running.discard(part.job)
                                 self.finished.add(part.job)

@@ -392,3 +392,40 @@ def test_a_streamed_plan_holds_only_what_is_in_flight():
     whole.next_segment()
     with pytest.raises(ScheduleError, match="handed out"):
         whole.whole()
+
+
+def test_the_lora_clock_keeps_each_streams_readiness_only_while_it_holds(monkeypatch):
+    """The generator keeps each stream's earliest ready time until the stream injects, one of its
+    jobs steps or admission changes; at every read the kept value equals one computed afresh, on
+    random mixes with evaluations, resumed and paused jobs, admission limits and priorities."""
+    import mlora_pp.schedule as schedule
+
+    reads = {"kept": 0}
+    kept_read = schedule._Clock._ready_at
+
+    def checked(self, i):
+        got = kept_read(self, i)
+        assert got == self._stream_ready(self.streams[i]), i
+        reads["kept"] += 1
+        return got
+
+    monkeypatch.setattr(schedule._Clock, "_ready_at", checked)
+    for seed in range(120):
+        rng = random.Random(seed)
+        jobs = []
+        for j in range(rng.randint(1, 10)):
+            steps, rows, first = rng.randint(1, 5), rng.choice([1, 2, 4]), rng.choice([0, 0, 3])
+            micros = tuple(tuple((rows, rows * rng.randint(10, 60)) for _ in range(rng.randint(1, 4)))
+                           for _ in range(steps))
+            evals = tuple(EvalPoint(a + first, ((1, rng.randint(5, 30)),))
+                          for a in sorted(rng.sample(range(steps + 1), rng.randint(0, 2))))
+            jobs.append(JobSteps(f"j{j}", micros, first_step=first, evals=evals, paused=rng.random() < 0.1))
+        kw: dict = {}
+        if rng.random() < 0.4:
+            limit = rng.randint(1, len(jobs))
+            kw["admission"] = admission(jobs, rng.choice(["fifo", "priority", "shortest-first"]),
+                                        priority={j.name: rng.randint(0, 3) for j in jobs},
+                                        fits=lambda running, limit=limit: len(running) <= limit)
+        build_schedule(jobs, rng.randint(2, 5), "lora", fuse=rng.random() < 0.7,  # validated as it is built
+                       streams=rng.choice([None, None, rng.randint(1, len(jobs))]), **kw)
+    assert reads["kept"] > 10_000

@@ -58,7 +58,7 @@ SHAPES = [  # (stages, jobs, steps per job)
 ]
 QUICK = [(2, 4, 50), (4, 8, 20)]
 LONG = (4, 8, 20_000)
-GROUPING = [(4, 8, 20_000), (16, 64, 1000), (64, 128, 200)]
+GROUPING = [(4, 8, 20_000), (16, 64, 1000), (64, 128, 200), (16, 128, 5000)]
 QUICK_GROUPING = [(4, 8, 50)]
 
 
@@ -80,10 +80,26 @@ def varied_jobs(count: int, steps: int, seed: int = 0) -> list[JobSteps]:
     return out
 
 
+def varied_arrays(count: int, steps: int, seed: int = 0) -> list[JobSteps]:
+    """`varied_jobs`' kind of jobs made from arrays (`StepSizes`), for runs too long to spell out as
+    tuples: each job 1, 2 or 4 rows a micro-batch, 4 micro-batches a step, lengths of 100-511."""
+    import numpy as np
+
+    from mlora_pp.step_sizes import StepSizes
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for j in range(count):
+        rows = np.full(4 * steps, int(rng.choice([1, 2, 4])))
+        out.append(JobSteps(f"job{j}", StepSizes(rows, rows * rng.integers(100, 512, 4 * steps),
+                                                 np.arange(1, steps + 1) * 4)))
+    return out
+
+
 def measure_grouping(stages: int, jobs: int, steps: int) -> dict:
     """Seconds of `group_jobs`, of `choose_streams`, and to the first segment of a plan under a
     memory budget that admits a third of the jobs."""
-    work = varied_jobs(jobs, steps)
+    work = varied_jobs(jobs, steps) if jobs * steps <= 1_000_000 else varied_arrays(jobs, steps)
     row: dict = {"stages": stages, "jobs": jobs, "steps": steps}
     started = time.perf_counter()
     row["streams"] = len(group_jobs(work, stages))
@@ -214,7 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=None,
                         help="rows of each job in the from-data table (default 52,000; 2,000 with --quick)")
     parser.add_argument("--from-data-only", action="store_true", help="only the from-data table")
+    parser.add_argument("--grouping-only", action="store_true", help="only the grouping table")
     args = parser.parse_args(argv)
+    if args.grouping_only:
+        grouping = grouping_table(args.quick)
+        out = write_result(RESULTS / "planning-grouping.json" if args.out is None else Path(args.out), {
+            "command": "python -m benchmarks.planning --grouping-only" + (" --quick" if args.quick else ""),
+            "machine": {"platform": platform.platform(), "python": platform.python_version()},
+            "grouping": grouping,
+        })
+        print(f"wrote {out}")
+        return 0
     if args.records is None:
         args.records = 2_000 if args.quick else 52_000
     from_data = [measure_from_data(s, j, args.records) for s, j in (QUICK_FROM_DATA if args.quick else FROM_DATA)]
@@ -269,16 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(f"{r['peak_bytes'] / 2**20:.1f}")
         table.add_row(*cells)
     Console(width=140).print(table)
-    grouping = [measure_grouping(s, j, k) for s, j, k in (QUICK_GROUPING if args.quick else GROUPING)]
-    table = Table(title="a plan's start: grouping jobs of unequal lengths into streams (varied_jobs)")
-    for name in ["stages", "jobs", "steps/job", "streams", "group_jobs s", "choose_streams s",
-                 "first segment under a budget s"]:
-        table.add_column(name, justify="right")
-    for r in grouping:
-        table.add_row(str(r["stages"]), str(r["jobs"]), str(r["steps"]), str(r["streams"]),
-                      f"{r['group_jobs_seconds']:.2f}", f"{r['choose_streams_seconds']:.2f}",
-                      f"{r['budget_first_segment_seconds']:.2f}")
-    Console(width=140).print(table)
+    grouping = grouping_table(args.quick)
     out = write_result(RESULTS / "planning.json" if args.out is None else Path(args.out), {
         "command": ("python -m benchmarks.planning" + (" --quick" if args.quick else "")
                     + (" --memory" if args.memory else "") + (" --long" if args.long else "")
@@ -291,6 +308,20 @@ def main(argv: list[str] | None = None) -> int:
     })
     print(f"wrote {out}")
     return 0
+
+
+def grouping_table(quick: bool) -> list[dict]:
+    grouping = [measure_grouping(s, j, k) for s, j, k in (QUICK_GROUPING if quick else GROUPING)]
+    table = Table(title="a plan's start: grouping jobs of unequal lengths into streams (varied_jobs)")
+    for name in ["stages", "jobs", "steps/job", "streams", "group_jobs s", "choose_streams s",
+                 "first segment under a budget s"]:
+        table.add_column(name, justify="right")
+    for r in grouping:
+        table.add_row(str(r["stages"]), str(r["jobs"]), str(r["steps"]), str(r["streams"]),
+                      f"{r['group_jobs_seconds']:.2f}", f"{r['choose_streams_seconds']:.2f}",
+                      f"{r['budget_first_segment_seconds']:.2f}")
+    Console(width=140).print(table)
+    return grouping
 
 
 if __name__ == "__main__":

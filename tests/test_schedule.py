@@ -429,3 +429,38 @@ def test_the_lora_clock_keeps_each_streams_readiness_only_while_it_holds(monkeyp
         build_schedule(jobs, rng.randint(2, 5), "lora", fuse=rng.random() < 0.7,  # validated as it is built
                        streams=rng.choice([None, None, rng.randint(1, len(jobs))]), **kw)
     assert reads["kept"] > 10_000
+
+
+def test_a_packing_weighed_against_a_bound_is_the_full_answer_wherever_that_is_within_it():
+    """`_packing` with a bound stops weighing a packing once its padded tokens must exceed it, and
+    weighs each set of jobs once: on random mixes it returns the unbounded answer whenever that
+    answer is within the bound, and None only when it is not; the weigher's tokens equal the
+    micro-batches fused one by one."""
+    import mlora_pp.schedule as schedule
+
+    rng = random.Random(11)
+    within = over = 0
+    for _ in range(150):
+        jobs = []
+        for j in range(rng.randint(2, 14)):
+            rows, lo = rng.choice([1, 2, 4]), rng.choice([100, 300])
+            jobs.append(JobSteps(f"j{j}", tuple(tuple((rows, rows * rng.randint(lo, lo + rng.choice([5, 200])))
+                                                      for _ in range(rng.randint(1, 4)))
+                                                for _ in range(rng.randint(1, 12)))))
+        live = [(i, schedule._Sizes(j)) for i, j in enumerate(jobs)]
+        raw = sum(j.tokens for j in jobs)
+        weigh = schedule._Weigher()
+        for g in range(1, len(jobs) + 1):
+            full = schedule._packing(live, g, schedule._Weigher())
+            bounded = schedule._packing(live, g, weigh, bound=(1 + schedule.BALANCE) * raw)
+            if full[1][0] <= (1 + schedule.BALANCE) * raw:
+                within += 1
+                assert bounded == full
+            else:
+                over += 1
+                assert bounded is None or bounded[1][0] > (1 + schedule.BALANCE) * raw
+            for members in full[0]:
+                if members:
+                    fused = build_schedule([jobs[i] for i, _ in members], 1, "lora").micro_batches
+                    assert weigh.tokens(members) == sum(mb.tokens for mb in fused)
+    assert within > 50 and over > 50

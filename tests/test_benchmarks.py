@@ -131,6 +131,19 @@ def test_planning_benchmark_times_whole_plans(tmp_path, capsys):
     assert "making a lora plan" in capsys.readouterr().out
 
 
+def test_planning_benchmark_runs_one_table_alone(tmp_path):
+    """`--grouping-only` and `--from-data-only` write just their table's rows."""
+    for flag, key, shapes in (("--grouping-only", "grouping", planning.QUICK_GROUPING),
+                              ("--from-data-only", "from_data", planning.QUICK_FROM_DATA)):
+        out = tmp_path / f"{key}.json"
+        assert planning.main(["--quick", flag, "--out", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert "rows" not in result and len(result[key]) == len(shapes) and flag in result["command"]
+    big = planning.varied_arrays(3, 50)  # the long grouping shape's jobs, made from arrays
+    assert [j.steps for j in big] == [50] * 3 and all(len(m) == 4 for j in big for m in j.micro_batches)
+    assert all(len({r for m in j.micro_batches for r, _ in m}) == 1 for j in big)
+
+
 def test_data_loading_benchmark_tokenizes_each_file_once_between_the_ranks(capsys):
     """Two rank processes: without a cache each tokenizes all 3 files; with it they tokenize 3
     between them, and a fresh reader finds all 3 (the script asserts both, and equal tokens)."""

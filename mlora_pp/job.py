@@ -148,8 +148,7 @@ class AdapterJob:
         """The largest share of loss tokens among the padded tokens of any of its training
         micro-batches: it bounds what the last stage's head keeps per token of its rows
         (`MemoryModel.loss_share`)."""
-        sizes = self.micro_sizes()
-        return float(np.max(sizes.loss / sizes.padded, initial=0.0))
+        return self.micro_sizes().loss_share
 
     def token_counts(self) -> tuple[int, int]:
         """(loss tokens, padded tokens) of all its training micro-batches: what the head and what the
@@ -311,8 +310,9 @@ class _MicroSizes:
     """Rows of each micro-batch, in plan order."""
     padded: np.ndarray
     """Rows x longest row of each micro-batch: its padded tokens."""
-    loss: np.ndarray
-    """Loss tokens of each micro-batch."""
+    loss_share: float
+    """The largest share of loss tokens among any micro-batch's padded tokens (`AdapterJob.loss_share`;
+    kept instead of each micro-batch's loss tokens, 8 bytes a micro-batch)."""
 
     @staticmethod
     def of(plans: Sequence[StepPlan], examples: Sequence[Example]) -> "_MicroSizes":
@@ -326,7 +326,7 @@ class _MicroSizes:
             rows = np.fromiter((len(m) for m in micros), dtype=np.int64, count=len(micros))
             flat = np.fromiter(itertools.chain.from_iterable(micros), dtype=np.int64, count=int(rows.sum()))
         if not len(rows):
-            return _MicroSizes(plans, per_step, rows, rows.copy(), rows.copy())
+            return _MicroSizes(plans, per_step, rows, rows.copy(), 0.0)
         starts = np.zeros(len(rows), dtype=np.int64)
         np.cumsum(rows[:-1], out=starts[1:])
         if isinstance(examples, TokenizedRows):
@@ -334,8 +334,9 @@ class _MicroSizes:
         else:
             lengths = np.asarray(row_lengths(examples), dtype=np.int64)[flat]
             loss = np.asarray(row_loss_tokens(examples), dtype=np.int64)[flat]
-        return _MicroSizes(plans, per_step, rows, rows * np.maximum.reduceat(lengths, starts),
-                           np.add.reduceat(loss, starts))
+        padded = rows * np.maximum.reduceat(lengths, starts)
+        share = float(np.max(np.add.reduceat(loss, starts) / padded, initial=0.0))
+        return _MicroSizes(plans, per_step, rows, padded, share)
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

@@ -27,7 +27,9 @@ batches of 16 in micro-batches of 2: `plan_steps` of every job, the scheduler's 
 (`AdapterJob.job_steps`) and the bytes they hold, and the first segment of stage 0's plan.
 
     python -m benchmarks.planning [--quick] [--memory] [--long] [--window N] [--records N]
-    python -m benchmarks.planning --from-data-only --out F   # only the last table
+    python -m benchmarks.planning --from-data-only --out F   # only the from-data table
+    python -m benchmarks.planning --grouping-only --out F    # only the grouping table (its last
+                                                             # shape's jobs made from arrays)
 """
 
 from __future__ import annotations

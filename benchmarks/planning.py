@@ -231,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="result JSON (default benchmarks/results/planning.json)")
     parser.add_argument("--records", type=int, default=None,
                         help="rows of each job in the from-data table (default 52,000; 2,000 with --quick)")
-    parser.add_argument("--from-data-only", action="store_true", help="only the from-data table")
-    parser.add_argument("--grouping-only", action="store_true", help="only the grouping table")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--from-data-only", action="store_true", help="only the from-data table")
+    only.add_argument("--grouping-only", action="store_true", help="only the grouping table")
     args = parser.parse_args(argv)
     if args.grouping_only:
         grouping = grouping_table(args.quick)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import yaml
 
 from test_evaluation import eval_records
 from test_training import JOBS, adapter, assert_adapters_equal, make_raw, make_workspace, write_dataset
+from warm_ranks import start_rank
 
 from mlora_pp.config import parse_config
 from mlora_pp.data_cache import DATA_CACHE, DataCache, job_sources
@@ -42,50 +44,39 @@ def torchrun(nproc: int, config: Path, timeout: float = 300, **extra_env: str) -
     return subprocess.run(cmd, cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
 
 
-def ranks(nproc: int, config: Path, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
+def ranks(nproc: int, config: Path, timeout: float = 300, fresh: bool = False, **extra_env: str) -> subprocess.CompletedProcess:
     """The ranks of a one-machine run, started with the variables torchrun gives them but without its
-    agent, which costs a run 1-2 s of process start-up and exit (about 30 s over the suite). For runs
-    whose ranks are all meant to finish: what torchrun does when one fails (it stops the others) is
-    tested through `torchrun`. The result's stdout and stderr are the ranks', rank 0's first; its
-    return code is the first rank's that is not 0."""
+    agent, which costs a run 1-2 s of process start-up and exit (about 30 s over the suite). Each rank
+    is forked from a warm interpreter that has imported the launcher already (`warm_ranks`: 5 s of
+    imports a rank) unless `fresh`. For runs whose ranks are all meant to finish: what torchrun does
+    when one fails (it stops the others) is tested through `torchrun`. The result's stdout and stderr
+    are the ranks', rank 0's first; its return code is the first rank's that is not 0."""
     port = str(free_port())
-    procs, outputs = [], []
-    try:
-        for rank in range(nproc):
-            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-            outputs.append((out, err))
-            rank_env = env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
-                           GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra_env)
-            procs.append(subprocess.Popen([sys.executable, "-m", "launcher", str(config), "--no-live"], cwd=ROOT,
-                                          env=rank_env, stdout=out, stderr=err, text=True))
-        deadline = time.monotonic() + timeout
-        timed_out = False
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                break
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        texts = []
-        for out, err in outputs:
-            out.seek(0), err.seek(0)
-            texts.append((out.read(), err.read()))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for out, err in outputs:
-            out.close(), err.close()
-    if timed_out:  # killed: what each rank wrote says where it was
+    started: list = []
+    codes: list[int | None] = []
+    with tempfile.TemporaryDirectory() as logs:
+        files = [(Path(logs) / f"{rank}.out", Path(logs) / f"{rank}.err") for rank in range(nproc)]
+        try:
+            for rank, (out, err) in enumerate(files):
+                rank_env = env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                               GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra_env)
+                started.append(start_rank([str(config), "--no-live"], rank_env, out, err, fresh=fresh, base_env=env()))
+            deadline = time.monotonic() + timeout
+            for proc in started:
+                codes.append(proc.wait(max(0.0, deadline - time.monotonic())))
+                if codes[-1] is None:
+                    break
+        finally:
+            for proc, code in itertools.zip_longest(started, codes):
+                if code is None:
+                    proc.kill()
+        texts = [(out.read_text(), err.read_text()) for out, err in files]
+    if None in codes:  # killed: what each rank wrote says where it was
         tails = "\n".join(f"rank {r} stderr: {err[-1500:]}" for r, (_, err) in enumerate(texts))
         raise AssertionError(f"the ranks did not end within {timeout:g} s\n{tails}")
-    code = next((p.returncode for p in procs if p.returncode != 0), 0)
-    return subprocess.CompletedProcess(procs[0].args, code, "".join(o for o, _ in texts), "".join(e for _, e in texts))
+    code = next((c for c in codes if c != 0), 0)
+    args = [sys.executable, "-m", "launcher", str(config), "--no-live"]
+    return subprocess.CompletedProcess(args, code, "".join(o for o, _ in texts), "".join(e for _, e in texts))
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ ends each rank with one line and exit code 130. SIGTERM while training (a schedu
 run) stops it at the next decision point with every unfinished job checkpointed, exit code 143.
 Jobs resume from their checkpoints in output_dir; ``--fresh`` deletes those and starts over.
 ``python -m launcher status OUTPUT_DIR [--watch SECONDS | --json]`` shows a run's jobs (mlora_pp.status);
+``python -m launcher cache DIR [--unused-days N] [--max-gib X] [--dry-run]`` lists or prunes a data cache
+(mlora_pp.cache_entries);
 ``python -m launcher submit OUTPUT_DIR JOB.yaml``, ``cancel OUTPUT_DIR NAME`` and ``priority OUTPUT_DIR
 NAME N`` change a running run (mlora_pp.control).
 """
@@ -24,16 +26,21 @@ import threading
 # benchmark's model, for no speed we could measure. MKL reads this once, as torch loads it.
 os.environ.setdefault("MKL_DISABLE_FAST_MM", "1")
 
-SUBCOMMANDS = ("status", "submit", "cancel", "priority")
+SUBCOMMANDS = ("status", "submit", "cancel", "priority", "cache")
 
 
 def run_subcommand(argv: list[str]) -> int:
     """``status OUTPUT_DIR``: a run's jobs, from its metrics.jsonl; ``submit``, ``cancel``, ``priority``:
-    a job added to, stopped in or re-prioritized in a running run."""
+    a job added to, stopped in or re-prioritized in a running run; ``cache DIR``: a data cache's
+    entries, listed or pruned."""
     if argv[0] == "status":
         from mlora_pp.status import main as status_main
 
         return status_main(argv[1:])
+    if argv[0] == "cache":
+        from mlora_pp.cache_entries import main as cache_main
+
+        return cache_main(argv[1:])
     from mlora_pp.control import cancel_main, priority_main, submit_main
 
     return {"submit": submit_main, "cancel": cancel_main, "priority": priority_main}[argv[0]](argv[1:])

@@ -170,6 +170,10 @@ class RunConfig:
     data_cache: Path | None = None
     """Where tokenized data is kept (`mlora_pp.data_cache`); None: ``output_dir/data-cache``. Runs that
     name one directory share it: a file is tokenized once for all of them."""
+    data_cache_max_size: float | str | None = None
+    """At start-up, remove the data cache's least recently used entries that no run holds until it fits
+    in this size (bytes, or like 50GiB); this run's own entries are spared. None: no limit
+    (`python -m launcher cache DIR` lists and prunes by hand)."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     log_every: int = 1
     source: Path | None = None
@@ -310,6 +314,11 @@ def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> 
         if cfg.pipeline.memory_budget is None:
             raise err("pipeline.hide_latency", "auto needs pipeline.memory_budget: it hides latency only when "
                                                "every job fits the budget with twice the micro-batches in flight")
+    if cfg.data_cache_max_size is not None:
+        try:
+            size_bytes(cfg.data_cache_max_size)
+        except ValueError as exc:
+            raise err("data_cache_max_size", str(exc)) from None
     if cfg.log_every < 1:
         raise err("log_every", "must be at least 1")
     if not cfg.jobs:
@@ -386,6 +395,18 @@ def human_bytes(n: float) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n:.0f} B"
+
+
+def size_bytes(value: float | str) -> int:
+    """Bytes from a size: a number of bytes, or like 50GiB or 800MB; ValueError if neither."""
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match:
+            raise ValueError(f"expected bytes (a number, or like 50GiB, 800MB); got {value!r}")
+        value = float(match.group(1)) * _UNITS[match.group(2)]
+    if not value >= 1:
+        raise ValueError(f"must be at least 1 byte; got {value!r}")
+    return int(value)
 
 
 def budget_spec(value: float | str) -> tuple[str, float]:

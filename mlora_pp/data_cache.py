@@ -7,6 +7,10 @@ the ranks), writes its rows as `TokenizedRows` arrays under a key, and every ran
 A later start or a resume finds them by the same key. Jobs of one run that read the same file with
 the same template and length share one copy in memory.
 
+A process that maps an entry holds its lease until it exits (`mlora_pp.cache_entries`), so that
+pruning the cache (``python -m launcher cache``, or `data_cache_max_size` at start-up) never removes
+an entry a run is using.
+
 The key hashes the file's bytes, the template, the tokenizer (its whole serialised definition, its
 special ids and chat template) and ``max_seq_len``, with the versions of the code that tokenized:
 changing any of these makes a new entry, never a wrong hit. An entry is written to a temporary
@@ -28,6 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlora_pp.cache_entries import ENTRY_FILE as _ENTRY
+from mlora_pp.cache_entries import LEASE_FILE, PRUNED_PREFIX, hold_lease, prune, release_lease
+from mlora_pp.config import human_bytes
 from mlora_pp.data import DataError, Template, load_template, read_rows
 from mlora_pp.durable import fsync_dir
 from mlora_pp.tokenized import TokenizedRows
@@ -40,13 +47,17 @@ DATA_CACHE = "data-cache"
 FORMAT = 1
 """Version of what an entry holds and how rows are made from records; bump it when either changes."""
 
-_ENTRY = "entry.json"
 _REPORT_S = 1.0
 """Tokenizing that takes longer than this is reported on stdout (one line per file)."""
 PROGRESS_S = 10.0
 """While a file is tokenized, the records done so far are reported this often (stdout)."""
 STALE_S = 3600.0
-"""A temporary entry (``.tmp-*``, ``.bad-*``) untouched this long was left by a killed writer: removed."""
+"""A temporary entry (``.tmp-*``, ``.bad-*``, ``.pruned-*``) untouched this long was left by a killed
+writer or prune: removed."""
+
+CLOCK_SKEW_S = 600.0
+"""A start-up prune spares entries used this long before the run began as well: on a network file
+system the server's clock, not this machine's, stamps an entry's last use."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +119,7 @@ class DataCache:
         self._rows: dict[str, TokenizedRows] = {}
         self._shares: dict[str, int] = {}  # key -> the rank `fill` gave it to
         self._unshared_warned = False
+        self._pruned_under_us = False
         self.hits = self.misses = 0
 
     def key(self, source: Source) -> str:
@@ -130,7 +142,7 @@ class DataCache:
             rows = self._read(key, source)
             if rows is None:
                 owner = self._shares.get(key, self.rank)
-                if owner != self.rank and not self._unshared_warned:
+                if owner != self.rank and not self._unshared_warned and not self._pruned_under_us:
                     self._unshared_warned = True
                     print(f"warning: rank {self.rank}: the data cache {self.directory} does not hold the rows rank "
                           f"{owner} tokenized for {source.path}: the ranks do not share it (name a data_cache every "
@@ -186,6 +198,9 @@ class DataCache:
             return None
         assert self.directory is not None
         entry = self.directory / key
+        if not hold_lease(entry):  # removed by a prune just now: tokenized again
+            self._pruned_under_us = True
+            return None
         try:
             info = json.loads((entry / _ENTRY).read_text())
             rows = TokenizedRows.load(entry)
@@ -236,6 +251,7 @@ class DataCache:
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{socket.gethostname()}-", dir=self.directory))
             os.chmod(tmp, 0o755)  # mkdtemp's 0700 would keep the entry from other users sharing the cache
             rows.save(tmp)
+            (tmp / LEASE_FILE).touch(0o644)
             with open(tmp / _ENTRY, "w") as f:
                 json.dump(info, f, indent=1)
                 f.flush()
@@ -257,7 +273,7 @@ class DataCache:
         """Remove what writers killed mid-write left (an hour old: a live writer's is newer)."""
         assert self.directory is not None
         try:
-            leftovers = [p for p in self.directory.iterdir() if p.name.startswith((".tmp-", ".bad-"))]
+            leftovers = [p for p in self.directory.iterdir() if p.name.startswith((".tmp-", ".bad-", PRUNED_PREFIX))]
         except OSError:
             return
         now = time.time()
@@ -268,8 +284,25 @@ class DataCache:
             except OSError:
                 continue
 
+    def limit(self, max_bytes: int, spare_used_since: float) -> None:
+        """Remove the least recently used entries no process holds until the cache fits in `max_bytes`,
+        sparing those used since `spare_used_since` (this run's, which its other ranks may not hold
+        yet); says what it removed, and what it could not."""
+        if self.directory is None:
+            return
+        result = prune(self.directory, max_bytes=max_bytes, spare_used_since=spare_used_since)
+        if result.removed:
+            print(f"rank {self.rank}: data cache {self.directory}: removed {len(result.removed)} unused "
+                  f"entries ({human_bytes(sum(e.bytes for e in result.removed))}) to fit data_cache_max_size "
+                  f"{human_bytes(max_bytes)}", flush=True)
+        if result.kept_bytes > max_bytes:
+            print(f"warning: rank {self.rank}: data cache {self.directory} holds {human_bytes(result.kept_bytes)}, "
+                  f"over data_cache_max_size {human_bytes(max_bytes)}: the rest is in use by this or other runs",
+                  flush=True)
+
     @staticmethod
     def _discard(entry: Path) -> None:
+        release_lease(entry)
         aside = entry.with_name(f".bad-{entry.name}-{os.getpid()}")
         try:
             os.rename(entry, aside)

@@ -34,12 +34,12 @@ from mlora_pp.checkpoint import (
     checkpoint_weights, clear_stale, newest_checkpoint, plan_resume, read_checkpoint, restore, step_dir,
     unseen_markers, write_file, write_share_marker,
 )
-from mlora_pp.config import ConfigError, RunConfig, human_bytes, parse_config
+from mlora_pp.config import ConfigError, RunConfig, human_bytes, parse_config, size_bytes
 from mlora_pp.control import CONTROL, Accepted, ControlDir, PlanChannel, config_mapping
 from mlora_pp.data import DataError
 from mlora_pp.early_stop import EarlyStopping
 from mlora_pp.grad_norm import GradNormChannel
-from mlora_pp.data_cache import DataCache, cache_dir, job_sources
+from mlora_pp.data_cache import CLOCK_SKEW_S, DataCache, cache_dir, job_sources
 from mlora_pp.job import AdapterJob, EvalDataError, load_job
 from mlora_pp.lora import warm_up_dropout
 from mlora_pp.memory import (
@@ -488,6 +488,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     accepted = _accepted_changes(cfg, env, fresh)  # jobs submitted mid-run join cfg.jobs here
     cancelled = accepted.cancelled
 
+    started = time.time()
+
     def check() -> tuple[Any, DataCache]:
         checked = check_inputs(cfg, env.rank, env.world)
         check_writable(cfg, env.rank, where)  # every rank writes its own checkpoint parts
@@ -507,6 +509,10 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     # the same line, before any weight is read.
     checked, cache = agree(env.rank, env.world, check)
     specs, jobs, plan = agree(env.rank, env.world, prepare)
+    if cfg.data_cache_max_size is not None and env.local_rank == 0:  # one per machine: caches may be local
+        # Every rank holds the leases of what it mapped by now. The spared span allows for a network
+        # file system's clock, which sets the leases' times, running behind this machine's.
+        cache.limit(size_bytes(cfg.data_cache_max_size), spare_used_since=started - CLOCK_SKEW_S)
     tokenizer = checked.tokenizer
     if env.rank == 0:
         assert plan is not None

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mlora_pp.config import RESERVED_NAMES, ConfigError, JobConfig, ModelConfig, RunConfig, parse_config
+from mlora_pp.cache_entries import LEASE_FILE, hold_lease, list_entries, prune
+from mlora_pp.config import (RESERVED_NAMES, ConfigError, JobConfig, ModelConfig, RunConfig, human_bytes, parse_config,
+                             size_bytes)
 from mlora_pp.data import DataError, load_examples, load_template
 from mlora_pp.data_cache import DATA_CACHE, DataCache, Source, job_sources
 from mlora_pp.tiny import build_tokenizer
 from mlora_pp.training import prepare_jobs
 
+ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the of and to in is was for on that with as by at from his her are be or".split()
 
 
@@ -212,3 +220,126 @@ def test_ranks_that_race_on_one_entry_leave_one_whole_entry(tmp_path: Path, toke
     assert all(found[r] == reference for r in range(4))
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [caches[0].key(source)]
     assert DataCache(tokenizer, tmp_path / "cache").rows(source) == reference
+
+
+# ------------------------------------------------------------------------------ leases and pruning
+
+DAY = 86400.0
+HOLDER = ("import sys; from pathlib import Path; from mlora_pp.cache_entries import hold_lease; "
+          "print(hold_lease(Path(sys.argv[1])), flush=True); sys.stdin.read()")
+
+
+def _entries(tmp_path: Path, tokenizer, ages_days: list[float]) -> tuple[Path, list[Path]]:
+    """One stored entry per age (a file each, written by a cache that keeps its rows in memory, so this
+    process holds no lease), each last used that many days ago."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cache, now = tmp_path / "cache", time.time()
+    paths = []
+    for i, age in enumerate(ages_days):
+        source = Source(_data(tmp_path / f"d{i}.jsonl", 20 + 10 * i, i), load_template("alpaca"), 32)
+        writer = DataCache(tokenizer, cache)
+        writer.rows(source)
+        entry = cache / writer.key(source)
+        os.utime(entry / LEASE_FILE, (now - age * DAY, now - age * DAY))
+        paths.append(entry)
+    return cache, paths
+
+
+def test_prune_takes_the_least_recently_used_first_and_spares_what_it_is_told(tmp_path: Path, tokenizer) -> None:
+    cache, (old, middle, new) = _entries(tmp_path, tokenizer, [3, 2, 1])
+    listed = list_entries(cache)
+    assert [e.path for e in listed] == [old, middle, new]
+    assert all(e.bytes == sum(p.stat().st_size for p in e.path.iterdir()) and e.rows > 0 for e in listed)
+    total = sum(e.bytes for e in listed)
+    dry = prune(cache, max_bytes=total - listed[0].bytes, dry_run=True)
+    assert [e.path for e in dry.removed] == [old] and old.is_dir()  # said, not done
+    assert [e.path for e in prune(cache, unused_for_s=1.5 * DAY).removed] == [old, middle]
+    assert old.exists() is False and middle.exists() is False and new.is_dir()
+    assert [p.name for p in cache.iterdir()] == [new.name]  # nothing left aside
+    cache, (a, b, c) = _entries(tmp_path / "again", tokenizer, [3, 2, 1])
+    spared = prune(cache, max_bytes=0, spare_used_since=time.time() - 2.5 * DAY)
+    assert [e.path for e in spared.removed] == [a] and b.is_dir() and c.is_dir()
+    assert spared.kept_bytes == sum(e.bytes for e in list_entries(cache))
+
+
+def test_an_entry_a_process_maps_is_never_pruned(tmp_path: Path, tokenizer) -> None:
+    cache, (held, mine) = _entries(tmp_path, tokenizer, [5, 4])
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(held)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        assert hold_lease(mine)  # this process's own lease: kept too (on NFS its lock would not conflict)
+        result = prune(cache, unused_for_s=0)
+        assert result.removed == [] and {e.path for e in result.in_use} == {held, mine}
+        assert time.time() - next(e for e in list_entries(cache) if e.path == held).last_used < DAY  # touched
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert [e.path for e in prune(cache, unused_for_s=0).removed] == [held]
+    assert mine.is_dir()
+
+
+def test_a_reader_that_meets_a_prune_tokenizes_again(tmp_path: Path, tokenizer, capsys) -> None:
+    cache, (entry,) = _entries(tmp_path, tokenizer, [2])
+    source = Source(tmp_path / "d0.jsonl", load_template("alpaca"), 32)
+    pruner = os.open(entry / LEASE_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(pruner, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a prune holds it, about to remove it
+        reader = DataCache(tokenizer, cache, rank=1)
+        reader._shares[reader.key(source)] = 0
+        rows = reader.rows(source)
+    finally:
+        os.close(pruner)
+    assert (reader.hits, reader.misses) == (0, 1)
+    assert rows == load_examples(source.path, source.template, tokenizer, 32)
+    assert "do not share" not in capsys.readouterr().out  # a prune, not a cache the ranks do not share
+
+
+def test_the_cache_command_lists_and_prunes(tmp_path: Path, tokenizer) -> None:
+    cache, (old, new) = _entries(tmp_path, tokenizer, [10, 0])
+
+    def command(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "launcher", "cache", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+
+    listed = command(str(cache))
+    assert listed.returncode == 0 and "2 entries" in listed.stdout, listed.stderr
+    assert old.name in listed.stdout and "last used 10.0 days ago" in listed.stdout
+    dry = command(str(cache), "--unused-days", "7", "--dry-run")
+    assert dry.returncode == 0 and f"would remove {old.name}" in dry.stdout and old.is_dir()
+    done = command(str(cache), "--unused-days", "7")
+    assert done.returncode == 0 and f"removed {old.name}" in done.stdout and not old.exists() and new.is_dir()
+    bad = command(str(cache), "--max-gib", "-1")
+    assert bad.returncode == 2 and "--max-gib needs a number >= 0" in bad.stderr
+    missing = command(str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and missing.stderr.strip() == f"error: {tmp_path / 'nowhere'}: not a directory"
+
+
+@pytest.mark.parametrize("value,ok", [("50GiB", True), (1e6, True), ("lots", False), (0, False), ("0.5B", False)])
+def test_data_cache_max_size_reads_a_size(value, ok) -> None:
+    raw = {"model": {"path": "m"}, "jobs": [{"name": "a", "data": "d.jsonl"}], "data_cache_max_size": value}
+    if ok:
+        assert size_bytes(parse_config(raw).data_cache_max_size) == (50 * 2**30 if value == "50GiB" else 10**6)
+    else:
+        with pytest.raises(ConfigError, match="data_cache_max_size"):
+            parse_config(raw)
+
+
+def test_a_run_with_a_size_limit_prunes_unused_entries_and_keeps_its_own(tmp_path: Path, tokenizer, capsys) -> None:
+    """One rank, a shared cache over its limit: another run's entry unused for 30 days goes, this run's
+    entry (tokenized in this run) stays although the cache is still over the limit, and both are said."""
+    from test_training import JOBS, make_raw, make_workspace
+
+    from mlora_pp.training import train
+
+    workspace = make_workspace(tmp_path, layers=2)
+    cache, (old,) = _entries(tmp_path / "other", tokenizer, [30])
+    raw = dict(make_raw(workspace, JOBS[:1], "run"), data_cache=str(cache), data_cache_max_size=1)
+    result = train(parse_config(raw), progress=False)
+    assert result.steps == {"alpha": JOBS[0]["max_steps"]}
+    assert not old.exists()
+    (kept,) = list_entries(cache)
+    assert kept.data == str(workspace[2]["alpha"])
+    out = capsys.readouterr().out
+    assert f"rank 0: data cache {cache}: removed 1 unused entries" in out
+    assert f"warning: rank 0: data cache {cache} holds {human_bytes(kept.bytes)}, over data_cache_max_size 1 B" in out

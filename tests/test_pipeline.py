@@ -44,7 +44,8 @@ def torchrun(nproc: int, config: Path, timeout: float = 300, **extra_env: str) -
     return subprocess.run(cmd, cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
 
 
-def ranks(nproc: int, config: Path, timeout: float = 300, fresh: bool = False, **extra_env: str) -> subprocess.CompletedProcess:
+def ranks(nproc: int, config: Path, timeout: float = 300, fresh: bool = False,
+          **extra_env: str) -> subprocess.CompletedProcess:
     """The ranks of a one-machine run, started with the variables torchrun gives them but without its
     agent, which costs a run 1-2 s of process start-up and exit (about 30 s over the suite). Each rank
     is forked from a warm interpreter that has imported the launcher already (`warm_ranks`: 5 s of

@@ -8,7 +8,11 @@ Every rank needs every job's rows. Measured here, side by side on the same files
   ranks did before `DataCache`), the wall time of the slowest (a run's start-up waits for it).
 - ``ranks share``: R processes started together, each tokenizing its share (`DataCache.fill`),
   then each reading all rows, the slowest likewise.
-- ``read back``: a fresh process reading every file's rows from the cache (a resume, a later run).
+- ``read back``: a fresh process reading every file's rows from the cache (a resume, a later run),
+  with each file's digest read from the cache's notes, and without them (hashing every file, as
+  every start did before the notes).
+- digests: one large file (``--digest-mib``) hashed, against its digest read from the note a start
+  before left: what a later start saves per file that size, on every rank.
 - memory: the rows held as `TokenizedRows` arrays against the same rows as `Example` tuples
   (how they were held before), measured with tracemalloc on one file.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import random
 import shutil
 import tempfile
@@ -94,16 +99,48 @@ def on_ranks(paths: list[Path], world: int, cache_dir: Path | None, max_seq_len:
     return results
 
 
-def read_back(paths: list[Path], cache_dir: Path, max_seq_len: int) -> dict:
-    from mlora_pp.data_cache import DataCache
+def read_back(paths: list[Path], cache_dir: Path, max_seq_len: int, notes: bool = True) -> dict:
+    """As a fresh process: nothing remembered in memory; `notes` False removes the digests' notes."""
+    from mlora_pp import data_cache
+    from mlora_pp.data_cache import DIGESTS_DIR, DataCache
     from mlora_pp.tiny import build_tokenizer
 
+    data_cache._DIGESTS.clear()
+    if not notes:
+        shutil.rmtree(cache_dir / DIGESTS_DIR, ignore_errors=True)
     cache = DataCache(build_tokenizer(), cache_dir)
+    sources = _sources(paths, max_seq_len)
     t0 = time.perf_counter()
-    rows = [cache.rows(s) for s in _sources(paths, max_seq_len)]
+    for source in sources:
+        cache.key(source)
+    keys_s = time.perf_counter() - t0
+    rows = [cache.rows(s) for s in sources]
     # a run looks at every row's length while planning: include it
     tokens = sum(int(r.lengths.sum()) for r in rows)
-    return {"seconds": time.perf_counter() - t0, "tokens": tokens, "hits": cache.hits, "misses": cache.misses}
+    return {"seconds": time.perf_counter() - t0, "keys_s": keys_s, "tokens": tokens, "hits": cache.hits,
+            "misses": cache.misses}
+
+
+def digests(directory: Path, mib: int) -> dict:
+    """One file of `mib` MiB (an hour old, as data files are): hashed, then its digest read from the note."""
+    from mlora_pp import data_cache
+    from mlora_pp.data_cache import DIGESTS_DIR, file_digest
+
+    path = directory / "large.jsonl"
+    line = (json.dumps({"instruction": " ".join(WORDS[:40]), "output": " ".join(WORDS[40:80])}) + "\n").encode()
+    with open(path, "wb") as f:
+        for _ in range(mib * 2**20 // len(line) + 1):
+            f.write(line)
+    then = time.time() - 3600
+    os.utime(path, (then, then))
+    memo = directory / DIGESTS_DIR
+    timings = {}
+    for name in ("hashed_s", "from_note_s"):
+        data_cache._DIGESTS.clear()
+        t0 = time.perf_counter()
+        file_digest(path, memo)
+        timings[name] = time.perf_counter() - t0
+    return {"bytes": path.stat().st_size, **timings}
 
 
 def memory(path: Path, max_seq_len: int) -> dict:
@@ -133,17 +170,24 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--records", type=int, default=5000)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--digest-mib", type=int, default=None,
+                   help="size of the file whose digest is timed (0: none; default 512, 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="no memory measurement; do not write the result")
     p.add_argument("--out", type=Path, default=RESULTS / "data_loading.json")
     a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="data-loading-"))
     try:
         paths = write_files(work, a.files, a.records)
+        for path in paths:  # an hour old, as data files are: their digests are kept (`data_cache.RACY_S`)
+            os.utime(path, (time.time() - 3600,) * 2)
         size = sum(p.stat().st_size for p in paths)
         each = on_ranks(paths, a.ranks, None, a.max_seq_len)
         ranks = on_ranks(paths, a.ranks, work / "cache", a.max_seq_len)
         back = read_back(paths, work / "cache", a.max_seq_len)
+        hashing = read_back(paths, work / "cache", a.max_seq_len, notes=False)
         mem = None if a.quick else memory(paths[0], a.max_seq_len)
+        mib = a.digest_mib if a.digest_mib is not None else (1 if a.quick else 512)
+        large = digests(work, mib) if mib > 0 else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     before = max(r["total_s"] for r in each)
@@ -152,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"files": a.files, "records_per_file": a.records, "bytes": size, "ranks": a.ranks,
               "max_seq_len": a.max_seq_len, "tokens": tokens, "every_rank_tokenizes": each,
               "every_rank_tokenizes_wall_s": before, "shared": ranks, "shared_wall_s": slowest, "read_back": back,
+              "read_back_hashing": hashing, "digests": large,
               "memory": mem, "speedup_start": before / slowest, "speedup_resume": before / back["seconds"]}
     print(f"| {a.files} files x {a.records:,} records, {tokens:,} tokens, {size / 2**20:.1f} MiB, {a.ranks} ranks "
           f"| seconds | |")
@@ -161,12 +206,18 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['speedup_start']:.2f}x faster |")
     print(f"| read back from the cache (resume, later runs) | {back['seconds']:.3f} | "
           f"{result['speedup_resume']:.0f}x faster |")
+    print(f"| of which the files' digests, read from notes | {back['keys_s']:.4f} | |")
+    print(f"| read back, every file hashed (no notes, as before them) | {hashing['seconds']:.3f} | |")
+    print(f"| of which hashing the files | {hashing['keys_s']:.4f} | |")
+    if large is not None:
+        print(f"\none file of {large['bytes'] / 2**20:.0f} MiB: hashed in {large['hashed_s']:.3f} s, its digest read "
+              f"from the note in {large['from_note_s'] * 1e3:.2f} ms (every rank, every start)")
     if mem is not None:
         print(f"\nrows of one file ({mem['tokens']:,} tokens): {mem['arrays_bytes'] / 2**20:.1f} MiB as arrays "
               f"({mem['arrays_bytes_per_token']:.1f} B/token, peak while loading {mem['arrays_peak_bytes'] / 2**20:.1f} "
               f"MiB) against {mem['tuples_bytes'] / 2**20:.1f} MiB as Example tuples "
               f"({mem['tuples_bytes_per_token']:.1f} B/token)")
-    assert back["misses"] == 0 and sum(r["misses"] for r in ranks) == a.files
+    assert back["misses"] == 0 and hashing["misses"] == 0 and sum(r["misses"] for r in ranks) == a.files
     assert all(r["tokens"] == tokens for r in each + ranks) and back["tokens"] == tokens
     if not a.quick:
         print(f"wrote {write_result(a.out, result)}")

@@ -20,6 +20,7 @@ entry write the same bytes, and the first rename wins.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -70,21 +71,69 @@ class Source:
 
 
 _DIGESTS: dict[tuple, str] = {}
+DIGESTS_DIR = ".digests"
+"""Under the cache directory: each data file's digest with the stat it was taken at, so that a later
+start (a resume, a run pre-empted and started again) does not read every file again to hash it."""
+RACY_S = 2.0
+"""A digest is kept on disk only for a file unmodified this long before hashing began: one written
+within the same tick of its clock as its digest was taken could change without its stat showing it."""
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes; remembered for the process while its size, mtime and inode stay."""
+def file_digest(path: Path, memo_dir: Path | None = None) -> str:
+    """sha256 of a file's bytes; remembered for the process while its size, mtime and inode stay, and
+    in `memo_dir` (when given) while its size, mtime, ctime and inode stay. ctime cannot be set back
+    by a user, so a file rewritten to the same size with its mtime restored is hashed again."""
     path = Path(path)
     stat = path.stat()
-    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    resolved = str(path.resolve())
+    memo = (resolved, stat.st_size, stat.st_mtime_ns, stat.st_ino)
     found = _DIGESTS.get(memo)
+    if found is not None:
+        return found
+    stamp = {"path": resolved, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns,
+             "ino": stat.st_ino}
+    note = None if memo_dir is None else memo_dir / f"{hashlib.sha256(resolved.encode()).hexdigest()[:32]}.json"
+    if note is not None:
+        try:
+            saved = json.loads(note.read_text())
+            if {k: saved.get(k) for k in stamp} == stamp and isinstance(saved.get("sha256"), str):
+                found = saved["sha256"]
+        except (OSError, ValueError, AttributeError):
+            pass
     if found is None:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        found = _DIGESTS[memo] = digest.hexdigest()
+        began = time.time()
+        found = _hash_file(path)
+        after = path.stat()
+        unchanged = (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino) == (
+            stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+        if note is not None and unchanged and stat.st_mtime < began - RACY_S:
+            _write_note(note, {**stamp, "sha256": found})
+    _DIGESTS[memo] = found
     return found
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_note(note: Path, content: dict) -> None:
+    """Written aside and renamed in; a cache this process cannot write keeps no note."""
+    tmp = None
+    try:
+        note.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=note.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(content, f)
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, note)
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def tokenizer_digest(tokenizer: Any) -> str | None:
@@ -125,7 +174,8 @@ class DataCache:
     def key(self, source: Source) -> str:
         """What the rows of `source` depend on, hashed (it names the entry's directory)."""
         tok = self._tokenizer_digest or f"object {id(self.tokenizer)}"
-        parts = (FORMAT, file_digest(source.path), repr(source.template), tok, source.max_seq_len)
+        memo = None if self.directory is None else self.directory / DIGESTS_DIR
+        parts = (FORMAT, file_digest(source.path, memo), repr(source.template), tok, source.max_seq_len)
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
     def stored(self, key: str) -> bool:

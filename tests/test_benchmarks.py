@@ -150,4 +150,5 @@ def test_data_loading_benchmark_tokenizes_each_file_once_between_the_ranks(capsy
     result = data_loading.main(["--files", "3", "--records", "40", "--ranks", "2", "--quick"])
     assert [r["misses"] for r in result["every_rank_tokenizes"]] == [3, 3]
     assert sum(r["misses"] for r in result["shared"]) == 3 and result["read_back"]["hits"] == 3
+    assert result["read_back_hashing"]["hits"] == 3 and result["digests"]["bytes"] >= 2**20
     assert "the ranks share it through the cache" in capsys.readouterr().out

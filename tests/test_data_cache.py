@@ -343,3 +343,58 @@ def test_a_run_with_a_size_limit_prunes_unused_entries_and_keeps_its_own(tmp_pat
     out = capsys.readouterr().out
     assert f"rank 0: data cache {cache}: removed 1 unused entries" in out
     assert f"warning: rank 0: data cache {cache} holds {human_bytes(kept.bytes)}, over data_cache_max_size 1 B" in out
+
+
+# ------------------------------------------------------------------------------ digests kept on disk
+
+
+def _hashes(monkeypatch) -> list[Path]:
+    """Forget this process's digests; the files hashed from now on."""
+    from mlora_pp import data_cache
+
+    monkeypatch.setattr(data_cache, "_DIGESTS", {})
+    hashed: list[Path] = []
+    real = data_cache._hash_file
+    monkeypatch.setattr(data_cache, "_hash_file", lambda path: hashed.append(Path(path)) or real(path))
+    return hashed
+
+
+def _age_file(path: Path, seconds: float = 60) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_a_later_start_reads_each_files_digest_instead_of_hashing_it(tmp_path: Path, tokenizer, monkeypatch) -> None:
+    source = Source(_data(tmp_path / "a.jsonl", 30, 3), load_template("alpaca"), 32)
+    _age_file(source.path)
+    hashed = _hashes(monkeypatch)
+    key = DataCache(tokenizer, tmp_path / "cache").key(source)
+    assert hashed == [source.path]
+    hashed = _hashes(monkeypatch)  # a new process
+    assert DataCache(tokenizer, tmp_path / "cache").key(source) == key and hashed == []
+    assert DataCache(tokenizer, None).key(source) == key and hashed == []  # this process remembers it
+    assert list_entries(tmp_path / "cache") == []  # notes are not entries
+
+
+def test_a_changed_file_is_hashed_again_even_with_its_mtime_set_back(tmp_path: Path, tokenizer, monkeypatch) -> None:
+    path = _data(tmp_path / "a.jsonl", 30, 4)
+    source = Source(path, load_template("alpaca"), 32)
+    _age_file(path)
+    before = path.stat()
+    key = DataCache(tokenizer, tmp_path / "cache").key(source)
+    text = path.read_text()
+    path.write_text(text.replace("the", "and", 1) if "the" in text else text.replace("of", "to", 1))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, same mtime: only ctime differs
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    hashed = _hashes(monkeypatch)
+    changed = DataCache(tokenizer, tmp_path / "cache").key(source)
+    assert hashed == [path] and changed != key
+    assert changed == DataCache(tokenizer, None).key(source)
+
+
+def test_a_file_modified_just_before_hashing_keeps_no_digest_on_disk(tmp_path: Path, tokenizer, monkeypatch) -> None:
+    source = Source(_data(tmp_path / "a.jsonl", 30, 5), load_template("alpaca"), 32)  # written just now
+    DataCache(tokenizer, tmp_path / "cache").key(source)
+    hashed = _hashes(monkeypatch)
+    DataCache(tokenizer, tmp_path / "cache").key(source)
+    assert hashed == [source.path]

@@ -18,9 +18,11 @@ sparing what that run uses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
+import resource
 import shutil
 import sys
 import time
@@ -37,6 +39,24 @@ EXIT_BAD_INPUT = 2
 
 _HELD: dict[str, int] = {}
 """Lease path -> the descriptor holding its shared lock, for this process's lifetime."""
+_WARNED: list[bool] = []
+_LIMIT: list[int] = []
+"""How many leases this process holds at most (found once): a quarter of its open-file limit."""
+
+
+def lease_limit() -> int:
+    """A lease is an open file. A process holds at most a quarter of its open-file limit in leases,
+    after raising its soft limit to the hard one (1024 by default on many systems, often far more
+    allowed): past that, entries are read unleased, as before leases, and a warning says so."""
+    if not _LIMIT:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                soft = want
+        _LIMIT.append(max(64, soft // 4))
+    return _LIMIT[0]
 
 
 def hold_lease(entry: Path) -> bool:
@@ -45,6 +65,12 @@ def hold_lease(entry: Path) -> bool:
     cannot add one to (a cache made before leases, written by another user) is read unleased."""
     path = entry / LEASE_FILE
     if str(path) in _HELD:
+        return True
+    if len(_HELD) >= lease_limit():
+        if not _WARNED:
+            _WARNED.append(True)
+            print(f"warning: this process maps more than {lease_limit()} data cache entries; the others are read "
+                  "without a lease, so a prune of the cache while it runs could remove them", flush=True)
         return True
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)

@@ -398,3 +398,17 @@ def test_a_file_modified_just_before_hashing_keeps_no_digest_on_disk(tmp_path: P
     hashed = _hashes(monkeypatch)
     DataCache(tokenizer, tmp_path / "cache").key(source)
     assert hashed == [source.path]
+
+
+def test_leases_stop_at_the_processes_limit_and_say_so(tmp_path: Path, tokenizer, monkeypatch, capsys) -> None:
+    from mlora_pp import cache_entries
+
+    cache, paths = _entries(tmp_path, tokenizer, [3, 2, 1])
+    monkeypatch.setattr(cache_entries, "_HELD", {})
+    monkeypatch.setattr(cache_entries, "_LIMIT", [2])
+    monkeypatch.setattr(cache_entries, "_WARNED", [])
+    assert all(hold_lease(p) for p in paths)
+    assert set(cache_entries._HELD) == {str(p / LEASE_FILE) for p in paths[:2]}
+    assert "maps more than 2 data cache entries" in capsys.readouterr().out
+    for fd in cache_entries._HELD.values():
+        os.close(fd)

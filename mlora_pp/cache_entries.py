@@ -80,6 +80,13 @@ def hold_lease(entry: Path) -> bool:
         return (entry / ENTRY_FILE).is_file()
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # a prune holds it
+        os.close(fd)
+        return False
+    except OSError:  # a file system without locks: read unleased (and no prune can lock it either)
+        os.close(fd)
+        return (entry / ENTRY_FILE).is_file()
+    try:
         # Renamed aside between our open and our lock: the lock is on the removed entry's file.
         same = os.fstat(fd).st_ino == os.stat(path).st_ino and (entry / ENTRY_FILE).is_file()
     except OSError:
@@ -244,7 +251,8 @@ def main(argv: list[str]) -> int:
     for e in result.removed:
         print(f"{verb} {e.key}  {_gib(e.bytes)}  last used {_age(now - e.last_used)} ago  {e.data}")
     for e in result.in_use:
-        print(f"kept {e.key}  {_gib(e.bytes)}: in use by a run (or its lease not writable by this user)  {e.data}")
+        print(f"kept {e.key}  {_gib(e.bytes)}: in use by a run (or its lease cannot be locked: another user's, "
+              f"or a file system without locks)  {e.data}")
     print(f"{verb} {len(result.removed)} entries ({_gib(sum(e.bytes for e in result.removed))}); "
           f"{_gib(result.kept_bytes)} left in {args.directory}")
     return EXIT_OK

@@ -412,3 +412,23 @@ def test_leases_stop_at_the_processes_limit_and_say_so(tmp_path: Path, tokenizer
     assert "maps more than 2 data cache entries" in capsys.readouterr().out
     for fd in cache_entries._HELD.values():
         os.close(fd)
+
+
+def test_on_a_file_system_without_locks_entries_are_read_and_never_pruned(tmp_path: Path, tokenizer,
+                                                                          monkeypatch) -> None:
+    import errno
+
+    from mlora_pp import cache_entries
+
+    cache, (entry,) = _entries(tmp_path, tokenizer, [9])
+    source = Source(tmp_path / "d0.jsonl", load_template("alpaca"), 32)
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(cache_entries.fcntl, "flock", no_locks)
+    reader = DataCache(tokenizer, cache)
+    assert reader.rows(source) == load_examples(source.path, source.template, tokenizer, 32)
+    assert (reader.hits, reader.misses) == (1, 0)
+    result = prune(cache, unused_for_s=0)
+    assert result.removed == [] and [e.path for e in result.in_use] == [entry] and entry.is_dir()

@@ -17,7 +17,7 @@ The warm interpreter is single-threaded (a fork copies only the forking thread, 
 thread held would stay held in the child): it reads requests and reaps children in one loop.
 Protocol, one JSON object a line: in, {"run": {args, env, cwd, stdout, stderr}} answered {"pid": N},
 and {"kill": N} (a child not yet reaped, so never a reused pid); out, {"exited": N, "code": C} with
-C as `Popen.returncode` gives it (minus the signal for a killed child). End of input kills the
+C as `Popen.returncode` gives it (-N for a child killed by signal N). End of input kills the
 children left and ends the interpreter.
 """
 
@@ -229,7 +229,7 @@ _WARM: dict[int, WarmInterpreter] = {}
 
 def warm_interpreter(index: int, env: dict[str, str]) -> WarmInterpreter:
     """The warm interpreter for rank `index`, started on first use and closed when the tests end."""
-    if index not in _WARM:
+    if index not in _WARM or _WARM[index].proc.poll() is not None:  # not started, or ended (killed)
         if not _WARM:
             atexit.register(lambda: [warm.close() for warm in _WARM.values()])
         _WARM[index] = WarmInterpreter(env)

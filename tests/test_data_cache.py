@@ -19,7 +19,7 @@ from mlora_pp.cache_entries import LEASE_FILE, hold_lease, list_entries, prune
 from mlora_pp.config import (RESERVED_NAMES, ConfigError, JobConfig, ModelConfig, RunConfig, human_bytes, parse_config,
                              size_bytes)
 from mlora_pp.data import DataError, load_examples, load_template
-from mlora_pp.data_cache import DATA_CACHE, DataCache, Source, job_sources
+from mlora_pp.data_cache import DATA_CACHE, DIGESTS_DIR, DataCache, Source, job_sources
 from mlora_pp.tiny import build_tokenizer
 from mlora_pp.training import prepare_jobs
 
@@ -40,6 +40,11 @@ def _data(path: Path, n: int, seed: int) -> Path:
     return path
 
 
+def _names(cache: Path) -> list[str]:
+    """What a cache directory holds besides its digests' notes (kept for files over 2 s old)."""
+    return [p.name for p in cache.iterdir() if p.name != DIGESTS_DIR]
+
+
 def test_a_second_cache_reads_what_the_first_tokenized(tmp_path: Path, tokenizer) -> None:
     source = Source(_data(tmp_path / "a.jsonl", 40, 0), load_template("alpaca"), 32)
     reference = load_examples(source.path, source.template, tokenizer, source.max_seq_len)
@@ -50,7 +55,7 @@ def test_a_second_cache_reads_what_the_first_tokenized(tmp_path: Path, tokenizer
     rows = second.rows(source)
     assert (second.hits, second.misses) == (1, 0)
     assert isinstance(rows.ids, np.memmap) and rows == reference
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.key(source)]  # no temporary left
+    assert _names(tmp_path / "cache") == [first.key(source)]  # no temporary left
 
 
 def test_the_key_changes_with_everything_rows_depend_on(tmp_path: Path, tokenizer) -> None:
@@ -218,7 +223,7 @@ def test_ranks_that_race_on_one_entry_leave_one_whole_entry(tmp_path: Path, toke
     assert "cannot cache" not in caplog.text
     reference = load_examples(source.path, source.template, tokenizer, 64)
     assert all(found[r] == reference for r in range(4))
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [caches[0].key(source)]
+    assert _names(tmp_path / "cache") == [caches[0].key(source)]
     assert DataCache(tokenizer, tmp_path / "cache").rows(source) == reference
 
 
@@ -255,7 +260,7 @@ def test_prune_takes_the_least_recently_used_first_and_spares_what_it_is_told(tm
     assert [e.path for e in dry.removed] == [old] and old.is_dir()  # said, not done
     assert [e.path for e in prune(cache, unused_for_s=1.5 * DAY).removed] == [old, middle]
     assert old.exists() is False and middle.exists() is False and new.is_dir()
-    assert [p.name for p in cache.iterdir()] == [new.name]  # nothing left aside
+    assert _names(cache) == [new.name]  # nothing left aside
     cache, (a, b, c) = _entries(tmp_path / "again", tokenizer, [3, 2, 1])
     spared = prune(cache, max_bytes=0, spare_used_since=time.time() - 2.5 * DAY)
     assert [e.path for e in spared.removed] == [a] and b.is_dir() and c.is_dir()

@@ -21,7 +21,7 @@ from test_training import JOBS, adapter, assert_adapters_equal, make_raw, make_w
 from warm_ranks import start_rank
 
 from mlora_pp.config import parse_config
-from mlora_pp.data_cache import DATA_CACHE, DataCache, job_sources
+from mlora_pp.data_cache import DATA_CACHE, DIGESTS_DIR, DataCache, job_sources
 from mlora_pp.training import load_tokenizer, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +150,9 @@ def test_pipeline_equals_single_rank(workspace, single_rank, stages, policy):
     # The ranks tokenized each data file once between them: one cache entry per file as its jobs read it.
     cfg = parse_config(yaml.safe_load((workspace[0] / f"{out}.yaml").read_text()))
     keys = {DataCache(load_tokenizer(Path(cfg.model.path)), None).key(s) for s in job_sources(cfg.jobs)}
-    assert sorted(p.name for p in (workspace[0] / out / DATA_CACHE).iterdir()) == sorted(keys) and len(keys) == 4
+    names = [p.name for p in (workspace[0] / out / DATA_CACHE).iterdir()]
+    assert sorted(n for n in names if not n.startswith(".")) == sorted(keys) and len(keys) == 4
+    assert set(n for n in names if n.startswith(".")) <= {DIGESTS_DIR}  # no temporary left
     assert "do not share it" not in proc.stdout
 
 

@@ -41,7 +41,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from mlora_pp.config import ConfigError, JobConfig, RunConfig
 from mlora_pp.data import DataError, load_template
-from mlora_pp.data_cache import file_digest
+from mlora_pp.data_cache import file_digest, sha256_file
 from mlora_pp.durable import fsync_dir, write_atomic
 from mlora_pp.faults import Fault
 from mlora_pp.job import AdapterJob
@@ -135,14 +135,6 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return value if isinstance(value, dict) else None
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _json_bytes(value: dict) -> bytes:
@@ -490,7 +482,7 @@ def read_checkpoint(directory: Path, job: str) -> tuple[ResumePoint, dict] | Non
             return None
         path = directory / part["file"]
         try:
-            if path.stat().st_size != part.get("bytes") or _sha256_file(path) != part.get("sha256"):
+            if path.stat().st_size != part.get("bytes") or sha256_file(path) != part.get("sha256"):
                 return None
         except OSError:
             return None

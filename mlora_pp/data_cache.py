@@ -102,7 +102,7 @@ def file_digest(path: Path, memo_dir: Path | None = None) -> str:
             pass
     if found is None:
         began = time.time()
-        found = _hash_file(path)
+        found = sha256_file(path)
         after = path.stat()
         unchanged = (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino) == (
             stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
@@ -112,7 +112,8 @@ def file_digest(path: Path, memo_dir: Path | None = None) -> str:
     return found
 
 
-def _hash_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes, read 1 MiB at a time."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -359,8 +359,8 @@ def _hashes(monkeypatch) -> list[Path]:
 
     monkeypatch.setattr(data_cache, "_DIGESTS", {})
     hashed: list[Path] = []
-    real = data_cache._hash_file
-    monkeypatch.setattr(data_cache, "_hash_file", lambda path: hashed.append(Path(path)) or real(path))
+    real = data_cache.sha256_file
+    monkeypatch.setattr(data_cache, "sha256_file", lambda path: hashed.append(Path(path)) or real(path))
     return hashed
 
 

@@ -397,13 +397,19 @@ def human_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def _sized(text: str) -> float | None:
+    """Bytes written like 50GiB, 800MB or 1000B; None if not so written."""
+    match = _SIZE.match(text)
+    return float(match.group(1)) * _UNITS[match.group(2)] if match else None
+
+
 def size_bytes(value: float | str) -> int:
     """Bytes from a size: a number of bytes, or like 50GiB or 800MB; ValueError if neither."""
     if isinstance(value, str):
-        match = _SIZE.match(value)
-        if not match:
+        sized = _sized(value)
+        if sized is None:
             raise ValueError(f"expected bytes (a number, or like 50GiB, 800MB); got {value!r}")
-        value = float(match.group(1)) * _UNITS[match.group(2)]
+        value = sized
     if not value >= 1:
         raise ValueError(f"must be at least 1 byte; got {value!r}")
     return int(value)
@@ -412,13 +418,12 @@ def size_bytes(value: float | str) -> int:
 def budget_spec(value: float | str) -> tuple[str, float]:
     """("bytes", n) or ("fraction", x) from a `pipeline.memory_budget` value; ValueError if neither."""
     if isinstance(value, str):
-        match = _SIZE.match(value)
-        if not match:
+        sized = _sized(value)
+        if sized is None:
             raise ValueError(f"expected bytes (a number, or like 12GiB, 800MB) or a fraction in (0, 1]; got {value!r}")
-        value = float(match.group(1)) * _UNITS[match.group(2)]
-        if value < 1:
+        if sized < 1:
             raise ValueError("must be at least 1 byte")
-        return "bytes", value
+        return "bytes", sized
     if value <= 0:
         raise ValueError(f"must be positive; got {value!r}")
     return ("fraction", float(value)) if value <= 1 else ("bytes", float(value))

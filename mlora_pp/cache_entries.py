@@ -31,6 +31,9 @@ from pathlib import Path
 
 ENTRY_FILE = "entry.json"
 LEASE_FILE = "lease"
+DIGESTS_DIR = ".digests"
+"""Under the cache directory: each data file's digest with the stat it was taken at (`data_cache.
+file_digest`), so that a later start does not read every file again to hash it."""
 PRUNED_PREFIX = ".pruned-"
 """An entry being removed: renamed aside first. A prune killed mid-removal leaves one behind, which
 the next start removes with the other leftovers (`DataCache`)."""
@@ -207,6 +210,23 @@ def _remove(entry: CacheEntry, dry_run: bool) -> bool:
         os.close(fd)
 
 
+def drop_orphan_notes(directory: Path, dry_run: bool = False) -> int:
+    """Remove the digest notes of data files that no longer exist here; how many. A note of a file
+    on another machine's disk goes too: that machine hashes its file once more and writes it again."""
+    dropped = 0
+    for note in (Path(directory) / DIGESTS_DIR).glob("*.json"):
+        try:
+            gone = not Path(json.loads(note.read_text())["path"]).exists()
+        except (OSError, ValueError, KeyError, TypeError):
+            gone = True  # unreadable: no start can use it either
+        if gone:
+            dropped += 1
+            if not dry_run:
+                with contextlib.suppress(OSError):
+                    note.unlink()
+    return dropped
+
+
 def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
@@ -253,6 +273,7 @@ def main(argv: list[str]) -> int:
     for e in result.in_use:
         print(f"kept {e.key}  {_gib(e.bytes)}: in use by a run (or its lease cannot be locked: another user's, "
               f"or a file system without locks)  {e.data}")
-    print(f"{verb} {len(result.removed)} entries ({_gib(sum(e.bytes for e in result.removed))}); "
-          f"{_gib(result.kept_bytes)} left in {args.directory}")
+    notes = drop_orphan_notes(args.directory, args.dry_run)
+    print(f"{verb} {len(result.removed)} entries ({_gib(sum(e.bytes for e in result.removed))}) and {notes} digest "
+          f"notes of data files gone; {_gib(result.kept_bytes)} left in {args.directory}")
     return EXIT_OK

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mlora_pp.cache_entries import ENTRY_FILE as _ENTRY
-from mlora_pp.cache_entries import LEASE_FILE, PRUNED_PREFIX, hold_lease, prune, release_lease
+from mlora_pp.cache_entries import DIGESTS_DIR, LEASE_FILE, PRUNED_PREFIX, hold_lease, prune, release_lease
 from mlora_pp.config import human_bytes
 from mlora_pp.data import DataError, Template, load_template, read_rows
 from mlora_pp.durable import fsync_dir
@@ -71,9 +71,6 @@ class Source:
 
 
 _DIGESTS: dict[tuple, str] = {}
-DIGESTS_DIR = ".digests"
-"""Under the cache directory: each data file's digest with the stat it was taken at, so that a later
-start (a resume, a run pre-empted and started again) does not read every file again to hash it."""
 RACY_S = 2.0
 """A digest is kept on disk only for a file unmodified this long before hashing began: one written
 within the same tick of its clock as its digest was taken could change without its stat showing it."""

@@ -437,3 +437,23 @@ def test_on_a_file_system_without_locks_entries_are_read_and_never_pruned(tmp_pa
     assert (reader.hits, reader.misses) == (1, 0)
     result = prune(cache, unused_for_s=0)
     assert result.removed == [] and [e.path for e in result.in_use] == [entry] and entry.is_dir()
+
+
+def test_a_prune_drops_the_digest_notes_of_files_that_are_gone(tmp_path: Path, tokenizer) -> None:
+    from mlora_pp.cache_entries import drop_orphan_notes
+    from mlora_pp.data_cache import file_digest
+
+    memo = tmp_path / "cache" / DIGESTS_DIR
+    kept, gone = _data(tmp_path / "kept.jsonl", 5, 1), _data(tmp_path / "gone.jsonl", 5, 2)
+    for path in (kept, gone):
+        _age_file(path)
+        file_digest(path, memo)
+    assert len(list(memo.glob("*.json"))) == 2
+    gone.unlink()
+    assert drop_orphan_notes(tmp_path / "cache", dry_run=True) == 1 and len(list(memo.glob("*.json"))) == 2
+    assert drop_orphan_notes(tmp_path / "cache") == 1
+    (note,) = memo.glob("*.json")
+    assert json.loads(note.read_text())["path"] == str(kept.resolve())
+    done = subprocess.run([sys.executable, "-m", "launcher", "cache", str(tmp_path / "cache"), "--unused-days", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "removed 0 entries (0.0 MiB) and 0 digest notes" in done.stdout, done.stdout

@@ -134,6 +134,7 @@ def list_entries(directory: Path) -> list[CacheEntry]:
         children = list(Path(directory).iterdir())
     except (FileNotFoundError, NotADirectoryError):
         return []
+    # PermissionError goes to the caller: an unreadable cache is not an empty one
     for path in children:
         if path.name.startswith(".") or not path.is_dir():
             continue
@@ -256,6 +257,14 @@ def main(argv: list[str]) -> int:
     if not args.directory.is_dir():
         print(f"error: {args.directory}: not a directory", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    try:
+        return _list_or_prune(args)
+    except OSError as exc:  # a directory this user cannot read or change
+        print(f"error: {args.directory}: {exc.strerror or exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+
+
+def _list_or_prune(args: argparse.Namespace) -> int:
     now = time.time()
     if args.unused_days is None and args.max_gib is None:
         entries = list_entries(args.directory)

@@ -338,7 +338,12 @@ class DataCache:
         yet); says what it removed, and what it could not."""
         if self.directory is None:
             return
-        result = prune(self.directory, max_bytes=max_bytes, spare_used_since=spare_used_since)
+        try:
+            result = prune(self.directory, max_bytes=max_bytes, spare_used_since=spare_used_since)
+        except OSError as exc:  # the cache costs, never the run
+            print(f"warning: rank {self.rank}: cannot prune data cache {self.directory}: {exc.strerror or exc}",
+                  flush=True)
+            return
         if result.removed:
             print(f"rank {self.rank}: data cache {self.directory}: removed {len(result.removed)} unused "
                   f"entries ({human_bytes(sum(e.bytes for e in result.removed))}) to fit data_cache_max_size "

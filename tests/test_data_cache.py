@@ -457,3 +457,14 @@ def test_a_prune_drops_the_digest_notes_of_files_that_are_gone(tmp_path: Path, t
     done = subprocess.run([sys.executable, "-m", "launcher", "cache", str(tmp_path / "cache"), "--unused-days", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "removed 0 entries (0.0 MiB) and 0 digest notes" in done.stdout, done.stdout
+
+
+def test_the_cache_command_names_a_directory_it_cannot_read(tmp_path: Path, monkeypatch, capsys) -> None:
+    from mlora_pp import cache_entries
+
+    def denied(directory):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cache_entries, "list_entries", denied)  # root reads every directory: deny it here
+    assert cache_entries.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}: Permission denied"

@@ -115,7 +115,7 @@ def test_a_run_without_its_done_line_is_running_while_locked_and_stopped_after(t
     assert {j.name: j.state for j in status.jobs} == {"a": "stopped", "b": "done"}
     assert all(j.eta_s is None for j in status.jobs)
     assert headline(status) == "stopped without finishing, last record 8 s ago: run its config again to resume"
-    assert "stopped without finishing" in table_text(status)
+    assert "stopped without finishing" in words(table_text(status))
     assert launcher.main(["status", str(out), "--watch", "0.01"]) == 0  # returns: nothing more will come
     assert launcher.main(["status", str(out), "--json"]) == 0
     capsys.readouterr()
@@ -133,7 +133,7 @@ def test_finished_run(tmp_path):
     assert status.state == "finished" and status.finished_s == 12.3 and status.last_record_ago_s is None
     (a,) = status.jobs
     assert (a.state, a.step, a.total_steps, a.loss, a.eta_s) == ("done", 2, 2, 1.25, None)
-    assert "finished in 12.3 s" in table_text(status)
+    assert "finished in 12.3 s" in words(table_text(status))
 
 
 def test_resumed_run_counts_only_the_latest_run_for_speed(tmp_path):

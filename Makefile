@@ -19,8 +19,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m mlora_pp.demo
 
+# Two pytest workers, each taking whole files (a file's module fixtures are made once); then the
+# tests that measure time, alone. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not alone"
+	$(BIN)/python -m pytest -q -m alone
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.lora_op

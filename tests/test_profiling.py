@@ -151,6 +151,7 @@ def test_profile_on_one_rank_measures_and_records(work):
     assert p["layer_s"] > 0 and p["head_s"] > 0 and p["step_s"] > 0 and p["tokens"] > 0
 
 
+@pytest.mark.alone
 def test_two_profiled_stages_are_within_ten_percent(work):
     """The issue's criterion: with `balance: profile`, the two stages' measured busy times (compute,
     not waiting on the peer, from the `event: stage` records) differ by at most 10%.

@@ -46,10 +46,63 @@ def run_subcommand(argv: list[str]) -> int:
     return {"submit": submit_main, "cancel": cancel_main, "priority": priority_main}[argv[0]](argv[1:])
 
 
-# `status` reads a file and prints: run before the imports below, it answers in 0.1 s instead of the
-# 4 s that importing torch and transformers takes.
+EXIT_BAD_INPUT = 2
+EXIT_PIPELINE_FAILED = 1
+EXIT_JOBS_FAILED = 3
+"""The run finished, but some jobs failed (their outputs are their last good checkpoints)."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT), the shell's convention: 128 + the signal's number."""
+EXIT_STOPPED = 143
+"""Stopped by SIGTERM (128 + 15) with every unfinished job checkpointed (`mlora_pp.stopping`)."""
+
+
+def report(line: str) -> None:
+    """One line to stderr in one write: the ranks share torchrun's stderr, and print() writes the text
+    and its newline apart (stderr writes through), so two ranks' lines could run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m launcher", description="Train many LoRA adapters at once.")
+    parser.add_argument("config", help="run config (YAML)")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    parser.add_argument("--no-live", action="store_true", help="plain log lines instead of the live table")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the jobs' checkpoints in output_dir and start over instead of resuming")
+    return parser.parse_args(argv)
+
+
+def refuse_bad_input(args: argparse.Namespace) -> int | None:
+    """EXIT_BAD_INPUT, after one line, for what needs neither torch nor the data to find: a bad
+    stop-grace variable, a config that is not valid YAML or has a bad field. None when neither is
+    wrong. With `--debug` the config is left to `main`, which shows the traceback."""
+    from mlora_pp import stopping
+    from mlora_pp.config import ConfigError, load_config
+
+    try:
+        stopping.grace_s()
+    except ValueError as exc:
+        report(f"error: rank {os.environ.get('RANK', '0')}: {exc}")
+        return EXIT_BAD_INPUT
+    if args.debug:
+        return None
+    try:
+        load_config(args.config)
+    except ConfigError as exc:
+        report(f"error: {exc}")
+        return EXIT_BAD_INPUT
+    return None
+
+
+# Run before the imports below, which take 4-6 s (torch and transformers): `status` and the other
+# subcommands answer in 0.1 s, and so does a run whose command line or config is wrong.
 if __name__ == "__main__" and sys.argv[1:2] and sys.argv[1] in SUBCOMMANDS:
     sys.exit(run_subcommand(sys.argv[1:]))
+if __name__ == "__main__":
+    _refused = refuse_bad_input(parse_args(sys.argv[1:]))
+    if _refused is not None:
+        sys.exit(_refused)
 
 # Importing torch and transformers makes about 350k objects that live as long as the process. The
 # collector walking them as they are made costs each rank 0.4 s of start-up; frozen once made, they
@@ -69,35 +122,12 @@ if _AS_PROGRAM:
     gc.freeze()
     gc.enable()
 
-EXIT_BAD_INPUT = 2
-EXIT_PIPELINE_FAILED = 1
-EXIT_JOBS_FAILED = 3
-"""The run finished, but some jobs failed (their outputs are their last good checkpoints)."""
-EXIT_INTERRUPTED = 130
-"""Ctrl-C (SIGINT), the shell's convention: 128 + the signal's number."""
-EXIT_STOPPED = 143
-"""Stopped by SIGTERM (128 + 15) with every unfinished job checkpointed (`mlora_pp.stopping`)."""
-
-
-def report(line: str) -> None:
-    """One line to stderr in one write: the ranks share torchrun's stderr, and print() writes the text
-    and its newline apart (stderr writes through), so two ranks' lines could run together."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] and argv[0] in SUBCOMMANDS:
         return run_subcommand(argv)
-    parser = argparse.ArgumentParser(prog="python -m launcher", description="Train many LoRA adapters at once.")
-    parser.add_argument("config", help="run config (YAML)")
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    parser.add_argument("--no-live", action="store_true", help="plain log lines instead of the live table")
-    parser.add_argument("--fresh", action="store_true",
-                        help="delete the jobs' checkpoints in output_dir and start over instead of resuming")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
 
     try:
         grace = stopping.grace_s()

@@ -221,6 +221,28 @@ def test_command_line_one_line_and_debug_traceback(workspace, tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
 
 
+@pytest.mark.parametrize("mistake", ["bad_field", "yaml_syntax", "stop_grace", "no_config_file"])
+def test_what_needs_no_torch_is_refused_before_importing_it(workspace, tmp_path, mistake):
+    """A config's fields and YAML and the stop-grace variable are checked before the launcher imports
+    torch and transformers (4-6 s a rank): a typo is one line and exit 2 at once, as it is after."""
+    config = write_config(tmp_path, make_raw(workspace, jobs=[job(workspace, rank=0 if mistake == "bad_field" else 8)]))
+    env = dict(os.environ, MLORA_PP_STOP_GRACE_S="soon" if mistake == "stop_grace" else "30")
+    if mistake == "yaml_syntax":
+        config.write_text(config.read_text() + "jobs: [\n")
+    if mistake == "no_config_file":
+        config = tmp_path / "missing.yaml"
+    probe = ("import runpy, sys\n"
+             f"sys.argv = ['launcher', {str(config)!r}, '--no-live']\n"
+             "try:\n    runpy.run_module('launcher', run_name='__main__', alter_sys=True)\n"
+             "except SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stdout + proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    expected = {"bad_field": "jobs[0].rank: must be a positive integer", "yaml_syntax": "YAML syntax error",
+                "stop_grace": "MLORA_PP_STOP_GRACE_S='soon'", "no_config_file": "config file not found"}[mistake]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+
+
 @pytest.mark.parametrize("value", ["soon", "0", "-5", "inf", "nan"])
 def test_a_bad_stop_grace_is_refused_naming_the_variable(monkeypatch, value):
     from mlora_pp import stopping

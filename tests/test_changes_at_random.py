@@ -247,12 +247,28 @@ def reference_two(workspace):
     return workspace[0] / "reference-two", needs[0], needs[1]
 
 
+FRESH_START_S = 4.0
+"""A fresh rank's start-up on this machine when the two-rank seeds were picked: their moments (tenths
+of a second) were counted from the launch, so those below 4 s came before the first decision."""
+
+
+def training_began(out: Path) -> float | None:
+    """When (time.monotonic) rank 0's `run` record was first seen: it is written as training starts."""
+    metrics = out / "metrics.jsonl"
+    try:
+        return time.monotonic() if '"event": "run"' in metrics.read_text() else None
+    except FileNotFoundError:
+        return None
+
+
 @pytest.mark.parametrize("seed", TWO_STAGE_SEEDS)
 def test_random_changes_on_two_stages_leave_every_job_as_in_a_run_without_them(workspace, reference_two, seed):
     """The same on 2 ranks, the requests written from this process while they run (an action index
-    read as tenths of a second from the launch: start-up takes about 4 s, so some land before the
-    first decision and some during training). Both ranks must take every change at the same
-    micro-batch, or the pipeline would hang or the adapters differ."""
+    read as tenths of a second from a fresh launch, `FRESH_START_S`: those that fell in its start-up
+    are written at once and taken at the first decision, the others as long after rank 0's first
+    record as they came after a fresh start-up, however long this one takes: warm, or slowed by
+    another test beside it). Both ranks must take every change at the same micro-batch, or the
+    pipeline would hang or the adapters differ."""
     ref_out, need, need_recompute = reference_two
     trial = draw(seed, workspace, need, need_recompute)
     out = workspace[0] / f"random-two-{seed}"
@@ -263,16 +279,19 @@ def test_random_changes_on_two_stages_leave_every_job_as_in_a_run_without_them(w
 
     def run_ranks() -> None:
         try:
-            finished["proc"] = ranks(2, path, timeout=240, fresh=True)  # the moments assume a fresh start-up
+            finished["proc"] = ranks(2, path, timeout=240)
         except Exception as exc:  # a rank that never ends: ranks() kills both and raises
             finished["error"] = exc
 
     launch = threading.Thread(target=run_ranks)
-    start = time.monotonic()
     launch.start()
-    written = []
+    written, began = [], None
     for at, kind, body in sorted(trial.requests, key=lambda r: r[0]):
-        time.sleep(max(0.0, start + at / 10 - time.monotonic()))
+        if at / 10 >= FRESH_START_S:  # during training: timed from rank 0's first record
+            while began is None and launch.is_alive():
+                began = training_began(out)
+                time.sleep(0.02)
+            time.sleep(max(0.0, (began or 0.0) + at / 10 - FRESH_START_S - time.monotonic()))
         written.append((kind, body, control.request(kind, body)))
     launch.join(timeout=300)
     assert "proc" in finished, f"{trial}: {finished.get('error', 'the ranks did not end')}"

@@ -64,6 +64,7 @@ def report(line: str) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The training command's arguments (a bad one: argparse's usage line and exit code 2)."""
     parser = argparse.ArgumentParser(prog="python -m launcher", description="Train many LoRA adapters at once.")
     parser.add_argument("config", help="run config (YAML)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")

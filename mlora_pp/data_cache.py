@@ -82,31 +82,54 @@ def file_digest(path: Path, memo_dir: Path | None = None) -> str:
     by a user, so a file rewritten to the same size with its mtime restored is hashed again."""
     path = Path(path)
     stat = path.stat()
-    resolved = str(path.resolve())
-    memo = (resolved, stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    found = _DIGESTS.get(memo)
-    if found is not None:
-        return found
-    stamp = {"path": resolved, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns,
-             "ino": stat.st_ino}
-    note = None if memo_dir is None else memo_dir / f"{hashlib.sha256(resolved.encode()).hexdigest()[:32]}.json"
-    if note is not None:
-        try:
-            saved = json.loads(note.read_text())
-            if {k: saved.get(k) for k in stamp} == stamp and isinstance(saved.get("sha256"), str):
-                found = saved["sha256"]
-        except (OSError, ValueError, AttributeError):
-            pass
+    found = known_digest(path, memo_dir, stat)
     if found is None:
         began = time.time()
         found = sha256_file(path)
         after = path.stat()
         unchanged = (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino) == (
             stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+        note = _note_path(path, memo_dir)
         if note is not None and unchanged and stat.st_mtime < began - RACY_S:
-            _write_note(note, {**stamp, "sha256": found})
-    _DIGESTS[memo] = found
+            _write_note(note, {**_stamp(path, stat), "sha256": found})
+    _DIGESTS[_memo_key(path, stat)] = found
     return found
+
+
+def known_digest(path: Path, memo_dir: Path | None = None, stat: os.stat_result | None = None) -> str | None:
+    """`file_digest` of a file if this process or a note in `memo_dir` knows it already (None: it
+    would have to read the file). Raises OSError when the file cannot be stat'ed."""
+    path = Path(path)
+    stat = path.stat() if stat is None else stat
+    found = _DIGESTS.get(_memo_key(path, stat))
+    note = _note_path(path, memo_dir)
+    if found is not None or note is None:
+        return found
+    stamp = _stamp(path, stat)
+    try:
+        saved = json.loads(note.read_text())
+        if {k: saved.get(k) for k in stamp} == stamp and isinstance(saved.get("sha256"), str):
+            found = saved["sha256"]
+    except (OSError, ValueError, AttributeError):
+        return None
+    if found is not None:
+        _DIGESTS[_memo_key(path, stat)] = found
+    return found
+
+
+def _memo_key(path: Path, stat: os.stat_result) -> tuple:
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+def _stamp(path: Path, stat: os.stat_result) -> dict:
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "ctime_ns": stat.st_ctime_ns, "ino": stat.st_ino}
+
+
+def _note_path(path: Path, memo_dir: Path | None) -> Path | None:
+    if memo_dir is None:
+        return None
+    return memo_dir / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]}.json"
 
 
 def sha256_file(path: Path) -> str:
@@ -164,17 +187,27 @@ class DataCache:
         self._tokenizer_digest = tokenizer_digest(tokenizer)
         self.directory = Path(directory) if directory is not None and self._tokenizer_digest is not None else None
         self._rows: dict[str, TokenizedRows] = {}
-        self._shares: dict[str, int] = {}  # key -> the rank `fill` gave it to
+        self._shares: dict[tuple, int] = {}  # a source's `_identity` -> the rank `fill` gave it to
         self._unshared_warned = False
         self._pruned_under_us = False
         self.hits = self.misses = 0
 
     def key(self, source: Source) -> str:
         """What the rows of `source` depend on, hashed (it names the entry's directory)."""
+        return self._key(source, file_digest(source.path, self._memo_dir()))
+
+    def known_key(self, source: Source) -> str | None:
+        """`key`, where the file's digest is known without reading the file (see `known_digest`)."""
+        digest = known_digest(source.path, self._memo_dir())
+        return None if digest is None else self._key(source, digest)
+
+    def _key(self, source: Source, digest: str) -> str:
         tok = self._tokenizer_digest or f"object {id(self.tokenizer)}"
-        memo = None if self.directory is None else self.directory / DIGESTS_DIR
-        parts = (FORMAT, file_digest(source.path, memo), repr(source.template), tok, source.max_seq_len)
+        parts = (FORMAT, digest, repr(source.template), tok, source.max_seq_len)
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+    def _memo_dir(self) -> Path | None:
+        return None if self.directory is None else self.directory / DIGESTS_DIR
 
     def stored(self, key: str) -> bool:
         return self.directory is not None and (self.directory / key / _ENTRY).is_file()
@@ -189,7 +222,7 @@ class DataCache:
         if rows is None:
             rows = self._read(key, source)
             if rows is None:
-                owner = self._shares.get(key, self.rank)
+                owner = self._shares.get(_identity(source), self.rank)
                 if owner != self.rank and not self._unshared_warned and not self._pruned_under_us:
                     self._unshared_warned = True
                     print(f"warning: rank {self.rank}: the data cache {self.directory} does not hold the rows rank "
@@ -206,40 +239,60 @@ class DataCache:
         first, each to the rank with the fewest bytes so far), so ranks agree on them whatever the
         others have stored already. Afterwards, once all ranks are done, every rank reads them all.
 
+        Shares are cut by path and size, not by content: only a file's owner reads it here, to hash
+        it and, when the cache lacks its rows, to tokenize it. The owner keeps the digest in the
+        cache's notes, so the other ranks find it there instead of reading the file (a file modified
+        under 2 s before it was hashed keeps no note: every rank hashes it then, as before).
+
         A file with bad data is skipped here: every rank meets it again when it reads its jobs, and
         reports it there with the job it belongs to."""
         if self.directory is None or world < 1:
             return
-        unique: dict[str, tuple[int, Source]] = {}
+        unique: dict[tuple, tuple[int, Source]] = {}
         for source in sources:
             try:
-                unique.setdefault(self.key(source), (Path(source.path).stat().st_size, source))
+                unique.setdefault(_identity(source), (Path(source.path).stat().st_size, source))
             except OSError:  # reported with its job when the jobs are read
                 continue
         loads = [0] * world
-        mine: list[tuple[str, Source]] = []
-        for key, (size, source) in sorted(unique.items(), key=lambda kv: (-kv[1][0], kv[0])):
+        mine: list[Source] = []
+        for identity, (size, source) in sorted(unique.items(), key=lambda kv: (-kv[1][0], kv[0])):
             rank = loads.index(min(loads))
             loads[rank] += size
-            self._shares[key] = rank
+            self._shares[identity] = rank
             if rank == self.rank:
-                mine.append((key, source))
+                mine.append(source)
         if self.rank == 0:
             self._remove_stale()
-        missing = [(size, source) for key, (size, source) in unique.items() if not self.stored(key)]
-        if missing and self.rank == 0:
-            files = len({Path(source.path).resolve() for _, source in missing})
-            what = f"{files} data file(s)" + ("" if files == len(missing) else f" for {len(missing)} template and "
-                                                                              "length settings")
-            print(f"tokenizing {what}, {sum(size for size, _ in missing) / 2**20:.1f} MiB to read, on up to "
-                  f"{min(world, len(missing))} rank(s); cached in {self.directory}", flush=True)
-        for key, source in mine:
-            if self.stored(key):
-                continue
+            self._say_what_is_missing([source for _, source in unique.values()], world)
+        for source in mine:
             try:
+                if self.stored(self.key(source)):
+                    continue
                 self.rows(source)
-            except DataError:
+            except (OSError, DataError):
                 continue
+
+    def _say_what_is_missing(self, sources: list[Source], world: int) -> None:
+        """Rank 0's line on what the ranks are about to tokenize: the sources whose rows the cache
+        lacks, or whose file no rank has hashed since it last changed (its owner may still find
+        its rows stored once it has hashed it)."""
+        missing = []
+        for source in sources:
+            try:
+                key = self.known_key(source)
+                size = Path(source.path).stat().st_size
+            except OSError:
+                continue
+            if key is None or not self.stored(key):
+                missing.append((size, source))
+        if not missing:
+            return
+        files = len({Path(source.path).resolve() for _, source in missing})
+        what = f"{files} data file(s)" + ("" if files == len(missing) else f" for {len(missing)} template and "
+                                                                          "length settings")
+        print(f"tokenizing {what}, {sum(size for size, _ in missing) / 2**20:.1f} MiB to read, on up to "
+              f"{min(world, len(missing))} rank(s); cached in {self.directory}", flush=True)
 
     def _read(self, key: str, source: Source) -> TokenizedRows | None:
         if not self.stored(key):
@@ -362,6 +415,11 @@ class DataCache:
         except OSError:
             return
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def _identity(source: Source) -> tuple[str, str, int]:
+    """A source as every rank's config names it: what `fill` shares out, before any file is read."""
+    return (str(source.path), repr(source.template), source.max_seq_len)
 
 
 def cache_dir(data_cache: Path | None, output_dir: Path) -> Path:

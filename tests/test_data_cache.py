@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mlora_pp import data_cache
 from mlora_pp.cache_entries import LEASE_FILE, hold_lease, list_entries, prune
 from mlora_pp.config import (RESERVED_NAMES, ConfigError, JobConfig, ModelConfig, RunConfig, human_bytes, parse_config,
                              size_bytes)
 from mlora_pp.data import DataError, load_examples, load_template
-from mlora_pp.data_cache import DATA_CACHE, DIGESTS_DIR, DataCache, Source, job_sources
+from mlora_pp.data_cache import DATA_CACHE, DIGESTS_DIR, DataCache, Source, _identity, job_sources
 from mlora_pp.tiny import build_tokenizer
 from mlora_pp.training import prepare_jobs
 
@@ -291,7 +292,7 @@ def test_a_reader_that_meets_a_prune_tokenizes_again(tmp_path: Path, tokenizer, 
     try:
         fcntl.flock(pruner, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a prune holds it, about to remove it
         reader = DataCache(tokenizer, cache, rank=1)
-        reader._shares[reader.key(source)] = 0
+        reader._shares[_identity(source)] = 0
         rows = reader.rows(source)
     finally:
         os.close(pruner)
@@ -355,8 +356,6 @@ def test_a_run_with_a_size_limit_prunes_unused_entries_and_keeps_its_own(tmp_pat
 
 def _hashes(monkeypatch) -> list[Path]:
     """Forget this process's digests; the files hashed from now on."""
-    from mlora_pp import data_cache
-
     monkeypatch.setattr(data_cache, "_DIGESTS", {})
     hashed: list[Path] = []
     real = data_cache.sha256_file
@@ -379,6 +378,36 @@ def test_a_later_start_reads_each_files_digest_instead_of_hashing_it(tmp_path: P
     assert DataCache(tokenizer, tmp_path / "cache").key(source) == key and hashed == []
     assert DataCache(tokenizer, None).key(source) == key and hashed == []  # this process remembers it
     assert list_entries(tmp_path / "cache") == []  # notes are not entries
+
+
+def test_on_a_first_start_each_file_is_read_by_its_owner_alone(tmp_path: Path, tokenizer, monkeypatch) -> None:
+    """Three ranks (each with a fresh process memory), five files never seen: each file is hashed
+    and tokenized by the one rank whose share it is; the others read its digest from the note its
+    owner left and its rows from the entry, without opening the file."""
+    template = load_template("alpaca")
+    sources = [Source(_data(tmp_path / f"d{k}.jsonl", 10 + 12 * k, k), template, 24) for k in range(5)]
+    for source in sources:
+        _age_file(source.path)
+    directory = tmp_path / "cache"
+    hashed_by: dict[int, list[Path]] = {}
+    caches = {}
+    hashes = _hashes(monkeypatch)
+    for r in (2, 0, 1):
+        monkeypatch.setattr(data_cache, "_DIGESTS", {})  # a process of its own
+        caches[r] = DataCache(tokenizer, directory, rank=r)
+        caches[r].fill(sources, world=3)
+        hashed_by[r] = hashes[:]
+        hashes.clear()
+    owners = [[r for r in hashed_by if s.path in hashed_by[r]] for s in sources]
+    assert all(len(o) == 1 for o in owners), owners
+    assert sorted(len(h) for h in hashed_by.values()) == [1, 2, 2]
+    assert sum(c.misses for c in caches.values()) == 5
+    expected = [load_examples(s.path, template, tokenizer, 24) for s in sources]
+    for r, cache in caches.items():  # the jobs' rows, as `prepare_jobs` reads them after `fill`
+        monkeypatch.setattr(data_cache, "_DIGESTS", {})
+        monkeypatch.setattr(cache, "_tokenize", None)  # reading a file's rows would fail here
+        assert [cache.rows(s) for s in sources] == expected
+        assert hashes == [], (r, hashes)
 
 
 def test_a_changed_file_is_hashed_again_even_with_its_mtime_set_back(tmp_path: Path, tokenizer, monkeypatch) -> None:

@@ -9,6 +9,9 @@ instead of hanging, and that the checkpoints on disk stay complete; `delay` (a p
 then on) forces one order of two ranks' actions, to test the order a race rarely picks; `nan`
 (before an optimizer step: that job's gradients on that rank become NaN) fails a job on one stage
 only, as a real overflow may.
+
+A fault fires in torchrun's first attempt only (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so that
+a run started with ``--max-restarts`` shows what its restart does.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class Fault:
     @staticmethod
     def from_environ() -> "Fault | None":
         spec = os.environ.get(ENV)
-        if not spec:
+        if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
             return None
         parts = spec.split(":")
         point = "save" if len(parts) == 4 and parts[1] == "save" else "action"

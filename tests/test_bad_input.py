@@ -198,7 +198,7 @@ def test_more_stages_than_layers(workspace, tmp_path, capsys, monkeypatch):
     the real 3-rank run joins the group and all ranks print this same line)."""
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: None)
+    monkeypatch.setattr(mlora_pp.training, "join_ranks", lambda *a, **k: None)
     monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda *a, **k: None)
     config = write_config(tmp_path, make_raw(workspace))
     code = main([str(config), "--no-live"])

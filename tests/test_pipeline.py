@@ -37,9 +37,10 @@ def env(**extra: str) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
 
 
-def torchrun(nproc: int, config: Path, timeout: float = 300, **extra_env: str) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, config: Path, timeout: float = 300, restarts: int = 0, **extra_env: str
+             ) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--max-restarts", str(restarts),
            "-m", "launcher", str(config), "--no-live"]
     return subprocess.run(cmd, cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
 

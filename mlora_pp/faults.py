@@ -11,7 +11,8 @@ then on) forces one order of two ranks' actions, to test the order a race rarely
 only, as a real overflow may.
 
 A fault fires in torchrun's first attempt only (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so that
-a run started with ``--max-restarts`` shows what its restart does.
+a run started with ``--max-restarts`` shows what its restart does. The count is each agent's: with
+several agents, one that restarts its ranks without counting (another agent re-joined) fires it again.
 """
 
 from __future__ import annotations

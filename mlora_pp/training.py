@@ -27,8 +27,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed import PrefixStore
-from torch.distributed.rendezvous import rendezvous
 
 from mlora_pp import stopping
 from mlora_pp.checkpoint import (
@@ -43,6 +41,7 @@ from mlora_pp.early_stop import EarlyStopping
 from mlora_pp.grad_norm import GradNormChannel
 from mlora_pp.data_cache import CLOCK_SKEW_S, DataCache, cache_dir, job_sources
 from mlora_pp.job import AdapterJob, EvalDataError, load_job
+from mlora_pp.joining import join_ranks
 from mlora_pp.lora import warm_up_dropout
 from mlora_pp.memory import (
     MemoryModel, MicroBound, SavedTensorMeter, admission_check, budget_bytes, cut_message, fit,
@@ -358,24 +357,6 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
     return MemoryPlan(models, budget, in_flight, StagePlan(stream, env.rank, steps), streams, profiles, hide)
 
 
-ATTEMPT_ENV = "TORCHELASTIC_RESTART_COUNT"
-"""Set by torchrun for each start of the ranks: 0, then 1, 2, ... as `--max-restarts` restarts them."""
-
-
-def join_ranks(env: DistEnv, backend: str, timeout: datetime.timedelta) -> None:
-    """`init_process_group` on a store of this attempt's own keys.
-
-    torchrun keeps one store for every attempt of a run, and the ranks publish their addresses
-    (Gloo) or NCCL's id under the same keys each time: a restarted rank could read the address of
-    a rank of the failed attempt and time out connecting to it, or wait on it for longer than
-    `pipeline.timeout_s` (seen with `--max-restarts`, static and c10d rendezvous alike; pytorch
-    issues 135712 and 167288). The keys of each attempt are apart here, under its number."""
-    store, _, _ = next(rendezvous("env://", env.rank, env.world, timeout=timeout))
-    attempt = os.environ.get(ATTEMPT_ENV, "0")
-    dist.init_process_group(backend, store=PrefixStore(f"mlora_pp/attempt-{attempt}", store), rank=env.rank,
-                            world_size=env.world, timeout=timeout)
-
-
 def train(cfg: RunConfig, *, progress: bool | None = None, fresh: bool = False) -> TrainResult:
     """Train every job of `cfg` on this rank's stage; rank 0 writes adapters, metrics and the trace.
 
@@ -389,7 +370,7 @@ def train(cfg: RunConfig, *, progress: bool | None = None, fresh: bool = False) 
         if device.type == "cuda":
             torch.cuda.set_device(device)
         try:
-            join_ranks(env, backend, datetime.timedelta(seconds=cfg.pipeline.timeout_s))
+            join_ranks(env.rank, env.world, backend, datetime.timedelta(seconds=cfg.pipeline.timeout_s))
         except RuntimeError as exc:  # the store's wait for the other ranks, or its address unreachable
             raise PipelineError(f"rank {env.rank}: could not join the other {env.world - 1} rank(s) within "
                                 f"{cfg.pipeline.timeout_s:g}s ({first_line(exc)})") from None

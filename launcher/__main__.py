@@ -145,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             # due, so a main thread blocked in a sleep or a read would not run it until woken.
             stopping.arm(threading.Timer(grace, signal.pthread_kill, args=(main_thread, signal.SIGTERM)))
             if rank == "0":
+                # torchrun also sends it when another rank has died: the stop then ends in that rank's loss.
                 report(f"rank 0: SIGTERM: stopping at the next decision point, every unfinished job checkpointed "
-                       f"at its last finished step (at most {grace:g} s)")
+                       f"at its last finished step (at most {grace:g} s, unless a rank is lost meanwhile)")
             return
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # torchrun sends SIGTERM to every rank once one rank has failed; its own report names that rank.

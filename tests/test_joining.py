@@ -9,16 +9,17 @@ import time
 import pytest
 import torch.distributed as dist
 
-from mlora_pp.joining import INBOX, attempt_token
+from mlora_pp.joining import LOG, attempt_token
 
 
-def _store(timeout_s: float = 5.0) -> dist.TCPStore:
+def _store(timeout_s: float = 5.0, libuv: bool = True) -> dist.TCPStore:
     return dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=timeout_s),
-                         wait_for_workers=False, multi_tenant=True)
+                         wait_for_workers=False, multi_tenant=True, use_libuv=libuv)
 
 
 def _client(server: dist.TCPStore, timeout_s: float = 5.0) -> dist.TCPStore:
-    return dist.TCPStore("127.0.0.1", server.port, None, False, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.TCPStore("127.0.0.1", server.port, None, False, timeout=datetime.timedelta(seconds=timeout_s),
+                         use_libuv=server.libuvBackend)
 
 
 def _start(server: dist.TCPStore, ranks: list[int], world: int, timeout_s: float = 5.0
@@ -38,25 +39,27 @@ def _start(server: dist.TCPStore, ranks: list[int], world: int, timeout_s: float
     return threads, got
 
 
-def test_a_restarted_attempt_never_takes_the_failed_ones_token() -> None:
-    """Attempt 1 joins; attempt 2's ranks start while its messages and keys are still in the store,
-    the others before rank 0 (their hellos wait in the queue): every rank of attempt 2 gets one
-    token, not attempt 1's."""
-    server = _store()
-    threads, first = _start(server, [0, 1, 2], 3)
+@pytest.mark.parametrize("libuv", [True, False], ids=["libuv", "legacy-store"])
+@pytest.mark.parametrize("first", [[1, 2], [0]], ids=["others-first", "rank0-first"])
+def test_a_restarted_attempt_never_takes_the_failed_ones_token(libuv: bool, first: list[int]) -> None:
+    """Attempt 1 joins; attempt 2's ranks start while its lines and keys are still in the store,
+    some of them 0.3 s before the others (hellos waiting in the log for rank 0, or rank 0 reading
+    the earlier attempt's lines alone): every rank of attempt 2 gets one token, not attempt 1's."""
+    server = _store(libuv=libuv)
+    threads, got = _start(server, [0, 1, 2], 3)
     for t in threads:
         t.join()
-    assert len(set(first.values())) == 1 and isinstance(first[0], str)
-    old = first[0]
-    server.queue_push(INBOX, "hello stale-nonce")  # a rank of attempt 1 that was still joining
-    for rank in (1, 2):  # and confirms rank 0 of attempt 1 never popped: counted, they would end
-        server.queue_push(INBOX, f"confirm {old} {rank}")  # rank 0's wait before it answers anyone
-    threads, second = _start(server, [1, 2], 3)
+    assert len(set(got.values())) == 1 and isinstance(got[0], str)
+    old = got[0]
+    server.append(LOG, "hello stale-nonce\n")  # a rank of attempt 1 that was still joining
+    for rank in (1, 2):  # and confirms rank 0 of attempt 1 never read: counted, they would end
+        server.append(LOG, f"confirm {old} {rank}\n")  # rank 0's wait before it answers anyone
+    threads, tokens = _start(server, first, 3)
     time.sleep(0.3)
-    more, second_zero = _start(server, [0], 3)
+    more, later = _start(server, sorted({0, 1, 2} - set(first)), 3)
     for t in threads + more:
         t.join()
-    tokens = {**second, **second_zero}
+    tokens.update(later)
     assert all(isinstance(v, str) for v in tokens.values()), tokens
     assert len(set(tokens.values())) == 1 and tokens[0] != old
 

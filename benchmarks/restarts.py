@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,7 +53,7 @@ def _run(config: Path, fault: str | None) -> tuple[subprocess.CompletedProcess, 
     if fault is not None:
         env["MLORA_PP_FAULT"] = fault
     out = Path(yaml.safe_load(config.read_text())["output_dir"])
-    subprocess.run(["rm", "-rf", str(out)], check=True)
+    shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "launcher", str(config),
            "--no-live"]

@@ -82,54 +82,53 @@ def file_digest(path: Path, memo_dir: Path | None = None) -> str:
     by a user, so a file rewritten to the same size with its mtime restored is hashed again."""
     path = Path(path)
     stat = path.stat()
-    found = known_digest(path, memo_dir, stat)
+    stamp = _stamp(path, stat)
+    found = _known(stamp, memo_dir)
     if found is None:
         began = time.time()
         found = sha256_file(path)
         after = path.stat()
         unchanged = (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino) == (
             stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
-        note = _note_path(path, memo_dir)
+        note = _note_path(stamp, memo_dir)
         if note is not None and unchanged and stat.st_mtime < began - RACY_S:
-            _write_note(note, {**_stamp(path, stat), "sha256": found})
-    _DIGESTS[_memo_key(path, stat)] = found
+            _write_note(note, {**stamp, "sha256": found})
+        _DIGESTS[_memo_key(stamp)] = found
     return found
 
 
-def known_digest(path: Path, memo_dir: Path | None = None, stat: os.stat_result | None = None) -> str | None:
+def known_digest(path: Path, memo_dir: Path | None = None) -> str | None:
     """`file_digest` of a file if this process or a note in `memo_dir` knows it already (None: it
     would have to read the file). Raises OSError when the file cannot be stat'ed."""
     path = Path(path)
-    stat = path.stat() if stat is None else stat
-    found = _DIGESTS.get(_memo_key(path, stat))
-    note = _note_path(path, memo_dir)
-    if found is not None or note is None:
-        return found
-    stamp = _stamp(path, stat)
-    try:
-        saved = json.loads(note.read_text())
-        if {k: saved.get(k) for k in stamp} == stamp and isinstance(saved.get("sha256"), str):
-            found = saved["sha256"]
-    except (OSError, ValueError, AttributeError):
-        return None
-    if found is not None:
-        _DIGESTS[_memo_key(path, stat)] = found
+    return _known(_stamp(path, path.stat()), memo_dir)
+
+
+def _known(stamp: dict, memo_dir: Path | None) -> str | None:
+    found = _DIGESTS.get(_memo_key(stamp))
+    note = _note_path(stamp, memo_dir)
+    if found is None and note is not None:
+        try:
+            saved = json.loads(note.read_text())
+            if {k: saved.get(k) for k in stamp} == stamp and isinstance(saved.get("sha256"), str):
+                found = _DIGESTS[_memo_key(stamp)] = saved["sha256"]
+        except (OSError, ValueError, AttributeError):
+            pass
     return found
 
 
-def _memo_key(path: Path, stat: os.stat_result) -> tuple:
-    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-
-
 def _stamp(path: Path, stat: os.stat_result) -> dict:
+    """What a digest is remembered by: the file's resolved path and what its stat says of its content."""
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
             "ctime_ns": stat.st_ctime_ns, "ino": stat.st_ino}
 
 
-def _note_path(path: Path, memo_dir: Path | None) -> Path | None:
-    if memo_dir is None:
-        return None
-    return memo_dir / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]}.json"
+def _memo_key(stamp: dict) -> tuple:
+    return (stamp["path"], stamp["size"], stamp["mtime_ns"], stamp["ino"])
+
+
+def _note_path(stamp: dict, memo_dir: Path | None) -> Path | None:
+    return None if memo_dir is None else memo_dir / f"{hashlib.sha256(stamp['path'].encode()).hexdigest()[:32]}.json"
 
 
 def sha256_file(path: Path) -> str:
@@ -264,7 +263,7 @@ class DataCache:
                 mine.append(source)
         if self.rank == 0:
             self._remove_stale()
-            self._say_what_is_missing([source for _, source in unique.values()], world)
+            self._say_what_is_missing(list(unique.values()), world)
         for source in mine:
             try:
                 if self.stored(self.key(source)):
@@ -273,15 +272,14 @@ class DataCache:
             except (OSError, DataError):
                 continue
 
-    def _say_what_is_missing(self, sources: list[Source], world: int) -> None:
-        """Rank 0's line on what the ranks are about to tokenize: the sources whose rows the cache
-        lacks, or whose file no rank has hashed since it last changed (its owner may still find
-        its rows stored once it has hashed it)."""
+    def _say_what_is_missing(self, sources: list[tuple[int, Source]], world: int) -> None:
+        """Rank 0's line on what the ranks are about to tokenize: the sources (with their sizes) whose
+        rows the cache lacks, or whose file no rank has hashed since it last changed (its owner may
+        still find its rows stored once it has hashed it)."""
         missing = []
-        for source in sources:
+        for size, source in sources:
             try:
                 key = self.known_key(source)
-                size = Path(source.path).stat().st_size
             except OSError:
                 continue
             if key is None or not self.stored(key):

@@ -42,7 +42,7 @@ from safetensors.torch import save as safetensors_bytes
 from mlora_pp.config import ConfigError, JobConfig, RunConfig
 from mlora_pp.data import DataError, load_template
 from mlora_pp.data_cache import file_digest, sha256_file
-from mlora_pp.durable import fsync_dir, write_atomic
+from mlora_pp.durable import fsync_dir, make_dirs, write_atomic
 from mlora_pp.faults import Fault
 from mlora_pp.job import AdapterJob
 from mlora_pp.model import StageModel
@@ -619,7 +619,7 @@ def check_writable(cfg: RunConfig, rank: int, source: str) -> None:
     directory = Path(cfg.output_dir) / CHECKPOINTS
     probe = directory / f".write-test-{rank}-{os.getpid()}"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(directory)
         with open(probe, "wb") as f:
             f.write(b"ok")
             f.flush()

@@ -65,6 +65,8 @@ class AdapterJob:
     seed: int
     optimizer: torch.optim.Optimizer | None = None
     steps_done: int = 0
+    resumed_step: int | None = None
+    """The step of the checkpoint this job resumed from: complete on disk, never written again."""
     stats: StepStats = field(default_factory=StepStats)
     failed: str | None = None
     """Why the job stopped (non-finite loss, gradients or weights); None while it is healthy."""

@@ -453,12 +453,20 @@ class Replanner:
         for name, job in self.jobs.items():
             if name in self.cancelled or job.steps_done >= job.total_steps or job.failed is not None:
                 continue
-            saved = job.steps_done > 0 and not due(job.config, job.steps_done, job.total_steps)
+            saved = self._needs_checkpoint(job)
             if saved:
                 self.saver.save(job)
             if self.manifests is not None:
                 self.manifests.stop_at(name, job.steps_done, saved)
             self.stopped[name] = job.steps_done
+
+    @staticmethod
+    def _needs_checkpoint(job: AdapterJob) -> bool:
+        """Whether no checkpoint of the job's last finished step is written or being written. The one
+        it resumed from is complete: writing it again in place (a resume on other stages writes other
+        parts) would leave the job no valid checkpoint until the new manifest is in."""
+        return (job.steps_done > 0 and job.steps_done != job.resumed_step
+                and not due(job.config, job.steps_done, job.total_steps))
 
     def _cancel(self, name: str, early: bool = False) -> None:
         """Stop `name` after its last finished step (cancelled, or stopped `early`)."""
@@ -467,7 +475,7 @@ class Replanner:
             job.optimizer.zero_grad(set_to_none=True)  # the unfinished step's gradients
         job.stats = StepStats()
         self.cancelled[name] = job.steps_done
-        saved = job.steps_done > 0 and not due(job.config, job.steps_done, job.total_steps)
+        saved = self._needs_checkpoint(job)
         if saved:  # its last adapter, as a checkpoint every stage writes (a restart keeps it)
             self.saver.save(job)
         job.release_state()

@@ -521,7 +521,7 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
     points = _share_resume_points(plan, env)
     _check_shared_output_dir(cfg, env, where)
     for name, point in points.items():
-        jobs[name].steps_done = point.step
+        jobs[name].steps_done = jobs[name].resumed_step = point.step
     # The plan's first segment (the whole plan when it is short): what probes and profiles measure.
     unplanned = [j.job_steps() for j in jobs.values() if j.name not in cancelled]
     stage_plan = StagePlan(PlanStream(unplanned, env.world, cfg.pipeline.schedule, cfg.pipeline.fuse,

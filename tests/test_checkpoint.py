@@ -224,6 +224,65 @@ def test_resume_after_a_stop_inside_a_checkpoint_write_is_exact(workspace, refer
     assert_same(cfg.output_dir, reference)
 
 
+def test_a_stop_before_a_resumed_jobs_next_step_leaves_the_checkpoint_it_resumed_from_as_it_is(
+        workspace, monkeypatch):
+    """Resumed from each job's step-1 checkpoint under `save_every: null` (it may change between
+    runs; step 1 is then not due), and stopped (SIGTERM) at once: a job stopped at the step it
+    resumed from has that checkpoint already, and the stop must not write it again. It used to, in
+    place: where the new parts differ from the old (a resume on another stage count or balance),
+    the old manifest's hashes no longer match them until rank 0 rewrites it, and a SIGKILL meanwhile
+    left the job no checkpoint at all."""
+    from mlora_pp import stopping
+
+    jobs = [dict(job, batch_size=8, micro_batch_size=1, max_steps=2, keep_last=10) for job in CK_JOBS]  # 8 micro-batches a step
+    whole = config(workspace, "resumed-whole", jobs)
+    train(whole, progress=False)
+    out = workspace[0] / "stop-after-resume"
+    shutil.copytree(whole.output_dir, out)
+    for job in jobs:
+        for step, directory in step_dirs(out, job["name"]):
+            if step > 1:
+                shutil.rmtree(directory)
+    files = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / CHECKPOINTS).rglob("*") if p.is_file()}
+    cfg = config(workspace, out.name, [dict(job, save_every=None) for job in jobs])
+    real = StageWorker.run_action
+
+    def run_action(self, action):
+        stopping.request()  # as a scheduler pre-empting the resumed run would, at its first action
+        return real(self, action)
+
+    monkeypatch.setattr(StageWorker, "run_action", run_action)
+    result = train(cfg, progress=False)
+    monkeypatch.undo()
+    assert result.resumed == {job["name"]: 1 for job in jobs}
+    unmoved = [name for name, step in result.stopped.items() if step == 1]
+    assert unmoved, result.stopped  # the stop came before some job's next step
+    for path, stamp in files.items():
+        if path.parent.parent.name in unmoved:
+            assert (path.stat().st_ino, path.stat().st_mtime_ns) == stamp, f"{path} written again"
+    assert_checkpoints_complete(out)
+    result = train(cfg, progress=False)
+    assert result.resumed == {job["name"]: result.resumed[job["name"]] for job in jobs}
+    assert all(result.resumed[name] == 1 for name in unmoved)
+    assert_same(out, whole.output_dir, jobs)
+
+
+def test_directories_a_write_creates_are_made_durable_in_their_parents(tmp_path, monkeypatch):
+    """A checkpoint's first part creates step-N (and, for a job's first, its job directory): each is
+    fsynced into its parent, or a crash after `prune` deleted the older steps may keep those
+    deletions and lose step-N's own entry. The file's directory is fsynced after each rename."""
+    import mlora_pp.durable as durable
+
+    synced: list[Path] = []
+    monkeypatch.setattr(durable, "fsync_dir", synced.append)
+    step = tmp_path / CHECKPOINTS / "job" / "step-4"
+    durable.write_atomic(step / "stage-0.json", b"{}")
+    assert synced == [tmp_path, tmp_path / CHECKPOINTS, step.parent, step]
+    synced.clear()
+    durable.write_atomic(step / "stage-0.safetensors", b"")
+    assert synced == [step]
+
+
 def test_finished_run_trains_nothing_and_fresh_starts_over(workspace, reference):
     out = workspace[0] / "again"
     shutil.copytree(reference, out)

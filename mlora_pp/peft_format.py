@@ -24,7 +24,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from mlora_pp.config import lora_scale
-from mlora_pp.durable import write_atomic
+from mlora_pp.durable import fsync_dir, make_dirs, write_atomic
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -152,11 +152,20 @@ def save_adapter(
             tensors[f"{_SAVE_PREFIX}{module}.lora_{which}.weight"] = (
                 t.detach().to(device="cpu", dtype=dtype).contiguous().clone()
             )
-    out.mkdir(parents=True, exist_ok=True)
-    # Weights first, config last: a directory with a config is complete.
+    make_dirs(out)
+    # Weights first, config last: a directory with a config is complete. So an earlier adapter's
+    # config that differs from this one goes first: a crash between the two renames must not leave
+    # the new weights beside the old rank, alpha or targets, which peft would load without a word.
+    config = (json.dumps(_config_dict(spec), indent=2, sort_keys=True) + "\n").encode("utf-8")
+    try:
+        stale = (out / CONFIG_NAME).read_bytes() != config
+    except FileNotFoundError:
+        stale = False
+    if stale:
+        (out / CONFIG_NAME).unlink()
+        fsync_dir(out)
     write_atomic(out / WEIGHTS_NAME, save_safetensors_bytes(tensors, metadata={"format": "pt"}))
-    config = json.dumps(_config_dict(spec), indent=2, sort_keys=True) + "\n"
-    write_atomic(out / CONFIG_NAME, config.encode("utf-8"))
+    write_atomic(out / CONFIG_NAME, config)
 
 
 def _spec_from_config(cfg: dict, path: Path) -> AdapterSpec:

@@ -274,3 +274,37 @@ def test_save_validates_and_is_atomic(tmp_path, tiny_dirs, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_adapter(tmp_path, _spec(base), _random_weights(_base(base), layers={0}, seed=5))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old adapter intact, no temp files
+
+
+def test_a_crash_while_overwriting_an_adapter_never_pairs_new_weights_with_the_old_config(tmp_path, tiny_dirs,
+                                                                                        monkeypatch):
+    """Overwriting an adapter of another alpha (a `--fresh` run after a change), killed between the
+    weights' rename and the config's: the directory must not load as the new weights under the old
+    scale (peft would, without a word); it is incomplete instead. Under the same config, the same
+    crash leaves a complete adapter: the new weights (the config is not deleted needlessly)."""
+    base = tiny_dirs["llama"]
+    save_adapter(tmp_path, _spec(base), _random_weights(_base(base), layers={0}))
+    real = os.replace
+
+    def crash_before_the_config(src, dst, *args, **kwargs):
+        if str(dst).endswith("adapter_config.json"):
+            raise KeyboardInterrupt  # not an Exception: the temporary file stays, as after a kill
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr("mlora_pp.durable.os.replace", crash_before_the_config)
+    doubled = AdapterSpec(r=R, lora_alpha=2 * ALPHA, target_modules=list(TARGETS), lora_dropout=0.05,
+                          base_model_name_or_path=str(base))
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(tmp_path, doubled, _random_weights(_base(base), layers={0}, seed=5))
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        load_adapter(tmp_path)
+
+    monkeypatch.undo()
+    save_adapter(tmp_path, _spec(base), _random_weights(_base(base), layers={0}, seed=6))
+    monkeypatch.setattr("mlora_pp.durable.os.replace", crash_before_the_config)
+    new = _random_weights(_base(base), layers={0}, seed=7)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(tmp_path, _spec(base), new)
+    spec, loaded = load_adapter(tmp_path)
+    assert spec.lora_alpha == ALPHA
+    assert all(torch.equal(loaded[m][0], new[m][0]) and torch.equal(loaded[m][1], new[m][1]) for m in new)

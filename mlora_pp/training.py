@@ -65,7 +65,7 @@ from mlora_pp.runtime import EvalRecord, StageWorker, StepRecord
 from mlora_pp.schedule import PlanStream, Schedule, admission, choose_streams, min_streams
 from mlora_pp.stage_plan import StagePlan
 from mlora_pp.trace import TraceRecorder, write_trace
-from mlora_pp.transport import PipelineError, StageTransport
+from mlora_pp.transport import PipelineError, StageTransport, settle_send_threads
 
 
 @dataclass
@@ -387,6 +387,7 @@ def train(cfg: RunConfig, *, progress: bool | None = None, fresh: bool = False) 
         return _train(cfg, env, device, progress, fresh)
     finally:
         lock.release()
+        settle_send_threads()
         if started_group:
             dist.destroy_process_group()
 

@@ -13,6 +13,7 @@ import collections
 import datetime
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,8 @@ _HEADER_LEN = 8
 _SEND_WAIT = datetime.timedelta(days=7)
 """How long the send thread waits for one send. It only frees memory: a silent peer is found by the
 receives' own timeouts and by `PendingSends.flush`."""
+_SEND_THREADS: "weakref.WeakSet[PendingSends]" = weakref.WeakSet()
+"""Every `PendingSends` whose thread was started (`settle_send_threads`)."""
 
 
 class PipelineError(RuntimeError):
@@ -75,6 +78,7 @@ class PendingSends:
         self._changed = threading.Condition()
         self._error: PipelineError | None = None
         self._poll_only = poll
+        self._closed = False
         self._thread: threading.Thread | None = None  # started with the first send
 
     def __len__(self) -> int:
@@ -92,6 +96,7 @@ class PendingSends:
         elif self._thread is None:
             self._thread = threading.Thread(target=self._drain, name=f"sends-rank{self.rank}", daemon=True)
             self._thread.start()
+            _SEND_THREADS.add(self)
 
     def _poll(self) -> None:
         while self._items and self._items[0][0].is_completed():
@@ -101,7 +106,9 @@ class PendingSends:
     def _drain(self) -> None:
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: bool(self._items))
+                self._changed.wait_for(lambda: bool(self._items) or self._closed)
+                if self._closed:
+                    return
                 work, what, peer = self._items[0][:3]
             try:
                 self._wait(work, peer, what, _SEND_WAIT)
@@ -123,6 +130,17 @@ class PendingSends:
         if ok is False:
             raise PipelineError(f"rank {self.rank}: timed out after {timeout.total_seconds():g}s {what}")
 
+    def close(self, timeout_s: float) -> bool:
+        """Stop the thread: at once when idle, else once its current wait returns. True if it has
+        ended within `timeout_s`."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
     def _raise_failure(self) -> None:
         if self._error is not None:
             raise self._error
@@ -143,6 +161,18 @@ class PendingSends:
                 _, what, peer, _ = self._items[0]
                 raise PipelineError(f"rank {self.rank}: timed out after {timeout_s:g}s {what} "
                                     f"(rank {peer} did not take it)")
+
+
+def settle_send_threads(timeout_s: float = 2.0) -> None:
+    """Stop every send thread of this process, waiting at most `timeout_s` in all, before it exits.
+
+    A lost peer wakes every send still waiting for it, on its thread, at the moment the main thread's
+    own wait fails; a thread still inside that Gloo call while the interpreter shuts down aborts the
+    process ("terminate called without an active exception", exit code 134) after the rank has
+    reported its error. A send to a peer that is alive but silent stays blocked: not waited for."""
+    deadline = time.monotonic() + timeout_s
+    for sends in list(_SEND_THREADS):
+        sends.close(max(0.0, deadline - time.monotonic()))
 
 
 def _completion_polls(group: Any) -> bool:

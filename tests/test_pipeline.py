@@ -266,6 +266,7 @@ def test_killed_stage_ends_every_rank_naming_the_lost_rank(workspace):
     if "lost rank 1" not in ours[0]:
         assert "stopped by the launcher because another rank failed" in ours[0]
         assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", proc.stderr), proc.stderr[-4000:]
+    assert "terminate called" not in proc.stderr, proc.stderr[-4000:]  # no abort after the line (send threads)
     assert elapsed < 8 + 60, elapsed
 
 

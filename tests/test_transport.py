@@ -154,3 +154,39 @@ def test_nccl_tensor_receives_do_not_block_the_host(monkeypatch):
         stage = StageTransport(1, 5.0, torch.device("cpu"), group=backend, header_group="cpu")
         assert torch.equal(stage.recv(0, ACTIVATION, 3, (2, 4), torch.float32), torch.ones(2, 4))
         assert waits == [(datetime.timedelta(seconds=5),), tensor_wait], backend
+
+
+_EXIT_AFTER_LOSS = textwrap.dedent("""
+    import datetime, os, sys, time
+    import torch, torch.distributed as dist
+    from mlora_pp.transport import ACTIVATION, GRADIENT, PipelineError, StageTransport, settle_send_threads
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    control = dist.new_group(backend="gloo")
+    dist.barrier()
+    if rank == 1:
+        time.sleep(1.0)
+        sys.exit(0)  # gone before taking rank 0's send
+    transport = StageTransport(0, 5.0, torch.device("cpu"), header_group=control)
+    transport.send(torch.zeros(4, 4), 1, ACTIVATION, 0)
+    try:
+        transport.recv(1, GRADIENT, 0, (4, 4), torch.float32)
+    except PipelineError as exc:
+        print("error", exc, flush=True)
+    settle_send_threads()  # what `train` does on its way out
+    dist.destroy_process_group()
+""")
+
+
+def test_a_rank_that_lost_its_peer_exits_without_aborting():
+    """The lost peer wakes this rank's send threads as its own receive fails; one still inside its
+    Gloo wait while the interpreter exits aborted the process (exit 134, "terminate called without
+    an active exception") after the rank had printed its error."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", _EXIT_AFTER_LOSS], cwd=ROOT, env=dict(env, RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    out = [p.communicate(timeout=120)[0] for p in procs][0]
+    assert "error rank 0: lost rank 1 while waiting for the gradient of micro-batch 0" in out, out
+    assert "terminate called" not in out and procs[0].returncode == 0, (procs[0].returncode, out)

@@ -41,6 +41,8 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 RESERVED_NAMES: tuple[str, ...] = ("checkpoints", "control", "data-cache")
 """Directories of a run in output_dir, beside each job's adapter directory (`output_dir/<job>`)."""
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no '.': names key parameters and directories
+MAX_JOB_NAME = 100
+"""A job's name is a directory name (255 bytes at most on most file systems) with room for suffixes."""
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
@@ -242,12 +244,18 @@ def _convert(value: Any, tp: Any, where: str, err: typing.Callable[[str, str], C
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise err(where, f"expected an integer, got {value!r}")
+        if not -(2**63) <= value < 2**63:  # torch seeds, deque lengths, numpy plans: all 64-bit
+            raise err(where, f"integer out of range (must fit in 64 bits); got {value}")
         return value
     if tp is float:
         if isinstance(value, str) and _YAML11_FLOAT.match(value.strip()):
             value = float(value)  # PyYAML reads 5e-4 and 1.0e37 (YAML 1.1) as strings; YAML 1.2 and users say float
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise err(where, f"expected a number, got {value!r}")
+        try:
+            value = float(value)  # an integer beyond float's range overflows here
+        except OverflowError:
+            raise err(where, f"expected a finite number, got an integer of {len(str(value))} digits") from None
         if not math.isfinite(value):
             raise err(where, f"expected a finite number, got {value!r}")
         return float(value)
@@ -328,6 +336,9 @@ def _validate(cfg: RunConfig, err: typing.Callable[[str, str], ConfigError]) -> 
         at = f"jobs[{i}]"
         if not _JOB_NAME.match(job.name):
             raise err(f"{at}.name", f"{job.name!r} must be letters, digits, '_' or '-', starting with a letter or digit")
+        if len(job.name) > MAX_JOB_NAME:
+            raise err(f"{at}.name", f"must be at most {MAX_JOB_NAME} characters (it names directories); "
+                                    f"got {len(job.name)}")
         if job.name in RESERVED_NAMES:
             raise err(f"{at}.name", f"{job.name!r} is the name of the run's own directory in output_dir "
                                     f"(reserved: {', '.join(RESERVED_NAMES)})")

@@ -128,9 +128,11 @@ class ControlDir:
         path = self.root / "config.yaml"
         try:
             raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise ConfigError(f"{self.output_dir}: not a run directory (no {CONTROL}/config.yaml; has the run started?)"
                               ) from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read the run's config ({exc.__class__.__name__})") from None
         return parse_config(raw, path)
 
     def request(self, kind: str, body: dict) -> Path:
@@ -146,7 +148,9 @@ class ControlDir:
         for path in sorted(directory.glob("*.json")):
             try:
                 body = json.loads(path.read_text())
-            except (OSError, ValueError):  # half-visible or broken: answered as rejected
+            except (OSError, ValueError, RecursionError):  # half-visible or broken: answered as rejected
+                body = {"kind": "broken"}
+            if not isinstance(body, dict):  # valid JSON written by hand, but not a request
                 body = {"kind": "broken"}
             out.append(Request(path, str(body.pop("kind", "broken")), body))
         return out
@@ -305,9 +309,12 @@ def submit_main(argv: list[str]) -> int:
             job = yaml.safe_load(job_file.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{job_file}: job file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{job_file}: cannot read job file ({getattr(exc, 'strerror', None) or exc.__class__.__name__})"
+                              ) from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{job_file}: YAML syntax error: {getattr(exc, 'problem', exc)}") from None
-        pending = [r.body.get("job", {}).get("name") for r in control.pending() if r.kind == "submit"]
+        pending = [_submitted_name(r) for r in control.pending() if r.kind == "submit"]
         if isinstance(job, dict) and job.get("name") in pending:
             raise ConfigError(f"{job_file}: name: a job named {job['name']!r} is already submitted and waiting")
         checked = validate_submission(cfg, job, str(job_file))
@@ -347,6 +354,12 @@ def tokenize_submission(checked: RunConfig, output_dir: Path, where: str) -> Non
               f"(cached in {cache.directory})")
 
 
+def _submitted_name(request: Request) -> Any:
+    """The name of a pending submission's job (None if the request is not a well-formed one)."""
+    job = request.body.get("job")
+    return job.get("name") if isinstance(job, dict) else None
+
+
 def _who_acts(output_dir: Path) -> str:
     """The run that will see a request: the live one, or the next one when none holds the lock."""
     if (output_dir / LOCK_NAME).exists() and lock_holder(output_dir) is None:
@@ -363,8 +376,7 @@ def _run_with_job(output_dir: Path, name: str) -> tuple[ControlDir, RunConfig] |
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
-    names = [j.name for j in cfg.jobs] + [r.body.get("job", {}).get("name") for r in control.pending()
-                                          if r.kind == "submit"]
+    names = [j.name for j in cfg.jobs] + [_submitted_name(r) for r in control.pending() if r.kind == "submit"]
     if name not in names:
         print(f"error: {output_dir}: no job named {name!r} in this run (jobs: {', '.join(map(str, names))})",
               file=sys.stderr)

@@ -123,6 +123,10 @@ def _placeholders(fmt: str, where: str) -> list[str]:
         root = field.split(".", 1)[0].split("[", 1)[0]
         if root == "" or root.isdigit():
             raise DataError(f"{where}: positional placeholder {{{field}}} is not allowed; name a record field")
+        if "." in field.split("[", 1)[0] or "]." in field:
+            # a record is a dict: {x.y} reads an attribute of the value (a str's method), never a field
+            raise DataError(f"{where}: placeholder {{{field}}} reads an attribute, not a record field; "
+                            "use {x[y]} for a nested field")
         if root not in names:
             names.append(root)
         if spec:  # a nested placeholder inside a format spec, e.g. {x:{width}}
@@ -229,6 +233,8 @@ def _iter_located(path: Path) -> Iterator[tuple[str, dict]]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path} line {lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
+            except (ValueError, RecursionError) as exc:  # an integer of over 4,300 digits, nesting too deep
+                raise DataError(f"{path} line {lineno}: unreadable JSON ({str(exc).split(';')[0]})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path} line {lineno}: expected a JSON object, got {_json_type(record)}")
             found = True
@@ -251,6 +257,8 @@ def _json_records(path: Path, f: Any) -> Iterator[tuple[str, dict]]:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # an integer of over 4,300 digits, nesting too deep
+        raise DataError(f"{path}: unreadable JSON ({str(exc).split(';')[0]})") from None
     if isinstance(raw, dict) and isinstance(raw.get("data"), list):
         raw = raw["data"]
     if not isinstance(raw, list):

@@ -128,8 +128,11 @@ def read_model_config(model_dir: Path) -> PretrainedConfig:
         raise ModelError(f"{config_file}: not valid UTF-8") from None
     try:
         config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+    except Exception as exc:  # noqa: BLE001 - also huggingface_hub's StrictDataclassError (bad field values)
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        first = lines[0] if lines else exc.__class__.__name__
+        if first.endswith(":") and len(lines) > 1:  # huggingface_hub's validation errors: the reason is below
+            first = f"{first} {lines[1]}"
         raise ModelError(f"{config_file}: not a usable model config ({first})") from None
     _arch_classes(config.model_type)
     config._attn_implementation = "sdpa"
@@ -172,9 +175,12 @@ class SafetensorsIndex:
             by_file.setdefault(self.files[name], []).append(name)
         out: dict[str, torch.Tensor] = {}
         for path, wanted in by_file.items():
-            with safetensors.safe_open(str(path), framework="pt") as f:
-                for name in wanted:
-                    out[name] = f.get_tensor(name)
+            try:
+                with safetensors.safe_open(str(path), framework="pt") as f:
+                    for name in wanted:
+                        out[name] = f.get_tensor(name)
+            except (OSError, safetensors.SafetensorError) as exc:
+                raise ModelError(f"{path}: cannot read its tensors ({exc})") from None
         return out
 
 
@@ -549,7 +555,15 @@ class StageModel(nn.Module):
                 # full-precision pages it keeps resident, go away once a layer is quantized.
                 state = {k: (v if _is_projection(k) else v.clone()) for k, v in state.items()}
             del tensors
-            _, unexpected = self.load_state_dict(state, strict=False, assign=True)
+            try:
+                _, unexpected = self.load_state_dict(state, strict=False, assign=True)
+            except RuntimeError as exc:
+                if "size mismatch" not in str(exc):
+                    raise
+                # a tensor's shape is not the one config.json gives (preflight checks the headers first)
+                lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+                raise ModelError(f"{index.model_dir}: the weights do not match config.json "
+                                 f"({lines[0] if lines else exc})") from None
             if unexpected:
                 raise ModelError(f"{index.model_dir}: stage weights mismatch: unexpected {unexpected}")
             loaded |= set(state)

@@ -93,10 +93,57 @@ def check_model(cfg: RunConfig) -> tuple[PretrainedConfig, Any]:
                 _check_readable(shard)
             except OSError as exc:
                 raise ModelError(f"{shard}: cannot read ({_why(exc)})") from None
+        check_weights(hf, index)
         tokenizer = load_tokenizer(model_dir)
     except ModelError as exc:
         raise ModelError(f"{source(cfg)}: model.path: {exc}") from exc
     return hf, tokenizer
+
+
+def expected_shapes(hf: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    """Checkpoint name -> shape of every base tensor whose shape config.json determines (the
+    embedding, norms, projections and lm_head); biases and extra norms are left to the loader."""
+    d = hf.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (hf.vocab_size, d), "model.norm.weight": (d,)}
+    projections = projection_shapes(hf)
+    for i in range(hf.num_hidden_layers):
+        for target, (fan_in, fan_out) in projections.items():
+            block = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            shapes[f"model.layers.{i}.{block}.{target}.weight"] = (fan_out, fan_in)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            shapes[f"model.layers.{i}.{norm}.weight"] = (d,)
+    if not getattr(hf, "tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (hf.vocab_size, d)
+    return shapes
+
+
+def check_weights(hf: PretrainedConfig, index: SafetensorsIndex) -> None:
+    """Every tensor config.json implies is in the checkpoint, with the shape config.json gives, and
+    every shard's header is readable (headers only: no tensor is read)."""
+    import safetensors
+
+    expected = expected_shapes(hf)
+    for name in expected:
+        if name not in index.files:
+            raise ModelError(f"{index.model_dir}: tensor {name!r} is missing from the checkpoint "
+                             f"(config.json: {hf.num_hidden_layers} layers)")
+    by_file: dict[Path, list[str]] = {}
+    for name, path in index.files.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in sorted(by_file.items()):
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                present = set(f.keys())
+                for name in names:
+                    if name not in present:
+                        raise ModelError(f"{path}: has no tensor {name!r} (model.safetensors.index.json puts it there)")
+                    want = expected.get(name)
+                    if want is not None and tuple(f.get_slice(name).get_shape()) != want:
+                        got = tuple(f.get_slice(name).get_shape())
+                        raise ModelError(f"{path}: tensor {name!r} has shape {list(got)} but config.json "
+                                         f"({index.model_dir / 'config.json'}) implies {list(want)}")
+        except (OSError, safetensors.SafetensorError) as exc:
+            raise ModelError(f"{path}: cannot read the safetensors header ({exc})") from None
 
 
 def check_jobs_fit_model(cfg: RunConfig, hf: PretrainedConfig) -> None:

@@ -366,6 +366,8 @@ class Replanner:
         return job.largest_micro_rows() < job.config.micro_batch_size
 
     def _check_priority(self, name: Any, value: Any, cancelling: list[str], submitting: list[str]) -> None:
+        if not isinstance(name, str):
+            raise ConfigError(f"priority: 'name' must be a job's name; got {name!r}")
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"priority: must be an integer; got {value!r}")
         job = self.jobs.get(name)
@@ -377,6 +379,8 @@ class Replanner:
             raise ConfigError(f"priority: {name!r} has already finished")
 
     def _check_cancel(self, name: Any, cancelling: list[str]) -> None:
+        if not isinstance(name, str):
+            raise ConfigError(f"cancel: 'name' must be a job's name; got {name!r}")
         job = self.jobs.get(name)
         if job is None:
             raise ConfigError(f"cancel: no job named {name!r} in this run")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -638,6 +639,11 @@ def test_raising_a_waiting_jobs_priority_mid_run_pauses_the_job_under_way(worksp
     assert priority_main([str(cfg.output_dir), "beta", "5"]) == 0
     control.request("priority", {"name": "beta", "priority": "high"})
     control.request("priority", {"name": "nobody", "priority": 1})
+    # valid JSON written by hand, but no request: answered, never a crash (nor one at every restart)
+    control.request("cancel", {"name": ["alpha"]})
+    control.request("priority", {"name": {"beta": 1}, "priority": 1})
+    by_hand = control.root / "requests" / f"{time.time_ns():020d}-0-by-hand.json"
+    by_hand.write_text("[]")
     capsys.readouterr()
     result = train(cfg, progress=False)
     printed = capsys.readouterr().out
@@ -653,7 +659,10 @@ def test_raising_a_waiting_jobs_priority_mid_run_pauses_the_job_under_way(worksp
     assert after == ["beta"] * 2 + ["alpha"] * (6 - done_before), after
     outcomes = [json.loads(p.read_text())["outcome"] for p in sorted((cfg.output_dir / "control" / "done").glob("*"))]
     assert outcomes == ["accepted", "rejected: priority: must be an integer; got 'high'",
-                        "rejected: priority: no job named 'nobody' in this run"]
+                        "rejected: priority: no job named 'nobody' in this run",
+                        "rejected: cancel: 'name' must be a job's name; got ['alpha']",
+                        "rejected: priority: 'name' must be a job's name; got {'beta': 1}",
+                        f"rejected: {by_hand}: not a submit, cancel or priority request"]
     assert ControlDir(cfg.output_dir).accepted().priority == {"beta": 5}
     assert ControlDir(cfg.output_dir).read_config().job("beta").priority == 5
     from mlora_pp.training import DistEnv, _accepted_changes

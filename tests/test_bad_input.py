@@ -120,6 +120,20 @@ def _unreadable_data(root: Path, tmp: Path):
     return make_raw(root, jobs=[job(root, data=str(path))]), ["{cfg}", "jobs[0].data", str(path), "cannot read data file"]
 
 
+def _edited_config_json(**changes) -> Callable[[Path], None]:
+    """Breaks a model copy by changing fields of its config.json."""
+
+    def edit(model: Path) -> None:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps(config | changes))
+
+    return edit
+
+
+def _config_json_field(model: Path, name: str) -> int:
+    return json.loads((model / "config.json").read_text())[name]
+
+
 CASES: dict[str, Case] = {
     "yaml_syntax_error": lambda root, tmp: (
         "model: {path: x\njobs: [\n", ["{cfg}", "line 2, column", "YAML syntax error"]),
@@ -166,6 +180,18 @@ CASES: dict[str, Case] = {
     "max_seq_len_beyond_positions": lambda root, tmp: (
         make_raw(root, jobs=[job(root, max_seq_len=4096)]),
         ["{cfg}", "jobs[0].max_seq_len", "max_position_embeddings 512"]),
+    "integer_beyond_64_bits": lambda root, tmp: (
+        make_raw(root, seed=2 ** 70), ["{cfg}", "seed", "must fit in 64 bits"]),
+    "number_beyond_float_range": lambda root, tmp: (
+        make_raw(root, jobs=[job(root, alpha=10 ** 400)]), ["{cfg}", "jobs[0].alpha", "expected a finite number"]),
+    "job_name_too_long_for_a_directory": lambda root, tmp: (
+        make_raw(root, jobs=[job(root, name="a" * 300)]), ["{cfg}", "jobs[0].name", "at most 100 characters"]),
+    "data_line_nested_too_deep": _data("[" * 100_000 + "]" * 100_000 + "\n", " line 1:", "unreadable JSON"),
+    "model_weights_of_other_shapes_than_config_json": lambda root, tmp: _broken_model(
+        _edited_config_json(intermediate_size=_config_json_field(root / "model", "intermediate_size") + 8),
+        "{model}/model.safetensors", "has shape", "{model}/config.json")(root, tmp),
+    "model_config_json_transformers_refuses": _broken_model(
+        _edited_config_json(num_attention_heads=3), "{model}/config.json", "not a usable model config"),
     "output_dir_is_a_file": lambda root, tmp: (
         make_raw(root, output_dir=str(data_file(tmp, "not a directory", "out"))),
         ["{cfg}", "output_dir", str(tmp / "out"), "is not a directory"]),

@@ -317,6 +317,13 @@ def test_submit_and_cancel_commands_check_their_input(workspace, capsys, tmp_pat
     requests = [json.loads(p.read_text()) for p in sorted((out / "control" / "requests").glob("*.json"))]
     assert [r["kind"] for r in requests] == ["submit", "cancel", "submit", "priority"]
     assert requests[-1] == {"kind": "priority", "name": "delta", "priority": -2}
+    (out / "control" / "requests" / "by-hand.json").write_text('{"kind": "submit", "job": "oops"}')  # not a job
+    assert launcher.main(["cancel", str(out), "delta"]) == 0  # the broken request is the run's to reject
+    assert "cancel 'delta' requested" in capsys.readouterr().out
+    assert launcher.main(["submit", str(out), str(tmp_path)]) == 2  # a directory for the job file
+    assert f"error: {tmp_path}: cannot read job file" in capsys.readouterr().err
+    assert launcher.main(["cancel", str(job_file), "delta"]) == 2  # a file for the run's directory
+    assert f"error: {job_file}: not a run directory" in capsys.readouterr().err
     assert not (out / CHECKPOINTS).exists()
 
 

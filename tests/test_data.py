@@ -149,6 +149,15 @@ def test_custom_template_errors(tmp_path: Path) -> None:
     (tmp_path / "noresp.json").write_text('{"prompt": "x"}')
     with pytest.raises(DataError, match="noresp.json: 'response' must be a string"):
         load_template("noresp.json", base_dir=tmp_path)
+    # {x.y} reads an attribute of the field's string ({instruction.upper}: "<built-in method ...>")
+    (tmp_path / "attr.yaml").write_text("prompt: '{instruction.upper}'\nresponse: '{output}'\n")
+    with pytest.raises(DataError, match=r"attr.yaml.*\{instruction.upper\} reads an attribute"):
+        load_template("attr.yaml", base_dir=tmp_path)
+    (tmp_path / "item.yaml").write_text("prompt: '{meta[q].strip}'\nresponse: '{output}'\n")
+    with pytest.raises(DataError, match="reads an attribute"):
+        load_template("item.yaml", base_dir=tmp_path)
+    (tmp_path / "nested.yaml").write_text("prompt: '{meta[q]}'\nresponse: '{output}'\n")
+    assert load_template("nested.yaml", base_dir=tmp_path).render({"meta": {"q": "x"}, "output": "y"}) == ("x", "y")
 
 
 # ------------------------------------------------------------------------------------------

@@ -207,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         if name in result.failed:
             print(f"{name}: FAILED ({result.failed[name]}); its last good checkpoint -> {path}")
             continue
-        print(f"{name}: {result.steps[name]} steps, final loss {result.final_loss.get(name, float('nan')):.4f} -> {path}")
+        if name not in result.final_loss:  # no step this run: the config ran again after the job finished
+            print(f"{name}: {result.steps[name]} steps, finished in an earlier run -> {path}")
+            continue
+        print(f"{name}: {result.steps[name]} steps, final loss {result.final_loss[name]:.4f} -> {path}")
     for name in sorted(set(result.cancelled) - set(result.adapters) - set(result.failed)):
         print(f"{name}: cancelled before its first step: no adapter written")
     for name in sorted(set(result.failed) - set(result.adapters)):

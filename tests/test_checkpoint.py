@@ -283,13 +283,18 @@ def test_directories_a_write_creates_are_made_durable_in_their_parents(tmp_path,
     assert synced == [step]
 
 
-def test_finished_run_trains_nothing_and_fresh_starts_over(workspace, reference):
+def test_finished_run_trains_nothing_and_fresh_starts_over(workspace, reference, capsys):
     out = workspace[0] / "again"
     shutil.copytree(reference, out)
     cfg = config(workspace, "again")
     result = train(cfg, progress=False)
     assert result.resumed == STEPS and result.steps == STEPS and not result.schedule.micro_batches
     assert_same(out, reference, tol=0)
+    capsys.readouterr()
+    assert launcher.main([str(yaml_config(workspace, "again")), "--no-live"]) == 0
+    printed = capsys.readouterr().out
+    for name, steps in STEPS.items():  # no loss this run to report (it printed "final loss nan")
+        assert f"{name}: {steps} steps, finished in an earlier run -> {out / name}" in printed, printed
     result = train(cfg, progress=False, fresh=True)
     assert result.resumed == {} and result.steps == STEPS and len(result.schedule.micro_batches) > 0
     assert_same(out, reference)

@@ -48,9 +48,12 @@ class JobProgress:
     """The latest held-out loss (jobs with `eval_data`)."""
     grad_norm: float | None = None
     """The last step's gradient norm before clipping (jobs with `max_grad_norm`)."""
+    ended: float | None = None
+    """When it stopped training (done, failed, cancelled, ...): its speed is over its training time."""
 
     def tokens_per_s(self, now: float) -> float:
-        return self.tokens / max(now - self.started, 1e-9)
+        end = now if self.ended is None else self.ended
+        return self.tokens / max(end - self.started, 1e-9)
 
     def eta_s(self, now: float) -> float | None:
         if self.step <= self.resumed_at or self.step >= self.total_steps:
@@ -158,7 +161,7 @@ class ProgressBoard:
         progress.step, progress.loss, progress.grad_norm = step, loss, grad_norm
         progress.tokens += tokens
         if step >= progress.total_steps:
-            progress.state = "done"
+            progress.state, progress.ended = "done", time.perf_counter()
         elif progress.state in ("paused", "queued"):
             progress.state = "running"
         if self._live is not None:
@@ -200,7 +203,12 @@ class ProgressBoard:
 
     def mark(self, job: str, state: str, quiet: bool = False) -> None:
         """`job`'s state column; printed as a line without the live table, unless `quiet`."""
-        self.jobs[job].state = state
+        progress = self.jobs[job]
+        progress.state = state
+        if state in ("running", "paused", "queued"):
+            progress.ended = None
+        elif progress.ended is None:
+            progress.ended = time.perf_counter()
         if self._live is not None:
             self._live.update(self._table())
         elif not quiet:

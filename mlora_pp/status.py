@@ -132,6 +132,8 @@ class _Job:
     total: int | None = None
     step: int = 0
     loss: float | None = None
+    loss_step: int | None = None
+    """The step whose record gave `loss` (and `grad_norm`)."""
     admitted: float | None = None
     steps: _Steps = field(default_factory=_Steps)
     """This run's step records, summed."""
@@ -271,6 +273,7 @@ class StatusReader:
             for n, info in declared.items():
                 total = info.get("total_steps") if isinstance(info, dict) else None
                 job(str(n)).total = total if isinstance(total, int) else None
+                job(str(n)).step = 0  # a resumed line then sets its resume point; else it starts over
                 priority = info.get("priority") if isinstance(info, dict) else None
                 job(str(n)).priority = priority if isinstance(priority, int) else None
         elif event == "resumed" and isinstance(name, str):
@@ -278,7 +281,7 @@ class StatusReader:
                 self._new_run()  # an old file without run lines: a resume starts a new run
             step = record.get("step")
             if isinstance(step, int):
-                job(name).step = step
+                job(name).step = step  # a later step's loss, logged by a run that stopped, is not shown
         elif event == "submitted" and isinstance(name, str):  # a job added while the run goes on
             total, priority = record.get("total_steps"), record.get("priority")
             job(name).total = total if isinstance(total, int) else None
@@ -293,6 +296,8 @@ class StatusReader:
             j.ended = "stopped early" if event == "early_stopped" else event
             reason = record.get("reason")
             j.reason = reason if isinstance(reason, str) else None
+            if event != "failed" and isinstance(record.get("step"), int):  # steps done (failed: the bad step)
+                j.step = record["step"]
         elif event == "paused" and isinstance(name, str):
             job(name).paused = True
         elif event == "priority" and isinstance(name, str) and isinstance(record.get("priority"), int):
@@ -317,7 +322,7 @@ class StatusReader:
             j = job(name)
             j.step, j.paused = record["step"], False
             loss = _number(record.get("loss"))
-            j.loss = loss if loss is not None else j.loss
+            j.loss, j.loss_step = loss if loss is not None else j.loss, j.step
             j.grad_norm = _number(record.get("grad_norm"))
             if t is not None:
                 tokens = record.get("tokens")
@@ -368,8 +373,9 @@ def _job_status(job: _Job, run_finished: bool, run_stopped: bool = False) -> Job
     eta = None
     if state == "running" and job.total is not None and per_step is not None:
         eta = per_step * max(job.total - job.step, 0)
-    return JobStatus(job.name, state, job.step, job.total, job.loss, tokens_per_s, eta, job.reason, job.eval_loss,
-                     job.eval_step, job.grad_norm, job.priority)
+    current = job.loss_step in (None, job.step)  # not a later step's, from a run that stopped before a resume
+    return JobStatus(job.name, state, job.step, job.total, job.loss if current else None, tokens_per_s, eta,
+                     job.reason, job.eval_loss, job.eval_step, job.grad_norm if current else None, job.priority)
 
 
 def _duration(seconds: float | None) -> str:

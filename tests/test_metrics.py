@@ -90,3 +90,17 @@ def test_a_table_taller_than_the_terminal_shows_the_jobs_under_way_and_counts_th
     small = ProgressBoard({"a": 2, "b": 2}, stream=io.StringIO(), live=True, max_rows=10)
     assert small._table().row_count == 2 and small.jobs["a"].state == "queued"
     small.close()
+
+
+def test_a_finished_jobs_speed_stops_at_its_end():
+    """A done job's tokens/s in the live table is over its own training time: it kept falling while
+    other jobs trained, and no longer agreed with `launcher status`."""
+    import time
+
+    board = ProgressBoard({"a": 1, "b": 5}, stream=io.StringIO(), live=False)
+    board.start("a")
+    time.sleep(0.05)
+    board.update("a", 1, 1.0, 1000)
+    at_end = board.jobs["a"].tokens_per_s(time.perf_counter())
+    time.sleep(0.2)  # b goes on training
+    assert board.jobs["a"].tokens_per_s(time.perf_counter()) == at_end

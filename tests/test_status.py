@@ -404,3 +404,17 @@ def test_watching_reads_only_what_was_appended_and_equals_reading_the_whole_file
     assert reader._jobs["a"].steps.count == 2  # this run's two steps, summed
     path.write_bytes(text[:text.index(b"\n") + 1])  # written anew: one run line
     assert [j.step for j in reader.read(now=WALL + 60).jobs] == [0, 0, 0]
+
+
+def test_a_resume_does_not_show_the_stopped_runs_later_steps(tmp_path):
+    """Killed after step 5 with a checkpoint of a at step 3 and none of b: the resumed run redoes a from
+    step 3 and b from 0. Status showed the killed run's steps and losses until each job's next step."""
+    out = write_metrics(tmp_path / "run", [
+        run_line({"a": 10, "b": 10}),
+        step("a", 3, 3.0, loss=1.3), step("b", 3, 3.0), step("a", 5, 5.0, loss=1.1), step("b", 5, 5.0, loss=1.7),
+        run_line({"a": 10, "b": 10}, wall=WALL + 100),
+        {"event": "resumed", "job": "a", "step": 3, "checkpoint": "ckpt/a/step-3"},
+    ])
+    a, b = read_status(out, now=WALL + 100.5).jobs
+    assert (a.step, a.loss) == (3, None)  # step 5's loss is not step 3's
+    assert (b.step, b.loss) == (0, None)

@@ -316,6 +316,7 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
             return all(check(frozenset({j.name})) for j in live)
 
         chosen = next((bound for bound in options if fitting(bound)), None)
+        cuts: list[str] = []  # said once the run is known to fit: a refused run was never cut to fit
         if chosen is None and policy != "gpipe":  # gpipe holds a whole step in flight however it is cut
             for name in [j.name for j in live]:  # smaller micro-batches for the jobs that do not fit alone
                 while not admission_check(models, steps, budget, options[-1], policy, fuse, streams)(
@@ -323,23 +324,29 @@ def _plan_memory(cfg: RunConfig, env: DistEnv, stage: StageModel, jobs: dict[str
                     steps = [jobs[j.name].job_steps() for j in steps]
                     live = [j for j in steps if j.steps]
                 rows = jobs[name].largest_micro_rows()
-                if rows < cfg.job(name).micro_batch_size and env.rank == 0:
-                    print(cut_message(name, rows, cfg.job(name).micro_batch_size), flush=True)
+                if rows < cfg.job(name).micro_batch_size:
+                    cuts.append(cut_message(name, rows, cfg.job(name).micro_batch_size))
             micro = MicroBound(steps, stages, policy, fuse, streams)
             chosen = next((bound for bound in options if fitting(bound)), None)
         if chosen is not None:
             in_flight = chosen
             fits = admission_check(models, steps, budget, chosen, policy, fuse, streams, micro)
+            if env.rank == 0:
+                for line in cuts:
+                    print(line, flush=True)
         else:
             worst = max(live, key=lambda j: max(m.peak({j.name}, options[-1], *micro({j.name})) for m in models))
             tokens, length = micro({worst.name})
             need = max(models, key=lambda m: m.peak({worst.name}, options[-1], tokens, length))
+            total = need.peak({worst.name}, options[-1], tokens, length)
+            rows = jobs[worst.name].largest_micro_rows()
+            cut = f", even at micro-batches of {rows} row(s)" if rows < cfg.job(worst.name).micro_batch_size else ""
             raise ConfigError(
                 f"{source(cfg)}: pipeline.memory_budget: job {worst.name!r} alone needs about "
-                f"{human_bytes(need.peak({worst.name}, options[-1], tokens, length))} on stage {need.stage} "
+                f"{human_bytes(total)} on stage {need.stage}{cut} "
                 f"(model and adapters {human_bytes(need.static)}, its gradients and optimizer state "
                 f"{human_bytes(need.job[worst.name])}, activations of {options[-1]} micro-batch(es) of {tokens} "
-                f"tokens {human_bytes(options[-1] * need.activation(tokens, length))}), more than the budget of "
+                f"tokens {human_bytes(total - need.static - need.job[worst.name])}), more than the budget of "
                 f"{human_bytes(budget)}")
         if in_flight < options[0] and env.rank == 0:
             print(f"memory: {in_flight} micro-batch(es) in flight instead of {options[0]} to fit the budget",
@@ -559,6 +566,11 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         memory = _plan_memory(cfg, env, stage, jobs, schedule, device, cancelled)
         stage_plan = memory.plan
         schedule = stage_plan.first_schedule()
+    elif cfg.pipeline.memory_budget is not None and env.rank == 0:
+        # The memory model is fitted on probes of the start-up jobs' micro-batches: none is left.
+        print("memory: every job of the config has finished, so there is nothing to measure the stages' "
+              "memory on: jobs submitted to this run are admitted without checking pipeline.memory_budget",
+              flush=True)
 
     is_rank0, last = env.rank == 0, env.world - 1
     control = records = plans = norms = None
@@ -615,7 +627,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
             total = jobs[name].total_steps
             line = (f"already finished {point.step}/{total} steps ({point.directory}); --fresh starts over"
                     if point.step >= total else f"resuming after step {point.step}/{total} from {point.directory}")
-            print(f"[{name}] {line}", flush=True)
+            if name not in cancelled:  # a cancelled or early-stopped job says so below: it does not resume
+                print(f"[{name}] {line}", flush=True)
             metrics.write({"event": "resumed", "job": name, "step": point.step, "checkpoint": str(point.directory)})
         board = ProgressBoard({name: j.total_steps for name, j in jobs.items()}, cfg.log_every, live=progress)
         for name, point in points.items():
@@ -623,8 +636,8 @@ def _train(cfg: RunConfig, env: DistEnv, device: torch.device, progress: bool | 
         for name, step in cancelled.items():  # by `launcher cancel` in an earlier run: it stays stopped
             if name in accepted.early:
                 board.mark(name, f"stopped early at step {step} (adapter: step {accepted.early[name]})")
-                metrics.write({"event": "early_stopped", "job": name, "step": step,
-                               "best_step": accepted.early[name], "time": 0.0})
+                metrics.write({"event": "early_stopped", "job": name, "step": step, "best_step": accepted.early[name],
+                               "best_eval_loss": earlier.get(name, {}).get(accepted.early[name]), "time": 0.0})
             else:
                 board.mark(name, f"cancelled at step {step}")
                 metrics.write({"event": "cancelled", "job": name, "step": step, "time": 0.0})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -384,6 +385,12 @@ def test_a_budget_no_job_fits_is_refused_before_training(workspace):
     assert 1 <= len(lines) <= 2 and len(set(lines)) == 1, lines
     assert f"{path}: pipeline.memory_budget: job 'beta' alone needs about" in lines[0], lines
     assert "more than the budget of 64.0 KiB" in lines[0], lines
+    assert "to fit the budget" not in proc.stdout, proc.stdout  # no job is said to be cut to fit it first
+    units = {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30}
+    sizes = re.findall(r"([\d.]+) (B|KiB|MiB|GiB)\b", lines[0])  # the total, its three parts, the budget
+    total, static, job, activations = (float(n) * units[u] for n, u in sizes[:4])
+    rounding = sum(0.05 * units[u] for _, u in sizes[:4])  # each printed to 0.1 of its unit
+    assert abs(static + job + activations - total) <= rounding, lines[0]  # the parts add up to the whole
     assert not (workspace[0] / "tiny-budget" / "metrics.jsonl").exists()
 
 

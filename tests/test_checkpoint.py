@@ -295,6 +295,8 @@ def test_finished_run_trains_nothing_and_fresh_starts_over(workspace, reference,
     printed = capsys.readouterr().out
     for name, steps in STEPS.items():  # no loss this run to report (it printed "final loss nan")
         assert f"{name}: {steps} steps, finished in an earlier run -> {out / name}" in printed, printed
+    train(config(workspace, "again", memory_budget="1GiB"), progress=False)  # nothing left to measure memory on
+    assert "jobs submitted to this run are admitted without checking pipeline.memory_budget" in capsys.readouterr().out
     result = train(cfg, progress=False, fresh=True)
     assert result.resumed == {} and result.steps == STEPS and len(result.schedule.micro_batches) > 0
     assert_same(out, reference)

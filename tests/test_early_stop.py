@@ -117,17 +117,22 @@ def test_the_other_job_trains_as_without_early_stopping(workspace, stopped):
     assert all(rel_err(ours[p][i], ref[p][i]) < 1e-5 for p in ref for i in (0, 1))
 
 
-def test_a_restart_keeps_the_decision_and_the_adapter(workspace, stopped):
+def test_a_restart_keeps_the_decision_and_the_adapter(workspace, stopped, capsys):
     ws, heldout = workspace
     result, out = stopped
     before = {name: (out / name / "adapter_model.safetensors").read_bytes() for name in ("alpha", "gamma")}
+    capsys.readouterr()
     again = train(parse_config(make_raw(ws, jobs(heldout), "stopped"), "t.yaml"), progress=False)
+    printed = capsys.readouterr().out
+    assert "[alpha] resuming" not in printed and "stopped early at step" in printed, printed
     assert again.best["alpha"] == result.best["alpha"] and again.early_stopped == result.early_stopped
     for name, data in before.items():
         assert (out / name / "adapter_model.safetensors").read_bytes() == data, name
     last_run = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last_run = last_run[max(i for i, r in enumerate(last_run) if r.get("event") == "run"):]
     assert not [r for r in last_run if "loss" in r], "a job trained again"
+    again_stopped = next(r for r in last_run if r.get("event") == "early_stopped" and r["job"] == "alpha")
+    assert (again_stopped["best_step"], again_stopped["best_eval_loss"]) == result.best["alpha"]
     assert read_status(out).jobs[0].state == "stopped early"
 
 

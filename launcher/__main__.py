@@ -65,7 +65,15 @@ def report(line: str) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The training command's arguments (a bad one: argparse's usage line and exit code 2)."""
-    parser = argparse.ArgumentParser(prog="python -m launcher", description="Train many LoRA adapters at once.")
+    parser = argparse.ArgumentParser(
+        prog="python -m launcher", description="Train many LoRA adapters at once.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="on a run, by its output_dir (each with --help):\n"
+               "  python -m launcher status OUTPUT_DIR             its jobs: step, loss, speed, state\n"
+               "  python -m launcher submit OUTPUT_DIR JOB.yaml    add a job while it runs\n"
+               "  python -m launcher cancel OUTPUT_DIR NAME        stop a job after its last finished step\n"
+               "  python -m launcher priority OUTPUT_DIR NAME N    change a job's admission priority\n"
+               "  python -m launcher cache DIR                     list or prune a data cache's entries")
     parser.add_argument("config", help="run config (YAML)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     parser.add_argument("--no-live", action="store_true", help="plain log lines instead of the live table")

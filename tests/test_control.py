@@ -351,3 +351,12 @@ def test_a_damaged_accepted_log_is_one_line_not_a_traceback(workspace, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert f"error: {out / 'control' / 'accepted.jsonl'} line 2: not an accepted change" in err
+
+
+def test_the_launchers_help_names_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as ended:
+        launcher.main(["--help"])
+    assert ended.value.code == 0
+    printed = capsys.readouterr().out
+    for name in launcher.SUBCOMMANDS:
+        assert f"python -m launcher {name} " in printed, printed

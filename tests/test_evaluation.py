@@ -27,7 +27,7 @@ from mlora_pp.schedule import (
     validate,
 )
 from mlora_pp.training import load_tokenizer, prepare_jobs, train
-from test_training import JOBS, make_raw, make_workspace, write_dataset
+from test_training import JOBS, SHORT_TEMPLATE, make_raw, make_workspace, write_dataset
 
 
 def steps_job(name: str, steps: int, micros: int, evals: tuple[int, ...] = (), eval_micros: int = 2,
@@ -145,12 +145,13 @@ def workspace(tmp_path_factory):
     return (root, model, data), heldout
 
 
-def peft_eval_loss(model_dir: Path, adapter_dir: Path, heldout: Path, max_seq_len: int = 64) -> float:
+def peft_eval_loss(model_dir: Path, adapter_dir: Path, heldout: Path, max_seq_len: int = 64,
+                   template: Path = SHORT_TEMPLATE) -> float:
     """The token-mean cross-entropy of `heldout` under peft's model with our saved adapter, one
     record at a time (no padding), summed in float64."""
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
-    examples = load_examples(heldout, load_template("alpaca"), load_tokenizer(model_dir), max_seq_len)
+    examples = load_examples(heldout, load_template(str(template)), load_tokenizer(model_dir), max_seq_len)
     total, tokens = 0.0, 0
     with torch.no_grad():
         for ex in examples:

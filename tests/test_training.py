@@ -52,6 +52,12 @@ def workspace(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("train"), layers=3)
 
 
+SHORT_TEMPLATE = Path(__file__).resolve().parents[1] / "configs" / "templates" / "short.yaml"
+"""The test jobs' prompt: short, so that rows keep their own lengths (17 to 39 tokens) under
+max_seq_len 64 and a micro-batch of several rows pads. With alpaca's preamble every row was cut
+to exactly 64 tokens, so no test of training ever padded a row."""
+
+
 def make_raw(workspace, jobs, out: str, model: dict | None = None, **pipeline) -> dict:
     """The YAML mapping of a test run (shared with the multi-process tests)."""
     root, model_dir, data = workspace
@@ -60,7 +66,8 @@ def make_raw(workspace, jobs, out: str, model: dict | None = None, **pipeline) -
         "output_dir": str(root / out),
         "seed": 11,
         "pipeline": pipeline or {"schedule": "lora"},
-        "jobs": [dict(job, data=str(data[job["name"]]), max_seq_len=64) for job in jobs],
+        "jobs": [{"template": str(SHORT_TEMPLATE), **job, "data": str(data[job["name"]]), "max_seq_len": 64}
+                 for job in jobs],
     }
 
 

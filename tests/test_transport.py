@@ -79,12 +79,8 @@ def test_a_receive_from_a_dead_rank_fails_naming_both():
     """Gloo refuses to post a receive once the peer's connection has closed; that RuntimeError must
     come out as a PipelineError like a failed wait. The plan channel once let it through: the
     launcher printed a traceback and no `error: rank ...` line (a flaky SIGKILL test)."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
-               OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", _GONE], cwd=ROOT, env=dict(env, RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    out = [p.communicate(timeout=120)[0] for p in procs][1]
-    assert procs[1].returncode == 0, out
+    (_, _), (code, out) = _run_two_ranks(_GONE)
+    assert code == 0, out
     assert "activation error rank 1: lost rank 0 while posting the receive of the activation of micro-batch 3" in out, out
     assert "plan error rank 1: lost rank 0 while waiting for its plan at micro-batch 8" in out, out
 
@@ -95,16 +91,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_ranks(mode: str) -> list[str]:
+def _run_two_ranks(script: str, *args: str) -> list[tuple[int, str]]:
+    """(exit code, output) of each of two processes running `script` as ranks 0 and 1 over Gloo."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
                OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", _RANK, mode], cwd=ROOT, env=dict(env, RANK=str(r)),
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, env=dict(env, RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert procs[1].returncode == 0, outs[1]
+    return [(p.returncode, out) for p, out in zip(procs, outs)]
+
+
+def _two_ranks(mode: str) -> list[str]:
+    (code0, out0), (code1, out1) = _run_two_ranks(_RANK, mode)
+    assert code1 == 0, out1
     if mode == "taken":
-        assert procs[0].returncode == 0, outs[0]
-    return outs
+        assert code0 == 0, out0
+    return [out0, out1]
 
 
 def test_sent_tensors_are_dropped_once_received_without_a_flush():
@@ -183,10 +185,6 @@ def test_a_rank_that_lost_its_peer_exits_without_aborting():
     """The lost peer wakes this rank's send threads as its own receive fails; one still inside its
     Gloo wait while the interpreter exits aborted the process (exit 134, "terminate called without
     an active exception") after the rank had printed its error."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
-               OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", _EXIT_AFTER_LOSS], cwd=ROOT, env=dict(env, RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    out = [p.communicate(timeout=120)[0] for p in procs][0]
+    (code, out), _ = _run_two_ranks(_EXIT_AFTER_LOSS)
     assert "error rank 0: lost rank 1 while waiting for the gradient of micro-batch 0" in out, out
-    assert "terminate called" not in out and procs[0].returncode == 0, (procs[0].returncode, out)
+    assert "terminate called" not in out and code == 0, (code, out)
